@@ -1,0 +1,1 @@
+//! C ABI over the transfer agent (filled by a later issue).

@@ -1,0 +1,43 @@
+//! `pd-sidecar`: see the crate docs and the README for flags.
+
+use clap::Parser;
+use sidecar::config::{Args, Config};
+
+fn main() -> std::process::ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    let cfg = match Config::from_args(args) {
+        Ok(cfg) => cfg,
+        Err(msg) => {
+            eprintln!("pd-sidecar: error: {msg}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log_json {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+    tracing::debug!(config = ?cfg, "effective configuration");
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pd-sidecar: error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sidecar::server::run(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pd-sidecar: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

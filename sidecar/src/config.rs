@@ -1,0 +1,639 @@
+//! Command line and environment configuration of `pd-sidecar`.
+//!
+//! The flag surface is llm-d's routing sidecar (current and legacy names, the
+//! `--flag=false` boolean form, zap logging flags) plus our own flags. Every flag
+//! can also be set from the environment. `Args` is what clap parses; `Config` is
+//! the validated, resolved form the server runs with. Nothing here opens sockets.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Parser, ValueEnum};
+
+/// KV connector protocols between the prefill and decode engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConnectorKind {
+    /// vLLM NixlConnector, `kv_transfer_params` in the body (default).
+    Nixlv2,
+    /// Legacy NIXL v1: the transfer fields at the top level of the body.
+    Nixl,
+    /// Shared storage (LMCache and friends): prefill with token limits 1, then the original body.
+    #[value(alias = "lmcache")]
+    SharedStorage,
+    /// SGLang bootstrap protocol: both legs concurrently.
+    Sglang,
+}
+
+impl ConnectorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectorKind::Nixlv2 => "nixlv2",
+            ConnectorKind::Nixl => "nixl",
+            ConnectorKind::SharedStorage => "shared-storage",
+            ConnectorKind::Sglang => "sglang",
+        }
+    }
+}
+
+/// What to do when the prefill leg cannot be completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrefillFailurePolicy {
+    /// Serve the request with local prefill on the decode engine.
+    Fallback,
+    /// Relay the prefill error to the client.
+    Fail,
+}
+
+const TLS_STAGES: [&str; 3] = ["prefiller", "decoder", "encoder"];
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "pd-sidecar",
+    version,
+    about = "Prefill/decode routing sidecar for vLLM decode pods (drop-in for llm-d's routing sidecar)"
+)]
+pub struct Args {
+    /// Port the sidecar listens on.
+    #[arg(long, env = "PD_SIDECAR_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Address the sidecar binds.
+    #[arg(long, env = "PD_SIDECAR_BIND", default_value = "0.0.0.0")]
+    pub bind: String,
+
+    /// Port of the local decode engine (vLLM).
+    #[arg(long = "model-server-port", alias = "vllm-port", env = "PD_SIDECAR_MODEL_SERVER_PORT", default_value_t = 8200)]
+    pub model_server_port: u16,
+
+    /// Host of the local decode engine.
+    #[arg(long = "model-server-host", env = "PD_SIDECAR_MODEL_SERVER_HOST", default_value = "127.0.0.1")]
+    pub model_server_host: String,
+
+    /// KV connector protocol: nixlv2, nixl, shared-storage (alias lmcache), sglang.
+    #[arg(long = "kv-connector", env = "PD_SIDECAR_KV_CONNECTOR", value_enum)]
+    pub kv_connector: Option<ConnectorKind>,
+
+    /// Deprecated name of --kv-connector (still passed by llm-d-modelservice).
+    #[arg(long = "connector", env = "PD_SIDECAR_CONNECTOR", value_enum, hide = true)]
+    pub connector: Option<ConnectorKind>,
+
+    /// Encoder connector for E/P/D; not supported (empty = no encoder stage).
+    #[arg(long = "ec-connector", env = "PD_SIDECAR_EC_CONNECTOR", default_value = "")]
+    pub ec_connector: String,
+
+    /// Serve TLS on --port.
+    #[arg(long = "secure-proxy", env = "PD_SIDECAR_SECURE_PROXY", default_value_t = true,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub secure_proxy: bool,
+
+    /// Directory with tls.crt and tls.key; without it a self-signed certificate is generated.
+    #[arg(long = "cert-path", env = "PD_SIDECAR_CERT_PATH")]
+    pub cert_path: Option<PathBuf>,
+
+    /// Allow remote prefill only to targets on the allow-list (--prefill-allowlist).
+    #[arg(long = "enable-ssrf-protection", env = "PD_SIDECAR_ENABLE_SSRF_PROTECTION", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub enable_ssrf_protection: bool,
+
+    /// Allowed prefill targets: `host:port` (that port only) or `host` (any port), comma separated.
+    #[arg(long = "prefill-allowlist", env = "PD_SIDECAR_PREFILL_ALLOWLIST", value_delimiter = ',')]
+    pub prefill_allowlist: Vec<String>,
+
+    /// InferencePool as namespace/name or name (llm-d compatibility).
+    #[arg(long = "inference-pool", env = "INFERENCE_POOL")]
+    pub inference_pool: Option<String>,
+
+    /// Deprecated: namespace of the InferencePool.
+    #[arg(long = "inference-pool-namespace", env = "INFERENCE_POOL_NAMESPACE", hide = true)]
+    pub inference_pool_namespace: Option<String>,
+
+    /// Deprecated: name of the InferencePool.
+    #[arg(long = "inference-pool-name", env = "INFERENCE_POOL_NAME", hide = true)]
+    pub inference_pool_name: Option<String>,
+
+    /// API group of the InferencePool (llm-d compatibility).
+    #[arg(long = "pool-group", env = "PD_SIDECAR_POOL_GROUP", default_value = "inference.networking.k8s.io")]
+    pub pool_group: String,
+
+    /// Pick a random prefill target from the header's list instead of the first.
+    #[arg(long = "enable-prefiller-sampling", env = "ENABLE_PREFILLER_SAMPLING", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub enable_prefiller_sampling: bool,
+
+    /// vLLM data-parallel size: ranks 1..N-1 get listeners on port+rank forwarding to model-server-port+rank.
+    #[arg(long = "data-parallel-size", env = "PD_SIDECAR_DATA_PARALLEL_SIZE", default_value_t = 1)]
+    pub data_parallel_size: u16,
+
+    /// Retries of a prefill that failed with 502/503/504 or a connection error.
+    #[arg(long = "prefill-max-retries", env = "PD_SIDECAR_PREFILL_MAX_RETRIES", default_value_t = 2)]
+    pub prefill_max_retries: u32,
+
+    /// First retry backoff (doubles per retry, with jitter), e.g. 200ms.
+    #[arg(long = "prefill-retry-backoff", env = "PD_SIDECAR_PREFILL_RETRY_BACKOFF", default_value = "200ms", value_parser = parse_duration)]
+    pub prefill_retry_backoff: Duration,
+
+    /// Prefill below this many tokens stays local; 0 = always remote when a prefiller is named.
+    #[arg(long = "prefill-threshold-tokens", env = "PD_SIDECAR_PREFILL_THRESHOLD_TOKENS", default_value_t = 256)]
+    pub prefill_threshold_tokens: u64,
+
+    /// tokenizer.json for exact token counts (default: estimate 4 bytes per token).
+    #[arg(long, env = "PD_SIDECAR_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+
+    /// On prefill failure: fallback (serve with local prefill) or fail (relay the error).
+    #[arg(long = "on-prefill-failure", env = "PD_SIDECAR_ON_PREFILL_FAILURE", value_enum, default_value = "fallback")]
+    pub on_prefill_failure: PrefillFailurePolicy,
+
+    /// Deadline for one prefill attempt (headers and body), e.g. 30s.
+    #[arg(long = "prefill-timeout", env = "PD_SIDECAR_PREFILL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub prefill_timeout: Duration,
+
+    /// Largest request body accepted on the P/D routes; larger gets 413.
+    #[arg(long = "max-body-bytes", env = "PD_SIDECAR_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Port of the Prometheus /metrics listener; 0 = off.
+    #[arg(long = "metrics-port", env = "PD_SIDECAR_METRICS_PORT", default_value_t = 9090)]
+    pub metrics_port: u16,
+
+    /// Idle keep-alive of upstream connections; keep it below the engine's (uvicorn: 5s).
+    #[arg(long = "upstream-idle-timeout", env = "PD_SIDECAR_UPSTREAM_IDLE_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Max idle keep-alive connections per upstream host.
+    #[arg(long = "max-idle-conns-per-host", env = "PD_SIDECAR_MAX_IDLE_CONNS_PER_HOST", default_value_t = 1024)]
+    pub max_idle_conns_per_host: usize,
+
+    /// Time in-flight requests get to finish after SIGTERM.
+    #[arg(long = "shutdown-grace-period", env = "PD_SIDECAR_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace_period: Duration,
+
+    /// SGLang bootstrap port injected into both legs.
+    #[arg(long = "sglang-bootstrap-port", env = "SGLANG_BOOTSTRAP_PORT", default_value_t = 8998)]
+    pub sglang_bootstrap_port: u16,
+
+    /// Stages that use TLS upstream: prefiller, decoder, encoder (comma list or repeated).
+    #[arg(long = "enable-tls", env = "PD_SIDECAR_ENABLE_TLS", value_delimiter = ',')]
+    pub enable_tls: Vec<String>,
+
+    /// Stages whose upstream certificate is not verified.
+    #[arg(long = "tls-insecure-skip-verify", env = "PD_SIDECAR_TLS_INSECURE_SKIP_VERIFY", value_delimiter = ',')]
+    pub tls_insecure_skip_verify: Vec<String>,
+
+    /// Deprecated: --enable-tls=prefiller.
+    #[arg(long = "prefiller-use-tls", env = "PD_SIDECAR_PREFILLER_USE_TLS", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(), hide = true)]
+    pub prefiller_use_tls: bool,
+
+    /// Deprecated: --enable-tls=decoder.
+    #[arg(long = "decoder-use-tls", env = "PD_SIDECAR_DECODER_USE_TLS", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(), hide = true)]
+    pub decoder_use_tls: bool,
+
+    /// Deprecated: --tls-insecure-skip-verify=prefiller.
+    #[arg(long = "prefiller-tls-insecure-skip-verify", env = "PD_SIDECAR_PREFILLER_TLS_INSECURE_SKIP_VERIFY",
+          default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(), hide = true)]
+    pub prefiller_tls_insecure_skip_verify: bool,
+
+    /// Deprecated: --tls-insecure-skip-verify=decoder.
+    #[arg(long = "decoder-tls-insecure-skip-verify", env = "PD_SIDECAR_DECODER_TLS_INSECURE_SKIP_VERIFY",
+          default_value_t = false, num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(), hide = true)]
+    pub decoder_tls_insecure_skip_verify: bool,
+
+    /// Chunked decode token budget (llm-d); accepted, only 0 (off) is implemented.
+    #[arg(long = "decode-chunk-size", env = "PD_SIDECAR_DECODE_CHUNK_SIZE", default_value_t = 0)]
+    pub decode_chunk_size: u32,
+
+    /// OpenTelemetry export (llm-d compatibility); traceparent is always propagated.
+    #[arg(long = "tracing", env = "PD_SIDECAR_TRACING", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub tracing: bool,
+
+    /// zap log level (debug, info, error, or a verbosity number); mapped to tracing levels.
+    #[arg(long = "zap-log-level", env = "PD_SIDECAR_ZAP_LOG_LEVEL")]
+    pub zap_log_level: Option<String>,
+
+    /// zap development mode (debug level, text output).
+    #[arg(long = "zap-devel", env = "PD_SIDECAR_ZAP_DEVEL", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub zap_devel: bool,
+
+    /// zap encoder: json or console.
+    #[arg(long = "zap-encoder", env = "PD_SIDECAR_ZAP_ENCODER")]
+    pub zap_encoder: Option<String>,
+
+    /// zap stacktrace level (accepted, no effect).
+    #[arg(long = "zap-stacktrace-level", env = "PD_SIDECAR_ZAP_STACKTRACE_LEVEL")]
+    pub zap_stacktrace_level: Option<String>,
+
+    /// zap time encoding (accepted, no effect).
+    #[arg(long = "zap-time-encoding", env = "PD_SIDECAR_ZAP_TIME_ENCODING")]
+    pub zap_time_encoding: Option<String>,
+
+    /// klog verbosity (accepted; 4 = debug, 5+ = trace).
+    #[arg(short = 'v', long = "v", env = "PD_SIDECAR_V")]
+    pub verbosity: Option<u8>,
+}
+
+/// TLS settings of one upstream stage.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    pub enabled: bool,
+    pub insecure_skip_verify: bool,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub bind: String,
+    pub port: u16,
+    pub decode_host: String,
+    pub decode_port: u16,
+    pub connector: ConnectorKind,
+    pub secure_proxy: bool,
+    pub cert_path: Option<PathBuf>,
+    pub ssrf_allowlist: Option<Allowlist>,
+    pub prefiller_sampling: bool,
+    pub data_parallel_size: u16,
+    pub prefill_max_retries: u32,
+    pub prefill_retry_backoff: Duration,
+    pub prefill_threshold_tokens: u64,
+    pub tokenizer: Option<PathBuf>,
+    pub on_prefill_failure: PrefillFailurePolicy,
+    pub prefill_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub metrics_port: u16,
+    pub upstream_idle_timeout: Duration,
+    pub max_idle_conns_per_host: usize,
+    pub shutdown_grace_period: Duration,
+    pub sglang_bootstrap_port: u16,
+    pub prefiller_tls: UpstreamTls,
+    pub decoder_tls: UpstreamTls,
+    pub log_filter: String,
+    pub log_json: bool,
+}
+
+/// Prefill targets the sidecar may send to when SSRF protection is on.
+#[derive(Clone, Debug, Default)]
+pub struct Allowlist {
+    host_ports: HashSet<String>,
+    hosts: HashSet<String>,
+}
+
+impl Allowlist {
+    pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(entries: I) -> Self {
+        let mut list = Allowlist::default();
+        for entry in entries {
+            let entry = entry.as_ref().trim();
+            if entry.is_empty() {
+                continue;
+            }
+            if split_host_port(entry).is_some() {
+                list.host_ports.insert(entry.to_ascii_lowercase());
+            } else {
+                list.hosts.insert(entry.trim_matches(['[', ']']).to_ascii_lowercase());
+            }
+        }
+        list
+    }
+
+    /// Unlike llm-d's allow-list, the port counts: `10.0.0.5:8000` does not allow `10.0.0.5:22`.
+    pub fn allows(&self, host_port: &str) -> bool {
+        let lower = host_port.to_ascii_lowercase();
+        if self.host_ports.contains(&lower) {
+            return true;
+        }
+        match split_host_port(&lower) {
+            Some((host, _)) => self.hosts.contains(host.trim_matches(['[', ']'])),
+            None => false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host_ports.is_empty() && self.hosts.is_empty()
+    }
+}
+
+/// Splits `host:port` (IPv6 in brackets) and checks the port is a number.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    if host.is_empty() || (host.contains(':') && !host.starts_with('[')) {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+/// Parses Go-style durations (`500ms`, `2s`, `1m30s`, `1h`) and bare seconds (`2`, `0.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"));
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("invalid duration {s:?}: missing unit (ms, s, m, h)"))?;
+        let value: f64 = rest[..num_end]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            unit => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
+        };
+        total += value * scale;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Maps zap/klog verbosity to a tracing filter. RUST_LOG, when set, wins.
+fn log_filter(args: &Args) -> String {
+    if let Ok(filter) = std::env::var("RUST_LOG") {
+        if !filter.is_empty() {
+            return filter;
+        }
+    }
+    let level = match (args.zap_log_level.as_deref(), args.verbosity) {
+        (Some(level), _) => match level.to_ascii_lowercase().as_str() {
+            "debug" => "debug",
+            "info" => "info",
+            "warn" | "warning" => "warn",
+            "error" | "dpanic" | "panic" | "fatal" => "error",
+            n => match n.parse::<u8>() {
+                Ok(v) if v >= 5 => "trace",
+                Ok(v) if v >= 4 => "debug",
+                _ => "info",
+            },
+        },
+        (None, Some(v)) if v >= 5 => "trace",
+        (None, Some(v)) if v >= 4 => "debug",
+        _ if args.zap_devel => "debug",
+        _ => "info",
+    };
+    format!("{level},hyper=warn,hyper_util=warn,rustls=warn")
+}
+
+fn stages(list: &[String], flag: &str) -> Result<HashSet<String>, String> {
+    let mut out = HashSet::new();
+    for stage in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        if !TLS_STAGES.contains(&stage) {
+            return Err(format!(
+                "{flag}: unknown stage {stage:?}; expected one of {}",
+                TLS_STAGES.join(", ")
+            ));
+        }
+        out.insert(stage.to_string());
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Resolves legacy flags and checks values; the error names the flag.
+    pub fn from_args(args: Args) -> Result<Config, String> {
+        let connector = match (args.kv_connector, args.connector) {
+            (Some(kv), Some(legacy)) if kv != legacy => {
+                return Err(format!(
+                    "--kv-connector={} and the deprecated --connector={} disagree; pass one",
+                    kv.as_str(),
+                    legacy.as_str()
+                ))
+            }
+            (Some(kv), _) => kv,
+            (None, Some(legacy)) => legacy,
+            (None, None) => ConnectorKind::Nixlv2,
+        };
+        if !args.ec_connector.is_empty() {
+            return Err(format!(
+                "--ec-connector={}: encoder disaggregation is not supported by pd-sidecar; leave it empty",
+                args.ec_connector
+            ));
+        }
+        if args.data_parallel_size == 0 {
+            return Err("--data-parallel-size must be at least 1".into());
+        }
+        if u32::from(args.port) + u32::from(args.data_parallel_size) - 1 > u32::from(u16::MAX)
+            || u32::from(args.model_server_port) + u32::from(args.data_parallel_size) - 1
+                > u32::from(u16::MAX)
+        {
+            return Err("--data-parallel-size: port + size exceeds 65535".into());
+        }
+        if args.max_body_bytes == 0 {
+            return Err("--max-body-bytes must be greater than 0".into());
+        }
+        if args.prefill_timeout.is_zero() {
+            return Err("--prefill-timeout must be greater than 0".into());
+        }
+        if let Some(pool) = &args.inference_pool {
+            let parts: Vec<&str> = pool.split('/').collect();
+            if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
+                return Err(format!(
+                    "--inference-pool={pool:?}: expected 'namespace/name' or 'name'"
+                ));
+            }
+        }
+        if let Some(dir) = &args.cert_path {
+            for file in ["tls.crt", "tls.key"] {
+                if !dir.join(file).is_file() {
+                    return Err(format!(
+                        "--cert-path={}: {file} not found there",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        if let Some(path) = &args.tokenizer {
+            if !path.is_file() {
+                return Err(format!("--tokenizer={}: no such file", path.display()));
+            }
+        }
+        let mut tls = stages(&args.enable_tls, "--enable-tls")?;
+        let mut skip = stages(&args.tls_insecure_skip_verify, "--tls-insecure-skip-verify")?;
+        if args.prefiller_use_tls {
+            tls.insert("prefiller".into());
+        }
+        if args.decoder_use_tls {
+            tls.insert("decoder".into());
+        }
+        if args.prefiller_tls_insecure_skip_verify {
+            skip.insert("prefiller".into());
+        }
+        if args.decoder_tls_insecure_skip_verify {
+            skip.insert("decoder".into());
+        }
+        let stage_tls = |stage: &str| UpstreamTls {
+            enabled: tls.contains(stage),
+            insecure_skip_verify: skip.contains(stage),
+        };
+        let ssrf_allowlist = if args.enable_ssrf_protection {
+            let list = Allowlist::new(&args.prefill_allowlist);
+            if list.is_empty() {
+                return Err(
+                    "--enable-ssrf-protection needs --prefill-allowlist (host or host:port entries); \
+                     pd-sidecar does not watch InferencePools from inside the pod"
+                        .into(),
+                );
+            }
+            Some(list)
+        } else {
+            None
+        };
+        let log_json = match args.zap_encoder.as_deref() {
+            Some("console") => false,
+            Some("json") | None => !args.zap_devel,
+            Some(other) => return Err(format!("--zap-encoder={other}: expected json or console")),
+        };
+        Ok(Config {
+            log_filter: log_filter(&args),
+            log_json,
+            bind: args.bind,
+            port: args.port,
+            decode_host: args.model_server_host,
+            decode_port: args.model_server_port,
+            connector,
+            secure_proxy: args.secure_proxy,
+            cert_path: args.cert_path,
+            ssrf_allowlist,
+            prefiller_sampling: args.enable_prefiller_sampling,
+            data_parallel_size: args.data_parallel_size,
+            prefill_max_retries: args.prefill_max_retries,
+            prefill_retry_backoff: args.prefill_retry_backoff,
+            prefill_threshold_tokens: args.prefill_threshold_tokens,
+            tokenizer: args.tokenizer,
+            on_prefill_failure: args.on_prefill_failure,
+            prefill_timeout: args.prefill_timeout,
+            max_body_bytes: args.max_body_bytes,
+            metrics_port: args.metrics_port,
+            upstream_idle_timeout: args.upstream_idle_timeout,
+            max_idle_conns_per_host: args.max_idle_conns_per_host,
+            shutdown_grace_period: args.shutdown_grace_period,
+            sglang_bootstrap_port: args.sglang_bootstrap_port,
+            prefiller_tls: stage_tls("prefiller"),
+            decoder_tls: stage_tls("decoder"),
+        })
+    }
+
+    /// Parses argv (program name first) into a validated config.
+    pub fn parse_from<I, T>(argv: I) -> Result<Config, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        Config::from_args(args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::parse_from(std::iter::once("pd-sidecar").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn modelservice_legacy_flags_parse() {
+        let cfg = parse(&["--port=8000", "--vllm-port=8200", "--connector=nixlv2", "--secure-proxy=false"]).unwrap();
+        assert_eq!(cfg.port, 8000);
+        assert_eq!(cfg.decode_port, 8200);
+        assert_eq!(cfg.connector, ConnectorKind::Nixlv2);
+        assert!(!cfg.secure_proxy);
+    }
+
+    #[test]
+    fn defaults_match_llm_d() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!((cfg.port, cfg.decode_port), (8000, 8200));
+        assert!(cfg.secure_proxy);
+        assert_eq!(cfg.connector, ConnectorKind::Nixlv2);
+        assert_eq!(cfg.prefill_threshold_tokens, 256);
+        assert_eq!(cfg.on_prefill_failure, PrefillFailurePolicy::Fallback);
+        assert_eq!(cfg.metrics_port, 9090);
+        assert!(cfg.upstream_idle_timeout < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn lmcache_is_an_alias_of_shared_storage() {
+        assert_eq!(parse(&["--kv-connector", "lmcache"]).unwrap().connector, ConnectorKind::SharedStorage);
+    }
+
+    #[test]
+    fn unknown_flag_is_an_error_naming_it() {
+        let err = parse(&["--no-such-flag=1"]).unwrap_err();
+        assert!(err.contains("--no-such-flag"), "{err}");
+    }
+
+    #[test]
+    fn bad_connector_names_the_choices() {
+        let err = parse(&["--kv-connector=foo"]).unwrap_err();
+        assert!(err.contains("nixlv2") && err.contains("sglang"), "{err}");
+    }
+
+    #[test]
+    fn legacy_tls_flags_map_to_stages() {
+        let cfg = parse(&["--prefiller-use-tls", "--decoder-tls-insecure-skip-verify=true"]).unwrap();
+        assert!(cfg.prefiller_tls.enabled && !cfg.prefiller_tls.insecure_skip_verify);
+        assert!(!cfg.decoder_tls.enabled && cfg.decoder_tls.insecure_skip_verify);
+        let cfg = parse(&["--enable-tls=prefiller,decoder", "--tls-insecure-skip-verify", "prefiller"]).unwrap();
+        assert!(cfg.prefiller_tls.enabled && cfg.decoder_tls.enabled && cfg.prefiller_tls.insecure_skip_verify);
+        assert!(parse(&["--enable-tls=bogus"]).unwrap_err().contains("--enable-tls"));
+    }
+
+    #[test]
+    fn durations_go_style() {
+        assert_eq!(parse_duration("200ms").unwrap(), Duration::from_millis(200));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse(&["--prefill-timeout=abc"]).unwrap_err().contains("--prefill-timeout"));
+    }
+
+    #[test]
+    fn allowlist_checks_ports() {
+        let list = Allowlist::new(["10.0.0.5:8000", "prefill-0.svc"]);
+        assert!(list.allows("10.0.0.5:8000"));
+        assert!(!list.allows("10.0.0.5:22"));
+        assert!(list.allows("prefill-0.svc:9999"));
+        assert!(!list.allows("evil.example:8000"));
+        assert!(parse(&["--enable-ssrf-protection"]).unwrap_err().contains("--prefill-allowlist"));
+    }
+
+    #[test]
+    fn zap_levels_map_to_tracing() {
+        std::env::remove_var("RUST_LOG");
+        assert!(parse(&["--zap-log-level=debug"]).unwrap().log_filter.starts_with("debug"));
+        assert!(parse(&["--zap-log-level=5"]).unwrap().log_filter.starts_with("trace"));
+        assert!(!parse(&["--zap-encoder=console"]).unwrap().log_json);
+    }
+
+    #[test]
+    fn conflicting_connectors_rejected() {
+        assert!(parse(&["--kv-connector=nixlv2", "--connector=sglang"]).is_err());
+        assert!(parse(&["--ec-connector=nixl"]).unwrap_err().contains("--ec-connector"));
+    }
+}

@@ -1,0 +1,110 @@
+//! Connectors: how the prefill and decode legs' bodies are built for each KV
+//! protocol. One module per protocol behind [`Connector`]; all pure functions
+//! over JSON so that each protocol's exact wire shape is unit-tested here. The
+//! orchestration (sending, retries, fallback) lives in `proxy` and must not be
+//! duplicated in a connector.
+
+mod nixl;
+mod nixlv2;
+mod sglang;
+mod shared_storage;
+
+use serde_json::{Map, Value};
+
+use crate::config::{split_host_port, ConnectorKind};
+use crate::request::ApiKind;
+
+pub use nixl::NixlV1;
+pub use nixlv2::NixlV2;
+pub use sglang::Sglang;
+pub use shared_storage::SharedStorage;
+
+/// A request on its way to disaggregation.
+pub struct PdRequest<'a> {
+    pub api: ApiKind,
+    /// The client's body, never modified.
+    pub body: &'a Map<String, Value>,
+    /// `host:port` of the chosen prefill engine.
+    pub prefill_target: &'a str,
+}
+
+/// The bodies a connector wants sent.
+#[derive(Debug)]
+pub enum Legs {
+    /// Prefill first; the decode body comes from its response via [`Connector::decode_body`].
+    Sequential { prefill: Map<String, Value> },
+    /// Both legs at once; the decode response is the client's answer.
+    Concurrent {
+        prefill: Map<String, Value>,
+        decode: Map<String, Value>,
+    },
+}
+
+pub trait Connector: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    fn legs(&self, req: &PdRequest<'_>) -> Legs;
+
+    /// The decode body after a successful sequential prefill. `Err` names what
+    /// the prefill response lacks; the caller treats it as a prefill failure.
+    fn decode_body(
+        &self,
+        req: &PdRequest<'_>,
+        prefill_response: &Value,
+    ) -> Result<Map<String, Value>, String>;
+}
+
+pub fn for_kind(kind: ConnectorKind, sglang_bootstrap_port: u16) -> Box<dyn Connector> {
+    match kind {
+        ConnectorKind::Nixlv2 => Box::new(NixlV2),
+        ConnectorKind::Nixl => Box::new(NixlV1),
+        ConnectorKind::SharedStorage => Box::new(SharedStorage),
+        ConnectorKind::Sglang => Box::new(Sglang {
+            bootstrap_port: sglang_bootstrap_port,
+        }),
+    }
+}
+
+/// The prefill leg computes the KV cache and nothing else: one output token,
+/// no streaming.
+pub(crate) fn prefill_only(api: ApiKind, body: &mut Map<String, Value>) {
+    body.insert("stream".into(), Value::Bool(false));
+    body.remove("stream_options");
+    for field in api.token_limit_fields() {
+        body.insert((*field).into(), Value::from(1));
+    }
+    let nested = api.sampling_limit_fields();
+    if !nested.is_empty() {
+        let params = body
+            .entry("sampling_params")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !params.is_object() {
+            *params = Value::Object(Map::new());
+        }
+        if let Some(params) = params.as_object_mut() {
+            for field in nested {
+                params.insert((*field).into(), Value::from(1));
+            }
+        }
+    }
+}
+
+/// Host part of `host:port` (brackets of IPv6 removed).
+pub(crate) fn host_of(target: &str) -> &str {
+    split_host_port(target)
+        .map(|(h, _)| h)
+        .unwrap_or(target)
+        .trim_matches(['[', ']'])
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use serde_json::{Map, Value};
+
+    pub fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Tandem's sidecar crate: `pd-sidecar`, the llm-d-compatible prefill/decode
+//! routing proxy that runs next to every decode engine.
+//!
+//! Life of a request: `bin/pd-sidecar` -> [`config`] -> [`server`] (listeners,
+//! middleware) -> [`proxy`] (parse, decide, prefill leg, decode leg) ->
+//! [`connectors`] (per-protocol bodies) -> [`upstream`] (engine clients) ->
+//! [`body`] (streamed response, usage rewrite).
+
+pub mod body;
+pub mod config;
+pub mod connectors;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod request;
+pub mod server;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,142 @@
+//! Command-line configuration of the engine simulator. Every flag can also be set through the
+//! environment as `ENGINE_SIM_<NAME>` (e.g. `ENGINE_SIM_TTFT_MS=50`).
+
+use clap::Parser;
+
+use super::faults::{FaultConfig, FaultScope};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "engine-sim",
+    version,
+    about = "A stand-in vLLM engine: OpenAI API plus the P/D kv_transfer_params protocol"
+)]
+pub struct Config {
+    /// Address to listen on; also returned to decode engines as `remote_host`.
+    #[arg(long, env = "ENGINE_SIM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// HTTP port (0 picks a free one).
+    #[arg(long, env = "ENGINE_SIM_PORT", default_value_t = 8200)]
+    pub port: u16,
+
+    /// Served model name.
+    #[arg(long, env = "ENGINE_SIM_MODEL", default_value = "sim-model")]
+    pub model: String,
+
+    /// Engine id returned as `remote_engine_id` (default: a random uuid).
+    #[arg(long, env = "ENGINE_SIM_ENGINE_ID")]
+    pub engine_id: Option<String>,
+
+    /// Tokens per KV block.
+    #[arg(long, env = "ENGINE_SIM_BLOCK_SIZE", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub block_size: u64,
+
+    /// Number of KV blocks in the pool.
+    #[arg(long, env = "ENGINE_SIM_NUM_BLOCKS", default_value_t = 65536,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_blocks: u32,
+
+    /// Context length limit (prompt plus output tokens).
+    #[arg(long, env = "ENGINE_SIM_MAX_MODEL_LEN", default_value_t = 32768,
+          value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_model_len: u64,
+
+    /// Tokens generated when the request sets no token limit.
+    #[arg(long, env = "ENGINE_SIM_OUTPUT_TOKENS", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub output_tokens: u64,
+
+    /// Delay before the first output token, in milliseconds.
+    #[arg(long, env = "ENGINE_SIM_TTFT_MS", default_value_t = 0)]
+    pub ttft_ms: u64,
+
+    /// Delay between output tokens, in milliseconds.
+    #[arg(long, env = "ENGINE_SIM_ITL_MS", default_value_t = 0)]
+    pub itl_ms: u64,
+
+    /// Extra delay before the first token of prefill-role requests, in milliseconds.
+    #[arg(long, env = "ENGINE_SIM_PREFILL_DELAY_MS", default_value_t = 0)]
+    pub prefill_delay_ms: u64,
+
+    /// Fraction of matching requests answered with --error-status (0..1).
+    #[arg(long, env = "ENGINE_SIM_ERROR_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_rate: f64,
+
+    /// HTTP status of injected errors.
+    #[arg(long, env = "ENGINE_SIM_ERROR_STATUS", default_value_t = 500,
+          value_parser = clap::value_parser!(u16).range(400..=599))]
+    pub error_status: u16,
+
+    /// Fraction of matching requests accepted and never answered (0..1).
+    #[arg(long, env = "ENGINE_SIM_HANG_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub hang_rate: f64,
+
+    /// Which requests faults apply to: all, prefill (prefill-role only) or decode (all others).
+    #[arg(long, env = "ENGINE_SIM_FAULT_SCOPE", value_enum, default_value_t = FaultScope::All)]
+    pub fault_scope: FaultScope,
+
+    /// Bind the listening socket only after this delay (connections are refused until then).
+    #[arg(long, env = "ENGINE_SIM_LISTEN_AFTER_MS", default_value_t = 0)]
+    pub listen_after_ms: u64,
+
+    /// Seconds after which blocks held for a remote decode are freed without a release notification.
+    #[arg(long, env = "ENGINE_SIM_HOLD_TIMEOUT_S", default_value_t = 480.0, value_parser = parse_seconds)]
+    pub hold_timeout_s: f64,
+}
+
+impl Config {
+    /// The fault configuration the flags describe (runtime changes go through `POST /sim/faults`).
+    pub fn faults(&self) -> FaultConfig {
+        FaultConfig {
+            error_rate: self.error_rate,
+            error_status: self.error_status,
+            hang_rate: self.hang_rate,
+            scope: self.fault_scope,
+            fail_next: 0,
+            delay_ms: 0,
+        }
+    }
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in 0..=1"))
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a non-negative number of seconds"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_vllm_ports_and_limits() {
+        let cfg = Config::try_parse_from(["engine-sim"]).unwrap();
+        assert_eq!(cfg.port, 8200);
+        assert_eq!(cfg.block_size, 16);
+        assert_eq!(cfg.hold_timeout_s, 480.0);
+        assert_eq!(cfg.fault_scope, FaultScope::All);
+    }
+
+    #[test]
+    fn rejects_out_of_range_rates() {
+        assert!(Config::try_parse_from(["engine-sim", "--error-rate", "1.5"]).is_err());
+        assert!(Config::try_parse_from(["engine-sim", "--hang-rate", "-0.1"]).is_err());
+        assert!(Config::try_parse_from(["engine-sim", "--error-status", "200"]).is_err());
+        let cfg = Config::try_parse_from(["engine-sim", "--fault-scope", "prefill"]).unwrap();
+        assert_eq!(cfg.fault_scope, FaultScope::Prefill);
+    }
+}

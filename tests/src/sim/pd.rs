@@ -1,0 +1,302 @@
+//! The P/D side of a request (DESIGN.md "Life of a request", steps 4-6): which role a request
+//! plays, the `kv_transfer_params` a prefill returns, the decode's checks on what it was handed,
+//! and the release notification a decode sends back to the prefill engine. Supports vLLM's
+//! NixlConnector form (`kv_transfer_params` object, "nixlv2") and the legacy v1 form ("nixl": the
+//! same fields at the top level of the body). sglang bootstrap fields are only noted.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use serde_json::{json, Map, Value};
+
+use super::blocks::BlockId;
+use super::error::SimError;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// What the decode engine was handed by the prefill engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodeParams {
+    pub block_ids: Vec<u64>,
+    pub remote_engine_id: Option<String>,
+    pub remote_request_id: String,
+    pub remote_host: String,
+    pub remote_port: u16,
+    pub tp_size: u64,
+}
+
+/// The role of a generation request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// An ordinary request (local prefill and decode).
+    Local,
+    /// Prefill for a remote decode: compute, hold the blocks, return the handle.
+    /// `legacy`: the v1 form, which also gets the handle at the top level of the response.
+    Prefill { legacy: bool },
+    /// Decode of a prompt prefilled elsewhere.
+    Decode(DecodeParams),
+}
+
+impl Role {
+    pub fn is_prefill(&self) -> bool {
+        matches!(self, Role::Prefill { .. })
+    }
+}
+
+fn bad(msg: impl Into<String>) -> SimError {
+    SimError::BadRequest(msg.into())
+}
+
+fn flag(obj: &Map<String, Value>, field: &str) -> bool {
+    obj.get(field).and_then(Value::as_bool) == Some(true)
+}
+
+/// Reads the request's role from its body. `header_request_id` (the `x-request-id` header) stands
+/// in for a v1 decode's missing `remote_request_id`.
+pub fn detect_role(
+    body: &Map<String, Value>,
+    header_request_id: Option<&str>,
+) -> Result<Role, SimError> {
+    let (src, legacy, prefix) = match body.get("kv_transfer_params") {
+        Some(Value::Object(kv)) => (kv, false, "kv_transfer_params."),
+        None | Some(Value::Null) => (body, true, ""),
+        Some(_) => return Err(bad("`kv_transfer_params` must be an object")),
+    };
+    let remote_decode = flag(src, "do_remote_decode");
+    let remote_prefill = flag(src, "do_remote_prefill");
+    match (remote_decode, remote_prefill) {
+        (true, true) => Err(bad(format!(
+            "`{prefix}do_remote_decode` and `{prefix}do_remote_prefill` cannot both be true"
+        ))),
+        (true, false) => Ok(Role::Prefill { legacy }),
+        (false, true) => decode_params(src, prefix, legacy.then_some(header_request_id).flatten())
+            .map(Role::Decode),
+        (false, false) => Ok(Role::Local),
+    }
+}
+
+fn decode_params(
+    src: &Map<String, Value>,
+    prefix: &str,
+    fallback_request_id: Option<&str>,
+) -> Result<DecodeParams, SimError> {
+    let block_ids = match src.get("remote_block_ids") {
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| bad(format!("`{prefix}remote_block_ids` must hold non-negative integers")))?,
+        _ => {
+            return Err(bad(format!(
+                "do_remote_prefill is set but `{prefix}remote_block_ids` is missing or not a list"
+            )))
+        }
+    };
+    let remote_host = match src.get("remote_host") {
+        Some(Value::String(h)) if !h.is_empty() => h.clone(),
+        _ => {
+            return Err(bad(format!(
+                "do_remote_prefill is set but `{prefix}remote_host` is missing"
+            )))
+        }
+    };
+    let remote_port = match src.get("remote_port") {
+        Some(Value::Number(n)) => n.as_u64().and_then(|p| u16::try_from(p).ok()),
+        Some(Value::String(s)) => s.parse::<u16>().ok(),
+        _ => None,
+    }
+    .filter(|p| *p != 0)
+    .ok_or_else(|| {
+        bad(format!(
+            "do_remote_prefill is set but `{prefix}remote_port` is missing or not a port number"
+        ))
+    })?;
+    let remote_request_id = match src.get("remote_request_id") {
+        Some(Value::String(id)) if !id.is_empty() => id.clone(),
+        _ => fallback_request_id
+            .map(str::to_string)
+            .ok_or_else(|| {
+                bad(format!(
+                    "do_remote_prefill is set but `{prefix}remote_request_id` is missing"
+                ))
+            })?,
+    };
+    let tp_size = match src.get("tp_size") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| bad(format!("`{prefix}tp_size` must be a positive integer")))?,
+    };
+    Ok(DecodeParams {
+        block_ids,
+        remote_engine_id: src
+            .get("remote_engine_id")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        remote_request_id,
+        remote_host,
+        remote_port,
+        tp_size,
+    })
+}
+
+impl DecodeParams {
+    /// The handle must cover exactly the prompt's blocks.
+    pub fn check_blocks(&self, prompt_tokens: u64, block_size: u64) -> Result<(), SimError> {
+        let expected = super::tokens::blocks_for(prompt_tokens, block_size);
+        if self.block_ids.len() as u64 == expected {
+            Ok(())
+        } else {
+            Err(bad(format!(
+                "remote_block_ids has {} blocks but the prompt has {prompt_tokens} tokens, which need {expected} blocks of {block_size} tokens",
+                self.block_ids.len()
+            )))
+        }
+    }
+
+    /// The notification the prefill engine frees the blocks on: `"<remote_request_id>:<tp_size>"`.
+    pub fn notif(&self) -> String {
+        format!("{}:{}", self.remote_request_id, self.tp_size)
+    }
+}
+
+/// Where a prefill engine can be reached, and under which id it holds a request's blocks.
+pub struct PrefillHandle<'a> {
+    pub block_ids: &'a [BlockId],
+    pub engine_id: &'a str,
+    pub request_id: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+}
+
+impl PrefillHandle<'_> {
+    /// The `kv_transfer_params` a prefill answers with.
+    pub fn kv_transfer_params(&self) -> Value {
+        json!({
+            "do_remote_prefill": true,
+            "do_remote_decode": false,
+            "remote_block_ids": self.block_ids,
+            "remote_engine_id": self.engine_id,
+            "remote_request_id": self.request_id,
+            "remote_host": self.host,
+            "remote_port": self.port,
+            "tp_size": 1,
+        })
+    }
+
+    /// The v1 form's top-level fields.
+    pub fn top_level(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("remote_block_ids".into(), json!(self.block_ids));
+        m.insert("remote_engine_id".into(), json!(self.engine_id));
+        m.insert("remote_request_id".into(), json!(self.request_id));
+        m.insert("remote_host".into(), json!(self.host));
+        m.insert("remote_port".into(), json!(self.port));
+        m
+    }
+}
+
+/// The sglang bootstrap fields of a request, if any, for the log.
+pub fn sglang_bootstrap(body: &Map<String, Value>) -> Option<String> {
+    let fields = ["bootstrap_host", "bootstrap_port", "bootstrap_room"];
+    if fields.iter().any(|f| body.contains_key(*f)) {
+        Some(
+            fields
+                .iter()
+                .map(|f| format!("{f}={}", body.get(*f).unwrap_or(&Value::Null)))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+    } else {
+        None
+    }
+}
+
+/// Formats `host:port` for a URL (brackets an IPv6 literal).
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Tells the prefill engine that its blocks were pulled: `POST /sim/release {"notif": ...}`.
+pub async fn notify_release(client: &HttpClient, params: &DecodeParams) -> Result<(), String> {
+    let url = format!(
+        "http://{}/sim/release",
+        host_port(&params.remote_host, params.remote_port)
+    );
+    let body = json!({"notif": params.notif()}).to_string();
+    let req = http::Request::post(&url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let send = async {
+        let resp = client.request(req).await.map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("{url}: status {status}"))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), send)
+        .await
+        .map_err(|_| format!("{url}: timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn detects_roles_in_both_forms() {
+        assert_eq!(detect_role(&obj(json!({"prompt": "x"})), None).unwrap(), Role::Local);
+        let v2 = obj(json!({"kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": false, "remote_block_ids": null}}));
+        assert_eq!(detect_role(&v2, None).unwrap(), Role::Prefill { legacy: false });
+        let v1 = obj(json!({"do_remote_decode": true}));
+        assert_eq!(detect_role(&v1, None).unwrap(), Role::Prefill { legacy: true });
+        let both = obj(json!({"kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": true}}));
+        assert!(detect_role(&both, None).is_err());
+        assert!(detect_role(&obj(json!({"kv_transfer_params": 3})), None).is_err());
+    }
+
+    #[test]
+    fn decode_params_are_checked() {
+        let ok = obj(json!({"kv_transfer_params": {
+            "do_remote_prefill": true, "remote_block_ids": [4, 5], "remote_engine_id": "e",
+            "remote_request_id": "r", "remote_host": "127.0.0.1", "remote_port": 9000, "tp_size": 1
+        }}));
+        let Role::Decode(p) = detect_role(&ok, None).unwrap() else {
+            panic!("not decode")
+        };
+        assert_eq!(p.notif(), "r:1");
+        assert!(p.check_blocks(17, 16).is_ok());
+        assert!(p.check_blocks(33, 16).is_err());
+        let no_host = obj(json!({"kv_transfer_params": {"do_remote_prefill": true, "remote_block_ids": [1], "remote_port": 1, "remote_request_id": "r"}}));
+        assert!(detect_role(&no_host, None).is_err());
+        // v1: request id from the header when the body has none.
+        let v1 = obj(json!({"do_remote_prefill": true, "remote_block_ids": [1], "remote_host": "h", "remote_port": "80"}));
+        let Role::Decode(p) = detect_role(&v1, Some("hdr")).unwrap() else {
+            panic!("not decode")
+        };
+        assert_eq!((p.remote_request_id.as_str(), p.remote_port), ("hdr", 80));
+        assert!(detect_role(&v1, None).is_err());
+    }
+
+    #[test]
+    fn formats_ipv6_hosts() {
+        assert_eq!(host_port("::1", 80), "[::1]:80");
+        assert_eq!(host_port("10.0.0.1", 80), "10.0.0.1:80");
+    }
+}

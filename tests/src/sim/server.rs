@@ -1,0 +1,378 @@
+//! The simulator's HTTP surface: routes, the shared state, and the life of a generation request
+//! (parse -> role -> checks -> faults -> blocks -> pull/notify -> generate). Wire formats live in
+//! `openai`, P/D fields in `pd`, block accounting in `blocks`.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+use super::blocks::BlockPool;
+use super::config::Config;
+use super::error::SimError;
+use super::faults::{FaultAction, FaultConfig, Faults};
+use super::generate::{plan, Generation, HoldSpec};
+use super::metrics::Metrics;
+use super::openai::{parse_request, Api, Reply, Usage};
+use super::pd::{self, detect_role, HttpClient, Role};
+use super::record::{self, RequestLog, MAX_BODY_BYTES};
+use super::tokens::blocks_for;
+
+pub struct AppState {
+    pub cfg: Config,
+    pub engine_id: String,
+    /// The port actually bound (differs from `cfg.port` when that is 0).
+    pub port: AtomicU16,
+    created: u64,
+    pub pool: Arc<BlockPool>,
+    pub faults: Faults,
+    pub metrics: Arc<Metrics>,
+    pub log: Arc<RequestLog>,
+    client: HttpClient,
+}
+
+impl AppState {
+    pub fn new(cfg: Config) -> Arc<AppState> {
+        let engine_id = cfg
+            .engine_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(4))
+            .build_http();
+        Arc::new(AppState {
+            engine_id,
+            port: AtomicU16::new(cfg.port),
+            created: unix_secs(),
+            pool: BlockPool::new(cfg.num_blocks),
+            faults: Faults::new(cfg.faults()),
+            metrics: Metrics::new(),
+            log: Arc::new(RequestLog::default()),
+            client,
+            cfg,
+        })
+    }
+
+    fn hold_ttl(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.hold_timeout_s)
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let log = Arc::clone(&state.log);
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(responses))
+        .route("/inference/v1/generate", post(generate_tokens))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/metrics", get(metrics))
+        .route("/sim/faults", get(get_faults).post(set_faults))
+        .route("/sim/release", post(release))
+        .route("/sim/requests", get(get_requests).delete(clear_requests))
+        .route("/sim/state", get(sim_state))
+        .fallback(|| async { SimError::NotFound("Not Found".into()) })
+        .method_not_allowed_fallback(|| async { SimError::MethodNotAllowed })
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(log, record::record))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+async fn completions(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    generation(st, Api::Completions, headers, body).await
+}
+
+async fn chat(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    generation(st, Api::Chat, headers, body).await
+}
+
+/// `/v1/responses`: non-streaming only (`stream: true` is answered with 400).
+async fn responses(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    generation(st, Api::Responses, headers, body).await
+}
+
+/// `/inference/v1/generate`: non-streaming only (`stream: true` is answered with 400).
+async fn generate_tokens(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    generation(st, Api::Generate, headers, body).await
+}
+
+async fn generation(
+    State(st): State<Arc<AppState>>,
+    api: Api,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let x_request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let mut resp = match generate(&st, api, started, x_request_id, &body).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "request rejected");
+            e.into_response()
+        }
+    };
+    if let Some(v) = x_request_id.and_then(|v| HeaderValue::from_str(v).ok()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+async fn generate(
+    st: &Arc<AppState>,
+    api: Api,
+    started: Instant,
+    x_request_id: Option<&str>,
+    body: &[u8],
+) -> Result<Response, SimError> {
+    let cfg = &st.cfg;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| SimError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(SimError::BadRequest(
+            "request body must be a JSON object".into(),
+        ));
+    };
+    let req = parse_request(api, &obj)?;
+    if let Some(model) = &req.model {
+        if *model != cfg.model {
+            return Err(SimError::ModelNotFound(model.clone()));
+        }
+    }
+    if req.stream && matches!(api, Api::Responses | Api::Generate) {
+        return Err(SimError::BadRequest(
+            "engine-sim does not stream this endpoint; send \"stream\": false".into(),
+        ));
+    }
+    let role = detect_role(&obj, x_request_id)?;
+    if let Some(fields) = pd::sglang_bootstrap(&obj) {
+        tracing::debug!(%fields, "sglang bootstrap fields");
+    }
+    let prompt_tokens = req.prompt_tokens();
+    if let Role::Decode(p) = &role {
+        p.check_blocks(prompt_tokens, cfg.block_size)?;
+    }
+    let plan = plan(
+        req.max_tokens,
+        cfg.output_tokens,
+        req.longest_prompt(),
+        cfg.max_model_len,
+        role.is_prefill(),
+    )?;
+
+    let fault = st.faults.decide(role.is_prefill());
+    if !fault.delay.is_zero() {
+        let _waiting = st.metrics.waiting();
+        tokio::time::sleep(fault.delay).await;
+    }
+    match fault.action {
+        FaultAction::Proceed => {}
+        FaultAction::Fail(status) => return Err(SimError::Injected(status)),
+        FaultAction::Hang => {
+            tracing::info!("hanging this request (fault injection)");
+            let _waiting = st.metrics.waiting();
+            let never: std::convert::Infallible = std::future::pending().await;
+            match never {}
+        }
+    }
+
+    let blocks = st
+        .pool
+        .allocate(blocks_for(prompt_tokens, cfg.block_size) as usize)?;
+
+    let mut cached_tokens = 0;
+    if let Role::Decode(p) = role.clone() {
+        // v0 pulls no bytes: the pull is the check above. Then tell the prefill engine, in the
+        // background so that an unreachable prefill engine never slows the decode down.
+        cached_tokens = prompt_tokens;
+        let st2 = Arc::clone(st);
+        tokio::spawn(async move {
+            match pd::notify_release(&st2.client, &p).await {
+                Ok(()) => tracing::debug!(notif = %p.notif(), "release notification sent"),
+                Err(e) => {
+                    st2.metrics.release_notify_failed();
+                    tracing::warn!(error = %e, "release notification failed");
+                }
+            }
+        });
+    }
+    st.metrics.add_prompt(prompt_tokens, 0);
+
+    let rid = x_request_id.map_or_else(short_id, str::to_string);
+    let id = match api {
+        Api::Completions => format!("cmpl-{rid}"),
+        Api::Chat => format!("chatcmpl-{rid}"),
+        Api::Responses => format!("resp_{rid}"),
+        Api::Generate => req.request_id.clone().unwrap_or_else(|| format!("gen-{rid}")),
+    };
+    let hold = match role {
+        Role::Prefill { legacy } => Some(HoldSpec {
+            request_id: format!("{id}-{}", &short_id()[..8]),
+            engine_id: st.engine_id.clone(),
+            host: cfg.host.clone(),
+            port: st.port.load(Ordering::Relaxed),
+            ttl: st.hold_ttl(),
+            legacy,
+        }),
+        _ => None,
+    };
+    let choices = req.prompts.len();
+    let reply = Reply {
+        api,
+        id,
+        created: unix_secs(),
+        model: cfg.model.clone(),
+        choices,
+        output_tokens: plan.output_tokens,
+        finish_reason: plan.finish_reason,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: plan.output_tokens * choices as u64,
+            cached_tokens,
+        },
+        kv_transfer_params: Value::Null,
+        top_level: None,
+    };
+    let mut first_token_delay = Duration::from_millis(cfg.ttft_ms);
+    if hold.is_some() {
+        first_token_delay += Duration::from_millis(cfg.prefill_delay_ms);
+    }
+    let generation = Generation::new(
+        reply,
+        req.include_usage,
+        Arc::clone(&st.metrics),
+        blocks,
+        hold,
+        started,
+        first_token_delay,
+        Duration::from_millis(cfg.itl_ms),
+    );
+    Ok(if req.stream {
+        generation.respond_stream()
+    } else {
+        generation.respond_whole().await
+    })
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let m = &st.cfg.model;
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": m,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "vllm",
+            "root": m,
+            "parent": null,
+            "max_model_len": st.cfg.max_model_len,
+        }]
+    }))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let text = st
+        .metrics
+        .render(&st.cfg.model, st.cfg.block_size, &st.pool.stats());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+async fn get_faults(State(st): State<Arc<AppState>>) -> Json<FaultConfig> {
+    Json(st.faults.get())
+}
+
+async fn set_faults(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Json<FaultConfig>, SimError> {
+    let cfg: FaultConfig = serde_json::from_slice(&body)
+        .map_err(|e| SimError::BadRequest(format!("invalid fault config: {e}")))?;
+    cfg.validate().map_err(SimError::BadRequest)?;
+    tracing::info!(?cfg, "fault config replaced");
+    st.faults.set(cfg.clone());
+    Ok(Json(cfg))
+}
+
+/// `POST /sim/release {"notif": "<remote_request_id>:<tp_size>"}`: a decode engine has pulled
+/// the blocks of that request.
+async fn release(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, SimError> {
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| SimError::BadRequest(format!("invalid JSON body: {e}")))?;
+    let notif = v
+        .get("notif")
+        .and_then(Value::as_str)
+        .ok_or_else(|| SimError::BadRequest("`notif` is required (\"<request id>:<tp size>\")".into()))?;
+    let id = match notif.rsplit_once(':') {
+        Some((id, tp)) if tp.parse::<u64>().is_ok() => id,
+        _ => notif,
+    };
+    match st.pool.release(id) {
+        Some(n) => {
+            tracing::info!(remote_request_id = %id, blocks = n, "held blocks released by the decode engine");
+            Ok(Json(json!({"remote_request_id": id, "released_blocks": n})))
+        }
+        None => Err(SimError::UnknownRelease(id.to_string())),
+    }
+}
+
+async fn get_requests(State(st): State<Arc<AppState>>) -> Json<Vec<record::Entry>> {
+    Json(st.log.snapshot())
+}
+
+async fn clear_requests(State(st): State<Arc<AppState>>) -> StatusCode {
+    st.log.clear();
+    StatusCode::NO_CONTENT
+}
+
+async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let s = st.pool.stats();
+    Json(json!({
+        "engine_id": st.engine_id,
+        "port": st.port.load(Ordering::Relaxed),
+        "held_requests": s.held_requests,
+        "held_blocks": s.held_blocks,
+        "released_total": s.released_blocks_total,
+        "expired_total": s.expired_blocks_total,
+        "release_notify_failures": st.metrics.release_notify_failures(),
+        "free_blocks": s.free_blocks,
+        "num_blocks": s.num_blocks,
+    }))
+}
+
+/// Frees holds past their deadline, checking often enough for short test timeouts.
+pub async fn expire_holds(st: Arc<AppState>) {
+    let period = st
+        .hold_ttl()
+        .div_f64(10.0)
+        .clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        st.pool.expire(Instant::now());
+    }
+}

@@ -1,0 +1,1 @@
+//! KV-transfer agent (filled by the kv-transfer issue).
