@@ -33,7 +33,10 @@ impl<B> Observed<B> {
         Observed {
             inner,
             on_first: Some(on_first),
-            sse: cached_tokens.map(|cached| SseRewrite { cached, pending: BytesMut::new() }),
+            sse: cached_tokens.map(|cached| SseRewrite {
+                cached,
+                pending: BytesMut::new(),
+            }),
             abort: None,
         }
     }
@@ -45,7 +48,10 @@ impl<B> Observed<B> {
         failed: tokio::sync::oneshot::Receiver<crate::error::ProxyError>,
         watch: crate::proxy::PrefillWatch,
     ) -> Self {
-        self.abort = Some(Abort { failed, _watch: watch });
+        self.abort = Some(Abort {
+            failed,
+            _watch: watch,
+        });
         self
     }
 }
@@ -58,7 +64,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(abort) = this.abort.as_mut() {
             match Pin::new(&mut abort.failed).poll(cx) {
@@ -166,7 +175,10 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 /// End of the last complete SSE event (after its blank line).
 fn last_event_end(buf: &[u8]) -> Option<usize> {
     (1..buf.len()).rev().find_map(|i| {
-        if buf[i] == b'\n' && (buf[i - 1] == b'\n' || (i >= 3 && &buf[i - 3..i] == b"\n\r\n" && buf[i - 3] == b'\n')) {
+        if buf[i] == b'\n'
+            && (buf[i - 1] == b'\n'
+                || (i >= 3 && &buf[i - 3..i] == b"\n\r\n" && buf[i - 3] == b'\n'))
+        {
             Some(i + 1)
         } else {
             None
@@ -198,7 +210,9 @@ fn set_cached(usage: &mut serde_json::Map<String, Value>, cached: u64) -> bool {
     } else {
         "prompt_tokens_details"
     };
-    let details = usage.entry(key).or_insert_with(|| Value::Object(Default::default()));
+    let details = usage
+        .entry(key)
+        .or_insert_with(|| Value::Object(Default::default()));
     if !details.is_object() {
         *details = Value::Object(Default::default());
     }
@@ -215,11 +229,21 @@ mod tests {
 
     #[test]
     fn rewrites_usage_event_and_keeps_others() {
-        let mut s = SseRewrite { cached: 42, pending: BytesMut::new() };
-        let first = s.push(Bytes::from_static(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[],\"us"));
-        assert_eq!(first.unwrap(), Bytes::from_static(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n"));
+        let mut s = SseRewrite {
+            cached: 42,
+            pending: BytesMut::new(),
+        };
+        let first = s.push(Bytes::from_static(
+            b"data: {\"choices\":[{\"text\":\"a\"}]}\n\ndata: {\"choices\":[],\"us",
+        ));
+        assert_eq!(
+            first.unwrap(),
+            Bytes::from_static(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n")
+        );
         let second = s
-            .push(Bytes::from_static(b"age\":{\"prompt_tokens\":5,\"prompt_tokens_details\":null}}\n\ndata: [DONE]\n\n"))
+            .push(Bytes::from_static(
+                b"age\":{\"prompt_tokens\":5,\"prompt_tokens_details\":null}}\n\ndata: [DONE]\n\n",
+            ))
             .unwrap();
         let text = std::str::from_utf8(&second).unwrap();
         assert!(text.contains("\"cached_tokens\":42"), "{text}");
@@ -228,14 +252,21 @@ mod tests {
 
     #[test]
     fn holds_incomplete_events() {
-        let mut s = SseRewrite { cached: 1, pending: BytesMut::new() };
+        let mut s = SseRewrite {
+            cached: 1,
+            pending: BytesMut::new(),
+        };
         assert!(s.push(Bytes::from_static(b"data: {\"x\":1}")).is_none());
-        assert_eq!(s.push(Bytes::from_static(b"\n\n")).unwrap(), Bytes::from_static(b"data: {\"x\":1}\n\n"));
+        assert_eq!(
+            s.push(Bytes::from_static(b"\n\n")).unwrap(),
+            Bytes::from_static(b"data: {\"x\":1}\n\n")
+        );
     }
 
     #[test]
     fn rewrites_json_shapes() {
-        let mut chat = json!({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}}});
+        let mut chat =
+            json!({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}}});
         assert!(rewrite_usage(&mut chat, 7));
         assert_eq!(chat["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
         let mut resp = json!({"usage": {"input_tokens": 9}});

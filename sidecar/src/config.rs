@@ -52,7 +52,9 @@ const TLS_STAGES: [&str; 3] = ["prefiller", "decoder", "encoder"];
 #[command(
     name = "pd-sidecar",
     version,
-    about = "Prefill/decode routing sidecar for vLLM decode pods (drop-in for llm-d's routing sidecar)"
+    about = "Prefill/decode routing sidecar for vLLM decode pods (drop-in for llm-d's routing sidecar)",
+    // Like Go's pflag: a repeated flag overrides the earlier value.
+    args_override_self = true
 )]
 pub struct Args {
     /// Port the sidecar listens on.
@@ -64,11 +66,20 @@ pub struct Args {
     pub bind: String,
 
     /// Port of the local decode engine (vLLM).
-    #[arg(long = "model-server-port", alias = "vllm-port", env = "PD_SIDECAR_MODEL_SERVER_PORT", default_value_t = 8200)]
+    #[arg(
+        long = "model-server-port",
+        alias = "vllm-port",
+        env = "PD_SIDECAR_MODEL_SERVER_PORT",
+        default_value_t = 8200
+    )]
     pub model_server_port: u16,
 
     /// Host of the local decode engine.
-    #[arg(long = "model-server-host", env = "PD_SIDECAR_MODEL_SERVER_HOST", default_value = "127.0.0.1")]
+    #[arg(
+        long = "model-server-host",
+        env = "PD_SIDECAR_MODEL_SERVER_HOST",
+        default_value = "127.0.0.1"
+    )]
     pub model_server_host: String,
 
     /// KV connector protocol: nixlv2, nixl, shared-storage (alias lmcache), sglang.
@@ -76,11 +87,20 @@ pub struct Args {
     pub kv_connector: Option<ConnectorKind>,
 
     /// Deprecated name of --kv-connector (still passed by llm-d-modelservice).
-    #[arg(long = "connector", env = "PD_SIDECAR_CONNECTOR", value_enum, hide = true)]
+    #[arg(
+        long = "connector",
+        env = "PD_SIDECAR_CONNECTOR",
+        value_enum,
+        hide = true
+    )]
     pub connector: Option<ConnectorKind>,
 
     /// Encoder connector for E/P/D; not supported (empty = no encoder stage).
-    #[arg(long = "ec-connector", env = "PD_SIDECAR_EC_CONNECTOR", default_value = "")]
+    #[arg(
+        long = "ec-connector",
+        env = "PD_SIDECAR_EC_CONNECTOR",
+        default_value = ""
+    )]
     pub ec_connector: String,
 
     /// Serve TLS on --port.
@@ -100,7 +120,11 @@ pub struct Args {
     pub enable_ssrf_protection: bool,
 
     /// Allowed prefill targets: `host:port` (that port only) or `host` (any port), comma separated.
-    #[arg(long = "prefill-allowlist", env = "PD_SIDECAR_PREFILL_ALLOWLIST", value_delimiter = ',')]
+    #[arg(
+        long = "prefill-allowlist",
+        env = "PD_SIDECAR_PREFILL_ALLOWLIST",
+        value_delimiter = ','
+    )]
     pub prefill_allowlist: Vec<String>,
 
     /// InferencePool as namespace/name or name (llm-d compatibility).
@@ -108,7 +132,11 @@ pub struct Args {
     pub inference_pool: Option<String>,
 
     /// Deprecated: namespace of the InferencePool.
-    #[arg(long = "inference-pool-namespace", env = "INFERENCE_POOL_NAMESPACE", hide = true)]
+    #[arg(
+        long = "inference-pool-namespace",
+        env = "INFERENCE_POOL_NAMESPACE",
+        hide = true
+    )]
     pub inference_pool_namespace: Option<String>,
 
     /// Deprecated: name of the InferencePool.
@@ -116,7 +144,11 @@ pub struct Args {
     pub inference_pool_name: Option<String>,
 
     /// API group of the InferencePool (llm-d compatibility).
-    #[arg(long = "pool-group", env = "PD_SIDECAR_POOL_GROUP", default_value = "inference.networking.k8s.io")]
+    #[arg(
+        long = "pool-group",
+        env = "PD_SIDECAR_POOL_GROUP",
+        default_value = "inference.networking.k8s.io"
+    )]
     pub pool_group: String,
 
     /// Pick a random prefill target from the header's list instead of the first.
@@ -126,11 +158,19 @@ pub struct Args {
     pub enable_prefiller_sampling: bool,
 
     /// vLLM data-parallel size: ranks 1..N-1 get listeners on port+rank forwarding to model-server-port+rank.
-    #[arg(long = "data-parallel-size", env = "PD_SIDECAR_DATA_PARALLEL_SIZE", default_value_t = 1)]
+    #[arg(
+        long = "data-parallel-size",
+        env = "PD_SIDECAR_DATA_PARALLEL_SIZE",
+        default_value_t = 1
+    )]
     pub data_parallel_size: u16,
 
     /// Retries of a prefill that failed with 502/503/504 or a connection error.
-    #[arg(long = "prefill-max-retries", env = "PD_SIDECAR_PREFILL_MAX_RETRIES", default_value_t = 2)]
+    #[arg(
+        long = "prefill-max-retries",
+        env = "PD_SIDECAR_PREFILL_MAX_RETRIES",
+        default_value_t = 2
+    )]
     pub prefill_max_retries: u32,
 
     /// First retry backoff (doubles per retry, with jitter), e.g. 200ms.
@@ -138,7 +178,11 @@ pub struct Args {
     pub prefill_retry_backoff: Duration,
 
     /// Prefill below this many tokens stays local; 0 = always remote when a prefiller is named.
-    #[arg(long = "prefill-threshold-tokens", env = "PD_SIDECAR_PREFILL_THRESHOLD_TOKENS", default_value_t = 256)]
+    #[arg(
+        long = "prefill-threshold-tokens",
+        env = "PD_SIDECAR_PREFILL_THRESHOLD_TOKENS",
+        default_value_t = 256
+    )]
     pub prefill_threshold_tokens: u64,
 
     /// tokenizer.json for exact token counts (default: estimate 4 bytes per token).
@@ -146,7 +190,12 @@ pub struct Args {
     pub tokenizer: Option<PathBuf>,
 
     /// On prefill failure: fallback (serve with local prefill) or fail (relay the error).
-    #[arg(long = "on-prefill-failure", env = "PD_SIDECAR_ON_PREFILL_FAILURE", value_enum, default_value = "fallback")]
+    #[arg(
+        long = "on-prefill-failure",
+        env = "PD_SIDECAR_ON_PREFILL_FAILURE",
+        value_enum,
+        default_value = "fallback"
+    )]
     pub on_prefill_failure: PrefillFailurePolicy,
 
     /// Deadline for one prefill attempt (headers and body), e.g. 30s.
@@ -158,7 +207,11 @@ pub struct Args {
     pub max_body_bytes: usize,
 
     /// Port of the Prometheus /metrics listener; 0 = off.
-    #[arg(long = "metrics-port", env = "PD_SIDECAR_METRICS_PORT", default_value_t = 9090)]
+    #[arg(
+        long = "metrics-port",
+        env = "PD_SIDECAR_METRICS_PORT",
+        default_value_t = 9090
+    )]
     pub metrics_port: u16,
 
     /// Idle keep-alive of upstream connections; keep it below the engine's (uvicorn: 5s).
@@ -166,7 +219,11 @@ pub struct Args {
     pub upstream_idle_timeout: Duration,
 
     /// Max idle keep-alive connections per upstream host.
-    #[arg(long = "max-idle-conns-per-host", env = "PD_SIDECAR_MAX_IDLE_CONNS_PER_HOST", default_value_t = 1024)]
+    #[arg(
+        long = "max-idle-conns-per-host",
+        env = "PD_SIDECAR_MAX_IDLE_CONNS_PER_HOST",
+        default_value_t = 1024
+    )]
     pub max_idle_conns_per_host: usize,
 
     /// Time in-flight requests get to finish after SIGTERM.
@@ -174,15 +231,27 @@ pub struct Args {
     pub shutdown_grace_period: Duration,
 
     /// SGLang bootstrap port injected into both legs.
-    #[arg(long = "sglang-bootstrap-port", env = "SGLANG_BOOTSTRAP_PORT", default_value_t = 8998)]
+    #[arg(
+        long = "sglang-bootstrap-port",
+        env = "SGLANG_BOOTSTRAP_PORT",
+        default_value_t = 8998
+    )]
     pub sglang_bootstrap_port: u16,
 
     /// Stages that use TLS upstream: prefiller, decoder, encoder (comma list or repeated).
-    #[arg(long = "enable-tls", env = "PD_SIDECAR_ENABLE_TLS", value_delimiter = ',')]
+    #[arg(
+        long = "enable-tls",
+        env = "PD_SIDECAR_ENABLE_TLS",
+        value_delimiter = ','
+    )]
     pub enable_tls: Vec<String>,
 
     /// Stages whose upstream certificate is not verified.
-    #[arg(long = "tls-insecure-skip-verify", env = "PD_SIDECAR_TLS_INSECURE_SKIP_VERIFY", value_delimiter = ',')]
+    #[arg(
+        long = "tls-insecure-skip-verify",
+        env = "PD_SIDECAR_TLS_INSECURE_SKIP_VERIFY",
+        value_delimiter = ','
+    )]
     pub tls_insecure_skip_verify: Vec<String>,
 
     /// Deprecated: --enable-tls=prefiller.
@@ -210,7 +279,11 @@ pub struct Args {
     pub decoder_tls_insecure_skip_verify: bool,
 
     /// Chunked decode token budget (llm-d); accepted, only 0 (off) is implemented.
-    #[arg(long = "decode-chunk-size", env = "PD_SIDECAR_DECODE_CHUNK_SIZE", default_value_t = 0)]
+    #[arg(
+        long = "decode-chunk-size",
+        env = "PD_SIDECAR_DECODE_CHUNK_SIZE",
+        default_value_t = 0
+    )]
     pub decode_chunk_size: u32,
 
     /// OpenTelemetry export (llm-d compatibility); traceparent is always propagated.
@@ -302,7 +375,8 @@ impl Allowlist {
             if split_host_port(entry).is_some() {
                 list.host_ports.insert(entry.to_ascii_lowercase());
             } else {
-                list.hosts.insert(entry.trim_matches(['[', ']']).to_ascii_lowercase());
+                list.hosts
+                    .insert(entry.trim_matches(['[', ']']).to_ascii_lowercase());
             }
         }
         list
@@ -338,7 +412,8 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"));
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|e| format!("invalid duration {s:?}: {e}"));
     }
     let mut total = 0f64;
     let mut rest = s;
@@ -558,7 +633,13 @@ mod tests {
 
     #[test]
     fn modelservice_legacy_flags_parse() {
-        let cfg = parse(&["--port=8000", "--vllm-port=8200", "--connector=nixlv2", "--secure-proxy=false"]).unwrap();
+        let cfg = parse(&[
+            "--port=8000",
+            "--vllm-port=8200",
+            "--connector=nixlv2",
+            "--secure-proxy=false",
+        ])
+        .unwrap();
         assert_eq!(cfg.port, 8000);
         assert_eq!(cfg.decode_port, 8200);
         assert_eq!(cfg.connector, ConnectorKind::Nixlv2);
@@ -579,7 +660,10 @@ mod tests {
 
     #[test]
     fn lmcache_is_an_alias_of_shared_storage() {
-        assert_eq!(parse(&["--kv-connector", "lmcache"]).unwrap().connector, ConnectorKind::SharedStorage);
+        assert_eq!(
+            parse(&["--kv-connector", "lmcache"]).unwrap().connector,
+            ConnectorKind::SharedStorage
+        );
     }
 
     #[test]
@@ -596,12 +680,37 @@ mod tests {
 
     #[test]
     fn legacy_tls_flags_map_to_stages() {
-        let cfg = parse(&["--prefiller-use-tls", "--decoder-tls-insecure-skip-verify=true"]).unwrap();
+        let cfg = parse(&[
+            "--prefiller-use-tls",
+            "--decoder-tls-insecure-skip-verify=true",
+        ])
+        .unwrap();
         assert!(cfg.prefiller_tls.enabled && !cfg.prefiller_tls.insecure_skip_verify);
         assert!(!cfg.decoder_tls.enabled && cfg.decoder_tls.insecure_skip_verify);
-        let cfg = parse(&["--enable-tls=prefiller,decoder", "--tls-insecure-skip-verify", "prefiller"]).unwrap();
-        assert!(cfg.prefiller_tls.enabled && cfg.decoder_tls.enabled && cfg.prefiller_tls.insecure_skip_verify);
-        assert!(parse(&["--enable-tls=bogus"]).unwrap_err().contains("--enable-tls"));
+        let cfg = parse(&[
+            "--enable-tls=prefiller,decoder",
+            "--tls-insecure-skip-verify",
+            "prefiller",
+        ])
+        .unwrap();
+        assert!(
+            cfg.prefiller_tls.enabled
+                && cfg.decoder_tls.enabled
+                && cfg.prefiller_tls.insecure_skip_verify
+        );
+        assert!(parse(&["--enable-tls=bogus"])
+            .unwrap_err()
+            .contains("--enable-tls"));
+    }
+
+    #[test]
+    fn repeated_flag_last_wins() {
+        let cfg = parse(&[
+            "--prefill-threshold-tokens=0",
+            "--prefill-threshold-tokens=256",
+        ])
+        .unwrap();
+        assert_eq!(cfg.prefill_threshold_tokens, 256);
     }
 
     #[test]
@@ -610,7 +719,9 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse(&["--prefill-timeout=abc"]).unwrap_err().contains("--prefill-timeout"));
+        assert!(parse(&["--prefill-timeout=abc"])
+            .unwrap_err()
+            .contains("--prefill-timeout"));
     }
 
     #[test]
@@ -620,20 +731,30 @@ mod tests {
         assert!(!list.allows("10.0.0.5:22"));
         assert!(list.allows("prefill-0.svc:9999"));
         assert!(!list.allows("evil.example:8000"));
-        assert!(parse(&["--enable-ssrf-protection"]).unwrap_err().contains("--prefill-allowlist"));
+        assert!(parse(&["--enable-ssrf-protection"])
+            .unwrap_err()
+            .contains("--prefill-allowlist"));
     }
 
     #[test]
     fn zap_levels_map_to_tracing() {
         std::env::remove_var("RUST_LOG");
-        assert!(parse(&["--zap-log-level=debug"]).unwrap().log_filter.starts_with("debug"));
-        assert!(parse(&["--zap-log-level=5"]).unwrap().log_filter.starts_with("trace"));
+        assert!(parse(&["--zap-log-level=debug"])
+            .unwrap()
+            .log_filter
+            .starts_with("debug"));
+        assert!(parse(&["--zap-log-level=5"])
+            .unwrap()
+            .log_filter
+            .starts_with("trace"));
         assert!(!parse(&["--zap-encoder=console"]).unwrap().log_json);
     }
 
     #[test]
     fn conflicting_connectors_rejected() {
         assert!(parse(&["--kv-connector=nixlv2", "--connector=sglang"]).is_err());
-        assert!(parse(&["--ec-connector=nixl"]).unwrap_err().contains("--ec-connector"));
+        assert!(parse(&["--ec-connector=nixl"])
+            .unwrap_err()
+            .contains("--ec-connector"));
     }
 }

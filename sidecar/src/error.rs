@@ -26,7 +26,11 @@ pub enum ProxyError {
     #[error("prefill engine {target} timed out after {timeout_ms} ms")]
     PrefillTimeout { target: String, timeout_ms: u64 },
     #[error("prefill engine {target} answered {status}")]
-    PrefillStatus { target: String, status: u16, body: Bytes },
+    PrefillStatus {
+        target: String,
+        status: u16,
+        body: Bytes,
+    },
     #[error("prefill engine {target} sent an invalid response: {detail}")]
     PrefillBadResponse { target: String, detail: String },
     #[error("decode engine unavailable: {0}")]
@@ -127,7 +131,10 @@ impl IntoResponse for ProxyError {
         let mut response = Response::new(axum::body::Body::from(body));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(ERROR_CODE_HEADER, HeaderValue::from_static(self.code()));
         response
     }
@@ -141,14 +148,28 @@ mod tests {
     fn status_is_a_function_of_the_variant() {
         assert_eq!(ProxyError::InvalidJson("x".into()).status(), 400);
         assert_eq!(ProxyError::BodyTooLarge { limit: 1 }.status(), 413);
-        assert_eq!(ProxyError::DecodeUnavailable("refused".into()).status(), 503);
+        assert_eq!(
+            ProxyError::DecodeUnavailable("refused".into()).status(),
+            503
+        );
         assert_eq!(ProxyError::DecodeFailed("reset".into()).status(), 502);
-        let t = ProxyError::PrefillTimeout { target: "p:1".into(), timeout_ms: 5 };
+        let t = ProxyError::PrefillTimeout {
+            target: "p:1".into(),
+            timeout_ms: 5,
+        };
         assert_eq!(t.status(), 504);
         assert!(!t.is_retryable());
-        let s = ProxyError::PrefillStatus { target: "p:1".into(), status: 503, body: Bytes::new() };
+        let s = ProxyError::PrefillStatus {
+            target: "p:1".into(),
+            status: 503,
+            body: Bytes::new(),
+        };
         assert!(s.is_retryable());
-        let s = ProxyError::PrefillStatus { target: "p:1".into(), status: 500, body: Bytes::new() };
+        let s = ProxyError::PrefillStatus {
+            target: "p:1".into(),
+            status: 500,
+            body: Bytes::new(),
+        };
         assert!(!s.is_retryable());
     }
 

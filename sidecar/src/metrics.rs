@@ -62,7 +62,11 @@ impl Metrics {
             prefill_retries: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests by route and prefill decision", m.requests.clone());
+        registry.register(
+            "requests",
+            "Requests by route and prefill decision",
+            m.requests.clone(),
+        );
         registry.register("errors", "Errors by class", m.errors.clone());
         registry.register(
             "prefill_duration_seconds",
@@ -79,13 +83,23 @@ impl Metrics {
             "Client-visible time to first response byte (TTFT for streams)",
             m.ttft.clone(),
         );
-        registry.register("in_flight_requests", "Requests being served", m.in_flight.clone());
-        registry.register("prefill_retries", "Prefill attempts retried", m.prefill_retries.clone());
+        registry.register(
+            "in_flight_requests",
+            "Requests being served",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "prefill_retries",
+            "Prefill attempts retried",
+            m.prefill_retries.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     pub fn count(&self, route: &'static str, decision: Decision) {
-        self.requests.get_or_create(&RequestLabels { route, decision }).inc();
+        self.requests
+            .get_or_create(&RequestLabels { route, decision })
+            .inc();
     }
 
     pub fn error(&self, class: &'static str) {
@@ -116,8 +130,16 @@ mod tests {
         m.count("/v1/completions", Decision::remote);
         m.error("prefill_timeout");
         let text = m.render();
-        assert!(text.contains(r#"pd_sidecar_requests_total{route="/v1/completions",decision="remote"} 1"#), "{text}");
-        assert!(text.contains(r#"pd_sidecar_errors_total{class="prefill_timeout"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"pd_sidecar_requests_total{route="/v1/completions",decision="remote"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"pd_sidecar_errors_total{class="prefill_timeout"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("pd_sidecar_time_to_first_byte_seconds_bucket"));
     }
 }

@@ -62,7 +62,9 @@ impl Shared {
     pub fn new(cfg: Config, metrics: Arc<Metrics>) -> Result<Shared, String> {
         let tokens = TokenCounter::load(cfg.tokenizer.as_deref())?;
         let connector = connectors::for_kind(cfg.connector, cfg.sglang_bootstrap_port);
-        let client = |tls| upstream::build_client(tls, cfg.upstream_idle_timeout, cfg.max_idle_conns_per_host);
+        let client = |tls| {
+            upstream::build_client(tls, cfg.upstream_idle_timeout, cfg.max_idle_conns_per_host)
+        };
         Ok(Shared {
             prefill_client: client(cfg.prefiller_tls),
             decode_client: client(cfg.decoder_tls),
@@ -194,7 +196,10 @@ fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
 }
 
 fn json_headers(mut headers: HeaderMap, len: usize) -> HeaderMap {
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     headers
 }
@@ -244,10 +249,18 @@ pub async fn pd_handler(State(state): State<AppState>, req: Request) -> Response
     }
 }
 
-async fn run(state: &AppState, api: ApiKind, req: Request, start: Instant) -> Result<(Decision, Response), ProxyError> {
+async fn run(
+    state: &AppState,
+    api: ApiKind,
+    req: Request,
+    start: Instant,
+) -> Result<(Decision, Response), ProxyError> {
     let shared = &state.shared;
     let (parts, body) = req.into_parts();
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let target = prefill_target(&parts.headers, shared.cfg.prefiller_sampling);
     let decode_authority = match (&state.dp_ranks, parts.headers.get(DATA_PARALLEL_HEADER)) {
         (Some(ranks), Some(v)) => {
@@ -261,16 +274,23 @@ async fn run(state: &AppState, api: ApiKind, req: Request, start: Instant) -> Re
     };
     let ctx = Ctx {
         state,
-        path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         headers: forward_headers(&parts.headers, peer),
         start,
         decode_authority,
     };
 
     let raw = read_body(&parts.headers, body, shared.cfg.max_body_bytes).await?;
-    let parsed: Value = serde_json::from_slice(&raw).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
+    let parsed: Value =
+        serde_json::from_slice(&raw).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
     let Value::Object(body) = parsed else {
-        return Err(ProxyError::InvalidRequest("the body must be a JSON object".into()));
+        return Err(ProxyError::InvalidRequest(
+            "the body must be a JSON object".into(),
+        ));
     };
 
     let route = match &target {
@@ -287,16 +307,27 @@ async fn run(state: &AppState, api: ApiKind, req: Request, start: Instant) -> Re
         Route::Local(_) => Ok((Decision::local, ctx.decode(raw, None).await?)),
         Route::Refused(err) => ctx.prefill_failed(err, raw).await,
         Route::Remote(target) => {
-            let pd = PdRequest { api, body: &body, prefill_target: &target };
+            let pd = PdRequest {
+                api,
+                body: &body,
+                prefill_target: &target,
+            };
             match shared.connector.legs(&pd) {
                 Legs::Sequential { prefill } => {
                     let prefill_start = Instant::now();
                     let outcome = ctx.prefill(&target, prefill).await;
-                    shared.metrics.prefill_duration.observe(prefill_start.elapsed().as_secs_f64());
+                    shared
+                        .metrics
+                        .prefill_duration
+                        .observe(prefill_start.elapsed().as_secs_f64());
                     let decode_body = outcome.and_then(|resp| {
-                        let decode = shared.connector.decode_body(&pd, &resp).map_err(|detail| {
-                            ProxyError::PrefillBadResponse { target: target.clone(), detail }
-                        })?;
+                        let decode =
+                            shared.connector.decode_body(&pd, &resp).map_err(|detail| {
+                                ProxyError::PrefillBadResponse {
+                                    target: target.clone(),
+                                    detail,
+                                }
+                            })?;
                         Ok((decode, prompt_cached_tokens(&resp)))
                     });
                     match decode_body {
@@ -307,7 +338,9 @@ async fn run(state: &AppState, api: ApiKind, req: Request, start: Instant) -> Re
                         Err(err) => ctx.prefill_failed(err, raw).await,
                     }
                 }
-                Legs::Concurrent { prefill, decode } => ctx.concurrent(&target, prefill, decode, raw).await,
+                Legs::Concurrent { prefill, decode } => {
+                    ctx.concurrent(&target, prefill, decode, raw).await
+                }
             }
         }
     }
@@ -324,7 +357,9 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
         Err(e) => Err(ProxyError::BodyRead(e.to_string())),
     }
 }
@@ -346,7 +381,11 @@ impl Ctx<'_> {
     }
 
     /// Remote prefill did not happen: serve locally, or relay the error.
-    async fn prefill_failed(&self, err: ProxyError, raw: Bytes) -> Result<(Decision, Response), ProxyError> {
+    async fn prefill_failed(
+        &self,
+        err: ProxyError,
+        raw: Bytes,
+    ) -> Result<(Decision, Response), ProxyError> {
         self.shared().metrics.error(err.code());
         match self.shared().cfg.on_prefill_failure {
             PrefillFailurePolicy::Fail => Err(err),
@@ -385,35 +424,62 @@ impl Ctx<'_> {
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let result = prefill_with_retries(&shared, &owned_target, &uri, &headers, bytes).await;
-            shared.metrics.prefill_duration.observe(start.elapsed().as_secs_f64());
+            shared
+                .metrics
+                .prefill_duration
+                .observe(start.elapsed().as_secs_f64());
             if let Err(err) = result {
                 let _ = failed_tx.send(err);
             }
         });
-        let watch = PrefillWatch { task: task.abort_handle() };
+        let watch = PrefillWatch {
+            task: task.abort_handle(),
+        };
         let decode_bytes = Bytes::from(Value::Object(decode).to_string());
         let decode_fut = self.send_decode(decode_bytes);
         tokio::pin!(decode_fut);
-        let (resp, sent) = tokio::select! {
+        enum First {
+            Prefill(Result<ProxyError, tokio::sync::oneshot::error::RecvError>),
+            Decode(Result<(http::Response<Incoming>, Instant), ProxyError>),
+        }
+        let first = tokio::select! {
             biased;
-            Ok(err) = &mut failed_rx => {
+            res = &mut failed_rx => First::Prefill(res),
+            sent = &mut decode_fut => First::Decode(sent),
+        };
+        match first {
+            First::Prefill(Ok(err)) => {
                 // Returning drops decode_fut, which cancels the decode request.
                 self.shared().metrics.error(err.code());
-                return match self.shared().cfg.on_prefill_failure {
+                match self.shared().cfg.on_prefill_failure {
                     PrefillFailurePolicy::Fail => Err(err),
                     PrefillFailurePolicy::Fallback => {
                         tracing::warn!(error = %err, "sglang prefill failed; serving without bootstrap");
                         Ok((Decision::fallback, self.decode(raw, None).await?))
                     }
-                };
+                }
             }
-            sent = &mut decode_fut => sent?,
-        };
-        Ok((Decision::remote, self.stream_back(resp, None, sent, Some((failed_rx, watch)))))
+            // The prefill succeeded (its sender is gone): nothing left to watch.
+            First::Prefill(Err(_)) => {
+                let (resp, sent) = decode_fut.await?;
+                Ok((Decision::remote, self.stream_back(resp, None, sent, None)))
+            }
+            First::Decode(sent) => {
+                let (resp, sent) = sent?;
+                Ok((
+                    Decision::remote,
+                    self.stream_back(resp, None, sent, Some((failed_rx, watch))),
+                ))
+            }
+        }
     }
 
     /// The decode leg on the local engine; the response streams back.
-    async fn decode(&self, body: Bytes, cached_tokens: Option<u64>) -> Result<Response, ProxyError> {
+    async fn decode(
+        &self,
+        body: Bytes,
+        cached_tokens: Option<u64>,
+    ) -> Result<Response, ProxyError> {
         let (resp, sent) = self.send_decode(body).await?;
         let is_json = resp
             .headers()
@@ -427,14 +493,22 @@ impl Ctx<'_> {
     }
 
     /// Sends the decode request; returns the engine's response head and when it was sent.
-    async fn send_decode(&self, body: Bytes) -> Result<(http::Response<Incoming>, Instant), ProxyError> {
+    async fn send_decode(
+        &self,
+        body: Bytes,
+    ) -> Result<(http::Response<Incoming>, Instant), ProxyError> {
         let shared = self.shared();
-        let uri = upstream_uri(shared.decode_scheme(), &self.decode_authority, &self.path_and_query)?;
+        let uri = upstream_uri(
+            shared.decode_scheme(),
+            &self.decode_authority,
+            &self.path_and_query,
+        )?;
         let headers = json_headers(self.headers.clone(), body.len());
         let sent = Instant::now();
-        let resp = upstream::send_buffered(&shared.decode_client, &Method::POST, &uri, &headers, body)
-            .await
-            .map_err(decode_error)?;
+        let resp =
+            upstream::send_buffered(&shared.decode_client, &Method::POST, &uri, &headers, body)
+                .await
+                .map_err(decode_error)?;
         Ok((resp, sent))
     }
 
@@ -448,7 +522,9 @@ impl Ctx<'_> {
         let metrics = self.shared().metrics.clone();
         let start = self.start;
         let on_first = Box::new(move || {
-            metrics.decode_first_byte.observe(sent.elapsed().as_secs_f64());
+            metrics
+                .decode_first_byte
+                .observe(sent.elapsed().as_secs_f64());
             metrics.ttft.observe(start.elapsed().as_secs_f64());
         });
         let (parts, body) = resp.into_parts();
@@ -459,7 +535,12 @@ impl Ctx<'_> {
         client_response(parts, Body::new(observed))
     }
 
-    async fn rewrite_json(&self, resp: http::Response<Incoming>, cached: u64, sent: Instant) -> Result<Response, ProxyError> {
+    async fn rewrite_json(
+        &self,
+        resp: http::Response<Incoming>,
+        cached: u64,
+        sent: Instant,
+    ) -> Result<Response, ProxyError> {
         let (mut parts, body) = resp.into_parts();
         let bytes = body
             .collect()
@@ -467,7 +548,9 @@ impl Ctx<'_> {
             .map_err(|e| ProxyError::DecodeFailed(e.to_string()))?
             .to_bytes();
         let metrics = &self.shared().metrics;
-        metrics.decode_first_byte.observe(sent.elapsed().as_secs_f64());
+        metrics
+            .decode_first_byte
+            .observe(sent.elapsed().as_secs_f64());
         let bytes = match serde_json::from_slice::<Value>(&bytes) {
             Ok(mut doc) => {
                 if rewrite_usage(&mut doc, cached) {
@@ -478,7 +561,9 @@ impl Ctx<'_> {
             }
             Err(_) => bytes,
         };
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         metrics.ttft.observe(self.start.elapsed().as_secs_f64());
         Ok(client_response(parts, Body::from(bytes)))
     }
@@ -516,7 +601,10 @@ async fn prefill_with_retries(
         match result {
             Err(err) if err.is_retryable() && attempt < shared.cfg.prefill_max_retries => {
                 shared.metrics.prefill_retries.inc();
-                let base = shared.cfg.prefill_retry_backoff.saturating_mul(1 << attempt.min(10));
+                let base = shared
+                    .cfg
+                    .prefill_retry_backoff
+                    .saturating_mul(1 << attempt.min(10));
                 let jitter = rand::rng().random_range(0.5..1.5);
                 tracing::debug!(error = %err, attempt, "prefill attempt failed, retrying");
                 tokio::time::sleep(base.mul_f64(jitter)).await;
@@ -527,8 +615,17 @@ async fn prefill_with_retries(
     }
 }
 
-async fn prefill_once(shared: &Shared, target: &str, uri: &Uri, headers: &HeaderMap, body: Bytes) -> Result<Value, ProxyError> {
-    let unreachable = |detail: String| ProxyError::PrefillUnreachable { target: target.to_string(), detail };
+async fn prefill_once(
+    shared: &Shared,
+    target: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Value, ProxyError> {
+    let unreachable = |detail: String| ProxyError::PrefillUnreachable {
+        target: target.to_string(),
+        detail,
+    };
     let resp = upstream::send_buffered(&shared.prefill_client, &Method::POST, uri, headers, body)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
@@ -539,7 +636,11 @@ async fn prefill_once(shared: &Shared, target: &str, uri: &Uri, headers: &Header
         .map_err(|e| unreachable(e.to_string()))?
         .to_bytes();
     if !status.is_success() {
-        return Err(ProxyError::PrefillStatus { target: target.to_string(), status: status.as_u16(), body });
+        return Err(ProxyError::PrefillStatus {
+            target: target.to_string(),
+            status: status.as_u16(),
+            body,
+        });
     }
     serde_json::from_slice(&body).map_err(|e| ProxyError::PrefillBadResponse {
         target: target.to_string(),
@@ -558,7 +659,10 @@ fn decode_error(err: UpstreamError) -> ProxyError {
 pub async fn passthrough(State(state): State<AppState>, req: Request) -> Response {
     let shared = &state.shared;
     let (parts, body) = req.into_parts();
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = match upstream_uri(shared.decode_scheme(), &state.decode_authority, path) {
         Ok(uri) => uri,
@@ -577,7 +681,11 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
     match upstream::send_streaming(&shared.decode_client, out).await {
         Ok(resp) => {
             let metrics = shared.metrics.clone();
-            let on_first = Box::new(move || metrics.decode_first_byte.observe(start.elapsed().as_secs_f64()));
+            let on_first = Box::new(move || {
+                metrics
+                    .decode_first_byte
+                    .observe(start.elapsed().as_secs_f64())
+            });
             let (parts, body) = resp.into_parts();
             client_response(parts, Body::new(Observed::new(body, on_first, None)))
         }
@@ -603,11 +711,17 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     };
     let mut req = http::Request::new(Body::empty());
     *req.uri_mut() = uri;
-    let probe = tokio::time::timeout(Duration::from_secs(2), upstream::send_streaming(&shared.decode_client, req));
+    let probe = tokio::time::timeout(
+        Duration::from_secs(2),
+        upstream::send_streaming(&shared.decode_client, req),
+    );
     match probe.await {
-        Ok(Ok(resp)) if resp.status() == StatusCode::OK => {
-            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"ready"}"#).into_response()
-        }
+        Ok(Ok(resp)) if resp.status() == StatusCode::OK => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"ready"}"#,
+        )
+            .into_response(),
         _ => ProxyError::NotReady.into_response(),
     }
 }
@@ -620,7 +734,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::try_from(*k).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::try_from(*k).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -631,27 +748,53 @@ mod tests {
         assert_eq!(prefill_target(&h, false).as_deref(), Some("10.0.0.1:8000"));
         let h = headers(&[(PREFILLER_HEADER, "a:1"), (PREFILLER_HEADER, "b:2")]);
         assert_eq!(prefill_target(&h, false).as_deref(), Some("a:1"));
-        assert_eq!(prefill_target(&headers(&[(PREFILLER_HEADER, " ")]), false), None);
+        assert_eq!(
+            prefill_target(&headers(&[(PREFILLER_HEADER, " ")]), false),
+            None
+        );
     }
 
     #[test]
     fn sampling_picks_among_all() {
         let h = headers(&[(PREFILLER_HEADER, "a:1,b:2,c:3")]);
-        let seen: std::collections::HashSet<String> = (0..200).filter_map(|_| prefill_target(&h, true)).collect();
+        let seen: std::collections::HashSet<String> =
+            (0..200).filter_map(|_| prefill_target(&h, true)).collect();
         assert_eq!(seen.len(), 3);
     }
 
     #[test]
     fn decide_policy() {
-        let input = |target, tokens, threshold| DecideInput { target, prompt_tokens: tokens, threshold, allowlist: None };
-        assert!(matches!(decide(input(None, 1000, 0)), Route::Local("no_prefiller")));
-        assert!(matches!(decide(input(Some("p:1"), 10, 256)), Route::Local("short_prompt")));
+        let input = |target, tokens, threshold| DecideInput {
+            target,
+            prompt_tokens: tokens,
+            threshold,
+            allowlist: None,
+        };
+        assert!(matches!(
+            decide(input(None, 1000, 0)),
+            Route::Local("no_prefiller")
+        ));
+        assert!(matches!(
+            decide(input(Some("p:1"), 10, 256)),
+            Route::Local("short_prompt")
+        ));
         assert!(matches!(decide(input(Some("p:1"), 256, 256)), Route::Remote(t) if t == "p:1"));
         assert!(matches!(decide(input(Some("p:1"), 0, 0)), Route::Remote(t) if t == "p:1"));
-        assert!(matches!(decide(input(Some("nonsense"), 999, 0)), Route::Refused(ProxyError::BadPrefillTarget(_))));
+        assert!(matches!(
+            decide(input(Some("nonsense"), 999, 0)),
+            Route::Refused(ProxyError::BadPrefillTarget(_))
+        ));
         let list = Allowlist::new(["ok:1"]);
-        let denied = decide(DecideInput { target: Some("evil:1"), prompt_tokens: 999, threshold: 0, allowlist: Some(&list) });
-        assert!(matches!(denied, Route::Refused(ProxyError::PrefillForbidden(_))));
+        let denied = decide(DecideInput {
+            target: Some("evil:1"),
+            prompt_tokens: 999,
+            threshold: 0,
+            allowlist: Some(&list),
+        });
+        assert!(matches!(
+            denied,
+            Route::Refused(ProxyError::PrefillForbidden(_))
+        ));
     }
 
     #[test]
@@ -668,8 +811,15 @@ mod tests {
             ("content-length", "5"),
         ]);
         let out = forward_headers(&h, Some("10.1.1.1:5".parse().unwrap()));
-        for gone in [PREFILLER_HEADER, "x-encoder-hosts-ports", "x-data-parallel-host-port",
-                     "x-kv-cache-source-host-port", "connection", "x-custom-hop", "content-length"] {
+        for gone in [
+            PREFILLER_HEADER,
+            "x-encoder-hosts-ports",
+            "x-data-parallel-host-port",
+            "x-kv-cache-source-host-port",
+            "connection",
+            "x-custom-hop",
+            "content-length",
+        ] {
             assert!(out.get(gone).is_none(), "{gone} forwarded");
         }
         assert_eq!(out["authorization"], "Bearer t");
@@ -681,7 +831,10 @@ mod tests {
     fn cached_tokens_read_from_prefill_usage() {
         let v = serde_json::json!({"usage": {"prompt_tokens_details": {"cached_tokens": 64}}});
         assert_eq!(prompt_cached_tokens(&v), Some(64));
-        assert_eq!(prompt_cached_tokens(&serde_json::json!({"usage": {"prompt_tokens": 3}})), Some(0));
+        assert_eq!(
+            prompt_cached_tokens(&serde_json::json!({"usage": {"prompt_tokens": 3}})),
+            Some(0)
+        );
         assert_eq!(prompt_cached_tokens(&serde_json::json!({})), None);
     }
 }

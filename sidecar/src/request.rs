@@ -107,7 +107,10 @@ impl TokenCounter {
                 }
             }
             ApiKind::Generate => {
-                total += match body.get("token_ids").or_else(|| body.get("prompt_token_ids")) {
+                total += match body
+                    .get("token_ids")
+                    .or_else(|| body.get("prompt_token_ids"))
+                {
                     Some(Value::Array(ids)) => ids.len() as u64,
                     _ => self.count_prompt(body.get("prompt")),
                 }
@@ -141,7 +144,10 @@ impl TokenCounter {
                 .iter()
                 .map(|p| match p {
                     Value::String(s) => self.count_text(s),
-                    _ => p.get("text").and_then(Value::as_str).map_or(0, |t| self.count_text(t)),
+                    _ => p
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .map_or(0, |t| self.count_text(t)),
                 })
                 .sum(),
             _ => 0,
@@ -157,11 +163,26 @@ mod tests {
     #[test]
     fn estimates_four_bytes_per_token() {
         let c = TokenCounter::Estimate;
-        assert_eq!(c.count(ApiKind::Completions, &json!({"prompt": "abcdefgh"})), 2);
-        assert_eq!(c.count(ApiKind::Completions, &json!({"prompt": "abcdefghi"})), 3);
-        assert_eq!(c.count(ApiKind::Completions, &json!({"prompt": ["abcd", "abcd"]})), 2);
-        assert_eq!(c.count(ApiKind::Completions, &json!({"prompt": [1, 2, 3]})), 3);
-        assert_eq!(c.count(ApiKind::Completions, &json!({"prompt": [[1, 2], [3]]})), 3);
+        assert_eq!(
+            c.count(ApiKind::Completions, &json!({"prompt": "abcdefgh"})),
+            2
+        );
+        assert_eq!(
+            c.count(ApiKind::Completions, &json!({"prompt": "abcdefghi"})),
+            3
+        );
+        assert_eq!(
+            c.count(ApiKind::Completions, &json!({"prompt": ["abcd", "abcd"]})),
+            2
+        );
+        assert_eq!(
+            c.count(ApiKind::Completions, &json!({"prompt": [1, 2, 3]})),
+            3
+        );
+        assert_eq!(
+            c.count(ApiKind::Completions, &json!({"prompt": [[1, 2], [3]]})),
+            3
+        );
     }
 
     #[test]
@@ -177,16 +198,31 @@ mod tests {
     #[test]
     fn counts_responses_and_generate() {
         let c = TokenCounter::Estimate;
-        assert_eq!(c.count(ApiKind::Responses, &json!({"input": "abcdabcd", "instructions": "abcd"})), 3);
+        assert_eq!(
+            c.count(
+                ApiKind::Responses,
+                &json!({"input": "abcdabcd", "instructions": "abcd"})
+            ),
+            3
+        );
         let body = json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcd"}]}]});
         assert_eq!(c.count(ApiKind::Responses, &body), 1);
-        assert_eq!(c.count(ApiKind::Generate, &json!({"token_ids": [1, 2, 3, 4]})), 4);
+        assert_eq!(
+            c.count(ApiKind::Generate, &json!({"token_ids": [1, 2, 3, 4]})),
+            4
+        );
     }
 
     #[test]
     fn routes_map_to_kinds() {
-        assert_eq!(ApiKind::from_path("/v1/chat/completions"), Some(ApiKind::ChatCompletions));
-        assert_eq!(ApiKind::from_path("/inference/v1/generate"), Some(ApiKind::Generate));
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions"),
+            Some(ApiKind::ChatCompletions)
+        );
+        assert_eq!(
+            ApiKind::from_path("/inference/v1/generate"),
+            Some(ApiKind::Generate)
+        );
         assert_eq!(ApiKind::from_path("/v1/models"), None);
     }
 }

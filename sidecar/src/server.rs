@@ -26,13 +26,18 @@ use crate::proxy::{self, AppState, Shared, REQUEST_ID_HEADER};
 
 /// Keeps the client's `x-request-id` (or makes one), so both legs and the
 /// client see the same id; counts requests in flight.
-async fn request_context(State(metrics): State<Arc<Metrics>>, mut req: Request, next: Next) -> Response {
+async fn request_context(
+    State(metrics): State<Arc<Metrics>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let id = match req.headers().get(REQUEST_ID_HEADER) {
         Some(v) if !v.is_empty() => v.clone(),
         _ => {
             let generated = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
                 .expect("a uuid is a valid header value");
-            req.headers_mut().insert(REQUEST_ID_HEADER, generated.clone());
+            req.headers_mut()
+                .insert(REQUEST_ID_HEADER, generated.clone());
             generated
         }
     };
@@ -75,7 +80,13 @@ fn metrics_router(metrics: Arc<Metrics>) -> Router {
         .route(
             "/metrics",
             get(|State(m): State<Arc<Metrics>>| async move {
-                ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    m.render(),
+                )
             }),
         )
         .with_state(metrics)
@@ -107,12 +118,15 @@ pub async fn serve(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                app.clone().oneshot(req.map(axum::body::Body::new))
-            });
+            let service =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                });
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(tls_stream) => {
@@ -125,7 +139,11 @@ pub async fn serve(
                         return;
                     }
                 },
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
@@ -144,13 +162,14 @@ pub async fn termination_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -166,7 +185,8 @@ pub async fn termination_signal() {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let tls = if cfg.secure_proxy {
-        let server_cfg = crate::tls::server_config(cfg.cert_path.as_deref()).map_err(anyhow::Error::msg)?;
+        let server_cfg =
+            crate::tls::server_config(cfg.cert_path.as_deref()).map_err(anyhow::Error::msg)?;
         Some(TlsAcceptor::from(server_cfg))
     } else {
         None
@@ -181,7 +201,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let dp_ranks = (cfg.data_parallel_size > 1).then(|| {
         let mut ranks = HashMap::new();
         for rank in 0..cfg.data_parallel_size {
-            for host in [pod_ip.as_str(), "localhost", "127.0.0.1"].into_iter().filter(|h| !h.is_empty()) {
+            for host in [pod_ip.as_str(), "localhost", "127.0.0.1"]
+                .into_iter()
+                .filter(|h| !h.is_empty())
+            {
                 ranks.insert(format!("{host}:{}", cfg.port + rank), rank_authority(rank));
             }
         }
@@ -206,7 +229,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             connector = cfg.connector.as_str(),
             "pd-sidecar listening"
         );
-        tasks.push(tokio::spawn(serve(listener, router(state), tls.clone(), stop_rx.clone(), grace)));
+        tasks.push(tokio::spawn(serve(
+            listener,
+            router(state),
+            tls.clone(),
+            stop_rx.clone(),
+            grace,
+        )));
     }
     if cfg.metrics_port != 0 {
         let addr = format!("{}:{}", cfg.bind, cfg.metrics_port);
@@ -214,7 +243,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-port): {e}"))?;
         tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.push(tokio::spawn(serve(listener, metrics_router(metrics), None, stop_rx.clone(), grace)));
+        tasks.push(tokio::spawn(serve(
+            listener,
+            metrics_router(metrics),
+            None,
+            stop_rx.clone(),
+            grace,
+        )));
     }
 
     termination_signal().await;

@@ -33,7 +33,8 @@ pub fn server_config(cert_dir: Option<&Path>) -> Result<Arc<rustls::ServerConfig
         None => {
             let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
                 .map_err(|e| format!("generating a self-signed certificate: {e}"))?;
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()));
+            let key =
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()));
             (vec![generated.cert.der().clone()], key)
         }
     };
@@ -53,7 +54,8 @@ pub fn client_config(insecure: bool) -> rustls::ClientConfig {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
-    let mut config = if insecure {
+    // hyper-rustls sets ALPN itself.
+    if insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
@@ -63,9 +65,7 @@ pub fn client_config(insecure: bool) -> rustls::ClientConfig {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         builder.with_root_certificates(roots).with_no_client_auth()
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config
+    }
 }
 
 #[derive(Debug)]
@@ -89,7 +89,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -98,7 +103,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

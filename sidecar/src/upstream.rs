@@ -119,7 +119,10 @@ pub async fn send_buffered(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response<Incoming>, UpstreamError> {
-    match client.request(build(method, uri, headers, Body::from(body.clone()))).await {
+    match client
+        .request(build(method, uri, headers, Body::from(body.clone())))
+        .await
+    {
         Ok(resp) => Ok(resp),
         Err(err) if is_stale_connection(&err) => {
             tracing::debug!(error = %describe(&err), %uri, "stale pooled connection, retrying once");
@@ -133,6 +136,9 @@ pub async fn send_buffered(
 }
 
 /// Sends a streaming request (passthrough); it cannot be replayed.
-pub async fn send_streaming(client: &HttpClient, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+pub async fn send_streaming(
+    client: &HttpClient,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, UpstreamError> {
     client.request(req).await.map_err(classify)
 }

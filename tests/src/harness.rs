@@ -1,1 +1,597 @@
-//! placeholder
+//! The end-to-end test harness: finds workspace binaries, starts them as real processes on
+//! loopback (logs to a file, killed on drop), waits for readiness by polling with a deadline, and
+//! talks HTTP/1 to them through hyper's legacy client. Nothing here sleeps a fixed time to wait
+//! for a condition: waits poll until a deadline and fail with a message naming what was awaited.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Time limit of one HTTP exchange made by the helpers below.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a started process gets to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Interval between polls of a condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The path of workspace binary `name` (`engine-sim`, `pd-sidecar`, ...) in the cargo target
+/// directory the running test was built into. Panics, saying how to build it, when it is missing.
+pub fn bin_path(name: &str) -> PathBuf {
+    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
+    let mut candidates = Vec::new();
+    let mut profile = "debug".to_string();
+    if let Ok(exe) = std::env::current_exe() {
+        // Tests run as target/<profile>/deps/<test>-<hash>; other tools from target/<profile>/.
+        if let Some(dir) = exe.parent() {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                if let Some(profile_dir) = dir.parent() {
+                    if let Some(p) = profile_dir.file_name() {
+                        profile = p.to_string_lossy().into_owned();
+                    }
+                    candidates.push(profile_dir.join(&file));
+                }
+            } else {
+                candidates.push(dir.join(&file));
+            }
+        }
+    }
+    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
+        let mut target = PathBuf::from(target);
+        if target.is_relative() {
+            // Relative to the workspace root, where cargo is normally invoked.
+            target = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(target);
+        }
+        for p in [profile.as_str(), "debug", "release"] {
+            candidates.push(target.join(p).join(&file));
+        }
+    }
+    match candidates.iter().find(|c| c.is_file()) {
+        Some(found) => found.clone(),
+        None => panic!(
+            "binary `{name}` not found (looked at {candidates:?}); build it first with \
+             `cargo build --workspace --bins` (or run `make test`)"
+        ),
+    }
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+static PROC_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A child process whose stdout and stderr go to a log file; killed when dropped. When the test
+/// is panicking, the drop prints the log's path and its last lines.
+pub struct Proc {
+    name: String,
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts workspace binary `bin` (see [`bin_path`]) with `args` and extra `env`.
+    pub fn spawn(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn_path(&bin_path(bin), args, env)
+    }
+
+    /// Starts the program at `path`.
+    pub fn spawn_path(path: &Path, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let name = path
+            .file_stem()
+            .map_or_else(|| "proc".to_string(), |s| s.to_string_lossy().into_owned());
+        let dir = std::env::temp_dir().join("tandem-tests");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let n = PROC_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let log_path = dir.join(format!("{name}-{}-{n}.log", std::process::id()));
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log_path.display()));
+        let log_err = log.try_clone().expect("cloning the log file handle");
+        let mut cmd = Command::new(path);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} {args:?}: {e}", path.display()));
+        Proc {
+            name,
+            child,
+            log_path,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The last `n` lines of the log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Polls `GET url` until it answers 200; fails early if the process exits.
+    pub async fn try_wait_ready(&mut self, url: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Err(format!(
+                    "{} exited ({status}) before {url} was ready; log {}:\n{}",
+                    self.name,
+                    self.log_path.display(),
+                    self.log_tail(40)
+                ));
+            }
+            if let Ok((StatusCode::OK, _, _)) =
+                try_http(Method::GET, url, &[], Bytes::new(), Duration::from_secs(2)).await
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} (pid {}) not ready at {url} after {timeout:?}; log {}:\n{}",
+                    self.name,
+                    self.pid(),
+                    self.log_path.display(),
+                    self.log_tail(40)
+                ));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Like [`Proc::try_wait_ready`], panicking on failure.
+    pub async fn wait_ready(&mut self, url: &str, timeout: Duration) {
+        if let Err(e) = self.try_wait_ready(url, timeout).await {
+            panic!("{e}");
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} (pid {}) log: {} (last lines) ---\n{}\n--- end of {} log ---",
+                self.name,
+                self.child.id(),
+                self.log_path.display(),
+                self.log_tail(60),
+                self.name
+            );
+        }
+    }
+}
+
+/// Polls `GET url` every [`POLL_INTERVAL`] until it answers 200; panics at the deadline.
+pub async fn wait_ready(url: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = try_http(Method::GET, url, &[], Bytes::new(), Duration::from_secs(2)).await;
+        if let Ok((StatusCode::OK, _, _)) = last {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let last = last.map(|(status, _, _)| status.to_string());
+            panic!("{url} not ready after {timeout:?}; last answer: {last:?}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Calls `f` every [`POLL_INTERVAL`] until it returns `Some`; panics at the deadline, naming
+/// `what` was awaited.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// A fresh client per exchange: pooled connections must not outlive a test's runtime.
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn build_request(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, String> {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.body(Full::new(body))
+        .map_err(|e| format!("bad request for {url}: {e}"))
+}
+
+/// One HTTP exchange; `Err` on connection errors and timeouts (for tests about those).
+pub async fn try_http(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let req = build_request(method, url, headers, body)?;
+    let exchange = async {
+        let resp = client()
+            .request(req)
+            .await
+            .map_err(|e| format!("{url}: {e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| format!("{url}: reading body: {e}"))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("{url}: no complete answer within {timeout:?}"))?
+}
+
+/// Like [`try_http`] with [`HTTP_TIMEOUT`], panicking on failure.
+pub async fn http(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (StatusCode, HeaderMap, Bytes) {
+    match try_http(method, url, headers, body, HTTP_TIMEOUT).await {
+        Ok(r) => r,
+        Err(e) => panic!("HTTP request failed: {e}"),
+    }
+}
+
+pub async fn http_get(url: &str) -> (StatusCode, HeaderMap, Bytes) {
+    http(Method::GET, url, &[], Bytes::new()).await
+}
+
+pub async fn http_delete(url: &str) -> (StatusCode, HeaderMap, Bytes) {
+    http(Method::DELETE, url, &[], Bytes::new()).await
+}
+
+fn with_json_content_type<'a>(headers: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    all
+}
+
+/// POSTs `body` as JSON with extra `headers`.
+pub async fn http_post_json(
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Bytes) {
+    let all = with_json_content_type(headers);
+    http(Method::POST, url, &all, Bytes::from(body.to_string())).await
+}
+
+/// Parses a response body as JSON, panicking with the body when it is not.
+pub fn json(body: &[u8]) -> Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "response body is not JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    })
+}
+
+/// A body frame and when it arrived.
+#[derive(Clone, Debug)]
+pub struct TimedFrame {
+    pub at: Instant,
+    pub data: Bytes,
+}
+
+/// One server-sent event's `data` and when its last byte arrived.
+#[derive(Clone, Debug)]
+pub struct SseEvent {
+    pub at: Instant,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn is_done(&self) -> bool {
+        self.data == "[DONE]"
+    }
+
+    /// The event's data as JSON (panics if it is not).
+    pub fn json(&self) -> Value {
+        json(self.data.as_bytes())
+    }
+}
+
+/// A response whose body is read frame by frame (or SSE event by event) as it arrives.
+pub struct StreamingResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: Incoming,
+    sse_buf: String,
+}
+
+impl StreamingResponse {
+    /// The next data frame, or None at the end of the body. Panics if nothing arrives within
+    /// [`HTTP_TIMEOUT`] or the body fails.
+    pub async fn next_frame(&mut self) -> Option<TimedFrame> {
+        loop {
+            let frame = match tokio::time::timeout(HTTP_TIMEOUT, self.body.frame()).await {
+                Err(_) => panic!("no body frame within {HTTP_TIMEOUT:?}"),
+                Ok(None) => return None,
+                Ok(Some(Err(e))) => panic!("reading the response body: {e}"),
+                Ok(Some(Ok(f))) => f,
+            };
+            if let Ok(data) = frame.into_data() {
+                return Some(TimedFrame {
+                    at: Instant::now(),
+                    data,
+                });
+            }
+        }
+    }
+
+    /// The next SSE event's data (multi-line data joined with '\n'), or None at the end.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.sse_buf.find("\n\n") {
+                let raw: String = self.sse_buf.drain(..end + 2).collect();
+                let data: Vec<&str> = raw
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                    .collect();
+                if data.is_empty() {
+                    continue; // a comment or keep-alive
+                }
+                return Some(SseEvent {
+                    at: Instant::now(),
+                    data: data.join("\n"),
+                });
+            }
+            let frame = self.next_frame().await?;
+            self.sse_buf
+                .push_str(&String::from_utf8_lossy(&frame.data).replace("\r\n", "\n"));
+        }
+    }
+
+    /// All remaining SSE events.
+    pub async fn events(mut self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next_event().await {
+            out.push(e);
+        }
+        out
+    }
+
+    /// The rest of the body.
+    pub async fn bytes(mut self) -> Bytes {
+        let mut out = self.sse_buf.clone().into_bytes();
+        while let Some(f) = self.next_frame().await {
+            out.extend_from_slice(&f.data);
+        }
+        Bytes::from(out)
+    }
+}
+
+/// POSTs `body` as JSON and returns as soon as the response head arrives.
+pub async fn http_post_stream(
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> StreamingResponse {
+    let all = with_json_content_type(headers);
+    let req = build_request(Method::POST, url, &all, Bytes::from(body.to_string()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = match tokio::time::timeout(HTTP_TIMEOUT, client().request(req)).await {
+        Err(_) => panic!("{url}: no response head within {HTTP_TIMEOUT:?}"),
+        Ok(Err(e)) => panic!("{url}: {e:?}"),
+        Ok(Ok(r)) => r,
+    };
+    let (parts, body) = resp.into_parts();
+    StreamingResponse {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        sse_buf: String::new(),
+    }
+}
+
+/// A running `engine-sim` on 127.0.0.1 and a free port.
+pub struct EngineSim {
+    proc: Proc,
+    port: u16,
+    engine_id: String,
+}
+
+impl EngineSim {
+    /// Starts `engine-sim` with `extra_args` (not `--port`/`--host`, which are chosen here) and
+    /// waits until it is ready.
+    pub async fn start(extra_args: &[&str]) -> EngineSim {
+        EngineSim::start_with_env(extra_args, &[]).await
+    }
+
+    /// Like [`EngineSim::start`], with extra environment variables.
+    pub async fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> EngineSim {
+        let given_id = extra_args
+            .iter()
+            .position(|a| *a == "--engine-id")
+            .and_then(|i| extra_args.get(i + 1))
+            .map(|s| s.to_string());
+        let mut last_err = String::new();
+        // A port picked by free_port can be taken before the simulator binds it: retry then.
+        for _ in 0..3 {
+            let port = free_port();
+            let engine_id = given_id
+                .clone()
+                .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::new_v4().simple()));
+            let port_s = port.to_string();
+            let mut args = vec!["--host", "127.0.0.1", "--port", port_s.as_str()];
+            if given_id.is_none() {
+                args.extend(["--engine-id", engine_id.as_str()]);
+            }
+            args.extend_from_slice(extra_args);
+            let mut proc = Proc::spawn("engine-sim", &args, env);
+            let url = format!("http://127.0.0.1:{port}");
+            if let Err(e) = proc
+                .try_wait_ready(&format!("{url}/health"), READY_TIMEOUT)
+                .await
+            {
+                last_err = e;
+                continue;
+            }
+            let sim = EngineSim {
+                proc,
+                port,
+                engine_id,
+            };
+            // Make sure the answer came from this process, not another one on a reused port.
+            if sim.state().await["engine_id"] == sim.engine_id.as_str() {
+                return sim;
+            }
+            last_err = format!("port {port} was answered by another engine-sim");
+        }
+        panic!("engine-sim did not start: {last_err}");
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<port>` (for `x-prefiller-host-port` and the like).
+    pub fn host_port(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn engine_id(&self) -> &str {
+        &self.engine_id
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let (status, _, body) = http_get(&format!("{}{path}", self.url())).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        json(&body)
+    }
+
+    /// The request log (`GET /sim/requests`).
+    pub async fn requests(&self) -> Vec<Value> {
+        match self.get_json("/sim/requests").await {
+            Value::Array(a) => a,
+            other => panic!("/sim/requests is not an array: {other}"),
+        }
+    }
+
+    /// Empties the request log.
+    pub async fn clear_requests(&self) {
+        let (status, _, _) = http_delete(&format!("{}/sim/requests", self.url())).await;
+        assert!(status.is_success(), "DELETE /sim/requests: {status}");
+    }
+
+    /// Replaces the fault configuration (`POST /sim/faults`).
+    pub async fn set_faults(&self, faults: Value) {
+        let (status, _, body) =
+            http_post_json(&format!("{}/sim/faults", self.url()), &faults, &[]).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "POST /sim/faults: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+
+    /// `GET /sim/state`: held_requests, held_blocks, released_total, expired_total, ...
+    pub async fn state(&self) -> Value {
+        self.get_json("/sim/state").await
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        let (status, _, body) = http_get(&format!("{}/metrics", self.url())).await;
+        assert_eq!(status, StatusCode::OK);
+        String::from_utf8_lossy(&body).into_owned()
+    }
+}

@@ -25,14 +25,23 @@ impl Connector for NixlV1 {
         let mut prefill = req.body.clone();
         prefill.insert("do_remote_decode".into(), Value::Bool(true));
         prefill.insert("do_remote_prefill".into(), Value::Bool(false));
-        for field in ["remote_engine_id", "remote_block_ids", "remote_host", "remote_port"] {
+        for field in [
+            "remote_engine_id",
+            "remote_block_ids",
+            "remote_host",
+            "remote_port",
+        ] {
             prefill.insert(field.into(), Value::Null);
         }
         prefill_only(req.api, &mut prefill);
         Legs::Sequential { prefill }
     }
 
-    fn decode_body(&self, req: &PdRequest<'_>, prefill: &Value) -> Result<Map<String, Value>, String> {
+    fn decode_body(
+        &self,
+        req: &PdRequest<'_>,
+        prefill: &Value,
+    ) -> Result<Map<String, Value>, String> {
         if !prefill.get("remote_block_ids").is_some_and(Value::is_array) {
             return Err("prefill response has no top-level remote_block_ids".into());
         }
@@ -57,15 +66,24 @@ mod tests {
     #[test]
     fn fields_at_top_level_both_ways() {
         let body = obj(json!({"prompt": "x", "stream": true}));
-        let req = PdRequest { api: ApiKind::Completions, body: &body, prefill_target: "p:1" };
-        let Legs::Sequential { prefill } = NixlV1.legs(&req) else { panic!() };
+        let req = PdRequest {
+            api: ApiKind::Completions,
+            body: &body,
+            prefill_target: "p:1",
+        };
+        let Legs::Sequential { prefill } = NixlV1.legs(&req) else {
+            panic!()
+        };
         assert_eq!(prefill["do_remote_decode"], true);
         assert_eq!(prefill["stream"], false);
         assert!(prefill.get("kv_transfer_params").is_none());
         let resp = json!({"remote_block_ids": [3], "remote_engine_id": "e", "remote_host": "h", "remote_port": 9});
         let decode = NixlV1.decode_body(&req, &resp).unwrap();
-        assert_eq!(Value::Object(decode), json!({"prompt": "x", "stream": true, "do_remote_prefill": true,
-            "remote_block_ids": [3], "remote_engine_id": "e", "remote_host": "h", "remote_port": 9}));
+        assert_eq!(
+            Value::Object(decode),
+            json!({"prompt": "x", "stream": true, "do_remote_prefill": true,
+            "remote_block_ids": [3], "remote_engine_id": "e", "remote_host": "h", "remote_port": 9})
+        );
         assert!(NixlV1.decode_body(&req, &json!({})).is_err());
     }
 }

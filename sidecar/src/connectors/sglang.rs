@@ -13,7 +13,10 @@ pub struct Sglang {
 impl Sglang {
     fn with_bootstrap(&self, req: &PdRequest<'_>, room: u64) -> Map<String, Value> {
         let mut body = req.body.clone();
-        body.insert("bootstrap_host".into(), Value::from(host_of(req.prefill_target)));
+        body.insert(
+            "bootstrap_host".into(),
+            Value::from(host_of(req.prefill_target)),
+        );
         body.insert("bootstrap_port".into(), Value::from(self.bootstrap_port));
         body.insert("bootstrap_room".into(), Value::from(room));
         body
@@ -34,7 +37,11 @@ impl Connector for Sglang {
         }
     }
 
-    fn decode_body(&self, req: &PdRequest<'_>, _prefill: &Value) -> Result<Map<String, Value>, String> {
+    fn decode_body(
+        &self,
+        req: &PdRequest<'_>,
+        _prefill: &Value,
+    ) -> Result<Map<String, Value>, String> {
         Ok(req.body.clone())
     }
 }
@@ -49,14 +56,29 @@ mod tests {
     #[test]
     fn both_legs_share_the_room() {
         let body = obj(json!({"prompt": "x"}));
-        let req = PdRequest { api: ApiKind::Completions, body: &body, prefill_target: "10.1.2.3:8000" };
-        let Legs::Concurrent { prefill, decode } = (Sglang { bootstrap_port: 8998 }).legs(&req) else { panic!() };
+        let req = PdRequest {
+            api: ApiKind::Completions,
+            body: &body,
+            prefill_target: "10.1.2.3:8000",
+        };
+        let Legs::Concurrent { prefill, decode } = (Sglang {
+            bootstrap_port: 8998,
+        })
+        .legs(&req) else {
+            panic!()
+        };
         assert_eq!(prefill, decode);
         assert_eq!(prefill["bootstrap_host"], "10.1.2.3");
         assert_eq!(prefill["bootstrap_port"], 8998);
         assert!(prefill["bootstrap_room"].as_i64().is_some());
-        let req6 = PdRequest { api: ApiKind::Completions, body: &body, prefill_target: "[fd00::1]:8000" };
-        let Legs::Concurrent { prefill, .. } = (Sglang { bootstrap_port: 1 }).legs(&req6) else { panic!() };
+        let req6 = PdRequest {
+            api: ApiKind::Completions,
+            body: &body,
+            prefill_target: "[fd00::1]:8000",
+        };
+        let Legs::Concurrent { prefill, .. } = (Sglang { bootstrap_port: 1 }).legs(&req6) else {
+            panic!()
+        };
         assert_eq!(prefill["bootstrap_host"], "fd00::1");
     }
 }

@@ -18,7 +18,11 @@ impl Connector for SharedStorage {
         Legs::Sequential { prefill }
     }
 
-    fn decode_body(&self, req: &PdRequest<'_>, _prefill: &Value) -> Result<Map<String, Value>, String> {
+    fn decode_body(
+        &self,
+        req: &PdRequest<'_>,
+        _prefill: &Value,
+    ) -> Result<Map<String, Value>, String> {
         Ok(req.body.clone())
     }
 }
@@ -33,10 +37,19 @@ mod tests {
     #[test]
     fn prefill_limited_decode_untouched() {
         let body = obj(json!({"messages": [], "max_tokens": 30, "stream": true}));
-        let req = PdRequest { api: ApiKind::ChatCompletions, body: &body, prefill_target: "p:1" };
-        let Legs::Sequential { prefill } = SharedStorage.legs(&req) else { panic!() };
-        assert_eq!(Value::Object(prefill), json!({"messages": [], "max_tokens": 1,
-            "max_completion_tokens": 1, "min_tokens": 1, "stream": false}));
+        let req = PdRequest {
+            api: ApiKind::ChatCompletions,
+            body: &body,
+            prefill_target: "p:1",
+        };
+        let Legs::Sequential { prefill } = SharedStorage.legs(&req) else {
+            panic!()
+        };
+        assert_eq!(
+            Value::Object(prefill),
+            json!({"messages": [], "max_tokens": 1,
+            "max_completion_tokens": 1, "min_tokens": 1, "stream": false})
+        );
         assert_eq!(SharedStorage.decode_body(&req, &json!({})).unwrap(), body);
     }
 }

@@ -191,7 +191,10 @@ mod tests {
         assert_eq!(pool.release("r1"), Some(2));
         assert_eq!(pool.release("r1"), None);
         let s = pool.stats();
-        assert_eq!((s.held_blocks, s.free_blocks, s.released_blocks_total), (0, 8, 2));
+        assert_eq!(
+            (s.held_blocks, s.free_blocks, s.released_blocks_total),
+            (0, 8, 2)
+        );
     }
 
     #[test]
@@ -203,7 +206,10 @@ mod tests {
             .hold("long", Duration::from_secs(3600));
         assert_eq!(pool.expire(Instant::now()), 1);
         let s = pool.stats();
-        assert_eq!((s.held_requests, s.held_blocks, s.expired_blocks_total), (1, 2, 1));
+        assert_eq!(
+            (s.held_requests, s.held_blocks, s.expired_blocks_total),
+            (1, 2, 1)
+        );
         assert_eq!(s.free_blocks, 6);
     }
 }

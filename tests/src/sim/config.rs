@@ -111,10 +111,11 @@ fn parse_rate(s: &str) -> Result<f64, String> {
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if v.is_finite() && v >= 0.0 {
+    // Bounded so that deadlines computed from it never overflow.
+    if (0.0..=1e9).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("{v} is not a non-negative number of seconds"))
+        Err(format!("{v} is not a number of seconds within 0..=1e9"))
     }
 }
 
@@ -136,6 +137,7 @@ mod tests {
         assert!(Config::try_parse_from(["engine-sim", "--error-rate", "1.5"]).is_err());
         assert!(Config::try_parse_from(["engine-sim", "--hang-rate", "-0.1"]).is_err());
         assert!(Config::try_parse_from(["engine-sim", "--error-status", "200"]).is_err());
+        assert!(Config::try_parse_from(["engine-sim", "--hold-timeout-s", "1e30"]).is_err());
         let cfg = Config::try_parse_from(["engine-sim", "--fault-scope", "prefill"]).unwrap();
         assert_eq!(cfg.fault_scope, FaultScope::Prefill);
     }

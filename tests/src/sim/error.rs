@@ -85,9 +85,18 @@ mod tests {
 
     #[test]
     fn statuses_follow_variants() {
-        assert_eq!(SimError::BadRequest("x".into()).status(), StatusCode::BAD_REQUEST);
-        assert_eq!(SimError::ModelNotFound("m".into()).status(), StatusCode::NOT_FOUND);
-        assert_eq!(SimError::Injected(503).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            SimError::BadRequest("x".into()).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            SimError::ModelNotFound("m".into()).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            SimError::Injected(503).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(
             SimError::ModelNotFound("m".into()).to_string(),
             "The model `m` does not exist."

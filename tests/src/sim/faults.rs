@@ -73,7 +73,10 @@ pub struct FaultDecision {
 
 impl FaultConfig {
     pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [("error_rate", self.error_rate), ("hang_rate", self.hang_rate)] {
+        for (name, v) in [
+            ("error_rate", self.error_rate),
+            ("hang_rate", self.hang_rate),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("{name} must be within 0..=1, got {v}"));
             }

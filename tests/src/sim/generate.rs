@@ -182,25 +182,26 @@ impl Generation {
             Done,
             End,
         }
-        let stream = futures_util::stream::unfold((self, Phase::Token(0)), |(mut g, phase)| async move {
-            let (event, next) = match phase {
-                Phase::Token(i) => {
-                    g.produce(i).await;
-                    let next = if i + 1 < g.reply.output_tokens {
-                        Phase::Token(i + 1)
-                    } else if g.include_usage {
-                        Phase::Usage
-                    } else {
-                        Phase::Done
-                    };
-                    (g.reply.token_events(i), next)
-                }
-                Phase::Usage => (g.reply.usage_event(), Phase::Done),
-                Phase::Done => (DONE_EVENT.to_string(), Phase::End),
-                Phase::End => return None,
-            };
-            Some((Ok::<_, Infallible>(Bytes::from(event)), (g, next)))
-        });
+        let stream =
+            futures_util::stream::unfold((self, Phase::Token(0)), |(mut g, phase)| async move {
+                let (event, next) = match phase {
+                    Phase::Token(i) => {
+                        g.produce(i).await;
+                        let next = if i + 1 < g.reply.output_tokens {
+                            Phase::Token(i + 1)
+                        } else if g.include_usage {
+                            Phase::Usage
+                        } else {
+                            Phase::Done
+                        };
+                        (g.reply.token_events(i), next)
+                    }
+                    Phase::Usage => (g.reply.usage_event(), Phase::Done),
+                    Phase::Done => (DONE_EVENT.to_string(), Phase::End),
+                    Phase::End => return None,
+                };
+                Some((Ok::<_, Infallible>(Bytes::from(event)), (g, next)))
+            });
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/event-stream")

@@ -157,7 +157,12 @@ impl Metrics {
         let finished: Vec<_> = FINISH_REASONS
             .iter()
             .zip(&self.finished)
-            .map(|(r, c)| (format!(",finished_reason=\"{r}\""), c.load(Relaxed).to_string()))
+            .map(|(r, c)| {
+                (
+                    format!(",finished_reason=\"{r}\""),
+                    c.load(Relaxed).to_string(),
+                )
+            })
             .collect();
         series(
             "vllm:request_success_total",
@@ -168,7 +173,10 @@ impl Metrics {
         {
             let h = self.ttft.lock().unwrap_or_else(|e| e.into_inner());
             let name = "vllm:time_to_first_token_seconds";
-            let _ = writeln!(out, "# HELP {name} Histogram of time to first token in seconds.");
+            let _ = writeln!(
+                out,
+                "# HELP {name} Histogram of time to first token in seconds."
+            );
             let _ = writeln!(out, "# TYPE {name} histogram");
             let mut cumulative = 0;
             for (b, c) in TTFT_BUCKETS.iter().zip(h.counts) {
@@ -179,7 +187,10 @@ impl Metrics {
             let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
             let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
         }
-        let _ = writeln!(out, "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig");
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig"
+        );
         let _ = writeln!(out, "# TYPE vllm:cache_config_info gauge");
         let _ = writeln!(
             out,

@@ -123,7 +123,9 @@ fn opt_limit(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, SimEr
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 => Ok(Some(n)),
-            _ => Err(bad(format!("`{field}` must be an integer of at least 1, got {v}"))),
+            _ => Err(bad(format!(
+                "`{field}` must be an integer of at least 1, got {v}"
+            ))),
         },
     }
 }
@@ -171,10 +173,7 @@ fn content_tokens(content: Option<&Value>) -> u64 {
             .iter()
             .map(|p| match p {
                 Value::String(s) => text_tokens(s),
-                _ => p
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .map_or(0, text_tokens),
+                _ => p.get("text").and_then(Value::as_str).map_or(0, text_tokens),
             })
             .sum(),
         _ => 0,
@@ -326,10 +325,7 @@ impl Reply {
             }),
         };
         if let Some(obj) = body.as_object_mut() {
-            obj.insert(
-                "kv_transfer_params".into(),
-                self.kv_transfer_params.clone(),
-            );
+            obj.insert("kv_transfer_params".into(), self.kv_transfer_params.clone());
             if let Some(top) = &self.top_level {
                 obj.extend(top.clone());
             }
@@ -369,10 +365,7 @@ impl Reply {
             let mut chunk = self.chunk_head();
             chunk.insert("choices".into(), json!([choice]));
             if last && !self.kv_transfer_params.is_null() {
-                chunk.insert(
-                    "kv_transfer_params".into(),
-                    self.kv_transfer_params.clone(),
-                );
+                chunk.insert("kv_transfer_params".into(), self.kv_transfer_params.clone());
             }
             push_event(&mut out, &Value::Object(chunk));
         }
@@ -424,7 +417,10 @@ mod tests {
         let p = |v: Value| parse_request(Api::Completions, &obj(v)).map(|r| r.prompts);
         assert_eq!(p(json!({"prompt": "abcdefghi"})).unwrap(), vec![3]);
         assert_eq!(p(json!({"prompt": ""})).unwrap(), vec![1]);
-        assert_eq!(p(json!({"prompt": ["abcd", "abcdabcd"]})).unwrap(), vec![1, 2]);
+        assert_eq!(
+            p(json!({"prompt": ["abcd", "abcdabcd"]})).unwrap(),
+            vec![1, 2]
+        );
         assert_eq!(p(json!({"prompt": [1, 2, 3]})).unwrap(), vec![3]);
         assert_eq!(p(json!({"prompt": [[1, 2], [3]]})).unwrap(), vec![2, 1]);
         assert!(p(json!({})).is_err());
@@ -491,14 +487,19 @@ mod tests {
             top_level: None,
         };
         let first: Value =
-            serde_json::from_str(reply.token_events(0).trim().trim_start_matches("data: ")).unwrap();
+            serde_json::from_str(reply.token_events(0).trim().trim_start_matches("data: "))
+                .unwrap();
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(first["choices"][0]["finish_reason"], Value::Null);
         let last: Value =
-            serde_json::from_str(reply.token_events(1).trim().trim_start_matches("data: ")).unwrap();
+            serde_json::from_str(reply.token_events(1).trim().trim_start_matches("data: "))
+                .unwrap();
         assert_eq!(last["choices"][0]["delta"]["content"], " tok1");
         assert_eq!(last["choices"][0]["finish_reason"], "length");
-        assert_eq!(reply.full_body()["choices"][0]["message"]["content"], " tok0 tok1");
+        assert_eq!(
+            reply.full_body()["choices"][0]["message"]["content"],
+            " tok0 tok1"
+        );
         assert_eq!(reply.full_body()["usage"]["total_tokens"], 5);
     }
 }

@@ -88,7 +88,11 @@ fn decode_params(
             .iter()
             .map(Value::as_u64)
             .collect::<Option<Vec<u64>>>()
-            .ok_or_else(|| bad(format!("`{prefix}remote_block_ids` must hold non-negative integers")))?,
+            .ok_or_else(|| {
+                bad(format!(
+                    "`{prefix}remote_block_ids` must hold non-negative integers"
+                ))
+            })?,
         _ => {
             return Err(bad(format!(
                 "do_remote_prefill is set but `{prefix}remote_block_ids` is missing or not a list"
@@ -116,13 +120,11 @@ fn decode_params(
     })?;
     let remote_request_id = match src.get("remote_request_id") {
         Some(Value::String(id)) if !id.is_empty() => id.clone(),
-        _ => fallback_request_id
-            .map(str::to_string)
-            .ok_or_else(|| {
-                bad(format!(
-                    "do_remote_prefill is set but `{prefix}remote_request_id` is missing"
-                ))
-            })?,
+        _ => fallback_request_id.map(str::to_string).ok_or_else(|| {
+            bad(format!(
+                "do_remote_prefill is set but `{prefix}remote_request_id` is missing"
+            ))
+        })?,
     };
     let tp_size = match src.get("tp_size") {
         None | Some(Value::Null) => 1,
@@ -237,7 +239,10 @@ pub async fn notify_release(client: &HttpClient, params: &DecodeParams) -> Resul
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| format!("{url}: {e}"))?;
     let send = async {
-        let resp = client.request(req).await.map_err(|e| format!("{url}: {e}"))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
         let _ = resp.into_body().collect().await;
         if status.is_success() {
@@ -261,12 +266,25 @@ mod tests {
 
     #[test]
     fn detects_roles_in_both_forms() {
-        assert_eq!(detect_role(&obj(json!({"prompt": "x"})), None).unwrap(), Role::Local);
-        let v2 = obj(json!({"kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": false, "remote_block_ids": null}}));
-        assert_eq!(detect_role(&v2, None).unwrap(), Role::Prefill { legacy: false });
+        assert_eq!(
+            detect_role(&obj(json!({"prompt": "x"})), None).unwrap(),
+            Role::Local
+        );
+        let v2 = obj(
+            json!({"kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": false, "remote_block_ids": null}}),
+        );
+        assert_eq!(
+            detect_role(&v2, None).unwrap(),
+            Role::Prefill { legacy: false }
+        );
         let v1 = obj(json!({"do_remote_decode": true}));
-        assert_eq!(detect_role(&v1, None).unwrap(), Role::Prefill { legacy: true });
-        let both = obj(json!({"kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": true}}));
+        assert_eq!(
+            detect_role(&v1, None).unwrap(),
+            Role::Prefill { legacy: true }
+        );
+        let both = obj(
+            json!({"kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": true}}),
+        );
         assert!(detect_role(&both, None).is_err());
         assert!(detect_role(&obj(json!({"kv_transfer_params": 3})), None).is_err());
     }
@@ -283,10 +301,14 @@ mod tests {
         assert_eq!(p.notif(), "r:1");
         assert!(p.check_blocks(17, 16).is_ok());
         assert!(p.check_blocks(33, 16).is_err());
-        let no_host = obj(json!({"kv_transfer_params": {"do_remote_prefill": true, "remote_block_ids": [1], "remote_port": 1, "remote_request_id": "r"}}));
+        let no_host = obj(
+            json!({"kv_transfer_params": {"do_remote_prefill": true, "remote_block_ids": [1], "remote_port": 1, "remote_request_id": "r"}}),
+        );
         assert!(detect_role(&no_host, None).is_err());
         // v1: request id from the header when the body has none.
-        let v1 = obj(json!({"do_remote_prefill": true, "remote_block_ids": [1], "remote_host": "h", "remote_port": "80"}));
+        let v1 = obj(
+            json!({"do_remote_prefill": true, "remote_block_ids": [1], "remote_host": "h", "remote_port": "80"}),
+        );
         let Role::Decode(p) = detect_role(&v1, Some("hdr")).unwrap() else {
             panic!("not decode")
         };

@@ -205,7 +205,9 @@ pub async fn record(State(log): State<Arc<RequestLog>>, req: Request, next: Next
         seq,
         done: AtomicBool::new(false),
     };
-    let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let resp = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
     let status = resp.status().as_u16();
     log.update(seq, |e| e.status = Some(status));
     let (parts, body) = resp.into_parts();

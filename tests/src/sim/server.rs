@@ -226,7 +226,10 @@ async fn generate(
         Api::Completions => format!("cmpl-{rid}"),
         Api::Chat => format!("chatcmpl-{rid}"),
         Api::Responses => format!("resp_{rid}"),
-        Api::Generate => req.request_id.clone().unwrap_or_else(|| format!("gen-{rid}")),
+        Api::Generate => req
+            .request_id
+            .clone()
+            .unwrap_or_else(|| format!("gen-{rid}")),
     };
     let hold = match role {
         Role::Prefill { legacy } => Some(HoldSpec {
@@ -298,7 +301,10 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .metrics
         .render(&st.cfg.model, st.cfg.block_size, &st.pool.stats());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -308,7 +314,10 @@ async fn get_faults(State(st): State<Arc<AppState>>) -> Json<FaultConfig> {
     Json(st.faults.get())
 }
 
-async fn set_faults(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Json<FaultConfig>, SimError> {
+async fn set_faults(
+    State(st): State<Arc<AppState>>,
+    body: Bytes,
+) -> Result<Json<FaultConfig>, SimError> {
     let cfg: FaultConfig = serde_json::from_slice(&body)
         .map_err(|e| SimError::BadRequest(format!("invalid fault config: {e}")))?;
     cfg.validate().map_err(SimError::BadRequest)?;
@@ -322,10 +331,9 @@ async fn set_faults(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Json
 async fn release(State(st): State<Arc<AppState>>, body: Bytes) -> Result<Json<Value>, SimError> {
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| SimError::BadRequest(format!("invalid JSON body: {e}")))?;
-    let notif = v
-        .get("notif")
-        .and_then(Value::as_str)
-        .ok_or_else(|| SimError::BadRequest("`notif` is required (\"<request id>:<tp size>\")".into()))?;
+    let notif = v.get("notif").and_then(Value::as_str).ok_or_else(|| {
+        SimError::BadRequest("`notif` is required (\"<request id>:<tp size>\")".into())
+    })?;
     let id = match notif.rsplit_once(':') {
         Some((id, tp)) if tp.parse::<u64>().is_ok() => id,
         _ => notif,

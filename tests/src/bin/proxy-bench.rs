@@ -1,0 +1,379 @@
+//! `proxy-bench`: what does `pd-sidecar` add to a request?
+//!
+//! Closed-loop load at several concurrencies, streaming and not, against an
+//! `engine-sim` with zero delay: direct, through `pd-sidecar` in local mode,
+//! through `pd-sidecar` in remote-prefill mode (a second simulator as the
+//! prefill engine), and through nginx as a plain reverse proxy when nginx is
+//! installed. Then 1,000 concurrent streams through a fresh sidecar for its
+//! peak RSS. Prints a table and writes JSON. Numbers are reported, never
+//! asserted: this is a benchmark, not a test.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use tandem_tests::harness::{free_port, wait_ready, EngineSim, Proc, READY_TIMEOUT};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "proxy-bench",
+    about = "Added latency and footprint of pd-sidecar"
+)]
+struct Args {
+    /// Seconds of measurement per cell (after a short warm-up).
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
+    concurrency: Vec<usize>,
+    /// Concurrent streams for the footprint run (0 = skip).
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Skip nginx even when it is installed.
+    #[arg(long)]
+    no_nginx: bool,
+    /// Output tokens per request.
+    #[arg(long, default_value_t = 8)]
+    tokens: u32,
+    /// JSON output path.
+    #[arg(long, default_value = "bench-out/proxy-bench.json")]
+    out: PathBuf,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(usize::MAX)
+        .build(http)
+}
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    url: String,
+    headers: Vec<(String, String)>,
+}
+
+struct Cell {
+    target: &'static str,
+    stream: bool,
+    concurrency: usize,
+    requests: usize,
+    errors: usize,
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx] as f64
+}
+
+async fn one_request(client: &HttpClient, target: &Target, body: &Bytes) -> Result<(), String> {
+    let mut req = Request::post(&target.url).header("content-type", "application/json");
+    for (k, v) in &target.headers {
+        req = req.header(k, v);
+    }
+    let req = req
+        .body(Full::new(body.clone()))
+        .map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
+}
+
+async fn run_cell(
+    target: &Target,
+    stream: bool,
+    concurrency: usize,
+    tokens: u32,
+    seconds: f64,
+) -> Cell {
+    let body = Bytes::from(
+        json!({"model": "sim-model", "prompt": "benchmark prompt", "max_tokens": tokens, "stream": stream})
+            .to_string(),
+    );
+    let client = client();
+    // Warm-up: open the connections.
+    let warm_until = Instant::now() + Duration::from_millis(300);
+    let measure_until = warm_until + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let target = target.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut errors = 0usize;
+            loop {
+                let start = Instant::now();
+                if start >= measure_until {
+                    break;
+                }
+                let ok = one_request(&client, &target, &body).await.is_ok();
+                if start >= warm_until {
+                    if ok {
+                        lat.push(start.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.expect("load task");
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort_unstable();
+    Cell {
+        target: target.name,
+        stream,
+        concurrency,
+        requests: all.len(),
+        errors,
+        rps: all.len() as f64 / seconds,
+        p50_us: percentile(&all, 0.50),
+        p99_us: percentile(&all, 0.99),
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+async fn start_sidecar(decode_port: u16) -> (Proc, u16) {
+    let port = free_port();
+    let args = [
+        format!("--port={port}"),
+        format!("--model-server-port={decode_port}"),
+        "--secure-proxy=false".into(),
+        "--metrics-port=0".into(),
+        "--prefill-threshold-tokens=0".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = Proc::spawn("pd-sidecar", &args, &[("RUST_LOG", "warn")]);
+    proc.wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
+        .await;
+    (proc, port)
+}
+
+async fn start_nginx(decode_port: u16) -> Option<(Proc, u16)> {
+    let nginx = which("nginx")?;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("proxy-bench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("logs")).ok()?;
+    let conf = format!(
+        "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log warn;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         upstream engine {{ server 127.0.0.1:{decode_port}; keepalive 1024; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://engine;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+        d = dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).ok()?;
+    let conf_s = conf_path.to_string_lossy().into_owned();
+    let dir_s = dir.to_string_lossy().into_owned();
+    let mut proc = Proc::spawn_path(&nginx, &["-p", &dir_s, "-c", &conf_s], &[]);
+    match proc
+        .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
+        .await
+    {
+        Ok(()) => Some((proc, port)),
+        Err(e) => {
+            eprintln!("nginx did not start ({e}); skipping it");
+            None
+        }
+    }
+}
+
+/// Peak RSS of a fresh sidecar while `n` streams are open at once.
+async fn stream_footprint(n: usize) -> Option<(u64, usize)> {
+    // Streams that stay open ~2 s each, so all n overlap.
+    let sim = EngineSim::start(&["--itl-ms", "50", "--output-tokens", "40"]).await;
+    let (sidecar, port) = start_sidecar(sim.port()).await;
+    let target = Target {
+        name: "footprint",
+        url: format!("http://127.0.0.1:{port}/v1/completions"),
+        headers: vec![],
+    };
+    let body = Bytes::from(
+        json!({"model": "sim-model", "prompt": "p", "max_tokens": 40, "stream": true}).to_string(),
+    );
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (client, target, body) = (client.clone(), target.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            one_request(&client, &target, &body).await.is_ok()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(t.await.unwrap_or(false));
+    }
+    let hwm = vm_hwm_kib(sidecar.pid());
+    drop(sidecar);
+    hwm.map(|h| (h, ok))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let decode = EngineSim::start(&[]).await;
+    let prefill = EngineSim::start(&[]).await;
+    let (sidecar, sidecar_port) = start_sidecar(decode.port()).await;
+    let path = "/v1/completions";
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            url: format!("{}{path}", decode.url()),
+            headers: vec![],
+        },
+        Target {
+            name: "sidecar-local",
+            url: format!("http://127.0.0.1:{sidecar_port}{path}"),
+            headers: vec![],
+        },
+        Target {
+            name: "sidecar-remote",
+            url: format!("http://127.0.0.1:{sidecar_port}{path}"),
+            headers: vec![("x-prefiller-host-port".into(), prefill.host_port())],
+        },
+    ];
+    let nginx = if args.no_nginx {
+        None
+    } else {
+        start_nginx(decode.port()).await
+    };
+    if let Some((_, port)) = &nginx {
+        targets.push(Target {
+            name: "nginx",
+            url: format!("http://127.0.0.1:{port}{path}"),
+            headers: vec![],
+        });
+    } else {
+        eprintln!("nginx not found (or --no-nginx): the nginx rows are skipped");
+    }
+    wait_ready(&format!("{}/health", decode.url()), READY_TIMEOUT).await;
+
+    let mut cells = Vec::new();
+    for stream in [false, true] {
+        for &c in &args.concurrency {
+            for t in &targets {
+                eprint!("\r{:<16} stream={:<5} c={:<4}", t.name, stream, c);
+                cells.push(run_cell(t, stream, c, args.tokens, args.seconds).await);
+            }
+        }
+    }
+    eprintln!();
+    let sidecar_hwm = vm_hwm_kib(sidecar.pid());
+    let footprint = if args.streams > 0 {
+        stream_footprint(args.streams).await
+    } else {
+        None
+    };
+
+    println!(
+        "{:<15} {:>6} {:>5} {:>9} {:>9} {:>9} {:>11} {:>11} {:>6}",
+        "target", "stream", "conc", "req/s", "p50 us", "p99 us", "+p50 us", "+p99 us", "errors"
+    );
+    let mut rows = Vec::new();
+    for cell in &cells {
+        let direct = cells.iter().find(|d| {
+            d.target == "direct" && d.stream == cell.stream && d.concurrency == cell.concurrency
+        });
+        let (add50, add99) = match direct {
+            Some(d) if cell.target != "direct" => (cell.p50_us - d.p50_us, cell.p99_us - d.p99_us),
+            _ => (0.0, 0.0),
+        };
+        println!(
+            "{:<15} {:>6} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>6}",
+            cell.target,
+            cell.stream,
+            cell.concurrency,
+            cell.rps,
+            cell.p50_us,
+            cell.p99_us,
+            add50,
+            add99,
+            cell.errors
+        );
+        rows.push(json!({
+            "target": cell.target, "stream": cell.stream, "concurrency": cell.concurrency,
+            "requests": cell.requests, "errors": cell.errors, "rps": cell.rps,
+            "p50_us": cell.p50_us, "p99_us": cell.p99_us,
+            "added_p50_us": add50, "added_p99_us": add99,
+        }));
+    }
+    if let Some(kib) = sidecar_hwm {
+        println!(
+            "pd-sidecar peak RSS over the runs above: {:.1} MiB",
+            kib as f64 / 1024.0
+        );
+    }
+    if let Some((kib, ok)) = footprint {
+        println!(
+            "pd-sidecar peak RSS with {} concurrent streams ({ok} completed): {:.1} MiB",
+            args.streams,
+            kib as f64 / 1024.0
+        );
+    }
+    let report = json!({
+        "benchmark": "proxy-bench",
+        "seconds_per_cell": args.seconds,
+        "output_tokens": args.tokens,
+        "nginx": nginx.is_some(),
+        "cells": rows,
+        "sidecar_peak_rss_kib": sidecar_hwm,
+        "streams_footprint": footprint.map(|(kib, ok)| json!({"streams": args.streams, "completed": ok, "peak_rss_kib": kib})),
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
