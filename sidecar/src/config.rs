@@ -230,6 +230,14 @@ pub struct Args {
     #[arg(long = "shutdown-grace-period", env = "PD_SIDECAR_SHUTDOWN_GRACE_PERIOD", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace_period: Duration,
 
+    /// Runtime worker threads; 0 = one per CPU.
+    #[arg(
+        long = "worker-threads",
+        env = "PD_SIDECAR_WORKER_THREADS",
+        default_value_t = 0
+    )]
+    pub worker_threads: usize,
+
     /// SGLang bootstrap port injected into both legs.
     #[arg(
         long = "sglang-bootstrap-port",
@@ -351,6 +359,7 @@ pub struct Config {
     pub max_idle_conns_per_host: usize,
     pub shutdown_grace_period: Duration,
     pub sglang_bootstrap_port: u16,
+    pub worker_threads: usize,
     pub prefiller_tls: UpstreamTls,
     pub decoder_tls: UpstreamTls,
     pub log_filter: String,
@@ -607,6 +616,7 @@ impl Config {
             max_idle_conns_per_host: args.max_idle_conns_per_host,
             shutdown_grace_period: args.shutdown_grace_period,
             sglang_bootstrap_port: args.sglang_bootstrap_port,
+            worker_threads: args.worker_threads,
             prefiller_tls: stage_tls("prefiller"),
             decoder_tls: stage_tls("decoder"),
         })

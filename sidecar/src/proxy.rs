@@ -285,23 +285,26 @@ async fn run(
     };
 
     let raw = read_body(&parts.headers, body, shared.cfg.max_body_bytes).await?;
-    let parsed: Value =
-        serde_json::from_slice(&raw).map_err(|e| ProxyError::InvalidJson(e.to_string()))?;
-    let Value::Object(body) = parsed else {
-        return Err(ProxyError::InvalidRequest(
-            "the body must be a JSON object".into(),
-        ));
+    // Without a prefiller the sidecar is a transparent proxy, as llm-d's is:
+    // the body goes to the engine as received and the engine validates it.
+    let Some(target) = target else {
+        return Ok((Decision::local, ctx.decode(raw, None).await?));
     };
-
-    let route = match &target {
-        None => Route::Local("no_prefiller"),
-        Some(t) => decide(DecideInput {
-            target: Some(t),
-            prompt_tokens: shared.tokens.count(api, &Value::Object(body.clone())),
-            threshold: shared.cfg.prefill_threshold_tokens,
-            allowlist: shared.cfg.ssrf_allowlist.as_ref(),
-        }),
+    let body = match serde_json::from_slice(&raw) {
+        Ok(Value::Object(body)) => body,
+        Ok(_) => {
+            return Err(ProxyError::InvalidRequest(
+                "the body must be a JSON object".into(),
+            ))
+        }
+        Err(e) => return Err(ProxyError::InvalidJson(e.to_string())),
     };
+    let route = decide(DecideInput {
+        target: Some(&target),
+        prompt_tokens: shared.tokens.count(api, &body),
+        threshold: shared.cfg.prefill_threshold_tokens,
+        allowlist: shared.cfg.ssrf_allowlist.as_ref(),
+    });
     tracing::debug!(?route, route_path = api.route(), "prefill decision");
     match route {
         Route::Local(_) => Ok((Decision::local, ctx.decode(raw, None).await?)),

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// OpenAI-compatible APIs the sidecar disaggregates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl TokenCounter {
     }
 
     /// Prompt tokens of a request body for its API.
-    pub fn count(&self, api: ApiKind, body: &Value) -> u64 {
+    pub fn count(&self, api: ApiKind, body: &Map<String, Value>) -> u64 {
         let mut total = 0u64;
         match api {
             ApiKind::Completions => total += self.count_prompt(body.get("prompt")),
@@ -164,23 +164,38 @@ mod tests {
     fn estimates_four_bytes_per_token() {
         let c = TokenCounter::Estimate;
         assert_eq!(
-            c.count(ApiKind::Completions, &json!({"prompt": "abcdefgh"})),
+            c.count(
+                ApiKind::Completions,
+                json!({"prompt": "abcdefgh"}).as_object().unwrap()
+            ),
             2
         );
         assert_eq!(
-            c.count(ApiKind::Completions, &json!({"prompt": "abcdefghi"})),
+            c.count(
+                ApiKind::Completions,
+                json!({"prompt": "abcdefghi"}).as_object().unwrap()
+            ),
             3
         );
         assert_eq!(
-            c.count(ApiKind::Completions, &json!({"prompt": ["abcd", "abcd"]})),
+            c.count(
+                ApiKind::Completions,
+                json!({"prompt": ["abcd", "abcd"]}).as_object().unwrap()
+            ),
             2
         );
         assert_eq!(
-            c.count(ApiKind::Completions, &json!({"prompt": [1, 2, 3]})),
+            c.count(
+                ApiKind::Completions,
+                json!({"prompt": [1, 2, 3]}).as_object().unwrap()
+            ),
             3
         );
         assert_eq!(
-            c.count(ApiKind::Completions, &json!({"prompt": [[1, 2], [3]]})),
+            c.count(
+                ApiKind::Completions,
+                json!({"prompt": [[1, 2], [3]]}).as_object().unwrap()
+            ),
             3
         );
     }
@@ -192,7 +207,10 @@ mod tests {
             {"role": "system", "content": "abcdabcd"},
             {"role": "user", "content": [{"type": "text", "text": "abcd"}, {"type": "image_url", "image_url": {"url": "x"}}]}
         ]});
-        assert_eq!(c.count(ApiKind::ChatCompletions, &body), 3);
+        assert_eq!(
+            c.count(ApiKind::ChatCompletions, body.as_object().unwrap()),
+            3
+        );
     }
 
     #[test]
@@ -201,16 +219,35 @@ mod tests {
         assert_eq!(
             c.count(
                 ApiKind::Responses,
-                &json!({"input": "abcdabcd", "instructions": "abcd"})
+                json!({"input": "abcdabcd", "instructions": "abcd"})
+                    .as_object()
+                    .unwrap()
             ),
             3
         );
         let body = json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "abcd"}]}]});
-        assert_eq!(c.count(ApiKind::Responses, &body), 1);
+        assert_eq!(c.count(ApiKind::Responses, body.as_object().unwrap()), 1);
         assert_eq!(
-            c.count(ApiKind::Generate, &json!({"token_ids": [1, 2, 3, 4]})),
+            c.count(
+                ApiKind::Generate,
+                json!({"token_ids": [1, 2, 3, 4]}).as_object().unwrap()
+            ),
             4
         );
+    }
+
+    #[test]
+    fn tokenizer_counts_exactly() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/wordlevel-tokenizer.json");
+        let c = TokenCounter::load(Some(&path)).unwrap();
+        // Three words, 17 bytes: the estimate would say 5.
+        let body = json!({"prompt": "hello world again"});
+        assert_eq!(c.count(ApiKind::Completions, body.as_object().unwrap()), 3);
+        let err = TokenCounter::load(Some(std::path::Path::new("/nonexistent.json")))
+            .err()
+            .unwrap();
+        assert!(err.contains("--tokenizer"), "{err}");
     }
 
     #[test]

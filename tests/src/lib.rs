@@ -1,5 +1,6 @@
 //! Shared helpers for Tandem's tests: the engine simulator (`sim`, served by the `engine-sim`
 //! binary) and the end-to-end test harness (`harness`) that starts real processes on loopback.
 
+pub mod demo;
 pub mod harness;
 pub mod sim;

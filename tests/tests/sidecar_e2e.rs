@@ -647,26 +647,53 @@ async fn decode_refused_is_503_json() {
 
 #[tokio::test]
 async fn bad_json_is_400_and_oversize_is_413() {
+    let prefill = EngineSim::start(&[]).await;
     let decode = EngineSim::start(&[]).await;
     let sidecar = Sidecar::start(decode.port(), &["--max-body-bytes=1000"]).await;
     let url = sidecar.url("/v1/chat/completions");
+    let hp = prefill.host_port();
+    let pd = [
+        ("content-type", "application/json"),
+        ("x-prefiller-host-port", hp.as_str()),
+    ];
+    let (status, headers, resp) =
+        http(Method::POST, &url, &pd, Bytes::from_static(b"{not json")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-pd-error-code"], "invalid_json");
+    assert_eq!(json(&resp)["error"]["type"], "BadRequestError");
+    let (status, headers, _) = http(Method::POST, &url, &pd, Bytes::from_static(b"[1,2]")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-pd-error-code"], "invalid_request");
+    assert!(
+        inference_requests(&prefill).await.is_empty(),
+        "bad requests must not reach prefill"
+    );
+    assert!(
+        inference_requests(&decode).await.is_empty(),
+        "bad requests must not reach decode"
+    );
+
+    // Without a prefiller the sidecar is transparent: the engine judges the body.
     let ct = [("content-type", "application/json")];
     let (status, headers, resp) =
         http(Method::POST, &url, &ct, Bytes::from_static(b"{not json")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(headers["x-pd-error-code"], "invalid_json");
-    assert_eq!(json(&resp)["error"]["type"], "BadRequestError");
-    let (status, _, _) = http(Method::POST, &url, &ct, Bytes::from_static(b"[1,2]")).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(headers.get("x-pd-error-code").is_none());
+    assert!(json(&resp)["error"]["message"].is_string());
+
     let big =
         json!({"model": "sim-model", "messages": [{"role": "user", "content": "x".repeat(2000)}]});
-    let (status, headers, resp) = http_post_json(&url, &big, &[]).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(headers["x-pd-error-code"], "body_too_large");
-    assert_eq!(json(&resp)["error"]["code"], 413);
-    assert!(
-        inference_requests(&decode).await.is_empty(),
-        "bad requests must not reach the engine"
+    for headers in [&pd[..], &ct[..]] {
+        let (status, h, resp) =
+            http(Method::POST, &url, headers, Bytes::from(big.to_string())).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(h["x-pd-error-code"], "body_too_large");
+        assert_eq!(json(&resp)["error"]["code"], 413);
+    }
+    assert_eq!(
+        inference_requests(&decode).await.len(),
+        1,
+        "only the transparent bad-JSON request"
     );
 }
 
@@ -933,4 +960,136 @@ async fn stale_keepalive_connection_is_retried_once() {
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     }
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn tokenizer_gives_exact_counts_for_the_threshold() {
+    let tokenizer = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/wordlevel-tokenizer.json"
+    );
+    let prefill = EngineSim::start(&[]).await;
+    let decode = EngineSim::start(&[]).await;
+    // 20 words of ~15 bytes: 20 tokens by the tokenizer, ~80 by the 4-byte estimate.
+    let prompt = vec!["supercalifragil"; 20].join(" ");
+    let body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2});
+    let hp = prefill.host_port();
+    let estimate = Sidecar::start(decode.port(), &["--prefill-threshold-tokens=50"]).await;
+    let (status, _, _) = http_post_json(
+        &estimate.url("/v1/completions"),
+        &body,
+        &[("x-prefiller-host-port", &hp)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        inference_requests(&prefill).await.len(),
+        1,
+        "estimate: 80 >= 50 goes remote"
+    );
+    prefill.clear_requests().await;
+    let exact = Sidecar::start(
+        decode.port(),
+        &[
+            "--prefill-threshold-tokens=50",
+            &format!("--tokenizer={tokenizer}"),
+        ],
+    )
+    .await;
+    let (status, _, _) = http_post_json(
+        &exact.url("/v1/completions"),
+        &body,
+        &[("x-prefiller-host-port", &hp)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        inference_requests(&prefill).await.is_empty(),
+        "tokenizer: 20 < 50 stays local"
+    );
+}
+
+/// Two consecutive free ports.
+fn free_port_pair() -> u16 {
+    for _ in 0..100 {
+        let p = free_port();
+        if p < u16::MAX
+            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return p;
+        }
+    }
+    panic!("no two consecutive free ports");
+}
+
+#[tokio::test]
+async fn data_parallel_ranks_get_their_own_ports_and_header_routing() {
+    let engine_base = free_port_pair();
+    let mut engines = Vec::new();
+    for rank in 0..2u16 {
+        let port = (engine_base + rank).to_string();
+        let id = format!("rank{rank}");
+        let mut proc = Proc::spawn("engine-sim", &["--port", &port, "--engine-id", &id], &[]);
+        proc.wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
+            .await;
+        engines.push(proc);
+    }
+    let base = free_port_pair();
+    let args = [
+        format!("--port={base}"),
+        format!("--model-server-port={engine_base}"),
+        "--data-parallel-size=2".into(),
+        "--secure-proxy=false".into(),
+        "--metrics-port=0".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut sidecar = Proc::spawn("pd-sidecar", &args, &[]);
+    for port in [base, base + 1] {
+        sidecar
+            .wait_ready(&format!("http://127.0.0.1:{port}/ready"), READY_TIMEOUT)
+            .await;
+    }
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 1});
+    let engine_id = |port: u16| async move {
+        json(
+            &http_get(&format!("http://127.0.0.1:{port}/sim/state"))
+                .await
+                .2,
+        )["engine_id"]
+            .clone()
+    };
+    // Each rank's own listener reaches its own engine.
+    assert_eq!(engine_id(base).await, "rank0");
+    assert_eq!(engine_id(base + 1).await, "rank1");
+    // The header on the main port picks the rank.
+    let dp = format!("127.0.0.1:{}", base + 1);
+    let (status, _, resp) = http_post_json(
+        &format!("http://127.0.0.1:{base}/v1/completions"),
+        &body,
+        &[("x-data-parallel-host-port", &dp)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    let rank1 = json(
+        &http_get(&format!(
+            "http://127.0.0.1:{}/sim/requests",
+            engine_base + 1
+        ))
+        .await
+        .2,
+    );
+    assert_eq!(
+        rank1.as_array().unwrap().len(),
+        1,
+        "rank 1 engine got the request"
+    );
+    let (status, headers, _) = http_post_json(
+        &format!("http://127.0.0.1:{base}/v1/completions"),
+        &body,
+        &[("x-data-parallel-host-port", "127.0.0.1:1")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-pd-error-code"], "unknown_dp_rank");
 }

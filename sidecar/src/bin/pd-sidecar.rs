@@ -26,6 +26,7 @@ fn main() -> std::process::ExitCode {
         subscriber.init();
     }
     tracing::debug!(config = ?cfg, "effective configuration");
+    raise_open_files_limit();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -46,3 +47,32 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+/// Each proxied request holds two sockets; like Go programs, take the hard
+/// limit on open files instead of the (often 1024) soft one.
+#[cfg(unix)]
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!(
+                    soft = limit.rlim_cur,
+                    "could not raise the open-files limit"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_open_files_limit() {}

@@ -42,6 +42,9 @@ struct Args {
     /// Output tokens per request.
     #[arg(long, default_value_t = 8)]
     tokens: u32,
+    /// Extra pd-sidecar flag (repeatable), e.g. --sidecar-arg=--worker-threads=1.
+    #[arg(long = "sidecar-arg", allow_hyphen_values = true)]
+    sidecar_args: Vec<String>,
     /// JSON output path.
     #[arg(long, default_value = "bench-out/proxy-bench.json")]
     out: PathBuf,
@@ -181,7 +184,7 @@ fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
-async fn start_sidecar(decode_port: u16) -> (Proc, u16) {
+async fn start_sidecar(decode_port: u16, extra: &[String]) -> (Proc, u16) {
     let port = free_port();
     let args = [
         format!("--port={port}"),
@@ -190,6 +193,7 @@ async fn start_sidecar(decode_port: u16) -> (Proc, u16) {
         "--metrics-port=0".into(),
         "--prefill-threshold-tokens=0".into(),
     ];
+    let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut proc = Proc::spawn("pd-sidecar", &args, &[("RUST_LOG", "warn")]);
     proc.wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
@@ -230,10 +234,10 @@ async fn start_nginx(decode_port: u16) -> Option<(Proc, u16)> {
 }
 
 /// Peak RSS of a fresh sidecar while `n` streams are open at once.
-async fn stream_footprint(n: usize) -> Option<(u64, usize)> {
+async fn stream_footprint(n: usize, extra: &[String]) -> Option<(u64, usize)> {
     // Streams that stay open ~2 s each, so all n overlap.
     let sim = EngineSim::start(&["--itl-ms", "50", "--output-tokens", "40"]).await;
-    let (sidecar, port) = start_sidecar(sim.port()).await;
+    let (sidecar, port) = start_sidecar(sim.port(), extra).await;
     let target = Target {
         name: "footprint",
         url: format!("http://127.0.0.1:{port}/v1/completions"),
@@ -264,7 +268,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let decode = EngineSim::start(&[]).await;
     let prefill = EngineSim::start(&[]).await;
-    let (sidecar, sidecar_port) = start_sidecar(decode.port()).await;
+    let (sidecar, sidecar_port) = start_sidecar(decode.port(), &args.sidecar_args).await;
     let path = "/v1/completions";
     let mut targets = vec![
         Target {
@@ -303,15 +307,17 @@ async fn main() -> anyhow::Result<()> {
     for stream in [false, true] {
         for &c in &args.concurrency {
             for t in &targets {
-                eprint!("\r{:<16} stream={:<5} c={:<4}", t.name, stream, c);
+                eprintln!(
+                    "measuring {:<16} stream={:<5} concurrency={c}",
+                    t.name, stream
+                );
                 cells.push(run_cell(t, stream, c, args.tokens, args.seconds).await);
             }
         }
     }
-    eprintln!();
     let sidecar_hwm = vm_hwm_kib(sidecar.pid());
     let footprint = if args.streams > 0 {
-        stream_footprint(args.streams).await
+        stream_footprint(args.streams, &args.sidecar_args).await
     } else {
         None
     };
@@ -366,6 +372,7 @@ async fn main() -> anyhow::Result<()> {
         "seconds_per_cell": args.seconds,
         "output_tokens": args.tokens,
         "nginx": nginx.is_some(),
+        "sidecar_args": args.sidecar_args,
         "cells": rows,
         "sidecar_peak_rss_kib": sidecar_hwm,
         "streams_footprint": footprint.map(|(kib, ok)| json!({"streams": args.streams, "completed": ok, "peak_rss_kib": kib})),
