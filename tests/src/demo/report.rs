@@ -524,18 +524,27 @@ pub fn narrative(results: &[PhaseResult], params: &WorkloadParams) -> Vec<String
     for r in results {
         let n = r.requests;
         match r.expect {
+            Expect::Local if r.decision("local") == n as u64 && r.prefill_total() == 0 => {
+                out.push(format!(
+                    "{}: stayed local. All {n} were prefilled on their own decode engine and none \
+                     reached a prefill engine, although every request named one: {}-{} prompt \
+                     tokens is below the {}-token threshold.",
+                    r.title, r.prompt_tokens.0, r.prompt_tokens.1, params.threshold_tokens
+                ))
+            }
             Expect::Local => out.push(format!(
-                "{}: stayed local. {} of {n} were prefilled on their own decode engine and {} \
-                 reached a prefill engine, although every request named one: {}-{} prompt tokens \
-                 is below the {}-token threshold.",
+                "{}: expected to stay local, but only {} of {n} did ({} remote, {} fallback) and \
+                 {} requests reached a prefill engine; prompts {}-{} tokens, threshold {}.",
                 r.title,
                 r.decision("local"),
+                r.decision("remote"),
+                r.decision("fallback"),
                 r.prefill_total(),
                 r.prompt_tokens.0,
                 r.prompt_tokens.1,
                 params.threshold_tokens
             )),
-            Expect::Remote => {
+            Expect::Remote if r.decision("remote") == n as u64 => {
                 let per_engine: Vec<String> = r
                     .prefill_requests
                     .iter()
@@ -543,10 +552,9 @@ pub fn narrative(results: &[PhaseResult], params: &WorkloadParams) -> Vec<String
                     .map(|(i, (ok, _))| format!("prefill-{i} {ok}"))
                     .collect();
                 out.push(format!(
-                    "{}: disaggregated. {} of {n} ({}-{} prompt tokens) were prefilled on a \
+                    "{}: disaggregated. All {n} ({}-{} prompt tokens) were prefilled on a \
                      prefill engine ({}) and decoded with the KV blocks it handed over.",
                     r.title,
-                    r.decision("remote"),
                     r.prompt_tokens.0,
                     r.prompt_tokens.1,
                     per_engine.join(", ")
@@ -554,26 +562,37 @@ pub fn narrative(results: &[PhaseResult], params: &WorkloadParams) -> Vec<String
                 if let Some(b) = baseline {
                     out.push(format!(
                         "{}: streaming TTFT p50 {:.1} ms vs {b:.1} ms for short prompts: the \
-                         prefill leg runs on the prefill engine before the decode \
-                         engine makes the first token.",
+                         prefill leg runs on the prefill engine before the decode engine makes \
+                         the first token.",
                         r.title, r.ttft.p50
                     ));
                 }
             }
+            Expect::Remote => out.push(format!(
+                "{}: expected to be disaggregated, but only {} of {n} were prefilled remotely \
+                 ({} local, {} fallback, {} failed); prompts {}-{} tokens, threshold {}.",
+                r.title,
+                r.decision("remote"),
+                r.decision("local"),
+                r.decision("fallback"),
+                r.decision("failed"),
+                r.prompt_tokens.0,
+                r.prompt_tokens.1,
+                params.threshold_tokens
+            )),
             Expect::Fallback { engine } => {
-                let fb = r.decision("fallback");
                 out.push(format!(
-                    "{}: prefill-{engine} answered 503 to {} prefill attempts; {fb} requests \
-                     used up their 1 + {} attempts and fell back to local prefill, {} more \
-                     succeeded on a retry ({} retries in all), the other {} went to a prefill \
-                     engine first time. {} of {n} answered 200.",
+                    "{}: prefill-{engine} answered 503 to {} prefill attempts and the sidecars \
+                     retried {} times: {} requests used up their 1 + {} attempts and fell back to local \
+                     prefill, {} recovered on a retry, {} were prefilled remotely in all. {} of \
+                     {n} answered 200.",
                     r.title,
                     r.prefill_failed(),
+                    r.prefill_retries,
+                    r.decision("fallback"),
                     params.prefill_max_retries,
                     r.recovered_on_retry,
-                    r.prefill_retries,
-                    r.observed(Observed::Remote)
-                        .saturating_sub(r.recovered_on_retry),
+                    r.observed(Observed::Remote),
                     r.ok
                 ));
                 if let (Some(f), Some(m)) = (
@@ -582,9 +601,9 @@ pub fn narrative(results: &[PhaseResult], params: &WorkloadParams) -> Vec<String
                 ) {
                     out.push(format!(
                         "{}: a failed prefill costs time, not the answer: streaming TTFT p50 \
-                         {:.1} ms for the fallbacks (failed attempts and backoff included) vs \
-                         {:.1} ms for the remote prefills.",
-                        r.title, f.p50, m.p50
+                         {:.1} ms for the {} streamed fallbacks (failed attempts and backoff \
+                         included) vs {:.1} ms for the {} streamed remote prefills.",
+                        r.title, f.p50, f.n, m.p50, m.n
                     ));
                 }
             }

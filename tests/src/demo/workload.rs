@@ -196,12 +196,8 @@ fn request(
     messages: Vec<(&str, String)>,
     p: &WorkloadParams,
 ) -> RequestSpec {
-    let route = if i % 2 == 0 {
-        Route::Chat
-    } else {
-        Route::Completions
-    };
-    let stream = (i / 2) % 2 == 0;
+    let route = [Route::Chat, Route::Completions][i % 2];
+    let stream = [true, false][(i / 2) % 2];
     let (mut body, prompt_tokens) = match route {
         Route::Chat => {
             let tokens = messages.iter().map(|(_, c)| text_tokens(c)).sum();

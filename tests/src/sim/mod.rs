@@ -19,6 +19,7 @@ pub mod record;
 pub mod server;
 pub mod tokens;
 
+use axum::serve::ListenerExt;
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -63,7 +64,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     );
     let app = router(state);
     tokio::select! {
-        r = axum::serve(listener, app) => r.context("serving")?,
+        // Without TCP_NODELAY each SSE event waits for the peer's delayed ACK (~40 ms).
+        r = axum::serve(listener.tap_io(|tcp| { let _ = tcp.set_nodelay(true); }), app) => r.context("serving")?,
         () = shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
