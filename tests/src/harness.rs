@@ -595,3 +595,97 @@ impl EngineSim {
         String::from_utf8_lossy(&body).into_owned()
     }
 }
+
+/// A running `pd-sidecar` on 127.0.0.1 in front of one engine, with plain HTTP
+/// and its metrics on a second free port.
+pub struct Sidecar {
+    proc: Proc,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl Sidecar {
+    /// Starts a sidecar for the engine on `decode_port` with `extra` flags
+    /// (a repeated flag overrides these defaults) and waits until it serves and
+    /// its metrics answer; retries when a chosen port was taken meanwhile.
+    pub async fn try_start(
+        decode_port: u16,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Sidecar, String> {
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let metrics_port = free_port();
+            let mut args = vec![
+                format!("--port={port}"),
+                format!("--model-server-port={decode_port}"),
+                "--secure-proxy=false".into(),
+                format!("--metrics-port={metrics_port}"),
+            ];
+            args.extend(extra.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut proc = Proc::spawn("pd-sidecar", &args, env);
+            let ready = proc
+                .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
+                .await;
+            let sidecar = Sidecar {
+                proc,
+                port,
+                metrics_port,
+            };
+            match ready {
+                Ok(()) => match sidecar.metrics().await {
+                    Ok(_) => return Ok(sidecar),
+                    Err(e) => last_err = e,
+                },
+                Err(e) => last_err = e,
+            }
+        }
+        Err(format!("pd-sidecar did not start: {last_err}"))
+    }
+
+    /// Like [`Sidecar::try_start`], panicking on failure.
+    pub async fn start(decode_port: u16, extra: &[&str]) -> Sidecar {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Sidecar::try_start(decode_port, &extra, &[("RUST_LOG", "debug")])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// `http://127.0.0.1:<port><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.proc.log_path()
+    }
+
+    /// The Prometheus text of `--metrics-port`.
+    pub async fn metrics(&self) -> Result<String, String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let (status, _, body) =
+            try_http(Method::GET, &url, &[], Bytes::new(), Duration::from_secs(5)).await?;
+        if status != StatusCode::OK {
+            return Err(format!("GET {url}: {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}

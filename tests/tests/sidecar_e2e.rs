@@ -9,51 +9,22 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tandem_tests::harness::{
     free_port, http, http_get, http_post_json, http_post_stream, json, poll_until, try_http,
-    EngineSim, Proc, READY_TIMEOUT,
+    EngineSim, Proc, Sidecar, READY_TIMEOUT,
 };
 
-/// A `pd-sidecar` process on a free port with metrics on another.
-struct Sidecar {
-    proc: Proc,
-    port: u16,
-    metrics_port: u16,
+/// Flags every test sidecar gets unless it overrides them.
+const TEST_FLAGS: [&str; 2] = [
+    "--prefill-threshold-tokens=0",
+    "--prefill-retry-backoff=10ms",
+];
+
+async fn start_sidecar(decode_port: u16, extra: &[&str]) -> Sidecar {
+    let args: Vec<&str> = TEST_FLAGS.iter().chain(extra).copied().collect();
+    Sidecar::start(decode_port, &args).await
 }
 
-impl Sidecar {
-    /// Starts a sidecar in front of the engine on `decode_port`; `extra` may override flags.
-    async fn start(decode_port: u16, extra: &[&str]) -> Sidecar {
-        let port = free_port();
-        let metrics_port = free_port();
-        let mut args = vec![
-            format!("--port={port}"),
-            format!("--model-server-port={decode_port}"),
-            "--secure-proxy=false".into(),
-            format!("--metrics-port={metrics_port}"),
-            "--prefill-threshold-tokens=0".into(),
-            "--prefill-retry-backoff=10ms".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut proc = Proc::spawn("pd-sidecar", &args, &[("RUST_LOG", "debug")]);
-        proc.wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
-            .await;
-        Sidecar {
-            proc,
-            port,
-            metrics_port,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    async fn metrics(&self) -> String {
-        let (status, _, body) =
-            http_get(&format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await;
-        assert_eq!(status, StatusCode::OK);
-        String::from_utf8_lossy(&body).into_owned()
-    }
+async fn metrics(sidecar: &Sidecar) -> String {
+    sidecar.metrics().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The requests an engine received on the inference routes.
@@ -81,7 +52,7 @@ fn long_prompt() -> String {
 async fn cluster(decode_args: &[&str], sidecar_args: &[&str]) -> (EngineSim, EngineSim, Sidecar) {
     let prefill = EngineSim::start(&[]).await;
     let decode = EngineSim::start(decode_args).await;
-    let sidecar = Sidecar::start(decode.port(), sidecar_args).await;
+    let sidecar = start_sidecar(decode.port(), sidecar_args).await;
     (prefill, decode, sidecar)
 }
 
@@ -189,7 +160,7 @@ async fn nixlv2_prefill_and_decode_bodies_on_every_route() {
         || async { (prefill.state().await["held_blocks"] == 0).then_some(()) },
     )
     .await;
-    let metrics = sidecar.metrics().await;
+    let metrics = metrics(&sidecar).await;
     assert!(
         metrics.contains(
             r#"pd_sidecar_requests_total{route="/v1/chat/completions",decision="remote"} 1"#
@@ -294,7 +265,7 @@ async fn other_connectors_send_their_protocol() {
     for name in ["shared-storage", "lmcache"] {
         prefill.clear_requests().await;
         decode.clear_requests().await;
-        let sidecar = Sidecar::start(decode.port(), &[&format!("--kv-connector={name}")]).await;
+        let sidecar = start_sidecar(decode.port(), &[&format!("--kv-connector={name}")]).await;
         let (status, _, _) = http_post_json(
             &sidecar.url("/v1/completions"),
             &body,
@@ -311,7 +282,7 @@ async fn other_connectors_send_their_protocol() {
     // sglang: both legs with the same bootstrap room.
     prefill.clear_requests().await;
     decode.clear_requests().await;
-    let sidecar = Sidecar::start(
+    let sidecar = start_sidecar(
         decode.port(),
         &["--kv-connector=sglang", "--sglang-bootstrap-port=9911"],
     )
@@ -396,7 +367,7 @@ async fn routing_headers_are_stripped_and_ids_propagate() {
 async fn threshold_keeps_short_prompts_local() {
     let prefill = EngineSim::start(&[]).await;
     let decode = EngineSim::start(&[]).await;
-    let sidecar = Sidecar::start(decode.port(), &["--prefill-threshold-tokens=256"]).await;
+    let sidecar = start_sidecar(decode.port(), &["--prefill-threshold-tokens=256"]).await;
     let hp = prefill.host_port();
     let short = json!({"model": "sim-model", "prompt": "short prompt", "max_tokens": 2});
     let (status, _, _) = http_post_json(
@@ -429,7 +400,7 @@ async fn threshold_keeps_short_prompts_local() {
         1,
         "long prompt must be prefilled remotely"
     );
-    let metrics = sidecar.metrics().await;
+    let metrics = metrics(&sidecar).await;
     assert!(
         metrics.contains(r#"decision="local"} 1"#) && metrics.contains(r#"decision="remote"} 1"#),
         "{metrics}"
@@ -440,7 +411,7 @@ async fn threshold_keeps_short_prompts_local() {
 async fn prefill_down_retries_then_falls_back() {
     let decode = EngineSim::start(&[]).await;
     let dead = free_port();
-    let sidecar = Sidecar::start(decode.port(), &["--prefill-max-retries=2"]).await;
+    let sidecar = start_sidecar(decode.port(), &["--prefill-max-retries=2"]).await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 3});
     let (status, _, resp) = http_post_json(
         &sidecar.url("/v1/completions"),
@@ -452,7 +423,7 @@ async fn prefill_down_retries_then_falls_back() {
     assert_eq!(json(&resp)["usage"]["completion_tokens"], 3);
     // Local prefill: the client's body, untouched.
     assert_eq!(only_request(&decode).await["body"], body);
-    let metrics = sidecar.metrics().await;
+    let metrics = metrics(&sidecar).await;
     assert!(
         metrics.contains("pd_sidecar_prefill_retries_total 2"),
         "{metrics}"
@@ -518,7 +489,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
 async fn prefill_timeout_falls_back() {
     let prefill = EngineSim::start(&["--prefill-delay-ms", "20000"]).await;
     let decode = EngineSim::start(&[]).await;
-    let sidecar = Sidecar::start(decode.port(), &["--prefill-timeout=300ms"]).await;
+    let sidecar = start_sidecar(decode.port(), &["--prefill-timeout=300ms"]).await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
     let started = Instant::now();
     let (status, _, _) = http_post_json(
@@ -533,8 +504,7 @@ async fn prefill_timeout_falls_back() {
         "the prefill deadline was not applied"
     );
     assert_eq!(only_request(&decode).await["body"], body);
-    assert!(sidecar
-        .metrics()
+    assert!(metrics(&sidecar)
         .await
         .contains(r#"class="prefill_timeout"} 1"#));
     // The abandoned prefill request was cancelled, not left running.
@@ -593,7 +563,7 @@ async fn fail_mode_relays_prefill_errors() {
 async fn client_disconnect_cancels_the_prefill_leg() {
     let prefill = EngineSim::start(&["--prefill-delay-ms", "30000"]).await;
     let decode = EngineSim::start(&[]).await;
-    let sidecar = Sidecar::start(decode.port(), &[]).await;
+    let sidecar = start_sidecar(decode.port(), &[]).await;
     let body = Bytes::from(
         json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2}).to_string(),
     );
@@ -631,7 +601,7 @@ async fn client_disconnect_cancels_the_prefill_leg() {
 #[tokio::test]
 async fn decode_refused_is_503_json() {
     let dead = free_port();
-    let sidecar = Sidecar::start(dead, &[]).await;
+    let sidecar = start_sidecar(dead, &[]).await;
     let body = json!({"model": "sim-model", "prompt": "hi"});
     let (status, headers, resp) = http_post_json(&sidecar.url("/v1/completions"), &body, &[]).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -649,7 +619,7 @@ async fn decode_refused_is_503_json() {
 async fn bad_json_is_400_and_oversize_is_413() {
     let prefill = EngineSim::start(&[]).await;
     let decode = EngineSim::start(&[]).await;
-    let sidecar = Sidecar::start(decode.port(), &["--max-body-bytes=1000"]).await;
+    let sidecar = start_sidecar(decode.port(), &["--max-body-bytes=1000"]).await;
     let url = sidecar.url("/v1/chat/completions");
     let hp = prefill.host_port();
     let pd = [
@@ -768,7 +738,7 @@ async fn tls_in_and_out() {
         "TLS port answered plain HTTP"
     );
 
-    let a = Sidecar::start(
+    let a = start_sidecar(
         decode.port(),
         &[
             "--prefiller-use-tls=true",
@@ -794,7 +764,7 @@ async fn tls_in_and_out() {
     );
 
     // With verification on, the self-signed certificate is refused and the request falls back.
-    let strict = Sidecar::start(decode.port(), &["--enable-tls=prefiller"]).await;
+    let strict = start_sidecar(decode.port(), &["--enable-tls=prefiller"]).await;
     let (status, _, _) = http_post_json(
         &strict.url("/v1/completions"),
         &body,
@@ -802,7 +772,7 @@ async fn tls_in_and_out() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert!(strict.metrics().await.contains(r#"decision="fallback"} 1"#));
+    assert!(metrics(&strict).await.contains(r#"decision="fallback"} 1"#));
 }
 
 #[tokio::test]
@@ -810,7 +780,7 @@ async fn sglang_prefill_failure_fails_the_decode_fast() {
     let prefill = EngineSim::start(&[]).await;
     // A decode engine that would wait a long time for its KV cache.
     let decode = EngineSim::start(&["--ttft-ms", "60000"]).await;
-    let sidecar = Sidecar::start(
+    let sidecar = start_sidecar(
         decode.port(),
         &[
             "--kv-connector=sglang",
@@ -846,7 +816,7 @@ async fn sglang_prefill_failure_fails_the_decode_fast() {
 #[tokio::test]
 async fn passthrough_streams_other_paths() {
     let decode = EngineSim::start(&[]).await;
-    let sidecar = Sidecar::start(decode.port(), &[]).await;
+    let sidecar = start_sidecar(decode.port(), &[]).await;
     let (status, _, body) = http_get(&sidecar.url("/v1/models")).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(&body)["data"][0]["id"], "sim-model");
@@ -878,13 +848,13 @@ async fn passthrough_streams_other_paths() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_streams() {
     let decode = EngineSim::start(&["--itl-ms", "100"]).await;
-    let sidecar = Sidecar::start(decode.port(), &["--shutdown-grace-period=20s"]).await;
+    let sidecar = start_sidecar(decode.port(), &["--shutdown-grace-period=20s"]).await;
     let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 10, "stream": true});
     let mut stream = http_post_stream(&sidecar.url("/v1/completions"), &body, &[]).await;
     let first = stream.next_event().await.expect("first event");
     assert!(!first.is_done());
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &sidecar.proc.pid().to_string()])
+        .args(["-TERM", &sidecar.pid().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -894,9 +864,9 @@ async fn sigterm_drains_in_flight_streams() {
         "stream cut off by shutdown"
     );
     assert_eq!(rest.iter().filter(|e| !e.is_done()).count(), 9);
-    let mut proc = sidecar.proc;
+    let mut sidecar = sidecar;
     poll_until(Duration::from_secs(10), "sidecar exit", || {
-        let exited = proc.exited();
+        let exited = sidecar.proc_mut().exited();
         async move { exited }
     })
     .await;
@@ -953,7 +923,7 @@ async fn stale_keepalive_connection_is_retried_once() {
             });
         }
     });
-    let sidecar = Sidecar::start(port, &[]).await;
+    let sidecar = start_sidecar(port, &[]).await;
     let body = json!({"model": "m", "prompt": "hi"});
     for _ in 0..3 {
         let (status, _, resp) = http_post_json(&sidecar.url("/v1/completions"), &body, &[]).await;
@@ -974,7 +944,7 @@ async fn tokenizer_gives_exact_counts_for_the_threshold() {
     let prompt = vec!["supercalifragil"; 20].join(" ");
     let body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2});
     let hp = prefill.host_port();
-    let estimate = Sidecar::start(decode.port(), &["--prefill-threshold-tokens=50"]).await;
+    let estimate = start_sidecar(decode.port(), &["--prefill-threshold-tokens=50"]).await;
     let (status, _, _) = http_post_json(
         &estimate.url("/v1/completions"),
         &body,
@@ -988,7 +958,7 @@ async fn tokenizer_gives_exact_counts_for_the_threshold() {
         "estimate: 80 >= 50 goes remote"
     );
     prefill.clear_requests().await;
-    let exact = Sidecar::start(
+    let exact = start_sidecar(
         decode.port(),
         &[
             "--prefill-threshold-tokens=50",

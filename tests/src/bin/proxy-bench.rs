@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use tandem_tests::harness::{free_port, wait_ready, EngineSim, Proc, READY_TIMEOUT};
+use tandem_tests::harness::{free_port, wait_ready, EngineSim, Proc, Sidecar, READY_TIMEOUT};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -184,21 +184,13 @@ fn which(name: &str) -> Option<PathBuf> {
     })
 }
 
-async fn start_sidecar(decode_port: u16, extra: &[String]) -> (Proc, u16) {
-    let port = free_port();
-    let args = [
-        format!("--port={port}"),
-        format!("--model-server-port={decode_port}"),
-        "--secure-proxy=false".into(),
-        "--metrics-port=0".into(),
-        "--prefill-threshold-tokens=0".into(),
-    ];
-    let args: Vec<String> = args.into_iter().chain(extra.iter().cloned()).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut proc = Proc::spawn("pd-sidecar", &args, &[("RUST_LOG", "warn")]);
-    proc.wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
-        .await;
-    (proc, port)
+async fn start_sidecar(decode_port: u16, extra: &[String]) -> Sidecar {
+    let mut args = vec!["--prefill-threshold-tokens=0".to_string()];
+    args.extend(extra.iter().cloned());
+    match Sidecar::try_start(decode_port, &args, &[("RUST_LOG", "warn")]).await {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 async fn start_nginx(decode_port: u16) -> Option<(Proc, u16)> {
@@ -237,10 +229,10 @@ async fn start_nginx(decode_port: u16) -> Option<(Proc, u16)> {
 async fn stream_footprint(n: usize, extra: &[String]) -> Option<(u64, usize)> {
     // Streams that stay open ~2 s each, so all n overlap.
     let sim = EngineSim::start(&["--itl-ms", "50", "--output-tokens", "40"]).await;
-    let (sidecar, port) = start_sidecar(sim.port(), extra).await;
+    let sidecar = start_sidecar(sim.port(), extra).await;
     let target = Target {
         name: "footprint",
-        url: format!("http://127.0.0.1:{port}/v1/completions"),
+        url: sidecar.url("/v1/completions"),
         headers: vec![],
     };
     let body = Bytes::from(
@@ -268,7 +260,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let decode = EngineSim::start(&[]).await;
     let prefill = EngineSim::start(&[]).await;
-    let (sidecar, sidecar_port) = start_sidecar(decode.port(), &args.sidecar_args).await;
+    let sidecar = start_sidecar(decode.port(), &args.sidecar_args).await;
     let path = "/v1/completions";
     let mut targets = vec![
         Target {
@@ -278,12 +270,12 @@ async fn main() -> anyhow::Result<()> {
         },
         Target {
             name: "sidecar-local",
-            url: format!("http://127.0.0.1:{sidecar_port}{path}"),
+            url: sidecar.url(path),
             headers: vec![],
         },
         Target {
             name: "sidecar-remote",
-            url: format!("http://127.0.0.1:{sidecar_port}{path}"),
+            url: sidecar.url(path),
             headers: vec![("x-prefiller-host-port".into(), prefill.host_port())],
         },
     ];

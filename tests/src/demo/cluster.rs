@@ -12,7 +12,7 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::prom;
-use crate::harness::{free_port, try_http, EngineSim, Proc, POLL_INTERVAL, READY_TIMEOUT};
+use crate::harness::{try_http, EngineSim, POLL_INTERVAL};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -27,78 +27,17 @@ pub struct ClusterSpec {
     pub sidecar_args: Vec<String>,
 }
 
-/// A running `pd-sidecar` in front of one decode engine.
-pub struct Sidecar {
-    proc: Proc,
-    port: u16,
-    metrics_port: u16,
-}
+pub use crate::harness::Sidecar;
 
-impl Sidecar {
-    /// Starts a sidecar for the engine on `decode_port`, retrying on a port race.
-    pub async fn start(decode_port: u16, extra: &[String]) -> Result<Sidecar, String> {
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let metrics_port = free_port();
-            let mut args = vec![
-                format!("--port={port}"),
-                format!("--model-server-port={decode_port}"),
-                "--secure-proxy=false".into(),
-                format!("--metrics-port={metrics_port}"),
-            ];
-            args.extend(extra.iter().cloned());
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut proc = Proc::spawn("pd-sidecar", &args, &[]);
-            let ready = proc
-                .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
-                .await;
-            let metrics_ok = match ready {
-                Ok(()) => get_text(&format!("http://127.0.0.1:{metrics_port}/metrics"))
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            };
-            match metrics_ok {
-                Ok(()) => {
-                    return Ok(Sidecar {
-                        proc,
-                        port,
-                        metrics_port,
-                    })
-                }
-                Err(e) => last_err = e,
-            }
-        }
-        Err(format!("pd-sidecar did not start: {last_err}"))
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn metrics_port(&self) -> u16 {
-        self.metrics_port
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.proc.log_path().to_path_buf()
-    }
-
-    /// The sidecar's counters now.
-    pub async fn counters(&self) -> Result<SidecarCounters, String> {
-        let text = get_text(&format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await?;
-        let samples = prom::parse(&text);
-        Ok(SidecarCounters {
-            decisions: prom::sum_by(&samples, "pd_sidecar_requests_total", "decision"),
-            errors: prom::sum_by(&samples, "pd_sidecar_errors_total", "class"),
-            prefill_retries: prom::sum(&samples, "pd_sidecar_prefill_retries_total"),
-        })
-    }
+/// The counters of one sidecar now.
+pub async fn counters(sidecar: &Sidecar) -> Result<SidecarCounters, String> {
+    let text = sidecar.metrics().await?;
+    let samples = prom::parse(&text);
+    Ok(SidecarCounters {
+        decisions: prom::sum_by(&samples, "pd_sidecar_requests_total", "decision"),
+        errors: prom::sum_by(&samples, "pd_sidecar_errors_total", "class"),
+        prefill_retries: prom::sum(&samples, "pd_sidecar_prefill_retries_total"),
+    })
 }
 
 /// The sidecar counters the demo reports, summed over routes.
@@ -216,9 +155,9 @@ impl Cluster {
         let mut sidecar_tasks = Vec::new();
         for d in &decode {
             let (port, args) = (d.port(), spec.sidecar_args.clone());
-            sidecar_tasks.push(tokio::spawn(
-                async move { Sidecar::start(port, &args).await },
-            ));
+            sidecar_tasks.push(tokio::spawn(async move {
+                Sidecar::try_start(port, &args, &[]).await
+            }));
         }
         let mut sidecars = Vec::new();
         for t in sidecar_tasks {
@@ -233,7 +172,7 @@ impl Cluster {
         }
         for (i, (d, s)) in decode.iter_mut().zip(&sidecars).enumerate() {
             logs.push((format!("decode-{i}"), d.proc_mut().log_path().to_path_buf()));
-            logs.push((format!("sidecar-{i}"), s.log_path()));
+            logs.push((format!("sidecar-{i}"), s.log_path().to_path_buf()));
         }
         Ok(Cluster {
             spec,
@@ -249,7 +188,7 @@ impl Cluster {
     pub async fn sidecar_counters(&self) -> Result<SidecarCounters, String> {
         let mut total = SidecarCounters::default();
         for s in &self.sidecars {
-            total.add(&s.counters().await?);
+            total.add(&counters(s).await?);
         }
         Ok(total)
     }
