@@ -27,6 +27,21 @@ async fn metrics(sidecar: &Sidecar) -> String {
     sidecar.metrics().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// POSTs `body` through the sidecar, naming `prefiller` as the prefill engine.
+async fn pd_post(
+    sidecar: &Sidecar,
+    path: &str,
+    body: &Value,
+    prefiller: &str,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    http_post_json(
+        &sidecar.url(path),
+        body,
+        &[("x-prefiller-host-port", prefiller)],
+    )
+    .await
+}
+
 /// The requests an engine received on the inference routes.
 async fn inference_requests(sim: &EngineSim) -> Vec<Value> {
     sim.requests()
@@ -223,10 +238,11 @@ async fn streaming_decode_restores_stream_fields_and_arrives_event_by_event() {
 async fn non_streaming_usage_reports_prefill_cached_tokens() {
     let (prefill, _decode, sidecar) = cluster(&[], &[]).await;
     let body = json!({"model": "sim-model", "messages": [{"role": "user", "content": long_prompt()}], "max_tokens": 2});
-    let (status, _, resp) = http_post_json(
-        &sidecar.url("/v1/chat/completions"),
+    let (status, _, resp) = pd_post(
+        &sidecar,
+        "/v1/chat/completions",
         &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
+        &prefill.host_port(),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -245,12 +261,7 @@ async fn other_connectors_send_their_protocol() {
     // nixl v1: fields at the top level.
     let (prefill, decode, sidecar) = cluster(&[], &["--kv-connector=nixl"]).await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 4});
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::OK);
     let p = only_request(&prefill).await;
     assert_eq!(p["body"]["do_remote_decode"], true);
@@ -266,12 +277,8 @@ async fn other_connectors_send_their_protocol() {
         prefill.clear_requests().await;
         decode.clear_requests().await;
         let sidecar = start_sidecar(decode.port(), &[&format!("--kv-connector={name}")]).await;
-        let (status, _, _) = http_post_json(
-            &sidecar.url("/v1/completions"),
-            &body,
-            &[("x-prefiller-host-port", &prefill.host_port())],
-        )
-        .await;
+        let (status, _, _) =
+            pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
         assert_eq!(status, StatusCode::OK);
         let p = only_request(&prefill).await;
         assert_eq!(p["body"]["max_tokens"], 1);
@@ -287,12 +294,7 @@ async fn other_connectors_send_their_protocol() {
         &["--kv-connector=sglang", "--sglang-bootstrap-port=9911"],
     )
     .await;
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::OK);
     let p = poll_until(Duration::from_secs(5), "sglang prefill leg", || async {
         inference_requests(&prefill).await.pop()
@@ -370,12 +372,7 @@ async fn threshold_keeps_short_prompts_local() {
     let sidecar = start_sidecar(decode.port(), &["--prefill-threshold-tokens=256"]).await;
     let hp = prefill.host_port();
     let short = json!({"model": "sim-model", "prompt": "short prompt", "max_tokens": 2});
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &short,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &short, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         inference_requests(&prefill).await.is_empty(),
@@ -388,12 +385,7 @@ async fn threshold_keeps_short_prompts_local() {
     );
 
     let long = json!({"model": "sim-model", "prompt": "x".repeat(4 * 300), "max_tokens": 2});
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &long,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &long, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         inference_requests(&prefill).await.len(),
@@ -413,10 +405,11 @@ async fn prefill_down_retries_then_falls_back() {
     let dead = free_port();
     let sidecar = start_sidecar(decode.port(), &["--prefill-max-retries=2"]).await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 3});
-    let (status, _, resp) = http_post_json(
-        &sidecar.url("/v1/completions"),
+    let (status, _, resp) = pd_post(
+        &sidecar,
+        "/v1/completions",
         &body,
-        &[("x-prefiller-host-port", &format!("127.0.0.1:{dead}"))],
+        &format!("127.0.0.1:{dead}"),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
@@ -444,12 +437,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
     prefill
         .set_faults(json!({"fail_next": 1, "error_status": 503}))
         .await;
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(inference_requests(&prefill).await.len(), 2);
     assert!(only_request(&decode).await["body"]["kv_transfer_params"]["do_remote_prefill"] == true);
@@ -460,12 +448,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
     prefill
         .set_faults(json!({"fail_next": 10, "error_status": 503}))
         .await;
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(inference_requests(&prefill).await.len(), 3);
     assert_eq!(only_request(&decode).await["body"], body);
@@ -475,12 +458,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
     prefill
         .set_faults(json!({"fail_next": 10, "error_status": 500}))
         .await;
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(inference_requests(&prefill).await.len(), 1);
 }
@@ -492,12 +470,7 @@ async fn prefill_timeout_falls_back() {
     let sidecar = start_sidecar(decode.port(), &["--prefill-timeout=300ms"]).await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
     let started = Instant::now();
-    let (status, _, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -533,12 +506,8 @@ async fn fail_mode_relays_prefill_errors() {
     prefill
         .set_faults(json!({"fail_next": 1, "error_status": 500}))
         .await;
-    let (status, headers, resp) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
+    let (status, headers, resp) =
+        pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(headers["x-pd-error-code"], "prefill_status");
     assert!(json(&resp)["error"]["message"].is_string());
@@ -548,10 +517,11 @@ async fn fail_mode_relays_prefill_errors() {
     );
 
     let dead = free_port();
-    let (status, headers, resp) = http_post_json(
-        &sidecar.url("/v1/completions"),
+    let (status, headers, resp) = pd_post(
+        &sidecar,
+        "/v1/completions",
         &body,
-        &[("x-prefiller-host-port", &format!("127.0.0.1:{dead}"))],
+        &format!("127.0.0.1:{dead}"),
     )
     .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
@@ -747,12 +717,8 @@ async fn tls_in_and_out() {
     )
     .await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
-    let (status, _, resp) = http_post_json(
-        &a.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &format!("127.0.0.1:{b_port}"))],
-    )
-    .await;
+    let (status, _, resp) =
+        pd_post(&a, "/v1/completions", &body, &format!("127.0.0.1:{b_port}")).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     assert_eq!(
         only_request(&prefill).await["body"]["kv_transfer_params"]["do_remote_decode"],
@@ -765,10 +731,11 @@ async fn tls_in_and_out() {
 
     // With verification on, the self-signed certificate is refused and the request falls back.
     let strict = start_sidecar(decode.port(), &["--enable-tls=prefiller"]).await;
-    let (status, _, _) = http_post_json(
-        &strict.url("/v1/completions"),
+    let (status, _, _) = pd_post(
+        &strict,
+        "/v1/completions",
         &body,
-        &[("x-prefiller-host-port", &format!("127.0.0.1:{b_port}"))],
+        &format!("127.0.0.1:{b_port}"),
     )
     .await;
     assert_eq!(status, StatusCode::OK);
@@ -794,12 +761,8 @@ async fn sglang_prefill_failure_fails_the_decode_fast() {
         .await;
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
     let started = Instant::now();
-    let (status, headers, _) = http_post_json(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
+    let (status, headers, _) =
+        pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(headers["x-pd-error-code"], "prefill_status");
     assert!(started.elapsed() < Duration::from_secs(20));
@@ -945,12 +908,7 @@ async fn tokenizer_gives_exact_counts_for_the_threshold() {
     let body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2});
     let hp = prefill.host_port();
     let estimate = start_sidecar(decode.port(), &["--prefill-threshold-tokens=50"]).await;
-    let (status, _, _) = http_post_json(
-        &estimate.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&estimate, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         inference_requests(&prefill).await.len(),
@@ -966,12 +924,7 @@ async fn tokenizer_gives_exact_counts_for_the_threshold() {
         ],
     )
     .await;
-    let (status, _, _) = http_post_json(
-        &exact.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &hp)],
-    )
-    .await;
+    let (status, _, _) = pd_post(&exact, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
         inference_requests(&prefill).await.is_empty(),
