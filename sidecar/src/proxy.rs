@@ -389,10 +389,11 @@ impl Ctx<'_> {
         err: ProxyError,
         raw: Bytes,
     ) -> Result<(Decision, Response), ProxyError> {
-        self.shared().metrics.error(err.code());
+        // A relayed error is counted once, by pd_handler.
         match self.shared().cfg.on_prefill_failure {
             PrefillFailurePolicy::Fail => Err(err),
             PrefillFailurePolicy::Fallback => {
+                self.shared().metrics.error(err.code());
                 tracing::warn!(error = %err, "remote prefill failed; serving with local prefill");
                 Ok((Decision::fallback, self.decode(raw, None).await?))
             }
@@ -453,10 +454,10 @@ impl Ctx<'_> {
         match first {
             First::Prefill(Ok(err)) => {
                 // Returning drops decode_fut, which cancels the decode request.
-                self.shared().metrics.error(err.code());
                 match self.shared().cfg.on_prefill_failure {
                     PrefillFailurePolicy::Fail => Err(err),
                     PrefillFailurePolicy::Fallback => {
+                        self.shared().metrics.error(err.code());
                         tracing::warn!(error = %err, "sglang prefill failed; serving without bootstrap");
                         Ok((Decision::fallback, self.decode(raw, None).await?))
                     }

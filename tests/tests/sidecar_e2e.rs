@@ -42,6 +42,18 @@ async fn pd_post(
     .await
 }
 
+/// Waits until the engine's first inference request is logged as cancelled.
+async fn first_cancelled(sim: &EngineSim) -> Value {
+    poll_until(Duration::from_secs(10), "a cancelled request", || async {
+        inference_requests(sim)
+            .await
+            .first()
+            .filter(|r| r["cancelled"] == true)
+            .cloned()
+    })
+    .await
+}
+
 /// The requests an engine received on the inference routes.
 async fn inference_requests(sim: &EngineSim) -> Vec<Value> {
     sim.requests()
@@ -481,18 +493,7 @@ async fn prefill_timeout_falls_back() {
         .await
         .contains(r#"class="prefill_timeout"} 1"#));
     // The abandoned prefill request was cancelled, not left running.
-    poll_until(
-        Duration::from_secs(10),
-        "prefill request cancelled",
-        || async {
-            inference_requests(&prefill)
-                .await
-                .first()
-                .filter(|r| r["cancelled"] == true)
-                .cloned()
-        },
-    )
-    .await;
+    first_cancelled(&prefill).await;
 }
 
 #[tokio::test]
@@ -514,6 +515,12 @@ async fn fail_mode_relays_prefill_errors() {
     assert!(
         inference_requests(&decode).await.is_empty(),
         "fail mode must not reach decode"
+    );
+    // A relayed error is counted once.
+    let m = metrics(&sidecar).await;
+    assert!(
+        m.contains(r#"pd_sidecar_errors_total{class="prefill_status"} 1"#),
+        "{m}"
     );
 
     let dead = free_port();
@@ -552,18 +559,7 @@ async fn client_disconnect_cancels_the_prefill_leg() {
     )
     .await;
     assert!(gave_up.is_err());
-    let cancelled = poll_until(
-        Duration::from_secs(10),
-        "prefill request cancelled",
-        || async {
-            inference_requests(&prefill)
-                .await
-                .first()
-                .filter(|r| r["cancelled"] == true)
-                .cloned()
-        },
-    )
-    .await;
+    let cancelled = first_cancelled(&prefill).await;
     assert_eq!(cancelled["completed"], false);
     assert!(inference_requests(&decode).await.is_empty());
 }
@@ -766,14 +762,7 @@ async fn sglang_prefill_failure_fails_the_decode_fast() {
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(headers["x-pd-error-code"], "prefill_status");
     assert!(started.elapsed() < Duration::from_secs(20));
-    poll_until(Duration::from_secs(10), "decode leg cancelled", || async {
-        inference_requests(&decode)
-            .await
-            .first()
-            .filter(|r| r["cancelled"] == true)
-            .cloned()
-    })
-    .await;
+    first_cancelled(&decode).await;
 }
 
 #[tokio::test]
