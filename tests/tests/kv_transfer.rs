@@ -1,0 +1,636 @@
+//! KV transfers between two real `kv-agent` processes on loopback, over real
+//! NIXL (the wheel's UCX on host memory) and over TCP. Each agent's pool is a
+//! shared mapping that the test maps too, so it writes the source bytes and
+//! checks the destination byte for byte.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tandem_tests::harness::{free_port, poll_until, Proc};
+use tonic::Code;
+use transfer::grpc::proto::{self, transfer_event::Event};
+use transfer::layout::{KvLayout, LayoutParams, ModelShape};
+use transfer::HostMemory;
+
+/// Small but vLLM-shaped: 4 layers x K/V = 8 regions, 4 KiB blocks.
+const MODEL: &str = "layers=4,kv_heads=2,head_dim=64,dtype=bf16";
+const NUM_BLOCKS: u32 = 64;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn layout() -> KvLayout {
+    KvLayout::new(LayoutParams::new(
+        ModelShape::parse(MODEL).unwrap(),
+        NUM_BLOCKS,
+    ))
+    .unwrap()
+}
+
+struct AgentProc {
+    proc: Proc,
+    endpoint: String,
+    port: u16,
+    shm: PathBuf,
+    mem: HostMemory,
+}
+
+impl AgentProc {
+    async fn start(backend: &str, engine: &str) -> AgentProc {
+        Self::start_on(backend, engine, free_port(), None, &[]).await
+    }
+
+    async fn start_on(
+        backend: &str,
+        engine: &str,
+        port: u16,
+        shm: Option<PathBuf>,
+        extra: &[&str],
+    ) -> AgentProc {
+        let shm = shm.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("tandem-kv-{}", uuid::Uuid::new_v4()))
+        });
+        let listen = format!("127.0.0.1:{port}");
+        let blocks = NUM_BLOCKS.to_string();
+        let shm_arg = shm.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--engine-id",
+            engine,
+            "--backend",
+            backend,
+            "--model",
+            MODEL,
+            "--num-blocks",
+            &blocks,
+            "--shm",
+            &shm_arg,
+        ];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn("kv-agent", &args, &[("RUST_LOG", "info,transfer=debug")]);
+        let endpoint = listen.clone();
+        let ep = endpoint.clone();
+        poll_until(TIMEOUT, "kv-agent health", || {
+            let ep = ep.clone();
+            async move { health_of(&ep).await.ok() }
+        })
+        .await;
+        if let Some(status) = proc.exited() {
+            panic!("kv-agent exited: {status:?}\n{}", proc.log());
+        }
+        let mem = HostMemory::shared(&shm, layout().total_bytes() as usize, false).unwrap();
+        AgentProc {
+            proc,
+            endpoint,
+            port,
+            shm,
+            mem,
+        }
+    }
+
+    async fn health(&self) -> proto::HealthResponse {
+        health_of(&self.endpoint).await.unwrap()
+    }
+
+    /// Fills the whole pool with bytes that depend on `seed` and the offset.
+    fn fill(&self, seed: u8) {
+        let len = self.mem.len();
+        let mut buf = vec![0u8; len];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = pattern(seed, i as u64);
+        }
+        self.mem.write(0, &buf).unwrap();
+    }
+
+    fn block(&self, region: u32, block: u32) -> Vec<u8> {
+        let l = layout();
+        let mut out = vec![0u8; l.block_len() as usize];
+        self.mem
+            .read(l.block_offset(region, block), &mut out)
+            .unwrap();
+        out
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.proc.kill();
+        let _ = std::fs::remove_file(&self.shm);
+    }
+}
+
+fn pattern(seed: u8, offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((seed as u64) << 56) ^ (offset >> 13);
+    (x >> 24) as u8 ^ seed
+}
+
+async fn health_of(endpoint: &str) -> Result<proto::HealthResponse, String> {
+    let mut c = transfer::grpc::connect(endpoint)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.health(proto::HealthRequest {})
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|e| e.to_string())
+}
+
+struct PullArgs<'a> {
+    local: &'a [u32],
+    remote: &'a [u32],
+    plan: proto::Plan,
+    notify: Option<(&'a str, u32)>,
+}
+
+/// Runs a Pull (or Push) on `agent` against `peer`; returns the final event
+/// or the error status. Checks that progress ends at the total.
+async fn transfer(
+    agent: &AgentProc,
+    peer: &str,
+    push: bool,
+    a: PullArgs<'_>,
+) -> Result<proto::TransferDone, tonic::Status> {
+    let mut c = transfer::grpc::connect(&agent.endpoint).await.unwrap();
+    let req = proto::TransferRequest {
+        request_id: "test-req".into(),
+        peer: peer.to_string(),
+        local_block_ids: a.local.to_vec(),
+        remote_block_ids: a.remote.to_vec(),
+        plan: a.plan as i32,
+        deadline_ms: 20_000,
+        remote_request_id: a.notify.map(|(id, _)| id.to_string()).unwrap_or_default(),
+        tp_size: a.notify.map(|(_, tp)| tp).unwrap_or(0),
+        remote_instance_id: String::new(),
+    };
+    let mut stream = if push {
+        c.push(req).await?.into_inner()
+    } else {
+        c.pull(req).await?.into_inner()
+    };
+    let mut last_progress = None;
+    while let Some(ev) = stream.message().await? {
+        match ev.event {
+            Some(Event::Progress(p)) => last_progress = Some(p),
+            Some(Event::Done(d)) => {
+                if d.bytes > 0 {
+                    let p = last_progress.expect("progress before done");
+                    assert_eq!(p.bytes_done, p.bytes_total);
+                    assert_eq!(p.bytes_total, d.bytes);
+                }
+                return Ok(d);
+            }
+            None => panic!("empty event"),
+        }
+    }
+    panic!("stream ended without a result")
+}
+
+fn assert_moved(dst: &AgentProc, src: &AgentProc, dst_blocks: &[u32], src_blocks: &[u32]) {
+    let l = layout();
+    for region in 0..l.num_regions() {
+        for (d, s) in dst_blocks.iter().zip(src_blocks) {
+            assert!(
+                dst.block(region, *d) == src.block(region, *s),
+                "region {region}: destination block {d} differs from source block {s}"
+            );
+        }
+    }
+}
+
+fn assert_untouched(agent: &AgentProc, seed: u8, except: &[u32]) {
+    let l = layout();
+    for region in 0..l.num_regions() {
+        for b in (0..l.num_blocks()).filter(|b| !except.contains(b)) {
+            let off = l.block_offset(region, b);
+            let got = agent.block(region, b);
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == pattern(seed, off + i as u64)),
+                "region {region} block {b} changed but was not part of the transfer"
+            );
+        }
+    }
+}
+
+const SRC_BLOCKS: &[u32] = &[3, 4, 5, 6, 20, 21, 40, 7, 63, 0];
+const DST_BLOCKS: &[u32] = &[10, 11, 12, 13, 30, 31, 2, 50, 51, 1];
+
+async fn pull_is_byte_exact(backend: &str, plan: proto::Plan) {
+    let prefill = AgentProc::start(backend, "prefill").await;
+    let decode = AgentProc::start(backend, "decode").await;
+    prefill.fill(0xA1);
+    decode.fill(0x5C);
+    let done = transfer(
+        &decode,
+        &prefill.endpoint,
+        false,
+        PullArgs {
+            local: DST_BLOCKS,
+            remote: SRC_BLOCKS,
+            plan,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap();
+    let l = layout();
+    assert_eq!(done.bytes, SRC_BLOCKS.len() as u64 * l.bytes_per_block());
+    let naive = SRC_BLOCKS.len() as u32 * l.num_regions();
+    match plan {
+        proto::Plan::Naive => assert_eq!(done.descriptors, naive),
+        // Runs 3..=6 -> 10..=13 and 20..=21 -> 30..=31 coalesce.
+        proto::Plan::Coalesced => {
+            assert!(done.descriptors < naive, "{} descriptors", done.descriptors)
+        }
+    }
+    assert_moved(&decode, &prefill, DST_BLOCKS, SRC_BLOCKS);
+    assert_untouched(&decode, 0x5C, DST_BLOCKS);
+    assert_untouched(&prefill, 0xA1, &[]);
+}
+
+async fn push_is_byte_exact(backend: &str) {
+    let prefill = AgentProc::start(backend, "prefill").await;
+    let decode = AgentProc::start(backend, "decode").await;
+    prefill.fill(0x11);
+    decode.fill(0x22);
+    // The prefill side writes its blocks into the decode's pool.
+    transfer(
+        &prefill,
+        &decode.endpoint,
+        true,
+        PullArgs {
+            local: SRC_BLOCKS,
+            remote: DST_BLOCKS,
+            plan: proto::Plan::Coalesced,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_moved(&decode, &prefill, DST_BLOCKS, SRC_BLOCKS);
+    assert_untouched(&decode, 0x22, DST_BLOCKS);
+}
+
+#[tokio::test]
+async fn nixl_pull_coalesced_between_two_processes_is_byte_exact() {
+    pull_is_byte_exact("nixl", proto::Plan::Coalesced).await;
+}
+
+#[tokio::test]
+async fn nixl_pull_naive_between_two_processes_is_byte_exact() {
+    pull_is_byte_exact("nixl", proto::Plan::Naive).await;
+}
+
+#[tokio::test]
+async fn nixl_push_writes_into_the_peer_byte_exact() {
+    push_is_byte_exact("nixl").await;
+}
+
+#[tokio::test]
+async fn tcp_pull_between_two_processes_is_byte_exact() {
+    pull_is_byte_exact("tcp", proto::Plan::Coalesced).await;
+    pull_is_byte_exact("tcp", proto::Plan::Naive).await;
+}
+
+#[tokio::test]
+async fn tcp_push_writes_into_the_peer_byte_exact() {
+    push_is_byte_exact("tcp").await;
+}
+
+async fn notification_frees_held_blocks(backend: &str) {
+    let prefill = AgentProc::start(backend, "prefill").await;
+    let decode = AgentProc::start(backend, "decode").await;
+    let mut pc = transfer::grpc::connect(&prefill.endpoint).await.unwrap();
+    pc.hold(proto::HoldRequest {
+        request_id: "cmpl-1".into(),
+        block_ids: SRC_BLOCKS.to_vec(),
+        timeout_ms: 0,
+    })
+    .await
+    .unwrap();
+    // tp_size 2: the prefill frees the blocks after two notifications.
+    pc.hold(proto::HoldRequest {
+        request_id: "cmpl-2".into(),
+        block_ids: vec![60, 61],
+        timeout_ms: 0,
+    })
+    .await
+    .unwrap();
+    let h = prefill.health().await;
+    assert_eq!(
+        (h.held_requests, h.held_blocks),
+        (2, SRC_BLOCKS.len() as u32 + 2)
+    );
+
+    transfer(
+        &decode,
+        &prefill.endpoint,
+        false,
+        PullArgs {
+            local: DST_BLOCKS,
+            remote: SRC_BLOCKS,
+            plan: proto::Plan::Coalesced,
+            notify: Some(("cmpl-1", 1)),
+        },
+    )
+    .await
+    .unwrap();
+    let h = poll_until(TIMEOUT, "cmpl-1 released by notification", || async {
+        let h = prefill.health().await;
+        (h.released_by_notification == 1).then_some(h)
+    })
+    .await;
+    assert_eq!((h.held_requests, h.held_blocks), (1, 2));
+
+    let mut dc = transfer::grpc::connect(&decode.endpoint).await.unwrap();
+    dc.notify(proto::NotifyRequest {
+        peer: prefill.endpoint.clone(),
+        message: "cmpl-2:2".into(),
+    })
+    .await
+    .unwrap();
+    poll_until(TIMEOUT, "first cmpl-2 notification", || async {
+        (prefill.health().await.notifications_received == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        prefill.health().await.held_blocks,
+        2,
+        "one of two TP notifications must not free the blocks"
+    );
+    dc.notify(proto::NotifyRequest {
+        peer: prefill.endpoint.clone(),
+        message: "cmpl-2:2".into(),
+    })
+    .await
+    .unwrap();
+    let h = poll_until(TIMEOUT, "cmpl-2 released", || async {
+        let h = prefill.health().await;
+        (h.released_by_notification == 2).then_some(h)
+    })
+    .await;
+    assert_eq!((h.held_requests, h.held_blocks, h.expired), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn nixl_notification_frees_held_blocks() {
+    notification_frees_held_blocks("nixl").await;
+}
+
+#[tokio::test]
+async fn tcp_notification_frees_held_blocks() {
+    notification_frees_held_blocks("tcp").await;
+}
+
+#[tokio::test]
+async fn held_blocks_expire_without_a_notification() {
+    let prefill = AgentProc::start("tcp", "prefill").await;
+    let mut pc = transfer::grpc::connect(&prefill.endpoint).await.unwrap();
+    pc.hold(proto::HoldRequest {
+        request_id: "short".into(),
+        block_ids: vec![1, 2, 3],
+        timeout_ms: 200,
+    })
+    .await
+    .unwrap();
+    pc.hold(proto::HoldRequest {
+        request_id: "long".into(),
+        block_ids: vec![4],
+        timeout_ms: 600_000,
+    })
+    .await
+    .unwrap();
+    let h = poll_until(TIMEOUT, "expiry", || async {
+        let h = prefill.health().await;
+        (h.expired == 1).then_some(h)
+    })
+    .await;
+    assert_eq!((h.held_requests, h.held_blocks), (1, 1));
+    let r = pc
+        .release(proto::ReleaseRequest {
+            request_id: "long".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.released);
+    assert_eq!(r.blocks, 1);
+    let r = pc
+        .release(proto::ReleaseRequest {
+            request_id: "long".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.released, "a second release finds nothing");
+    assert_eq!(prefill.health().await.released_by_request, 1);
+}
+
+#[tokio::test]
+async fn nixl_rehandshakes_after_the_peer_restarts() {
+    let mut prefill = AgentProc::start("nixl", "prefill").await;
+    let decode = AgentProc::start("nixl", "decode").await;
+    prefill.fill(0x33);
+    let args = || PullArgs {
+        local: &[0, 1, 2],
+        remote: &[5, 6, 7],
+        plan: proto::Plan::Coalesced,
+        notify: None,
+    };
+    transfer(&decode, &prefill.endpoint, false, args())
+        .await
+        .unwrap();
+    assert_moved(&decode, &prefill, &[0, 1, 2], &[5, 6, 7]);
+    let first = prefill.health().await.instance_id;
+
+    // Restart the prefill agent on the same port with a new pool and new bytes.
+    let port = prefill.port;
+    prefill.proc.kill();
+    let prefill2 = AgentProc::start_on("nixl", "prefill", port, None, &[]).await;
+    prefill2.fill(0x44);
+    assert_ne!(prefill2.health().await.instance_id, first);
+
+    let done = transfer(&decode, &prefill2.endpoint, false, args())
+        .await
+        .unwrap();
+    assert_moved(&decode, &prefill2, &[0, 1, 2], &[5, 6, 7]);
+    assert!(done.rehandshake, "the second pull must have re-handshaken");
+    assert_eq!(decode.health().await.handshakes, 2);
+}
+
+#[tokio::test]
+async fn out_of_range_and_mismatched_block_ids_are_clear_errors() {
+    let prefill = AgentProc::start("tcp", "prefill").await;
+    let decode = AgentProc::start("tcp", "decode").await;
+    let err = transfer(
+        &decode,
+        &prefill.endpoint,
+        false,
+        PullArgs {
+            local: &[1],
+            remote: &[NUM_BLOCKS],
+            plan: proto::Plan::Coalesced,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains(&NUM_BLOCKS.to_string()) && err.message().contains("remote"),
+        "{}",
+        err.message()
+    );
+
+    let err = transfer(
+        &decode,
+        &prefill.endpoint,
+        false,
+        PullArgs {
+            local: &[1, 2],
+            remote: &[3],
+            plan: proto::Plan::Naive,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let mut pc = transfer::grpc::connect(&prefill.endpoint).await.unwrap();
+    let err = pc
+        .hold(proto::HoldRequest {
+            request_id: "x".into(),
+            block_ids: vec![NUM_BLOCKS + 5],
+            timeout_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("out of range"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn unknown_peers_are_clear_errors() {
+    let decode = AgentProc::start("tcp", "decode").await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let err = transfer(
+        &decode,
+        &dead,
+        false,
+        PullArgs {
+            local: &[1],
+            remote: &[1],
+            plan: proto::Plan::Coalesced,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&dead), "{}", err.message());
+    let mut dc = transfer::grpc::connect(&decode.endpoint).await.unwrap();
+    let err = dc
+        .notify(proto::NotifyRequest {
+            peer: dead.clone(),
+            message: "r:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn a_peer_with_another_backend_is_refused() {
+    let prefill = AgentProc::start("tcp", "prefill").await;
+    let decode = AgentProc::start("nixl", "decode").await;
+    let err = transfer(
+        &decode,
+        &prefill.endpoint,
+        false,
+        PullArgs {
+            local: &[1],
+            remote: &[1],
+            plan: proto::Plan::Naive,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("tcp backend"), "{}", err.message());
+}
+
+#[test]
+fn bad_metadata_is_rejected_with_a_reason() {
+    let md = proto::AgentMetadata {
+        agent_name: "p".into(),
+        engine_id: "p".into(),
+        instance_id: "i".into(),
+        backend: "nixl".into(),
+        layout: None,
+        backend_metadata: vec![1, 2, 3],
+    };
+    let err = transfer::PeerMetadata::try_from(md.clone()).unwrap_err();
+    assert!(err.to_string().contains("layout missing"), "{err}");
+    let mut lied = md.clone();
+    let l = layout();
+    let mut summary = proto::Layout::from(&l);
+    summary.num_blocks += 1;
+    lied.layout = Some(summary);
+    let err = transfer::PeerMetadata::try_from(lied).unwrap_err();
+    assert!(err.to_string().contains("contradicts"), "{err}");
+    let mut unknown = md;
+    unknown.layout = Some(proto::Layout::from(&l));
+    unknown.backend = "carrier-pigeon".into();
+    let err = transfer::PeerMetadata::try_from(unknown).unwrap_err();
+    assert!(err.to_string().contains("carrier-pigeon"), "{err}");
+}
+
+#[tokio::test]
+async fn garbage_backend_metadata_is_rejected_by_the_agent() {
+    // A real agent in this process (TCP: no NIXL in the test process) given a
+    // peer whose backend blob is garbage.
+    let mem = std::sync::Arc::new(HostMemory::anonymous(layout().total_bytes() as usize).unwrap());
+    let agent = transfer::Agent::start(
+        transfer::AgentConfig::new("t", layout(), transfer::BackendKind::Tcp),
+        mem,
+    )
+    .await
+    .unwrap();
+    let mut md = agent.metadata().unwrap();
+    md.agent_name = "other".into();
+    md.backend_metadata = b"definitely not metadata".to_vec();
+    let err = agent.handshake("127.0.0.1:1", md).await.unwrap_err();
+    assert!(
+        matches!(err, transfer::TransferError::BadMetadata(_)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("magic"), "{err}");
+}
+
+#[test]
+fn a_missing_nixl_library_is_a_clear_setup_error() {
+    let empty = std::env::temp_dir().join(format!("tandem-no-nixl-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = std::process::Command::new(tandem_tests::harness::bin_path("kv-agent"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "nixl",
+            "--model",
+            MODEL,
+            "--num-blocks",
+            "4",
+        ])
+        .env("TANDEM_NIXL_LIB_DIR", &empty)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&empty);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("libnixl_capi.so not found") && stderr.contains("make setup"),
+        "{stderr}"
+    );
+}

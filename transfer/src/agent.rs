@@ -1,0 +1,663 @@
+//! The KV-transfer agent: one per engine KV pool. Owns the backend (and so
+//! the memory registration), the peer cache keyed by control-plane endpoint,
+//! transfers with deadlines, and the table of blocks held for peers.
+//!
+//! Life of a pull (decode side): resolve the peer (cached metadata, or a
+//! handshake over gRPC; again when the peer's instance changed or a transfer
+//! failed in a way a restarted peer explains), plan descriptors from the two
+//! layouts, post the plan in a few chunks so several requests are in flight,
+//! wait with a deadline, then notify the peer with `"<request_id>:<tp_size>"`
+//! so it frees the blocks. The prefill side holds blocks until that
+//! notification or until they expire.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::backend::nixl::NixlBackend;
+use crate::backend::tcp::TcpBackend;
+use crate::backend::{Backend, BackendKind, Notification, Op};
+use crate::error::TransferError;
+use crate::layout::KvLayout;
+use crate::memory::HostMemory;
+use crate::plan::{plan, PlanKind, PlanOptions, TransferPlan};
+
+/// vLLM frees blocks held for a remote decode after this long
+/// (`VLLM_NIXL_ABORT_REQUEST_TIMEOUT`).
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(480);
+pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
+const NOTIFICATION_POLL: Duration = Duration::from_millis(2);
+/// Notifications for requests we do not hold (yet) are kept this long.
+const ORPHAN_TTL: Duration = Duration::from_secs(60);
+const MAX_ORPHANS: usize = 16_384;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Stable engine id (vLLM's `engine_id`); part of the agent name.
+    pub engine_id: String,
+    pub layout: KvLayout,
+    pub backend: BackendKind,
+    /// TCP backend: data port to bind and the address peers dial.
+    pub tcp_bind: SocketAddr,
+    pub tcp_advertise: Option<SocketAddr>,
+    pub transfer_timeout: Duration,
+    pub hold_timeout: Duration,
+    /// Requests posted at once per transfer (pipelining).
+    pub inflight: usize,
+    pub plan_options: PlanOptions,
+}
+
+impl AgentConfig {
+    pub fn new(engine_id: &str, layout: KvLayout, backend: BackendKind) -> Self {
+        AgentConfig {
+            engine_id: engine_id.to_string(),
+            layout,
+            backend,
+            tcp_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tcp_advertise: None,
+            transfer_timeout: DEFAULT_TRANSFER_TIMEOUT,
+            hold_timeout: DEFAULT_HOLD_TIMEOUT,
+            inflight: 4,
+            plan_options: PlanOptions::default(),
+        }
+    }
+}
+
+/// What a peer publishes about itself (the gRPC `AgentMetadata`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerMetadata {
+    pub agent_name: String,
+    pub engine_id: String,
+    pub instance_id: String,
+    pub backend: BackendKind,
+    pub layout: KvLayout,
+    pub backend_metadata: Vec<u8>,
+}
+
+/// One transfer asked of this agent.
+#[derive(Debug, Clone)]
+pub struct TransferSpec {
+    pub request_id: String,
+    /// Peer control-plane endpoint, "host:port".
+    pub peer: String,
+    pub op: Op,
+    pub local_blocks: Vec<u32>,
+    pub remote_blocks: Vec<u32>,
+    pub plan: PlanKind,
+    pub timeout: Option<Duration>,
+    /// Sends `"<remote_request_id>:<tp_size>"` to the peer when done.
+    pub notify: Option<(String, u32)>,
+    pub remote_instance_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub descs_done: u32,
+    pub descs_total: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransferDone {
+    pub bytes: u64,
+    pub descriptors: u32,
+    pub elapsed: Duration,
+    pub rehandshake: bool,
+}
+
+impl TransferDone {
+    pub fn gbps(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.bytes as f64 / s / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseReason {
+    Notification,
+    Request,
+    Expired,
+}
+
+/// Blocks handed back to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    pub request_id: String,
+    pub blocks: Vec<u32>,
+    pub reason: ReleaseReason,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub released_by_notification: AtomicU64,
+    pub released_by_request: AtomicU64,
+    pub expired: AtomicU64,
+    pub notifications_received: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub transfers_ok: AtomicU64,
+    pub transfers_failed: AtomicU64,
+    pub bytes_moved: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Held {
+    blocks: Vec<u32>,
+    expires: Instant,
+    notified: u32,
+}
+
+#[derive(Debug, Default)]
+struct HoldTable {
+    held: HashMap<String, Held>,
+    /// Notifications that arrived before (or without) a hold.
+    orphans: HashMap<String, (u32, u32, Instant)>,
+}
+
+#[derive(Debug, Clone)]
+struct CachedPeer {
+    name: String,
+    instance_id: String,
+    layout: KvLayout,
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    instance_id: String,
+    name: String,
+    mem: Arc<HostMemory>,
+    backend: Arc<dyn Backend>,
+    peers: tokio::sync::Mutex<HashMap<String, CachedPeer>>,
+    holds: Mutex<HoldTable>,
+    releases: broadcast::Sender<Released>,
+    pub stats: Stats,
+}
+
+/// Parses vLLM's notification `"<request_id>:<tp_size>"`. A message without
+/// a numeric suffix counts as one notification of a TP-1 peer.
+pub fn parse_notification(msg: &str) -> (String, u32) {
+    match msg.rsplit_once(':') {
+        Some((id, n)) => match n.parse::<u32>() {
+            Ok(n) if n > 0 => (id.to_string(), n),
+            _ => (msg.to_string(), 1),
+        },
+        None => (msg.to_string(), 1),
+    }
+}
+
+impl Agent {
+    /// Starts an agent over `mem`, which must hold `cfg.layout`.
+    pub async fn start(
+        cfg: AgentConfig,
+        mem: Arc<HostMemory>,
+    ) -> Result<Arc<Agent>, TransferError> {
+        if (mem.len() as u64) < cfg.layout.total_bytes() {
+            return Err(TransferError::LayoutMismatch(format!(
+                "memory has {} bytes, the layout needs {}",
+                mem.len(),
+                cfg.layout.total_bytes()
+            )));
+        }
+        let instance_id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{}-{}", cfg.engine_id, &instance_id[..12]);
+        let backend: Arc<dyn Backend> = match cfg.backend {
+            BackendKind::Nixl => {
+                let name = name.clone();
+                let mem = mem.clone();
+                Arc::new(
+                    tokio::task::spawn_blocking(move || NixlBackend::new(&name, mem))
+                        .await
+                        .map_err(|e| TransferError::backend("nixl", e))??,
+                )
+            }
+            BackendKind::Tcp => Arc::new(
+                TcpBackend::start(&name, mem.clone(), cfg.tcp_bind, cfg.tcp_advertise).await?,
+            ),
+        };
+        let (releases, _) = broadcast::channel(1024);
+        let agent = Arc::new(Agent {
+            cfg,
+            instance_id,
+            name,
+            mem,
+            backend,
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+            holds: Mutex::new(HoldTable::default()),
+            releases,
+            stats: Stats::default(),
+        });
+        let weak = Arc::downgrade(&agent);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(NOTIFICATION_POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(agent) = weak.upgrade() else { break };
+                agent.housekeeping();
+            }
+        });
+        Ok(agent)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.cfg.layout
+    }
+
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+
+    pub fn backend_kind(&self) -> BackendKind {
+        self.cfg.backend
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    pub fn metadata(&self) -> Result<PeerMetadata, TransferError> {
+        Ok(PeerMetadata {
+            agent_name: self.name.clone(),
+            engine_id: self.cfg.engine_id.clone(),
+            instance_id: self.instance_id.clone(),
+            backend: self.cfg.backend,
+            layout: self.cfg.layout.clone(),
+            backend_metadata: self.backend.local_metadata()?,
+        })
+    }
+
+    /// Blocks released from now on (notification, request, expiry).
+    pub fn subscribe_releases(&self) -> broadcast::Receiver<Released> {
+        self.releases.subscribe()
+    }
+
+    /// Loads a peer's metadata under its endpoint, replacing what we had.
+    pub async fn handshake(&self, endpoint: &str, md: PeerMetadata) -> Result<(), TransferError> {
+        if md.backend != self.cfg.backend {
+            return Err(TransferError::BadMetadata(format!(
+                "peer {endpoint} uses the {} backend, this agent {}",
+                md.backend, self.cfg.backend
+            )));
+        }
+        let mut peers = self.peers.lock().await;
+        if let Some(old) = peers.remove(endpoint) {
+            self.backend.forget_peer(&old.name);
+        }
+        let backend = self.backend.clone();
+        let blob = md.backend_metadata.clone();
+        let name = tokio::task::spawn_blocking(move || backend.load_peer(&blob))
+            .await
+            .map_err(|e| TransferError::backend("agent", e))??;
+        if name != md.agent_name {
+            self.backend.forget_peer(&name);
+            return Err(TransferError::BadMetadata(format!(
+                "backend metadata names {name:?}, the peer says {:?}",
+                md.agent_name
+            )));
+        }
+        self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(peer = endpoint, agent = %name, instance = %md.instance_id, "handshake");
+        peers.insert(
+            endpoint.to_string(),
+            CachedPeer {
+                name,
+                instance_id: md.instance_id,
+                layout: md.layout,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets a peer endpoint (the next transfer handshakes again).
+    pub async fn forget(&self, endpoint: &str) {
+        if let Some(old) = self.peers.lock().await.remove(endpoint) {
+            self.backend.forget_peer(&old.name);
+        }
+    }
+
+    async fn resolve(
+        &self,
+        endpoint: &str,
+        want_instance: Option<&str>,
+        force: bool,
+    ) -> Result<(CachedPeer, bool), TransferError> {
+        if !force {
+            let peers = self.peers.lock().await;
+            if let Some(p) = peers.get(endpoint) {
+                if want_instance.is_none_or(|w| w.is_empty() || w == p.instance_id) {
+                    return Ok((p.clone(), false));
+                }
+            }
+        }
+        let md = crate::grpc::fetch_metadata(endpoint).await?;
+        self.handshake(endpoint, md).await?;
+        let peers = self.peers.lock().await;
+        let p = peers
+            .get(endpoint)
+            .cloned()
+            .ok_or_else(|| TransferError::UnknownPeer(endpoint.to_string()))?;
+        Ok((p, true))
+    }
+
+    /// Plans a transfer against a peer's layout.
+    pub fn plan_for(
+        &self,
+        spec: &TransferSpec,
+        peer_layout: &KvLayout,
+    ) -> Result<TransferPlan, TransferError> {
+        let p = plan(
+            spec.plan,
+            &self.cfg.layout,
+            peer_layout,
+            &spec.local_blocks,
+            &spec.remote_blocks,
+            &self.cfg.plan_options,
+        )?;
+        Ok(p)
+    }
+
+    /// Runs one transfer to completion, calling `progress` as chunks land.
+    pub async fn transfer(
+        &self,
+        spec: TransferSpec,
+        progress: impl FnMut(Progress) + Send + 'static,
+    ) -> Result<TransferDone, TransferError> {
+        let started = Instant::now();
+        let timeout = spec.timeout.unwrap_or(self.cfg.transfer_timeout);
+        let deadline = started + timeout;
+        let progress = Arc::new(Mutex::new(progress));
+        let (peer, mut handshaken) = self
+            .resolve(&spec.peer, spec.remote_instance_id.as_deref(), false)
+            .await?;
+        let mut plan = self.plan_for(&spec, &peer.layout)?;
+        let mut peer_name = peer.name;
+        let mut retried = false;
+        loop {
+            let result = self
+                .execute(&spec, &peer_name, &plan, deadline, progress.clone())
+                .await;
+            match result {
+                Ok(()) => {
+                    self.stats.transfers_ok.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .bytes_moved
+                        .fetch_add(plan.bytes, Ordering::Relaxed);
+                    return Ok(TransferDone {
+                        bytes: plan.bytes,
+                        descriptors: plan.descs.len() as u32,
+                        elapsed: started.elapsed(),
+                        rehandshake: handshaken && retried,
+                    });
+                }
+                Err(e) if !retried && e.may_need_rehandshake() && Instant::now() < deadline => {
+                    // The peer may have restarted (new memory, new keys):
+                    // handshake again and retry once.
+                    tracing::info!(peer = %spec.peer, error = %e, "transfer failed; re-handshaking");
+                    retried = true;
+                    match self.resolve(&spec.peer, None, true).await {
+                        Ok((p, _)) => {
+                            handshaken = true;
+                            plan = self.plan_for(&spec, &p.layout)?;
+                            peer_name = p.name;
+                        }
+                        Err(_) => {
+                            self.stats.transfers_failed.fetch_add(1, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.stats.transfers_failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        spec: &TransferSpec,
+        peer: &str,
+        plan: &TransferPlan,
+        deadline: Instant,
+        progress: Arc<Mutex<dyn FnMut(Progress) + Send>>,
+    ) -> Result<(), TransferError> {
+        let backend = self.backend.clone();
+        let peer = peer.to_string();
+        let op = spec.op;
+        let descs = plan.descs.clone();
+        let total_bytes = plan.bytes;
+        let inflight = self.cfg.inflight.max(1);
+        let notify = spec
+            .notify
+            .as_ref()
+            .map(|(id, tp)| format!("{id}:{tp}").into_bytes());
+        let timeout_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
+            let plan = TransferPlan {
+                descs,
+                bytes: total_bytes,
+            };
+            let chunks = plan.chunks(inflight);
+            let single = chunks.len() <= 1;
+            let mut posted = Vec::with_capacity(chunks.len());
+            for (i, chunk) in chunks.iter().enumerate() {
+                // With one request the notification rides on it; with several
+                // it goes out after the last one lands (order is not kept).
+                let note = if single && i == 0 {
+                    notify.as_deref()
+                } else {
+                    None
+                };
+                let bytes: u64 = chunk.iter().map(|d| d.len).sum();
+                posted.push((
+                    backend.post(op, &peer, chunk, note)?,
+                    bytes,
+                    chunk.len() as u32,
+                ));
+            }
+            let descs_total = plan.descs.len() as u32;
+            let mut done = Progress {
+                bytes_done: 0,
+                bytes_total: total_bytes,
+                descs_done: 0,
+                descs_total,
+            };
+            for (mut req, bytes, n) in posted {
+                if !req.wait_until(deadline)? {
+                    return Err(TransferError::Deadline {
+                        deadline_ms: timeout_ms,
+                        done: done.bytes_done,
+                        total: total_bytes,
+                    });
+                }
+                done.bytes_done += bytes;
+                done.descs_done += n;
+                (progress.lock().unwrap_or_else(|p| p.into_inner()))(done);
+            }
+            if plan.descs.is_empty() || !single {
+                if let Some(msg) = &notify {
+                    backend.notify(&peer, msg)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| TransferError::backend("agent", e))?
+    }
+
+    /// Sends a notification to a peer endpoint (handshaking if needed).
+    pub async fn notify(&self, endpoint: &str, message: &str) -> Result<(), TransferError> {
+        let (peer, _) = self.resolve(endpoint, None, false).await?;
+        let backend = self.backend.clone();
+        let msg = message.as_bytes().to_vec();
+        tokio::task::spawn_blocking(move || backend.notify(&peer.name, &msg))
+            .await
+            .map_err(|e| TransferError::backend("agent", e))?
+    }
+
+    /// Holds `blocks` for `request_id` until a peer's notification, a
+    /// release, or `timeout` (default: the agent's hold timeout).
+    pub fn hold(
+        &self,
+        request_id: &str,
+        blocks: Vec<u32>,
+        timeout: Option<Duration>,
+    ) -> Result<Duration, TransferError> {
+        let n = self.cfg.layout.num_blocks();
+        if let Some(&b) = blocks.iter().find(|&&b| b >= n) {
+            return Err(TransferError::BadRequest(format!(
+                "block {b} out of range (pool has {n} blocks)"
+            )));
+        }
+        if request_id.is_empty() {
+            return Err(TransferError::BadRequest("empty request id".into()));
+        }
+        let timeout = timeout.unwrap_or(self.cfg.hold_timeout);
+        let mut table = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = Held {
+            blocks,
+            expires: Instant::now() + timeout,
+            notified: 0,
+        };
+        if let Some((count, tp, _)) = table.orphans.remove(request_id) {
+            held.notified = count;
+            if count >= tp {
+                drop(table);
+                self.finish_release(request_id, held.blocks, ReleaseReason::Notification);
+                return Ok(Duration::ZERO);
+            }
+        }
+        table.held.insert(request_id.to_string(), held);
+        Ok(timeout)
+    }
+
+    /// Releases a request's held blocks now; None if it held nothing.
+    pub fn release(&self, request_id: &str) -> Option<Vec<u32>> {
+        let held = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held
+            .remove(request_id)?;
+        self.finish_release(request_id, held.blocks.clone(), ReleaseReason::Request);
+        Some(held.blocks)
+    }
+
+    /// (held requests, held blocks)
+    pub fn held(&self) -> (usize, usize) {
+        let table = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            table.held.len(),
+            table.held.values().map(|h| h.blocks.len()).sum(),
+        )
+    }
+
+    fn finish_release(&self, request_id: &str, blocks: Vec<u32>, reason: ReleaseReason) {
+        let counter = match reason {
+            ReleaseReason::Notification => &self.stats.released_by_notification,
+            ReleaseReason::Request => &self.stats.released_by_request,
+            ReleaseReason::Expired => &self.stats.expired,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            request_id,
+            blocks = blocks.len(),
+            ?reason,
+            "released held blocks"
+        );
+        let _ = self.releases.send(Released {
+            request_id: request_id.to_string(),
+            blocks,
+            reason,
+        });
+    }
+
+    /// Applies incoming notifications and expires old holds.
+    fn housekeeping(&self) {
+        let notes = match self.backend.take_notifications() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading notifications failed");
+                Vec::new()
+            }
+        };
+        let now = Instant::now();
+        let mut released = Vec::new();
+        {
+            let mut table = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+            for Notification { from, message } in notes {
+                self.stats
+                    .notifications_received
+                    .fetch_add(1, Ordering::Relaxed);
+                let text = String::from_utf8_lossy(&message);
+                let (id, tp) = parse_notification(&text);
+                tracing::debug!(from, request_id = %id, tp, "notification");
+                if let Some(h) = table.held.get_mut(&id) {
+                    h.notified += 1;
+                    if h.notified >= tp {
+                        let h = table.held.remove(&id).expect("present");
+                        released.push((id, h.blocks, ReleaseReason::Notification));
+                    }
+                } else if table.orphans.len() < MAX_ORPHANS {
+                    let e = table.orphans.entry(id).or_insert((0, tp, now + ORPHAN_TTL));
+                    e.0 += 1;
+                }
+            }
+            let expired: Vec<String> = table
+                .held
+                .iter()
+                .filter(|(_, h)| h.expires <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in expired {
+                let h = table.held.remove(&id).expect("present");
+                released.push((id, h.blocks, ReleaseReason::Expired));
+            }
+            table.orphans.retain(|_, (_, _, until)| *until > now);
+        }
+        for (id, blocks, reason) in released {
+            self.finish_release(&id, blocks, reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notification_format_is_vllms() {
+        assert_eq!(
+            parse_notification("cmpl-abc-0:2"),
+            ("cmpl-abc-0".to_string(), 2)
+        );
+        assert_eq!(
+            parse_notification("req:with:colons:1"),
+            ("req:with:colons".to_string(), 1)
+        );
+        assert_eq!(parse_notification("plain"), ("plain".to_string(), 1));
+        assert_eq!(parse_notification("x:0"), ("x:0".to_string(), 1));
+        assert_eq!(parse_notification("x:abc"), ("x:abc".to_string(), 1));
+    }
+}

@@ -1,0 +1,400 @@
+//! NIXL backend: the real NIXL library (UCX underneath: NVLink, RDMA, TCP,
+//! shared memory), loaded at run time from the `nixl-cu12`/`nixl-cu13` wheels
+//! through `nixl-sys`'s `stub-api` (dlopen of `libnixl_capi.so`).
+//!
+//! Owns one NIXL agent with the UCX backend and one registration (the whole
+//! pool). Peers are NIXL agents whose metadata blob we load; descriptors are
+//! turned into addresses with each pool's base. All NIXL calls go through one
+//! mutex: NIXL's own tests run single-threaded because concurrent use can
+//! deadlock, and a lock per call costs nothing next to a transfer.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use nixl_sys::{
+    Agent, MemType, MemoryRegion, NixlDescriptor, NotificationMap, OptArgs, RegistrationHandle,
+    XferDescList, XferOp, XferRequest, XferStatus,
+};
+
+use super::{check_bounds, wire, Backend, BackendKind, InFlight, Notification, Op};
+use crate::error::TransferError;
+use crate::memory::HostMemory;
+use crate::plan::Desc;
+
+const MAGIC: &[u8] = b"TNDMNIXL1";
+const NAME: &str = "nixl";
+
+/// Where the NIXL runtime was found. Set once per process.
+static RUNTIME: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Env var naming the folder that holds `libnixl_capi.so`.
+pub const LIB_DIR_ENV: &str = "TANDEM_NIXL_LIB_DIR";
+
+fn candidate_dirs() -> Vec<PathBuf> {
+    // An explicit folder is authoritative: no silent fallback to another copy.
+    if let Some(dir) = std::env::var_os(LIB_DIR_ENV) {
+        return vec![PathBuf::from(dir)];
+    }
+    let mut dirs = Vec::new();
+    // Next to the binary (a deployed bundle), then a checkout's .deps/nixl
+    // above target/<profile>/[deps/].
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            dirs.push(dir.join("nixl"));
+            for anc in dir.ancestors().take(5) {
+                dirs.push(anc.join(".deps/nixl"));
+            }
+        }
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.deps/nixl"));
+    dirs
+}
+
+/// Loads the NIXL runtime libraries once. Must run before any other NIXL
+/// call: the stub dlopens `libnixl_capi.so` by name on first use, and finds
+/// the copy we loaded here by its soname.
+pub fn load_runtime() -> Result<PathBuf, TransferError> {
+    RUNTIME
+        .get_or_init(|| {
+            let mut tried = Vec::new();
+            for dir in candidate_dirs() {
+                let lib = dir.join("libnixl_capi.so");
+                if !lib.is_file() {
+                    tried.push(dir.display().to_string());
+                    continue;
+                }
+                let c =
+                    CString::new(lib.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+                // SAFETY: dlopen of a library path; the handle is kept for
+                // the life of the process on purpose.
+                let handle =
+                    unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+                if handle.is_null() {
+                    // SAFETY: dlerror returns a C string or null.
+                    let err = unsafe { libc::dlerror() };
+                    let msg = if err.is_null() {
+                        "unknown dlopen error".to_string()
+                    } else {
+                        unsafe { std::ffi::CStr::from_ptr(err) }
+                            .to_string_lossy()
+                            .into_owned()
+                    };
+                    return Err(format!("{}: {msg}", lib.display()));
+                }
+                if nixl_sys::is_stub() {
+                    return Err(format!(
+                        "loaded {} but nixl-sys still reports a stub",
+                        lib.display()
+                    ));
+                }
+                return Ok(dir.canonicalize().unwrap_or(dir));
+            }
+            // Last chance: the dynamic linker's own search (LD_LIBRARY_PATH).
+            if std::env::var_os(LIB_DIR_ENV).is_none() && !nixl_sys::is_stub() {
+                return Ok(PathBuf::from("libnixl_capi.so (LD_LIBRARY_PATH)"));
+            }
+            Err(format!(
+                "libnixl_capi.so not found (looked in {}). Run `make setup`, which unpacks the \
+                 nixl-cu12 wheel into .deps/nixl, or set {LIB_DIR_ENV} to the wheel's \
+                 .nixl_cu12.mesonpy.libs folder",
+                tried.join(", ")
+            ))
+        })
+        .clone()
+        .map_err(TransferError::NixlUnavailable)
+}
+
+/// The registered pool as NIXL sees it.
+#[derive(Debug)]
+struct Pool {
+    addr: usize,
+    len: usize,
+}
+
+impl MemoryRegion for Pool {
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.addr as *const u8
+    }
+    fn size(&self) -> usize {
+        self.len
+    }
+}
+
+impl NixlDescriptor for Pool {
+    fn mem_type(&self) -> MemType {
+        MemType::Dram
+    }
+    fn device_id(&self) -> u64 {
+        0
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PeerPool {
+    addr: u64,
+    len: u64,
+}
+
+struct Inner {
+    agent: Agent,
+    backend: nixl_sys::Backend,
+    _registration: RegistrationHandle,
+    peers: HashMap<String, PeerPool>,
+}
+
+pub struct NixlBackend {
+    name: String,
+    mem: Arc<HostMemory>,
+    inner: Arc<Mutex<Inner>>,
+    /// vLLM's naive path posts one descriptor per block and NIXL must not
+    /// merge them behind our back, or the comparison would be meaningless.
+    skip_merge: bool,
+}
+
+impl NixlBackend {
+    /// Creates a NIXL agent named `name` with the UCX backend and registers
+    /// `mem` with it.
+    pub fn new(name: &str, mem: Arc<HostMemory>) -> Result<NixlBackend, TransferError> {
+        load_runtime()?;
+        let err = |what: &str, e: nixl_sys::NixlError| {
+            TransferError::backend(NAME, format!("{what}: {e}"))
+        };
+        let agent = Agent::new(name).map_err(|e| err("create agent", e))?;
+        let plugins = agent
+            .get_available_plugins()
+            .map_err(|e| err("list plugins", e))?;
+        let has_ucx = plugins
+            .iter()
+            .any(|p| p.map(|p| p == "UCX").unwrap_or(false));
+        if !has_ucx {
+            return Err(TransferError::NixlUnavailable(
+                "the UCX plugin is missing from the NIXL plugin folder (plugins/libplugin_UCX.so)"
+                    .into(),
+            ));
+        }
+        let (_mems, params) = agent
+            .get_plugin_params("UCX")
+            .map_err(|e| err("UCX params", e))?;
+        let backend = agent
+            .create_backend("UCX", &params)
+            .map_err(|e| err("create UCX backend", e))?;
+        let pool = Pool {
+            addr: mem.addr(),
+            len: mem.len(),
+        };
+        let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
+        opt.add_backend(&backend).map_err(|e| err("opt args", e))?;
+        let registration = agent
+            .register_memory(&pool, Some(&opt))
+            .map_err(|e| err("register memory", e))?;
+        Ok(NixlBackend {
+            name: name.to_string(),
+            mem,
+            inner: Arc::new(Mutex::new(Inner {
+                agent,
+                backend,
+                _registration: registration,
+                peers: HashMap::new(),
+            })),
+            skip_merge: true,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves NIXL state as it was; keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct NixlInFlight {
+    inner: Arc<Mutex<Inner>>,
+    req: Option<XferRequest>,
+}
+
+impl InFlight for NixlInFlight {
+    fn poll(&mut self) -> Result<bool, TransferError> {
+        let Some(req) = &self.req else {
+            return Ok(true);
+        };
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.agent.get_xfer_status(req) {
+            Ok(XferStatus::Success) => {
+                drop(inner);
+                self.req = None;
+                Ok(true)
+            }
+            Ok(XferStatus::InProgress) => Ok(false),
+            Err(e) => Err(TransferError::backend(
+                NAME,
+                format!("transfer failed: {e}"),
+            )),
+        }
+    }
+}
+
+impl Drop for NixlInFlight {
+    fn drop(&mut self) {
+        // Releasing a request NIXL still works on must happen under the lock.
+        if let Some(req) = self.req.take() {
+            let _guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            drop(req);
+        }
+    }
+}
+
+impl Backend for NixlBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nixl
+    }
+
+    fn agent_name(&self) -> &str {
+        &self.name
+    }
+
+    fn local_metadata(&self) -> Result<Vec<u8>, TransferError> {
+        let md = self
+            .lock()
+            .agent
+            .get_local_md()
+            .map_err(|e| TransferError::backend(NAME, format!("metadata: {e}")))?;
+        let mut out = Vec::with_capacity(md.len() + 64);
+        out.extend_from_slice(MAGIC);
+        wire::put_bytes(&mut out, self.name.as_bytes());
+        wire::put_u64(&mut out, self.mem.addr() as u64);
+        wire::put_u64(&mut out, self.mem.len() as u64);
+        wire::put_bytes(&mut out, &md);
+        Ok(out)
+    }
+
+    fn load_peer(&self, metadata: &[u8]) -> Result<String, TransferError> {
+        let mut r = wire::Reader::new(metadata);
+        r.magic(MAGIC)?;
+        let name = r.string()?;
+        let addr = r.u64()?;
+        let len = r.u64()?;
+        let md = r.bytes()?;
+        if name == self.name {
+            return Err(TransferError::BadMetadata(
+                "that is our own metadata".into(),
+            ));
+        }
+        let mut inner = self.lock();
+        if inner.peers.contains_key(&name) {
+            let _ = inner.agent.invalidate_remote_md(&name);
+        }
+        let loaded = inner.agent.load_remote_md(md).map_err(|e| {
+            TransferError::BadMetadata(format!("NIXL rejected the peer's metadata: {e}"))
+        })?;
+        if loaded != name {
+            return Err(TransferError::BadMetadata(format!(
+                "metadata names agent {loaded:?} but the envelope says {name:?}"
+            )));
+        }
+        inner.peers.insert(name.clone(), PeerPool { addr, len });
+        Ok(name)
+    }
+
+    fn forget_peer(&self, peer: &str) {
+        let mut inner = self.lock();
+        if inner.peers.remove(peer).is_some() {
+            let _ = inner.agent.invalidate_remote_md(peer);
+        }
+    }
+
+    fn post(
+        &self,
+        op: Op,
+        peer: &str,
+        descs: &[Desc],
+        notify: Option<&[u8]>,
+    ) -> Result<Box<dyn InFlight>, TransferError> {
+        let inner = self.lock();
+        let remote = *inner
+            .peers
+            .get(peer)
+            .ok_or_else(|| TransferError::UnknownPeer(peer.to_string()))?;
+        check_bounds(descs, self.mem.len() as u64, remote.len)?;
+        let err = |what: &str, e: nixl_sys::NixlError| {
+            TransferError::backend(NAME, format!("{what}: {e}"))
+        };
+        let mut local_list =
+            XferDescList::new(MemType::Dram).map_err(|e| err("descriptor list", e))?;
+        let mut remote_list =
+            XferDescList::new(MemType::Dram).map_err(|e| err("descriptor list", e))?;
+        let base = self.mem.addr();
+        for d in descs {
+            local_list.add_desc(base + d.local as usize, d.len as usize, 0);
+            remote_list.add_desc((remote.addr + d.remote) as usize, d.len as usize, 0);
+        }
+        let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
+        opt.add_backend(&inner.backend)
+            .map_err(|e| err("opt args", e))?;
+        if self.skip_merge {
+            opt.set_skip_descriptor_merge(true)
+                .map_err(|e| err("opt args", e))?;
+        }
+        if let Some(msg) = notify {
+            opt.set_notification_message(msg)
+                .map_err(|e| err("notification", e))?;
+            opt.set_has_notification(true)
+                .map_err(|e| err("notification", e))?;
+        }
+        let xop = match op {
+            Op::Read => XferOp::Read,
+            Op::Write => XferOp::Write,
+        };
+        let req = inner
+            .agent
+            .create_xfer_req(xop, &local_list, &remote_list, peer, Some(&opt))
+            .map_err(|e| err("create transfer", e))?;
+        let in_progress = inner
+            .agent
+            .post_xfer_req(&req, Some(&opt))
+            .map_err(|e| err("post transfer", e))?;
+        drop(inner);
+        Ok(Box::new(NixlInFlight {
+            inner: self.inner.clone(),
+            req: if in_progress { Some(req) } else { None },
+        }))
+    }
+
+    fn notify(&self, peer: &str, message: &[u8]) -> Result<(), TransferError> {
+        let inner = self.lock();
+        if !inner.peers.contains_key(peer) {
+            return Err(TransferError::UnknownPeer(peer.to_string()));
+        }
+        inner
+            .agent
+            .send_notification(peer, message, Some(&inner.backend))
+            .map_err(|e| TransferError::backend(NAME, format!("notification: {e}")))
+    }
+
+    fn take_notifications(&self) -> Result<Vec<Notification>, TransferError> {
+        let inner = self.lock();
+        let mut map = NotificationMap::new()
+            .map_err(|e| TransferError::backend(NAME, format!("notifications: {e}")))?;
+        inner
+            .agent
+            .get_notifications(&mut map, None)
+            .map_err(|e| TransferError::backend(NAME, format!("notifications: {e}")))?;
+        drop(inner);
+        let mut out = Vec::new();
+        let all = map
+            .take_notifs()
+            .map_err(|e| TransferError::backend(NAME, format!("notifications: {e}")))?;
+        for (from, messages) in all {
+            for m in messages {
+                out.push(Notification {
+                    from: from.clone(),
+                    message: m.into_bytes(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+// SAFETY: every use of the NIXL handles inside goes through the mutex.
+unsafe impl Send for Inner {}
