@@ -38,7 +38,7 @@ impl HostMemory {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
@@ -47,6 +47,11 @@ impl HostMemory {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        // Huge pages where the kernel allows them: transfers that pin pages
+        // one by one (CMA, RDMA registration) then walk far fewer.
+        // SAFETY: advice on our own fresh mapping; failure is harmless.
+        unsafe { libc::madvise(ptr.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+        prefault(ptr.as_ptr(), len);
         Ok(HostMemory {
             ptr,
             len,
@@ -188,6 +193,22 @@ impl HostMemory {
         let src = unsafe { self.slice(offset, dst.len() as u64)? };
         dst.copy_from_slice(src);
         Some(())
+    }
+}
+
+/// Touches every page so the first transfer does not pay for page faults.
+fn prefault(ptr: *mut u8, len: usize) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // SAFETY: our own mapping of `len` bytes.
+    if unsafe { libc::madvise(ptr.cast(), len, MADV_POPULATE_WRITE) } == 0 {
+        return;
+    }
+    // Kernels before 5.14: write one byte per page.
+    let mut off = 0;
+    while off < len {
+        // SAFETY: within the mapping; the memory is fresh and unshared.
+        unsafe { ptr.add(off).write_volatile(0) };
+        off += 4096;
     }
 }
 

@@ -29,6 +29,9 @@ const NAME: &str = "nixl";
 /// Where the NIXL runtime was found. Set once per process.
 static RUNTIME: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
+/// Env var with extra UCX plugin parameters, `key=value,...`.
+pub const UCX_PARAMS_ENV: &str = "TANDEM_NIXL_UCX_PARAMS";
+
 /// Env var naming the folder that holds `libnixl_capi.so`.
 pub const LIB_DIR_ENV: &str = "TANDEM_NIXL_LIB_DIR";
 
