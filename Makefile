@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-kv bench-kv-2proc clean
 
 all: build
 
@@ -31,11 +31,20 @@ fmt:
 demo: setup build-release
 	./target/release/pd-demo
 
-bench: bench-proxy
+bench: bench-proxy bench-kv
 
 ## Added latency of pd-sidecar vs direct and nginx; writes bench-out/proxy-bench.json.
 bench-proxy: setup build-release
 	./target/release/proxy-bench --out bench-out/proxy-bench.json
+
+## KV transfer: naive vs coalesced plans over NIXL (host memory), a 4096-token Llama-3.1-8B prompt;
+## writes bench-out/kvbench.json and bench-out/kvbench.png.
+bench-kv: setup build-release
+	./target/release/kvbench run --backend nixl,tcp
+
+## The same between two processes: `kvbench serve` as the prefill side, `kvbench run --peer` as the decode side.
+bench-kv-2proc: setup build-release
+	bash scripts/kvbench-2proc
 
 clean:
 	$(CARGO) clean

@@ -388,9 +388,9 @@ impl Report {
         }
         BarChart {
             title: format!(
-                "kvbench: {} per transfer, {}",
-                format_bytes(self.bytes_per_transfer),
-                self.layout
+                "kvbench: {} tokens = {} per transfer (GB/s at p50)",
+                self.tokens,
+                format_bytes(self.bytes_per_transfer)
             ),
             y_label: "GB/s".into(),
             groups: groups.iter().map(|p| p.to_string()).collect(),
