@@ -645,8 +645,27 @@ fn kvbench_runs_every_case_verified_and_writes_json_and_png() {
     let json = dir.join("kv.json");
     let png = dir.join("kv.png");
     let out = std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
-        .args(["run", "--backend", "nixl,tcp", "--model", MODEL, "--num-blocks", "64", "--tokens", "512"])
-        .args(["--op", "read,write", "--reps", "2", "--warmup", "1", "--runs", "uniform:2-4"])
+        .args([
+            "run",
+            "--backend",
+            "nixl,tcp",
+            "--model",
+            MODEL,
+            "--num-blocks",
+            "64",
+            "--tokens",
+            "512",
+        ])
+        .args([
+            "--op",
+            "read,write",
+            "--reps",
+            "2",
+            "--warmup",
+            "1",
+            "--runs",
+            "uniform:2-4",
+        ])
         .arg("--json")
         .arg(&json)
         .arg("--png")
@@ -654,7 +673,11 @@ fn kvbench_runs_every_case_verified_and_writes_json_and_png() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("host memcpy ceiling"), "{stdout}");
     let report = kvbench_report(&json);
     let results = report["results"].as_array().unwrap();
@@ -665,7 +688,10 @@ fn kvbench_runs_every_case_verified_and_writes_json_and_png() {
         assert_eq!(r["bytes"], 32 * layout().bytes_per_block(), "{r}");
         assert!(r["gbps_p50"].as_f64().unwrap() > 0.0, "{r}");
         let descs = r["descriptors"].as_u64().unwrap();
-        match (r["plan"].as_str().unwrap(), r["placement"].as_str().unwrap()) {
+        match (
+            r["plan"].as_str().unwrap(),
+            r["placement"].as_str().unwrap(),
+        ) {
             ("naive", _) => assert_eq!(descs, 32 * 8),
             ("coalesced", "contiguous") => assert_eq!(descs, 8, "one descriptor per region"),
             ("coalesced", _) => assert!(descs <= 32 * 8),
@@ -683,7 +709,19 @@ async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
     let listen = format!("127.0.0.1:{port}");
     let mut serve = Proc::spawn(
         "kvbench",
-        &["serve", "--listen", &listen, "--backend", "nixl", "--model", MODEL, "--num-blocks", "48", "--seed", "9"],
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--backend",
+            "nixl",
+            "--model",
+            MODEL,
+            "--num-blocks",
+            "48",
+            "--seed",
+            "9",
+        ],
         &[],
     );
     let ep = listen.clone();
@@ -696,30 +734,66 @@ async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
     let dir = std::env::temp_dir().join(format!("tandem-kvbench-{}", uuid::Uuid::new_v4()));
     let json = dir.join("kv.json");
     let run = |seed: &str, reps: &str| {
-        let mut args: Vec<String> = ["run", "--peer", &listen, "--peer-seed", seed, "--model", MODEL, "--num-blocks", "64"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "run",
+            "--peer",
+            &listen,
+            "--peer-seed",
+            seed,
+            "--model",
+            MODEL,
+            "--num-blocks",
+            "64",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         args.extend(
-            ["--tokens", "256", "--reps", reps, "--warmup", "0", "--png", "none", "--placement", "random", "--json"]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                "--tokens",
+                "256",
+                "--reps",
+                reps,
+                "--warmup",
+                "0",
+                "--png",
+                "none",
+                "--placement",
+                "random",
+                "--json",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         );
         args.push(json.to_string_lossy().into_owned());
         tokio::task::spawn_blocking(move || {
-            std::process::Command::new(tandem_tests::harness::bin_path("kvbench")).args(&args).output().unwrap()
+            std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
+                .args(&args)
+                .output()
+                .unwrap()
         })
     };
     let out = run("9", "2").await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = kvbench_report(&json);
     assert_eq!(report["peer"], listen.as_str());
-    assert!(report["results"].as_array().unwrap().iter().all(|r| r["verified"] == true));
+    assert!(report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["verified"] == true));
     // With the wrong seed the bytes cannot match: the check must notice.
     let out = run("10", "1").await.unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("verification failed") && stderr.contains("--peer-seed"), "{stderr}");
+    assert!(
+        stderr.contains("verification failed") && stderr.contains("--peer-seed"),
+        "{stderr}"
+    );
     serve.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
