@@ -538,6 +538,13 @@ impl EngineSim {
         &self.engine_id
     }
 
+    /// The port of this simulator's KV-transfer agent (what a prefill returns as `remote_port`).
+    pub async fn kv_port(&self) -> u64 {
+        self.state().await["kv_port"]
+            .as_u64()
+            .expect("kv_port in /sim/state")
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.pid()
     }

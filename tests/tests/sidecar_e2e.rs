@@ -154,7 +154,7 @@ async fn nixlv2_prefill_and_decode_bodies_on_every_route() {
         let params = &db["kv_transfer_params"];
         assert_eq!(params["do_remote_prefill"], true, "{path}: {db}");
         assert_eq!(params["remote_engine_id"], prefill.engine_id());
-        assert_eq!(params["remote_port"], prefill.port());
+        assert_eq!(params["remote_port"], prefill.kv_port().await);
         assert!(params["remote_block_ids"]
             .as_array()
             .is_some_and(|b| !b.is_empty()));

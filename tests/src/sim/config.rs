@@ -34,7 +34,7 @@ pub struct Config {
     pub block_size: u64,
 
     /// Number of KV blocks in the pool.
-    #[arg(long, env = "ENGINE_SIM_NUM_BLOCKS", default_value_t = 65536,
+    #[arg(long, env = "ENGINE_SIM_NUM_BLOCKS", default_value_t = 16384,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub num_blocks: u32,
 
@@ -84,6 +84,34 @@ pub struct Config {
     /// Seconds after which blocks held for a remote decode are freed without a release notification.
     #[arg(long, env = "ENGINE_SIM_HOLD_TIMEOUT_S", default_value_t = 480.0, value_parser = parse_seconds)]
     pub hold_timeout_s: f64,
+
+    /// KV data plane between engines: tcp or nixl (real NIXL libraries, see `make setup`).
+    #[arg(long, env = "ENGINE_SIM_KV_BACKEND", default_value = "tcp")]
+    pub kv_backend: transfer::BackendKind,
+
+    /// Port of this engine's KV-transfer agent (gRPC control plane); 0 picks a free one. It is
+    /// what a prefill returns as `remote_port`.
+    #[arg(long, env = "ENGINE_SIM_KV_PORT", default_value_t = 0)]
+    pub kv_port: u16,
+
+    /// Shape of the KV cache: a preset (llama-3.1-8b, ...) or
+    /// "layers=N,kv_heads=N,head_dim=N,dtype=bf16". The default is small, so that many
+    /// simulators fit one machine; the bytes still move and are checked.
+    #[arg(
+        long,
+        env = "ENGINE_SIM_KV_MODEL",
+        default_value = "layers=2,kv_heads=1,head_dim=16,dtype=bf16"
+    )]
+    pub kv_model: String,
+
+    /// Deadline of one KV pull, in milliseconds; a pull that fails falls back to local prefill.
+    #[arg(long, env = "ENGINE_SIM_KV_PULL_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_pull_timeout_ms: u64,
+
+    /// Corrupt one byte of every block this engine prefills (tests the decode's integrity check).
+    #[arg(long, env = "ENGINE_SIM_CORRUPT_KV")]
+    pub corrupt_kv: bool,
 }
 
 impl Config {

@@ -24,6 +24,9 @@ pub enum SimError {
     NotFound(String),
     #[error("Method Not Allowed")]
     MethodNotAllowed,
+    /// Pulled KV bytes are not this prompt's: fail loudly, never generate from them.
+    #[error("{0}")]
+    KvIntegrity(String),
 }
 
 impl SimError {
@@ -38,6 +41,7 @@ impl SimError {
                 StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             }
             SimError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            SimError::KvIntegrity(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

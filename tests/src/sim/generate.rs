@@ -75,6 +75,8 @@ pub struct HoldSpec {
     pub ttl: Duration,
     /// v1 form: the handle also goes at the top level of the response.
     pub legacy: bool,
+    /// The agent that frees the blocks on the decode's notification.
+    pub kv: Arc<super::kv::Kv>,
 }
 
 /// One admitted request, generating.
@@ -146,6 +148,7 @@ impl Generation {
         };
         if let Some(h) = &self.hold {
             let block_ids = blocks.hold(&h.request_id, h.ttl);
+            h.kv.hold(&h.request_id, &block_ids, h.ttl);
             tracing::info!(
                 remote_request_id = %h.request_id,
                 blocks = block_ids.len(),

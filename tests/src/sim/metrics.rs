@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::blocks::PoolStats;
+use super::kv::KvStats;
 
 /// vLLM's `time_to_first_token_seconds` buckets.
 const TTFT_BUCKETS: [f64; 22] = [
@@ -33,7 +34,6 @@ pub struct Metrics {
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
     finished: [AtomicU64; FINISH_REASONS.len()],
-    release_notify_failures: AtomicU64,
     ttft: Mutex<Histogram>,
 }
 
@@ -62,14 +62,6 @@ impl Metrics {
         h.count += 1;
     }
 
-    pub fn release_notify_failed(&self) {
-        self.release_notify_failures.fetch_add(1, Relaxed);
-    }
-
-    pub fn release_notify_failures(&self) -> u64 {
-        self.release_notify_failures.load(Relaxed)
-    }
-
     /// Counts a request as waiting until the returned guard drops.
     pub fn waiting(self: &Arc<Self>) -> Gauge {
         self.waiting.fetch_add(1, Relaxed);
@@ -95,7 +87,7 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub fn render(&self, model: &str, block_size: u64, pool: &PoolStats) -> String {
+    pub fn render(&self, model: &str, block_size: u64, pool: &PoolStats, kv: &KvStats) -> String {
         let labels = format!("model_name=\"{}\",engine=\"0\"", escape(model));
         let mut out = String::with_capacity(4096);
         let mut series = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
@@ -226,12 +218,41 @@ impl Metrics {
             "Held blocks freed by the hold timeout.",
             pool.expired_blocks_total,
         );
-        series(
-            "engine_sim:release_notify_failures_total",
-            "counter",
-            "Release notifications to prefill engines that failed.",
-            self.release_notify_failures(),
-        );
+        use std::sync::atomic::Ordering::Relaxed as R;
+        for (name, help, v) in [
+            (
+                "engine_sim:kv_pulls_total",
+                "KV pulls from prefill engines that completed.",
+                &kv.pulls_ok,
+            ),
+            (
+                "engine_sim:kv_pull_failures_total",
+                "KV pulls that failed (the request was prefilled locally).",
+                &kv.pulls_failed,
+            ),
+            (
+                "engine_sim:kv_pulled_bytes_total",
+                "KV bytes pulled from prefill engines.",
+                &kv.bytes_pulled,
+            ),
+            (
+                "engine_sim:kv_pull_microseconds_total",
+                "Time spent in KV pulls, microseconds.",
+                &kv.pull_micros,
+            ),
+            (
+                "engine_sim:kv_integrity_failures_total",
+                "Pulled KV blocks whose bytes were wrong.",
+                &kv.integrity_failures,
+            ),
+            (
+                "engine_sim:kv_blocks_written_total",
+                "KV blocks computed by prefill.",
+                &kv.blocks_written,
+            ),
+        ] {
+            series(name, "counter", help, v.load(R));
+        }
         out
     }
 }
@@ -278,7 +299,7 @@ mod tests {
             released_blocks_total: 0,
             expired_blocks_total: 0,
         };
-        let text = m.render("m", 16, &pool);
+        let text = m.render("m", 16, &pool, &KvStats::default());
         let l = "model_name=\"m\",engine=\"0\"";
         assert!(text.contains(&format!("vllm:num_requests_running{{{l}}} 1\n")));
         assert!(text.contains(&format!("vllm:prompt_tokens_total{{{l}}} 10\n")));
@@ -297,7 +318,7 @@ mod tests {
         assert!(text.contains(&format!("engine_sim:held_blocks{{{l}}} 1\n")));
         drop(running);
         assert!(m
-            .render("m", 16, &pool)
+            .render("m", 16, &pool, &KvStats::default())
             .contains(&format!("vllm:num_requests_running{{{l}}} 0\n")));
     }
 }

@@ -1,6 +1,7 @@
 //! The engine simulator: a real HTTP server that stands in for a vLLM engine, speaking vLLM's
-//! OpenAI API plus the P/D `kv_transfer_params` protocol (DESIGN.md "Engine simulator"). v0
-//! accounts KV blocks by id only; no KV bytes move yet.
+//! OpenAI API plus the P/D `kv_transfer_params` protocol (DESIGN.md "Engine simulator"). Its KV
+//! blocks are real bytes in a host pool owned by a KV-transfer agent (`kv`): a prefill computes
+//! them, a decode pulls them over TCP or NIXL and checks every byte.
 //!
 //! Endpoints: `POST /v1/completions`, `/v1/chat/completions` (streaming or not),
 //! `/v1/responses` and `/inference/v1/generate` (non-streaming only), `GET /v1/models`,
@@ -12,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod faults;
 pub mod generate;
+pub mod kv;
 pub mod metrics;
 pub mod openai;
 pub mod pd;
@@ -45,7 +47,7 @@ pub fn init_tracing() {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::debug!(?cfg, "effective config");
     let (host, port, listen_after) = (cfg.host.clone(), cfg.port, cfg.listen_after_ms);
-    let state = AppState::new(cfg);
+    let state = AppState::new(cfg).await?;
     tokio::spawn(server::expire_holds(Arc::clone(&state)));
     if listen_after > 0 {
         tracing::info!(ms = listen_after, "delaying the listening socket");

@@ -5,7 +5,9 @@
 use serde_json::{json, Map, Value};
 
 use super::error::SimError;
-use super::tokens::{output_text, output_token_id, output_token_text, prompt_total, text_tokens};
+use super::tokens::{
+    at_least_one, output_text, output_token_id, output_token_text, text_token_ids,
+};
 
 /// The generation APIs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub struct GenRequest {
     pub model: Option<String>,
     /// Prompt tokens of each choice: several for a completions batch (a list of prompts).
     pub prompts: Vec<u64>,
+    /// The token ids behind `prompts`, one list per choice (see `tokens::text_token_ids`).
+    pub prompt_ids: Vec<Vec<u32>>,
     /// The request's output limit (`max_tokens`, `max_completion_tokens`, `max_output_tokens`,
     /// `sampling_params.max_tokens`), if it set one.
     pub max_tokens: Option<u64>,
@@ -39,6 +43,11 @@ impl GenRequest {
 
     pub fn longest_prompt(&self) -> u64 {
         self.prompts.iter().copied().max().unwrap_or(0)
+    }
+
+    /// Every choice's prompt ids, one after the other: what the request's KV blocks hold.
+    pub fn kv_tokens(&self) -> Vec<u32> {
+        self.prompt_ids.concat()
     }
 }
 
@@ -59,7 +68,7 @@ pub fn parse_request(api: Api, body: &Map<String, Value>) -> Result<GenRequest, 
         Some(Value::Object(o)) => opt_bool(o, "include_usage")?.unwrap_or(false),
         Some(_) => return Err(bad("`stream_options` must be an object")),
     };
-    let (prompts, max_tokens) = match api {
+    let (prompt_ids, max_tokens) = match api {
         Api::Completions => (
             completion_prompts(body.get("prompt"))?,
             opt_limit(body, "max_tokens")?,
@@ -80,7 +89,7 @@ pub fn parse_request(api: Api, body: &Map<String, Value>) -> Result<GenRequest, 
                 .get("token_ids")
                 .or_else(|| body.get("prompt_token_ids"));
             let n = match ids {
-                Some(Value::Array(ids)) if !ids.is_empty() => token_ids_len(ids)?,
+                Some(Value::Array(ids)) if !ids.is_empty() => token_ids(ids)?,
                 Some(Value::Array(_)) => return Err(bad("`token_ids` must not be empty")),
                 _ => return Err(bad("`token_ids` is required (a list of token ids)")),
             };
@@ -99,10 +108,12 @@ pub fn parse_request(api: Api, body: &Map<String, Value>) -> Result<GenRequest, 
             .map(str::to_string),
         _ => None,
     };
+    let prompts = prompt_ids.iter().map(|p| p.len() as u64).collect();
     Ok(GenRequest {
         api,
         model,
         prompts,
+        prompt_ids,
         max_tokens,
         stream,
         include_usage,
@@ -130,28 +141,31 @@ fn opt_limit(obj: &Map<String, Value>, field: &str) -> Result<Option<u64>, SimEr
     }
 }
 
-fn token_ids_len(ids: &[Value]) -> Result<u64, SimError> {
-    if ids.iter().all(|v| v.as_u64().is_some()) {
-        Ok(ids.len() as u64)
-    } else {
-        Err(bad("token ids must be non-negative integers"))
-    }
+fn token_ids(ids: &[Value]) -> Result<Vec<u32>, SimError> {
+    ids.iter()
+        .map(|v| v.as_u64().map(|id| (id ^ (id >> 32)) as u32))
+        .collect::<Option<Vec<u32>>>()
+        .ok_or_else(|| bad("token ids must be non-negative integers"))
+}
+
+fn text_ids(s: &str) -> Vec<u32> {
+    text_token_ids(s).collect()
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of token-id lists.
-fn completion_prompts(prompt: Option<&Value>) -> Result<Vec<u64>, SimError> {
+fn completion_prompts(prompt: Option<&Value>) -> Result<Vec<Vec<u32>>, SimError> {
     match prompt {
-        Some(Value::String(s)) => Ok(vec![prompt_total(text_tokens(s))]),
+        Some(Value::String(s)) => Ok(vec![at_least_one(text_ids(s))]),
         Some(Value::Array(items)) if items.is_empty() => Err(bad("`prompt` must not be empty")),
         Some(Value::Array(items)) => {
             if items.iter().all(Value::is_number) {
-                return Ok(vec![token_ids_len(items)?]);
+                return Ok(vec![token_ids(items)?]);
             }
             items
                 .iter()
                 .map(|item| match item {
-                    Value::String(s) => Ok(prompt_total(text_tokens(s))),
-                    Value::Array(ids) if !ids.is_empty() => token_ids_len(ids),
+                    Value::String(s) => Ok(at_least_one(text_ids(s))),
+                    Value::Array(ids) if !ids.is_empty() => token_ids(ids),
                     _ => Err(bad(
                         "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists",
                     )),
@@ -165,54 +179,61 @@ fn completion_prompts(prompt: Option<&Value>) -> Result<Vec<u64>, SimError> {
     }
 }
 
-/// Tokens of message content: a string, or a list of parts of which text parts count.
-fn content_tokens(content: Option<&Value>) -> u64 {
+/// Token ids of message content (a string, or a list of parts of which text parts count),
+/// appended to `out`.
+fn content_tokens(content: Option<&Value>, out: &mut Vec<u32>) {
     match content {
-        Some(Value::String(s)) => text_tokens(s),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| match p {
-                Value::String(s) => text_tokens(s),
-                _ => p.get("text").and_then(Value::as_str).map_or(0, text_tokens),
-            })
-            .sum(),
-        _ => 0,
+        Some(Value::String(s)) => out.extend(text_token_ids(s)),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                match p {
+                    Value::String(s) => out.extend(text_token_ids(s)),
+                    _ => {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            out.extend(text_token_ids(t));
+                        }
+                    }
+                }
+            }
+        }
+        _ => {}
     }
 }
 
-fn chat_prompt(messages: Option<&Value>) -> Result<u64, SimError> {
+fn chat_prompt(messages: Option<&Value>) -> Result<Vec<u32>, SimError> {
     let messages = match messages {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
         None | Some(Value::Null) => return Err(bad("`messages` is required")),
         Some(_) => return Err(bad("`messages` must be a list of messages")),
     };
-    let mut total = 0;
+    let mut ids = Vec::new();
     for m in messages {
         if !m.is_object() {
             return Err(bad("each message must be an object"));
         }
-        total += content_tokens(m.get("content"));
+        content_tokens(m.get("content"), &mut ids);
     }
-    Ok(prompt_total(total))
+    Ok(at_least_one(ids))
 }
 
-fn responses_prompt(body: &Map<String, Value>) -> Result<u64, SimError> {
-    let mut total = content_tokens(body.get("instructions"));
+fn responses_prompt(body: &Map<String, Value>) -> Result<Vec<u32>, SimError> {
+    let mut ids = Vec::new();
+    content_tokens(body.get("instructions"), &mut ids);
     match body.get("input") {
-        Some(Value::String(s)) => total += text_tokens(s),
+        Some(Value::String(s)) => ids.extend(text_token_ids(s)),
         Some(Value::Array(items)) => {
             for item in items {
-                total += match item {
-                    Value::String(s) => text_tokens(s),
-                    other => content_tokens(other.get("content")),
-                };
+                match item {
+                    Value::String(s) => ids.extend(text_token_ids(s)),
+                    other => content_tokens(other.get("content"), &mut ids),
+                }
             }
         }
         None | Some(Value::Null) => return Err(bad("`input` is required")),
         Some(_) => return Err(bad("`input` must be a string or a list of input items")),
     }
-    Ok(prompt_total(total))
+    Ok(at_least_one(ids))
 }
 
 /// Token counts reported in `usage`.

@@ -1,21 +1,13 @@
 //! The P/D side of a request (DESIGN.md "Life of a request", steps 4-6): which role a request
 //! plays, the `kv_transfer_params` a prefill returns, the decode's checks on what it was handed,
-//! and the release notification a decode sends back to the prefill engine. Supports vLLM's
+//! and the release notification a decode sends back to the prefill engine (through the KV agent). Supports vLLM's
 //! NixlConnector form (`kv_transfer_params` object, "nixlv2") and the legacy v1 form ("nixl": the
 //! same fields at the top level of the body). sglang bootstrap fields are only noted.
 
-use std::time::Duration;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use serde_json::{json, Map, Value};
 
 use super::blocks::BlockId;
 use super::error::SimError;
-
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// What the decode engine was handed by the prefill engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,35 +217,6 @@ pub fn host_port(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
-}
-
-/// Tells the prefill engine that its blocks were pulled: `POST /sim/release {"notif": ...}`.
-pub async fn notify_release(client: &HttpClient, params: &DecodeParams) -> Result<(), String> {
-    let url = format!(
-        "http://{}/sim/release",
-        host_port(&params.remote_host, params.remote_port)
-    );
-    let body = json!({"notif": params.notif()}).to_string();
-    let req = http::Request::post(&url)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| format!("{url}: {e}"))?;
-    let send = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        let status = resp.status();
-        let _ = resp.into_body().collect().await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("{url}: status {status}"))
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), send)
-        .await
-        .map_err(|_| format!("{url}: timed out"))?
 }
 
 #[cfg(test)]

@@ -12,8 +12,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
 use super::blocks::BlockPool;
@@ -21,9 +19,10 @@ use super::config::Config;
 use super::error::SimError;
 use super::faults::{FaultAction, FaultConfig, Faults};
 use super::generate::{plan, Generation, HoldSpec};
+use super::kv::Kv;
 use super::metrics::Metrics;
 use super::openai::{parse_request, Api, Reply, Usage};
-use super::pd::{self, detect_role, HttpClient, Role};
+use super::pd::{self, detect_role, Role};
 use super::record::{self, RequestLog, MAX_BODY_BYTES};
 use super::tokens::blocks_for;
 
@@ -37,29 +36,29 @@ pub struct AppState {
     pub faults: Faults,
     pub metrics: Arc<Metrics>,
     pub log: Arc<RequestLog>,
-    client: HttpClient,
+    pub kv: Arc<Kv>,
 }
 
 impl AppState {
-    pub fn new(cfg: Config) -> Arc<AppState> {
+    /// Builds the state and starts the KV-transfer agent.
+    pub async fn new(cfg: Config) -> anyhow::Result<Arc<AppState>> {
         let engine_id = cfg
             .engine_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(4))
-            .build_http();
-        Arc::new(AppState {
+        let pool = BlockPool::new(cfg.num_blocks);
+        let kv = Kv::start(&cfg, &engine_id, Arc::clone(&pool)).await?;
+        Ok(Arc::new(AppState {
             engine_id,
             port: AtomicU16::new(cfg.port),
             created: unix_secs(),
-            pool: BlockPool::new(cfg.num_blocks),
+            pool,
             faults: Faults::new(cfg.faults()),
             metrics: Metrics::new(),
             log: Arc::new(RequestLog::default()),
-            client,
+            kv,
             cfg,
-        })
+        }))
     }
 
     fn hold_ttl(&self) -> Duration {
@@ -203,21 +202,31 @@ async fn generate(
         .pool
         .allocate(blocks_for(prompt_tokens, cfg.block_size) as usize)?;
 
+    let tokens = req.kv_tokens();
     let mut cached_tokens = 0;
-    if let Role::Decode(p) = role.clone() {
-        // v0 pulls no bytes: the pull is the check above. Then tell the prefill engine, in the
-        // background so that an unreachable prefill engine never slows the decode down.
-        cached_tokens = prompt_tokens;
-        let st2 = Arc::clone(st);
-        tokio::spawn(async move {
-            match pd::notify_release(&st2.client, &p).await {
-                Ok(()) => tracing::debug!(notif = %p.notif(), "release notification sent"),
-                Err(e) => {
-                    st2.metrics.release_notify_failed();
-                    tracing::warn!(error = %e, "release notification failed");
-                }
+    if let Role::Decode(p) = &role {
+        // Pull the prefill's KV into our blocks (the agent notifies the prefill engine when the
+        // bytes are here), then check every byte. A failed pull falls back to local prefill, as
+        // vLLM's recompute policy does; wrong bytes fail the request.
+        match st.kv.pull(p, blocks.blocks()).await {
+            Ok(done) => {
+                st.kv
+                    .verify(&tokens, blocks.blocks())
+                    .map_err(SimError::KvIntegrity)?;
+                tracing::debug!(
+                    bytes = done.bytes,
+                    us = done.elapsed.as_micros() as u64,
+                    "KV pulled"
+                );
+                cached_tokens = prompt_tokens;
             }
-        });
+            Err(e) => {
+                tracing::warn!(error = %e, remote = %pd::host_port(&p.remote_host, p.remote_port), "KV pull failed; prefilling locally");
+                st.kv.write(&tokens, blocks.blocks());
+            }
+        }
+    } else {
+        st.kv.write(&tokens, blocks.blocks());
     }
     st.metrics.add_prompt(prompt_tokens, 0);
 
@@ -235,10 +244,11 @@ async fn generate(
         Role::Prefill { legacy } => Some(HoldSpec {
             request_id: format!("{id}-{}", &short_id()[..8]),
             engine_id: st.engine_id.clone(),
-            host: cfg.host.clone(),
-            port: st.port.load(Ordering::Relaxed),
+            host: st.kv.host.clone(),
+            port: st.kv.port,
             ttl: st.hold_ttl(),
             legacy,
+            kv: Arc::clone(&st.kv),
         }),
         _ => None,
     };
@@ -297,9 +307,12 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    let text = st
-        .metrics
-        .render(&st.cfg.model, st.cfg.block_size, &st.pool.stats());
+    let text = st.metrics.render(
+        &st.cfg.model,
+        st.cfg.block_size,
+        &st.pool.stats(),
+        &st.kv.stats,
+    );
     (
         [(
             header::CONTENT_TYPE,
@@ -365,7 +378,12 @@ async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
         "held_blocks": s.held_blocks,
         "released_total": s.released_blocks_total,
         "expired_total": s.expired_blocks_total,
-        "release_notify_failures": st.metrics.release_notify_failures(),
+        "kv_port": st.kv.port,
+        "kv_backend": st.cfg.kv_backend.to_string(),
+        "kv_pulls_ok": st.kv.stats.pulls_ok.load(Ordering::Relaxed),
+        "kv_pulls_failed": st.kv.stats.pulls_failed.load(Ordering::Relaxed),
+        "kv_bytes_pulled": st.kv.stats.bytes_pulled.load(Ordering::Relaxed),
+        "kv_integrity_failures": st.kv.stats.integrity_failures.load(Ordering::Relaxed),
         "free_blocks": s.free_blocks,
         "num_blocks": s.num_blocks,
     }))

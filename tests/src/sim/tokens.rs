@@ -17,6 +17,29 @@ pub fn text_tokens(text: &str) -> u64 {
     (text.len() as u64).div_ceil(4)
 }
 
+/// Token ids of one text piece: every 4 bytes are one token (so there are exactly
+/// [`text_tokens`] of them), whose id is a hash of those bytes. Equal text gives equal ids,
+/// which is all the prefix cache and the KV contents need.
+pub fn text_token_ids(text: &str) -> impl Iterator<Item = u32> + '_ {
+    text.as_bytes().chunks(4).map(|chunk| {
+        // FNV-1a over the chunk.
+        let mut h: u32 = 0x811c_9dc5;
+        for &b in chunk {
+            h ^= b as u32;
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        h
+    })
+}
+
+/// Applies the at-least-one rule to a prompt's token ids.
+pub fn at_least_one(mut ids: Vec<u32>) -> Vec<u32> {
+    if ids.is_empty() {
+        ids.push(0);
+    }
+    ids
+}
+
 /// Applies the at-least-one rule to a whole prompt's count.
 pub fn prompt_total(count: u64) -> u64 {
     count.max(1)
@@ -54,6 +77,22 @@ mod tests {
         assert_eq!(prompt_total(0), 1);
         assert_eq!(blocks_for(33, 16), 3);
         assert_eq!(blocks_for(32, 16), 2);
+    }
+
+    #[test]
+    fn token_ids_follow_the_estimate() {
+        for text in ["", "abc", "abcd", "abcde", "héllo wörld"] {
+            assert_eq!(
+                text_token_ids(text).count() as u64,
+                text_tokens(text),
+                "{text:?}"
+            );
+        }
+        let a: Vec<u32> = text_token_ids("same prefix, then A").collect();
+        let b: Vec<u32> = text_token_ids("same prefix, then B").collect();
+        assert_eq!(a[..4], b[..4]);
+        assert_ne!(a.last(), b.last());
+        assert_eq!(at_least_one(vec![]), vec![0]);
     }
 
     #[test]

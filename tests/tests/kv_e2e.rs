@@ -1,0 +1,137 @@
+//! KV bytes end to end: client -> pd-sidecar -> prefill engine-sim computes the KV -> decode
+//! engine-sim pulls it through its transfer agent (TCP or real NIXL) and checks every byte ->
+//! the prefill engine frees its blocks on the notification.
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use tandem_tests::harness::{http_post_json, json, poll_until, EngineSim, Sidecar};
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// engine-sim's default KV shape: 2 layers x K/V = 4 regions of 16 x 1 x 16 x 2 B = 512 B blocks.
+const BYTES_PER_BLOCK: u64 = 4 * 512;
+
+fn long_prompt(tokens: usize, salt: &str) -> String {
+    // 4 bytes per token in engine-sim's estimate.
+    let mut s = format!("{salt:>8}");
+    while s.len() < tokens * 4 {
+        s.push_str(" lorem ipsum dolor sit amet");
+    }
+    s.truncate(tokens * 4);
+    s
+}
+
+async fn kv_through_the_sidecar(backend: &str) {
+    let prefill = EngineSim::start(&["--kv-backend", backend]).await;
+    let decode = EngineSim::start(&["--kv-backend", backend]).await;
+    let sidecar = Sidecar::start(decode.port(), &["--prefill-threshold-tokens=0"]).await;
+    for (i, stream) in [(0, false), (1, true)] {
+        let prompt = long_prompt(1000, &format!("req{i}"));
+        let body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": 4, "stream": stream,
+            "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }});
+        let (status, _, resp) = http_post_json(
+            &sidecar.url("/v1/completions"),
+            &body,
+            &[("x-prefiller-host-port", &prefill.host_port())],
+        )
+        .await;
+        let text = String::from_utf8_lossy(&resp).into_owned();
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let usage = if stream {
+            let last = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .rfind(|d| *d != "[DONE]")
+                .unwrap();
+            json(last.as_bytes())["usage"].clone()
+        } else {
+            json(&resp)["usage"].clone()
+        };
+        // (cached_tokens is the prefill's own prefix-cache hit, which the sidecar passes on.)
+        assert_eq!(usage["prompt_tokens"], 1000, "{text}");
+        assert_eq!(usage["completion_tokens"], 4, "{text}");
+    }
+    let d = decode.state().await;
+    assert_eq!(d["kv_backend"], backend);
+    assert_eq!(d["kv_pulls_ok"], 2, "{d}");
+    assert_eq!(d["kv_pulls_failed"], 0, "{d}");
+    assert_eq!(d["kv_integrity_failures"], 0, "{d}");
+    // 1000 tokens = 63 blocks of 16, in every region.
+    assert_eq!(d["kv_bytes_pulled"], 2 * 63 * BYTES_PER_BLOCK, "{d}");
+    let p = poll_until(WAIT, "the prefill engine to free its blocks", || async {
+        let s = prefill.state().await;
+        (s["held_blocks"] == 0).then_some(s)
+    })
+    .await;
+    assert_eq!(p["released_total"], 2 * 63, "{p}");
+    assert_eq!(p["expired_total"], 0, "{p}");
+    assert!(decode
+        .metrics()
+        .await
+        .contains("engine_sim:kv_pulls_total{model_name=\"sim-model\",engine=\"0\"} 2\n"));
+}
+
+#[tokio::test]
+async fn kv_moves_intact_through_the_sidecar_over_tcp() {
+    kv_through_the_sidecar("tcp").await;
+}
+
+#[tokio::test]
+async fn kv_moves_intact_through_the_sidecar_over_nixl() {
+    kv_through_the_sidecar("nixl").await;
+}
+
+#[tokio::test]
+async fn a_corrupted_block_fails_the_decode_loudly() {
+    let prefill = EngineSim::start(&["--corrupt-kv"]).await;
+    let decode = EngineSim::start(&[]).await;
+    let prompt = long_prompt(100, "bad");
+    let (status, _, resp) = http_post_json(
+        &format!("{}/v1/completions", prefill.url()),
+        &json!({"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": true}}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let params = json(&resp)["kv_transfer_params"].clone();
+    let (status, _, resp) = http_post_json(
+        &format!("{}/v1/completions", decode.url()),
+        &json!({"prompt": prompt, "max_tokens": 3, "kv_transfer_params": params}),
+        &[],
+    )
+    .await;
+    let body = json(&resp);
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("KV integrity check failed") && msg.contains("layer0.k"),
+        "{msg}"
+    );
+    assert_eq!(decode.state().await["kv_integrity_failures"], 1);
+}
+
+#[tokio::test]
+async fn a_different_prompt_does_not_pass_the_check() {
+    // The decode is handed the blocks of another prompt: the bytes are intact but not this
+    // prompt's KV, which the check must notice too.
+    let prefill = EngineSim::start(&[]).await;
+    let decode = EngineSim::start(&[]).await;
+    let (_, _, resp) = http_post_json(
+        &format!("{}/v1/completions", prefill.url()),
+        &json!({"prompt": long_prompt(64, "one"), "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": true}}),
+        &[],
+    )
+    .await;
+    let params = json(&resp)["kv_transfer_params"].clone();
+    let (status, _, resp) = http_post_json(
+        &format!("{}/v1/completions", decode.url()),
+        &json!({"prompt": long_prompt(64, "two"), "max_tokens": 1, "kv_transfer_params": params}),
+        &[],
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+}
