@@ -135,3 +135,98 @@ async fn a_different_prompt_does_not_pass_the_check() {
         String::from_utf8_lossy(&resp)
     );
 }
+
+async fn complete(sim: &EngineSim, prompt: &str, kv: Value) -> Value {
+    let (status, _, resp) = http_post_json(
+        &format!("{}/v1/completions", sim.url()),
+        &json!({"prompt": prompt, "max_tokens": 1, "kv_transfer_params": kv}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    json(&resp)
+}
+
+#[tokio::test]
+async fn prefix_cache_hits_follow_the_shared_prefix() {
+    let sim = EngineSim::start(&[]).await;
+    let a = long_prompt(100, "a");
+    // Same first 64 tokens (4 blocks), then different.
+    let mut b = a[..256].to_string();
+    b.push_str(&long_prompt(36, "b"));
+    let cached = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        cached(&complete(&sim, &a, Value::Null).await),
+        0,
+        "cold cache"
+    );
+    // All 100 tokens are cached but the last is always computed: 6 full blocks of 16 hit.
+    assert_eq!(cached(&complete(&sim, &a, Value::Null).await), 96);
+    assert_eq!(
+        cached(&complete(&sim, &b, Value::Null).await),
+        64,
+        "only the shared prefix hits"
+    );
+    let m = sim.metrics().await;
+    assert!(
+        m.contains("vllm:prefix_cache_hits_total{model_name=\"sim-model\",engine=\"0\"} 160\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("vllm:prefix_cache_queries_total{model_name=\"sim-model\",engine=\"0\"} 300\n"),
+        "{m}"
+    );
+    assert!(sim.state().await["cached_blocks"].as_u64().unwrap() >= 6);
+}
+
+#[tokio::test]
+async fn the_lru_evicts_cached_prefixes_when_the_pool_fills() {
+    // 16 blocks: a 100-token prompt caches 6 full blocks; 12 blocks of other prompts later
+    // need some of them back.
+    let sim = EngineSim::start(&["--num-blocks", "16"]).await;
+    let a = long_prompt(100, "a");
+    complete(&sim, &a, Value::Null).await;
+    complete(&sim, &long_prompt(190, "filler"), Value::Null).await;
+    let s = sim.state().await;
+    assert!(s["evicted_blocks_total"].as_u64().unwrap() > 0, "{s}");
+    let again = complete(&sim, &a, Value::Null).await;
+    assert!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            < 96,
+        "{again}"
+    );
+}
+
+#[tokio::test]
+async fn a_decode_pulls_only_what_its_prefix_cache_lacks() {
+    let prefill = EngineSim::start(&[]).await;
+    let decode = EngineSim::start(&[]).await;
+    let prompt = long_prompt(100, "shared");
+    for round in 0..2 {
+        let p = complete(&prefill, &prompt, json!({"do_remote_decode": true})).await;
+        let expected_prefill_hit = if round == 0 { 0 } else { 96 };
+        assert_eq!(
+            p["usage"]["prompt_tokens_details"]["cached_tokens"],
+            expected_prefill_hit
+        );
+        let d = complete(&decode, &prompt, p["kv_transfer_params"].clone()).await;
+        assert_eq!(
+            d["usage"]["prompt_tokens_details"]["cached_tokens"], 100,
+            "all KV was there: {d}"
+        );
+    }
+    let s = decode.state().await;
+    // 100 tokens = 7 blocks; the second time 6 were cached and one was pulled.
+    assert_eq!(s["kv_bytes_pulled"], (7 + 1) * BYTES_PER_BLOCK, "{s}");
+    assert_eq!(s["kv_integrity_failures"], 0);
+    poll_until(WAIT, "both holds released", || async {
+        (prefill.state().await["held_blocks"] == 0).then_some(())
+    })
+    .await;
+}

@@ -38,7 +38,6 @@ pub struct Kv {
     pub host: String,
     pub port: u16,
     layout: KvLayout,
-    block_size: u64,
     corrupt: bool,
     pull_timeout: Duration,
     pub stats: KvStats,
@@ -123,7 +122,6 @@ impl Kv {
             host: cfg.host.clone(),
             port,
             layout,
-            block_size: cfg.block_size,
             corrupt: cfg.corrupt_kv,
             pull_timeout: Duration::from_millis(cfg.kv_pull_timeout_ms),
             stats: KvStats::default(),
@@ -134,11 +132,12 @@ impl Kv {
         &self.layout
     }
 
-    /// Computes a prompt's KV into `blocks` (what prefill does).
-    pub fn write(&self, tokens: &[u32], blocks: &[BlockId]) {
+    /// Computes the KV of blocks whose chain hashes are `hashes` into `blocks` (what prefill
+    /// does).
+    pub fn write(&self, hashes: &[u64], blocks: &[BlockId]) {
         let mem = self.agent.memory();
         let len = self.layout.block_len();
-        for (&block, hash) in blocks.iter().zip(block_hashes(tokens, self.block_size)) {
+        for (&block, &hash) in blocks.iter().zip(hashes) {
             for region in 0..self.layout.num_regions() {
                 let off = self.layout.block_offset(region, block);
                 // SAFETY: the running request owns this block; nobody else touches it now.
@@ -156,15 +155,11 @@ impl Kv {
             .fetch_add(blocks.len() as u64, Relaxed);
     }
 
-    /// Checks that `blocks` hold the KV of `tokens`, byte for byte.
-    pub fn verify(&self, tokens: &[u32], blocks: &[BlockId]) -> Result<(), String> {
+    /// Checks that `blocks` hold the KV of the blocks with chain hashes `hashes`, byte for byte.
+    pub fn verify(&self, hashes: &[u64], blocks: &[BlockId]) -> Result<(), String> {
         let mem = self.agent.memory();
         let len = self.layout.block_len();
-        for (i, (&block, hash)) in blocks
-            .iter()
-            .zip(block_hashes(tokens, self.block_size))
-            .enumerate()
-        {
+        for (i, (&block, &hash)) in blocks.iter().zip(hashes).enumerate() {
             for region in 0..self.layout.num_regions() {
                 let off = self.layout.block_offset(region, block);
                 // SAFETY: the pull into these blocks has completed.
@@ -182,16 +177,19 @@ impl Kv {
         Ok(())
     }
 
-    /// Pulls the prefill's blocks into `local` and notifies the prefill engine
+    /// Pulls the prefill's blocks from index `skip` on into `local` (the first `skip` are in
+    /// this engine's prefix cache already) and notifies the prefill engine
     /// (`"<remote_request_id>:<tp_size>"`) so it frees them.
     pub async fn pull(
         &self,
         p: &DecodeParams,
         local: &[BlockId],
+        skip: usize,
     ) -> Result<transfer::agent::TransferDone, TransferError> {
         let remote = p
             .block_ids
             .iter()
+            .skip(skip)
             .map(|&b| {
                 u32::try_from(b).map_err(|_| {
                     TransferError::BadRequest(format!("remote block id {b} is too large"))
@@ -202,7 +200,7 @@ impl Kv {
             request_id: p.remote_request_id.clone(),
             peer: host_port(&p.remote_host, p.remote_port),
             op: Op::Read,
-            local_blocks: local.to_vec(),
+            local_blocks: local[skip.min(local.len())..].to_vec(),
             remote_blocks: remote,
             plan: PlanKind::Coalesced,
             timeout: Some(self.pull_timeout),

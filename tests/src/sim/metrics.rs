@@ -298,6 +298,8 @@ mod tests {
             held_blocks: 1,
             released_blocks_total: 0,
             expired_blocks_total: 0,
+            cached_blocks: 0,
+            evicted_blocks_total: 0,
         };
         let text = m.render("m", 16, &pool, &KvStats::default());
         let l = "model_name=\"m\",engine=\"0\"";

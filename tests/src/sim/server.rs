@@ -19,7 +19,7 @@ use super::config::Config;
 use super::error::SimError;
 use super::faults::{FaultAction, FaultConfig, Faults};
 use super::generate::{plan, Generation, HoldSpec};
-use super::kv::Kv;
+use super::kv::{block_hashes, Kv};
 use super::metrics::Metrics;
 use super::openai::{parse_request, Api, Reply, Usage};
 use super::pd::{self, detect_role, Role};
@@ -198,20 +198,28 @@ async fn generate(
         }
     }
 
-    let blocks = st
-        .pool
-        .allocate(blocks_for(prompt_tokens, cfg.block_size) as usize)?;
-
+    // Prefix cache: the chain hashes of the prompt's blocks; only full blocks are cached, and at
+    // least the last token is always computed (as vLLM does), so a prompt that is all cached
+    // still recomputes its last block.
     let tokens = req.kv_tokens();
-    let mut cached_tokens = 0;
+    let hashes = block_hashes(&tokens, cfg.block_size);
+    let bs = cfg.block_size.max(1);
+    let full_blocks = (prompt_tokens / bs) as usize;
+    let hittable = (prompt_tokens.saturating_sub(1) / bs) as usize;
+    let blocks = st.pool.allocate_prefix(
+        blocks_for(prompt_tokens, cfg.block_size) as usize,
+        &hashes[..hittable.min(hashes.len())],
+    )?;
+    let hit = blocks.cached_blocks();
+    let mut cached_tokens = hit as u64 * bs;
     if let Role::Decode(p) = &role {
-        // Pull the prefill's KV into our blocks (the agent notifies the prefill engine when the
-        // bytes are here), then check every byte. A failed pull falls back to local prefill, as
-        // vLLM's recompute policy does; wrong bytes fail the request.
-        match st.kv.pull(p, blocks.blocks()).await {
+        // Pull the prefill's KV for the blocks not cached here (the agent notifies the prefill
+        // engine when the bytes are in), then check every byte. A failed pull falls back to local
+        // prefill, as vLLM's recompute policy does; wrong bytes fail the request.
+        match st.kv.pull(p, blocks.blocks(), hit).await {
             Ok(done) => {
                 st.kv
-                    .verify(&tokens, blocks.blocks())
+                    .verify(&hashes, blocks.blocks())
                     .map_err(SimError::KvIntegrity)?;
                 tracing::debug!(
                     bytes = done.bytes,
@@ -222,13 +230,15 @@ async fn generate(
             }
             Err(e) => {
                 tracing::warn!(error = %e, remote = %pd::host_port(&p.remote_host, p.remote_port), "KV pull failed; prefilling locally");
-                st.kv.write(&tokens, blocks.blocks());
+                st.kv.write(&hashes[hit..], &blocks.blocks()[hit..]);
             }
         }
     } else {
-        st.kv.write(&tokens, blocks.blocks());
+        st.kv.write(&hashes[hit..], &blocks.blocks()[hit..]);
     }
-    st.metrics.add_prompt(prompt_tokens, 0);
+    st.pool
+        .publish(&blocks.blocks()[..full_blocks], &hashes[..full_blocks]);
+    st.metrics.add_prompt(prompt_tokens, hit as u64 * bs);
 
     let rid = x_request_id.map_or_else(short_id, str::to_string);
     let id = match api {
@@ -385,6 +395,8 @@ async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
         "kv_bytes_pulled": st.kv.stats.bytes_pulled.load(Ordering::Relaxed),
         "kv_integrity_failures": st.kv.stats.integrity_failures.load(Ordering::Relaxed),
         "free_blocks": s.free_blocks,
+        "cached_blocks": s.cached_blocks,
+        "evicted_blocks_total": s.evicted_blocks_total,
         "num_blocks": s.num_blocks,
     }))
 }
