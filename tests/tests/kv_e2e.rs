@@ -230,3 +230,40 @@ async fn a_decode_pulls_only_what_its_prefix_cache_lacks() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_timing_model_computes_only_uncached_tokens_in_budgeted_steps() {
+    // A 64-token budget per step: a 200-token prompt takes 4 prefill steps (64+64+64+8; the
+    // last one yields the first token) and 2 more steps for tokens 2 and 3.
+    let sim = EngineSim::start(&[
+        "--timing-model",
+        "--max-num-batched-tokens",
+        "64",
+        "--step-base-us",
+        "100",
+        "--prefill-us-per-token",
+        "1",
+    ])
+    .await;
+    let prompt = long_prompt(200, "timed");
+    let steps = |s: Value| s["engine_steps"].as_u64().unwrap();
+    let run = || async {
+        let (status, _, resp) = http_post_json(
+            &format!("{}/v1/completions", sim.url()),
+            &json!({"prompt": prompt, "max_tokens": 3}),
+            &[],
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        json(&resp)
+    };
+    run().await;
+    assert_eq!(steps(sim.state().await), 6);
+    // Again: 192 tokens are cached, 8 are computed in one step, then 2 decode steps.
+    let again = run().await;
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"],
+        192
+    );
+    assert_eq!(steps(sim.state().await), 9);
+}

@@ -109,12 +109,50 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub kv_pull_timeout_ms: u64,
 
+    /// Turn on the timing model: continuous batching with the costs below (defaults resemble an
+    /// 8B model on one H100). Off, the engine answers as fast as it can (plus --ttft-ms/--itl-ms).
+    #[arg(long, env = "ENGINE_SIM_TIMING_MODEL")]
+    pub timing_model: bool,
+
+    /// Fixed cost of one engine step (reading the weights), microseconds.
+    #[arg(long, env = "ENGINE_SIM_STEP_BASE_US", default_value_t = 5000)]
+    pub step_base_us: u64,
+
+    /// Prefill cost per uncached prompt token, microseconds.
+    #[arg(long, env = "ENGINE_SIM_PREFILL_US_PER_TOKEN", default_value_t = 55)]
+    pub prefill_us_per_token: u64,
+
+    /// Decode cost per sequence in the batch, microseconds per step.
+    #[arg(long, env = "ENGINE_SIM_DECODE_US_PER_SEQ", default_value_t = 30)]
+    pub decode_us_per_seq: u64,
+
+    /// Token budget of one step (vLLM's --max-num-batched-tokens).
+    #[arg(long, env = "ENGINE_SIM_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_batched_tokens: u64,
+
+    /// Sequences decoding at once (vLLM's --max-num-seqs).
+    #[arg(long, env = "ENGINE_SIM_MAX_NUM_SEQS", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_num_seqs: u64,
+
     /// Corrupt one byte of every block this engine prefills (tests the decode's integrity check).
     #[arg(long, env = "ENGINE_SIM_CORRUPT_KV")]
     pub corrupt_kv: bool,
 }
 
 impl Config {
+    /// The timing model, when `--timing-model` is on.
+    pub fn timing(&self) -> Option<super::sched::TimingModel> {
+        self.timing_model.then(|| super::sched::TimingModel {
+            step_base: std::time::Duration::from_micros(self.step_base_us),
+            prefill_per_token: std::time::Duration::from_micros(self.prefill_us_per_token),
+            decode_per_seq: std::time::Duration::from_micros(self.decode_us_per_seq),
+            token_budget: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs as usize,
+        })
+    }
+
     /// The fault configuration the flags describe (runtime changes go through `POST /sim/faults`).
     pub fn faults(&self) -> FaultConfig {
         FaultConfig {

@@ -17,6 +17,7 @@ use super::error::SimError;
 use super::metrics::{Gauge, Metrics};
 use super::openai::{Reply, DONE_EVENT};
 use super::pd::PrefillHandle;
+use super::sched::Seq;
 
 /// How many tokens to generate and the finish reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +92,10 @@ pub struct Generation {
     itl: Duration,
     _running: Gauge,
     finished: bool,
+    /// With the timing model: this request's place in the decode batch, and whether its first
+    /// token came out of its prefill step (so it needs no decode step of its own).
+    seq: Option<Seq>,
+    first_from_prefill: bool,
 }
 
 impl Generation {
@@ -117,7 +122,16 @@ impl Generation {
             itl,
             _running: running,
             finished: false,
+            seq: None,
+            first_from_prefill: false,
         }
+    }
+
+    /// Paces the tokens by the engine's steps (timing model).
+    pub fn in_batch(mut self, seq: Option<Seq>, first_from_prefill: bool) -> Generation {
+        self.seq = seq;
+        self.first_from_prefill = first_from_prefill;
+        self
     }
 
     /// Waits until token `i` is due; at the last token, finishes the request.
@@ -129,6 +143,11 @@ impl Generation {
         };
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        if i > 0 || !self.first_from_prefill {
+            if let Some(seq) = self.seq.as_mut() {
+                seq.next_token().await;
+            }
         }
         if i == 0 {
             self.metrics.observe_ttft(self.started.elapsed());

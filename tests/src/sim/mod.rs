@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pd;
 pub mod record;
+pub mod sched;
 pub mod server;
 pub mod tokens;
 

@@ -24,6 +24,7 @@ use super::metrics::Metrics;
 use super::openai::{parse_request, Api, Reply, Usage};
 use super::pd::{self, detect_role, Role};
 use super::record::{self, RequestLog, MAX_BODY_BYTES};
+use super::sched::Scheduler;
 use super::tokens::blocks_for;
 
 pub struct AppState {
@@ -37,6 +38,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub log: Arc<RequestLog>,
     pub kv: Arc<Kv>,
+    /// The timing model's engine loop (`--timing-model`).
+    pub sched: Option<Arc<Scheduler>>,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
             metrics: Metrics::new(),
             log: Arc::new(RequestLog::default()),
             kv,
+            sched: cfg.timing().map(Scheduler::start),
             cfg,
         }))
     }
@@ -212,6 +216,8 @@ async fn generate(
     )?;
     let hit = blocks.cached_blocks();
     let mut cached_tokens = hit as u64 * bs;
+    // Prompt tokens this engine must compute (none when the KV was pulled).
+    let mut computed = prompt_tokens - (hit as u64 * bs).min(prompt_tokens);
     if let Role::Decode(p) = &role {
         // Pull the prefill's KV for the blocks not cached here (the agent notifies the prefill
         // engine when the bytes are in), then check every byte. A failed pull falls back to local
@@ -227,6 +233,7 @@ async fn generate(
                     "KV pulled"
                 );
                 cached_tokens = prompt_tokens;
+                computed = 0;
             }
             Err(e) => {
                 tracing::warn!(error = %e, remote = %pd::host_port(&p.remote_host, p.remote_port), "KV pull failed; prefilling locally");
@@ -283,6 +290,17 @@ async fn generate(
     if hold.is_some() {
         first_token_delay += Duration::from_millis(cfg.prefill_delay_ms);
     }
+    // Timing model: compute the prompt in the engine's steps, then decode in its batch.
+    let mut seq = None;
+    if let Some(sched) = &st.sched {
+        if computed > 0 {
+            sched.prefill(computed).await;
+        }
+        let decode_steps = plan.output_tokens - u64::from(computed > 0);
+        if decode_steps > 0 {
+            seq = Some(sched.join(decode_steps));
+        }
+    }
     let generation = Generation::new(
         reply,
         req.include_usage,
@@ -292,7 +310,8 @@ async fn generate(
         started,
         first_token_delay,
         Duration::from_millis(cfg.itl_ms),
-    );
+    )
+    .in_batch(seq, computed > 0);
     Ok(if req.stream {
         generation.respond_stream()
     } else {
@@ -388,6 +407,7 @@ async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
         "held_blocks": s.held_blocks,
         "released_total": s.released_blocks_total,
         "expired_total": s.expired_blocks_total,
+        "engine_steps": st.sched.as_ref().map(|s| s.steps.load(Ordering::Relaxed)),
         "kv_port": st.kv.port,
         "kv_backend": st.cfg.kv_backend.to_string(),
         "kv_pulls_ok": st.kv.stats.pulls_ok.load(Ordering::Relaxed),
