@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tandem_tests::harness::{free_port, poll_until, Proc};
 use tonic::Code;
+use transfer::bench::{check_pattern, fill_pattern};
 use transfer::grpc::proto::{self, transfer_event::Event};
 use transfer::layout::{KvLayout, LayoutParams, ModelShape};
 use transfer::HostMemory;
@@ -91,13 +92,10 @@ impl AgentProc {
         health_of(&self.endpoint).await.unwrap()
     }
 
-    /// Fills the whole pool with bytes that depend on `seed` and the offset.
-    fn fill(&self, seed: u8) {
-        let len = self.mem.len();
-        let mut buf = vec![0u8; len];
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = pattern(seed, i as u64);
-        }
+    /// Fills the whole pool with kvbench's pattern: bytes that depend on `seed` and the offset.
+    fn fill(&self, seed: u64) {
+        let mut buf = vec![0u8; self.mem.len()];
+        fill_pattern(&mut buf, 0, seed);
         self.mem.write(0, &buf).unwrap();
     }
 
@@ -116,11 +114,6 @@ impl Drop for AgentProc {
         self.proc.kill();
         let _ = std::fs::remove_file(&self.shm);
     }
-}
-
-fn pattern(seed: u8, offset: u64) -> u8 {
-    let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((seed as u64) << 56) ^ (offset >> 13);
-    (x >> 24) as u8 ^ seed
 }
 
 async fn health_of(endpoint: &str) -> Result<proto::HealthResponse, String> {
@@ -195,16 +188,14 @@ fn assert_moved(dst: &AgentProc, src: &AgentProc, dst_blocks: &[u32], src_blocks
     }
 }
 
-fn assert_untouched(agent: &AgentProc, seed: u8, except: &[u32]) {
+fn assert_untouched(agent: &AgentProc, seed: u64, except: &[u32]) {
     let l = layout();
     for region in 0..l.num_regions() {
         for b in (0..l.num_blocks()).filter(|b| !except.contains(b)) {
             let off = l.block_offset(region, b);
             let got = agent.block(region, b);
             assert!(
-                got.iter()
-                    .enumerate()
-                    .all(|(i, &x)| x == pattern(seed, off + i as u64)),
+                check_pattern(&got, off, seed).is_none(),
                 "region {region} block {b} changed but was not part of the transfer"
             );
         }
