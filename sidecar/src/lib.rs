@@ -5,6 +5,9 @@
 //! middleware) -> [`proxy`] (parse, decide, prefill leg, decode leg) ->
 //! [`connectors`] (per-protocol bodies) -> [`upstream`] (engine clients) ->
 //! [`body`] (streamed response, usage rewrite).
+//!
+//! `pd-router` lives in [`router`]: it picks the prefill/decode pair per request
+//! and forwards to a decode pod's sidecar, reusing [`upstream`] and [`error`].
 
 pub mod body;
 pub mod config;
@@ -13,6 +16,7 @@ pub mod error;
 pub mod metrics;
 pub mod proxy;
 pub mod request;
+pub mod router;
 pub mod server;
 pub mod tls;
 pub mod upstream;

@@ -94,3 +94,40 @@ def cluster():
     yield {"prefill": prefill, "decode": decode, "url": f"http://127.0.0.1:{port}"}
     for p in (sidecar, prefill.proc, decode.proc):
         p.stop()
+
+
+@pytest.fixture(scope="module")
+def full_path():
+    """The whole P/D path: pd-router -> pd-sidecar -> decode engine, with a prefill engine whose
+    KV blocks the decode engine pulls over NIXL and checks byte for byte."""
+    prefill = Sim(["--kv-backend", "nixl"])
+    decode = Sim(["--kv-backend", "nixl", "--itl-ms", "2"])
+    sidecar_port = free_port()
+    sidecar = Proc(
+        "pd-sidecar",
+        [
+            f"--port={sidecar_port}",
+            f"--vllm-port={decode.port}",
+            "--connector=nixlv2",
+            "--secure-proxy=false",
+            "--metrics-port=0",
+            "--prefill-threshold-tokens=0",
+        ],
+    )
+    wait_ready(f"http://127.0.0.1:{sidecar_port}/ready")
+    router_port = free_port()
+    router = Proc(
+        "pd-router",
+        [
+            "--bind=127.0.0.1",
+            f"--port={router_port}",
+            "--metrics-port=0",
+            f"--decode=http://127.0.0.1:{sidecar_port}",
+            f"--prefill=127.0.0.1:{prefill.port}",
+            "--threshold-tokens=64",
+        ],
+    )
+    wait_ready(f"http://127.0.0.1:{router_port}/health")
+    yield {"prefill": prefill, "decode": decode, "url": f"http://127.0.0.1:{router_port}"}
+    for p in (router, sidecar, prefill.proc, decode.proc):
+        p.stop()

@@ -696,3 +696,108 @@ impl Sidecar {
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
+
+/// A running `pd-router` on 127.0.0.1 in front of decode endpoints (normally
+/// sidecars), with its metrics on a second free port.
+pub struct Router {
+    proc: Proc,
+    port: u16,
+    metrics_port: u16,
+}
+
+impl Router {
+    /// Starts a router for `decode_urls` (`http://host:port`) and
+    /// `prefill_host_ports` (`host:port`) with `extra` flags, and waits until it
+    /// serves and its metrics answer; retries when a chosen port was taken meanwhile.
+    pub async fn try_start(
+        decode_urls: &[String],
+        prefill_host_ports: &[String],
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Router, String> {
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let metrics_port = free_port();
+            let mut args = vec![
+                "--bind=127.0.0.1".to_string(),
+                format!("--port={port}"),
+                format!("--metrics-port={metrics_port}"),
+            ];
+            args.extend(decode_urls.iter().map(|d| format!("--decode={d}")));
+            args.extend(prefill_host_ports.iter().map(|p| format!("--prefill={p}")));
+            args.extend(extra.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut proc = Proc::spawn("pd-router", &args, env);
+            let ready = proc
+                .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
+                .await;
+            let router = Router {
+                proc,
+                port,
+                metrics_port,
+            };
+            match ready {
+                Ok(()) => match router.metrics().await {
+                    Ok(_) => return Ok(router),
+                    Err(e) => last_err = e,
+                },
+                Err(e) => last_err = e,
+            }
+        }
+        Err(format!("pd-router did not start: {last_err}"))
+    }
+
+    /// Like [`Router::try_start`] with debug logs, panicking on failure.
+    pub async fn start(
+        decode_urls: &[String],
+        prefill_host_ports: &[String],
+        extra: &[&str],
+    ) -> Router {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Router::try_start(
+            decode_urls,
+            prefill_host_ports,
+            &extra,
+            &[("RUST_LOG", "debug")],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// `http://127.0.0.1:<port><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    pub fn proc_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    pub fn log_path(&self) -> &Path {
+        self.proc.log_path()
+    }
+
+    /// The Prometheus text of `--metrics-port`.
+    pub async fn metrics(&self) -> Result<String, String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
+        let (status, _, body) =
+            try_http(Method::GET, &url, &[], Bytes::new(), Duration::from_secs(5)).await?;
+        if status != StatusCode::OK {
+            return Err(format!("GET {url}: {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}

@@ -1,11 +1,13 @@
-//! `pd-demo`: a prefill/decode cluster on loopback, a built-in workload through it, and a plain
-//! account of what happened (`make demo`).
+//! `pd-demo`: the same workload served three ways by a local cluster on loopback, and one
+//! table comparing them (`make demo`).
 //!
-//! Starts 2 `engine-sim` prefill engines, 2 `engine-sim` decode engines and one `pd-sidecar` in
-//! front of each decode engine, then runs three phases (short prompts, long prompts, a failing
-//! prefill engine), cross-checks what the client saw against the sidecars' Prometheus counters
-//! and the engines' request logs, prints a table and writes `demo-out/demo.json`. Exits 0 when
-//! every check passed, 1 when one failed, 2 when the demo could not run.
+//! For each mode (aggregated, P/D always, P/D selective with cache-aware routing) it starts four
+//! `engine-sim` engines with the timing model on, a `pd-sidecar` in front of each decode engine
+//! and `pd-router` in front of everything, replays the built-in workload (multi-turn chats
+//! sharing long system prompts, plus short one-shots) through the router, and stops the cluster.
+//! KV blocks really move between the engines over the transfer agent (NIXL by default) and are
+//! checked byte for byte. Prints the table, writes `demo-out/demo.json` and `demo-out/demo.png`.
+//! Exits 0 when every check passed, 1 when one failed, 2 when the demo could not run.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -16,74 +18,68 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use serde_json::json;
-use tandem_tests::demo::client::DemoClient;
-use tandem_tests::demo::cluster::{Cluster, ClusterSpec};
-use tandem_tests::demo::report::{self, PhaseResult};
+use tandem_tests::demo::report::{self, ModeResult};
 use tandem_tests::demo::workload::{self, WorkloadParams};
-use tandem_tests::demo::{run_phase, Mode};
+use tandem_tests::demo::{run_mode, Mode, BLOCK_SIZE};
 use tandem_tests::harness::bin_path;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ModeArg {
-    /// Clients name the prefill engine; one pd-sidecar per decode engine.
-    Sidecar,
+    Aggregated,
+    PdAlways,
+    PdSelective,
 }
 
 impl From<ModeArg> for Mode {
     fn from(m: ModeArg) -> Mode {
         match m {
-            ModeArg::Sidecar => Mode::Sidecar,
+            ModeArg::Aggregated => Mode::Aggregated,
+            ModeArg::PdAlways => Mode::PdAlways,
+            ModeArg::PdSelective => Mode::PdSelective,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KvBackend {
+    Nixl,
+    Tcp,
 }
 
 #[derive(Parser, Debug)]
 #[command(
     name = "pd-demo",
     version,
-    about = "A local P/D cluster on loopback: simulator engines, pd-sidecar, real requests, a table"
+    about = "The same workload served aggregated, P/D always and P/D selective by a local cluster \
+             (engine-sim, pd-sidecar, pd-router, real KV transfers), and a table comparing them"
 )]
 struct Args {
-    /// How the cluster is put together.
-    #[arg(long, value_enum, default_value_t = ModeArg::Sidecar)]
-    mode: ModeArg,
-    /// Requests per phase.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(4..=10_000))]
-    requests: u32,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    concurrency: u32,
-    /// Output tokens per request.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
-    max_tokens: u64,
-    /// Where demo.json goes.
+    /// Modes to run, in order.
+    #[arg(long, value_enum, value_delimiter = ',',
+          default_values_t = [ModeArg::Aggregated, ModeArg::PdAlways, ModeArg::PdSelective])]
+    modes: Vec<ModeArg>,
+    /// Simulated users: sessions (chats or one-shots) in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    users: u32,
+    /// KV data plane between the engines: nixl (the NIXL libraries `make setup` unpacks) or tcp.
+    #[arg(long, value_enum, default_value_t = KvBackend::Nixl)]
+    kv_backend: KvBackend,
+    /// Shape of the engines' KV cache (engine-sim --kv-model). The default is 8 KiB per token,
+    /// a 16th of Llama-3.1-8B's, so four engines fit a laptop.
+    #[arg(long, default_value = "layers=8,kv_heads=4,head_dim=64,dtype=bf16")]
+    kv_model: String,
+    /// KV blocks per engine (16 tokens each).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..))]
+    num_blocks: u32,
+    /// A small workload (a few seconds per mode), for smoke tests.
+    #[arg(long)]
+    quick: bool,
+    /// Orders the workload's sessions.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Where demo.json, demo.png and the router configs go.
     #[arg(long, default_value = "demo-out")]
     out_dir: PathBuf,
-}
-
-/// The sidecar settings the workload depends on.
-const THRESHOLD_TOKENS: u64 = 256;
-const PREFILL_MAX_RETRIES: u32 = 2;
-const PREFILL_RETRY_BACKOFF: &str = "20ms";
-
-fn cluster_spec(mode: Mode) -> ClusterSpec {
-    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    match mode {
-        Mode::Sidecar => ClusterSpec {
-            prefill_engines: 2,
-            decode_engines: 2,
-            // Prefill costs 25 ms; decode makes the first token in 5 ms, then one every 10 ms.
-            prefill_args: s(&["--prefill-delay-ms", "25"]),
-            decode_args: s(&["--ttft-ms", "5", "--itl-ms", "10"]),
-            sidecar_args: vec![
-                "--bind=127.0.0.1".into(),
-                "--kv-connector=nixlv2".into(),
-                format!("--prefill-threshold-tokens={THRESHOLD_TOKENS}"),
-                format!("--prefill-max-retries={PREFILL_MAX_RETRIES}"),
-                format!("--prefill-retry-backoff={PREFILL_RETRY_BACKOFF}"),
-            ],
-        },
-    }
 }
 
 fn main() -> ExitCode {
@@ -117,7 +113,7 @@ fn check_binaries() -> Result<(), String> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut missing = Vec::new();
-    for name in ["engine-sim", "pd-sidecar"] {
+    for name in ["engine-sim", "pd-sidecar", "pd-router"] {
         if let Err(payload) = std::panic::catch_unwind(|| bin_path(name)) {
             let msg = payload
                 .downcast_ref::<String>()
@@ -139,131 +135,168 @@ fn check_binaries() -> Result<(), String> {
 
 async fn run(args: Args) -> Result<bool, String> {
     let started = Instant::now();
-    let mode = Mode::from(args.mode);
-    let spec = cluster_spec(mode);
-    let params = WorkloadParams {
-        requests_per_phase: args.requests as usize,
-        max_tokens: args.max_tokens,
-        prefill_engines: spec.prefill_engines,
-        decode_engines: spec.decode_engines,
-        prefill_max_retries: PREFILL_MAX_RETRIES,
-        threshold_tokens: THRESHOLD_TOKENS,
+    let params = if args.quick {
+        WorkloadParams::quick()
+    } else {
+        WorkloadParams {
+            seed: args.seed,
+            ..WorkloadParams::standard()
+        }
     };
-    let phases = workload::builtin(&params);
-    let concurrency = args.concurrency as usize;
-
-    let progress = Progress::new();
-    progress.line(&format!(
-        "pd-demo: starting {} prefill + {} decode engine-sims and {} pd-sidecars on 127.0.0.1 ...",
-        spec.prefill_engines, spec.decode_engines, spec.decode_engines
-    ));
-    let cluster = Cluster::start(spec).await?;
+    let sessions = Arc::new(workload::builtin(&params));
+    let users = args.users as usize;
+    let backend = match args.kv_backend {
+        KvBackend::Nixl => "nixl",
+        KvBackend::Tcp => "tcp",
+    };
+    let engine_args: Vec<String> = vec![
+        "--timing-model".into(),
+        format!("--kv-backend={backend}"),
+        format!("--kv-model={}", args.kv_model),
+        format!("--num-blocks={}", args.num_blocks),
+        format!("--block-size={BLOCK_SIZE}"),
+    ];
+    let modes: Vec<Mode> = args.modes.iter().map(|m| Mode::from(*m)).collect();
 
     println!(
-        "Tandem P/D demo, mode `{}`: {}.",
-        mode.name(),
-        mode.describe()
+        "Tandem P/D demo: one workload, {} ways of serving it.",
+        modes.len()
     );
     println!();
     println!(
-        "Cluster on 127.0.0.1 (started in {:.2} s):",
-        cluster.started_in.as_secs_f64()
+        "Workload: {} chats of {} turns over {} shared system prompts of ~{} tokens (max_tokens \
+         {}), plus {} short one-shots (max_tokens {}); {} requests, all streamed, {users} users \
+         in flight.",
+        params.chats,
+        params.turns,
+        params.system_prompts,
+        params.system_prompt_tokens,
+        params.chat_max_tokens,
+        params.one_shots,
+        params.one_shot_max_tokens,
+        params.requests(),
     );
-    for l in cluster.topology_lines() {
-        println!("{l}");
-    }
-    println!();
     println!(
-        "Workload: {} phases of {} requests, {concurrency} in flight, max_tokens {}; chat and \
-         completions, streaming and not, alternating:",
-        phases.len(),
-        params.requests_per_phase,
-        params.max_tokens
+        "Engines: engine-sim {} (timing model of an 8B model on one H100; KV {} over {backend}).",
+        engine_args.join(" "),
+        args.kv_model
     );
-    for p in &phases {
-        println!("  {:<16} {}", p.title, p.about);
+    println!("Modes:");
+    for m in &modes {
+        println!("  {:<13} {}", m.name(), m.describe());
     }
     println!();
     let _ = std::io::stdout().flush();
 
-    let client = DemoClient::new();
-    let mut results: Vec<PhaseResult> = Vec::new();
-    for (i, phase) in phases.iter().enumerate() {
+    let progress = Progress::new();
+    let mut results: Vec<ModeResult> = Vec::new();
+    let mut topologies = Vec::new();
+    let mut logs_to_keep = Vec::new();
+    for (i, mode) in modes.iter().enumerate() {
+        let label = format!("[{}/{}] {}", i + 1, modes.len(), mode.name());
         let done = Arc::new(AtomicUsize::new(0));
-        let label = format!("[{}/{}] {}", i + 1, phases.len(), phase.title);
-        let ticker = progress.track(&label, phase.requests.len(), Arc::clone(&done));
-        let run = run_phase(
-            mode,
-            &cluster,
-            &client,
-            phase,
-            concurrency,
-            Arc::clone(&done),
+        let ticker = progress.track(&label, params.requests(), Arc::clone(&done));
+        let outcome = run_mode(
+            *mode,
+            &engine_args,
+            &args.out_dir,
+            Arc::clone(&sessions),
+            users,
+            done,
         )
         .await;
         ticker.abort();
-        let run = run?;
-        let r = report::analyze(phase, &run, &params);
+        let (run, cluster) = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                progress.finish(&format!("{label}: could not run"));
+                return Err(e);
+            }
+        };
+        let r = report::analyze(&run);
         progress.finish(&format!(
-            "{label}: {}/{} answered in {:.2} s, {}",
+            "{label}: {}/{} answered in {:.1} s (cluster up in {:.1} s){}",
             r.ok,
             r.requests,
             run.wall.as_secs_f64(),
-            if r.passed() {
-                "as expected"
-            } else {
-                "NOT as expected"
-            }
+            run.cluster_started_in.as_secs_f64(),
+            if r.passed() { "" } else { ", checks FAILED" }
         ));
+        let logs: Vec<(String, PathBuf)> = cluster.logs.clone();
+        drop(cluster);
+        if r.passed() {
+            // Nothing to look into: do not leave a log file per process behind.
+            for (_, p) in &logs {
+                let _ = std::fs::remove_file(p);
+            }
+        } else {
+            logs_to_keep.extend(
+                logs.into_iter()
+                    .map(|(n, p)| (format!("{}/{n}", mode.name()), p)),
+            );
+        }
+        topologies.push(json!({"mode": mode.name(), "cluster": run.topology}));
         results.push(r);
     }
 
-    println!("Results (local/remote/fallback: the sidecars' decisions; TTFT: first SSE event of the streaming requests; total: whole answer; held blocks: KV still held by the prefill engines afterwards):");
+    println!();
     println!("{}", report::table(&results));
     println!();
-    println!("What happened:");
-    for l in report::narrative(&results, &params) {
+    println!("What it says:");
+    for l in report::narrative(&results) {
         println!("  - {l}");
     }
     println!();
 
-    let checks: Vec<_> = results.iter().flat_map(|r| r.checks.iter()).collect();
-    let failed: Vec<_> = checks.iter().filter(|c| !c.ok).collect();
+    let cross = report::cross_checks(&results);
+    let checks: Vec<&report::Check> = results
+        .iter()
+        .flat_map(|r| r.checks.iter())
+        .chain(cross.iter())
+        .collect();
+    let failed: Vec<&&report::Check> = checks.iter().filter(|c| !c.ok).collect();
     let passed = failed.is_empty();
     let elapsed = started.elapsed();
 
-    let out_path = args.out_dir.join("demo.json");
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| format!("{}: {e}", args.out_dir.display()))?;
+    let json_path = args.out_dir.join("demo.json");
+    let png_path = args.out_dir.join("demo.png");
     let doc = json!({
         "demo": "pd-demo",
         "version": env!("CARGO_PKG_VERSION"),
-        "mode": mode.name(),
         "passed": passed,
         "run_time_s": (elapsed.as_secs_f64() * 100.0).round() / 100.0,
-        "cluster": cluster.topology_json(),
         "workload": {
-            "requests_per_phase": params.requests_per_phase,
-            "concurrency": concurrency,
-            "max_tokens": params.max_tokens,
-            "prefill_threshold_tokens": THRESHOLD_TOKENS,
-            "prefill_max_retries": PREFILL_MAX_RETRIES,
-            "prefill_retry_backoff": PREFILL_RETRY_BACKOFF,
+            "system_prompts": params.system_prompts,
+            "system_prompt_tokens": params.system_prompt_tokens,
+            "chats": params.chats,
+            "turns": params.turns,
+            "chat_max_tokens": params.chat_max_tokens,
+            "one_shots": params.one_shots,
+            "one_shot_max_tokens": params.one_shot_max_tokens,
+            "requests": params.requests(),
+            "users": users,
+            "seed": params.seed,
         },
-        "phases": results.iter().map(PhaseResult::to_json).collect::<Vec<_>>(),
-        "summary": report::narrative(&results, &params),
+        "engine_args": engine_args,
+        "kv_backend": backend,
+        "modes": results.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
+        "clusters": topologies,
+        "summary": report::narrative(&results),
         "failed_checks": failed.iter().map(|c| c.what.clone()).collect::<Vec<_>>(),
     });
-    let written = std::fs::create_dir_all(&args.out_dir)
-        .and_then(|()| {
-            std::fs::write(
-                &out_path,
-                serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n",
-            )
-        })
-        .map_err(|e| format!("writing {}: {e}", out_path.display()));
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n",
+    )
+    .map_err(|e| format!("writing {}: {e}", json_path.display()))?;
+    report::write_chart(&results, &png_path)?;
 
     if passed {
         println!(
-            "All {} checks passed (client, sidecar metrics and engine logs agree). Run time {:.1} s.",
+            "All {} checks passed (every request answered, every KV byte verified, no KV block \
+             left held). Run time {:.1} s.",
             checks.len(),
             elapsed.as_secs_f64()
         );
@@ -276,24 +309,22 @@ async fn run(args: Args) -> Result<bool, String> {
         for c in &failed {
             println!("  - {}", c.what);
         }
+        for r in &results {
+            for e in &r.errors {
+                println!("  {}: {e}", r.mode.name());
+            }
+        }
         println!("Process logs:");
-        for (name, path) in &cluster.logs {
-            println!("  {name:<10} {}", path.display());
+        for (name, path) in &logs_to_keep {
+            println!("  {name:<24} {}", path.display());
         }
     }
-    match &written {
-        Ok(()) => println!("Numbers written to {}.", out_path.display()),
-        Err(e) => eprintln!("pd-demo: error: {e}"),
-    }
-    let logs: Vec<PathBuf> = cluster.logs.iter().map(|(_, p)| p.clone()).collect();
-    drop(cluster);
-    if passed {
-        // Nothing to look into: do not leave a log file per process behind each run.
-        for p in logs {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-    written?;
+    println!(
+        "Written: {}, {} (router configs: {}/router-<mode>.yaml).",
+        json_path.display(),
+        png_path.display(),
+        args.out_dir.display()
+    );
     Ok(passed)
 }
 
@@ -309,10 +340,6 @@ impl Progress {
         }
     }
 
-    fn line(&self, s: &str) {
-        eprintln!("{s}");
-    }
-
     /// Shows `done` of `total` for `label` until the returned task is aborted.
     fn track(
         &self,
@@ -322,20 +349,22 @@ impl Progress {
     ) -> tokio::task::JoinHandle<()> {
         let (tty, label) = (self.tty, label.to_string());
         if !tty {
-            eprintln!("{label}: sending {total} requests ...");
+            eprintln!("{label}: starting the cluster and sending {total} requests ...");
         }
         tokio::spawn(async move {
             if !tty {
                 return;
             }
-            let width = 24;
+            let width = 30;
+            let started = Instant::now();
             loop {
                 let d = done.load(Ordering::Relaxed).min(total);
                 let filled = d * width / total.max(1);
                 eprint!(
-                    "\r\x1b[K{label} [{}{}] {d}/{total}",
+                    "\r\x1b[K{label} [{}{}] {d}/{total} {:.0} s",
                     "#".repeat(filled),
-                    ".".repeat(width - filled)
+                    ".".repeat(width - filled),
+                    started.elapsed().as_secs_f64()
                 );
                 let _ = std::io::stderr().flush();
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,9 +1,8 @@
-//! A small P/D cluster on loopback for the demo: `engine-sim` processes as prefill and decode
-//! engines, one `pd-sidecar` in front of each decode engine. Owns starting it (in parallel), its
-//! topology, and fallible readers of what the processes know (sidecar counters, engine state and
-//! request logs). Every process is killed when the cluster is dropped.
+//! A small P/D cluster on loopback for the demo: `engine-sim` processes, one `pd-sidecar` in
+//! front of each decode engine, and `pd-router` in front of everything. Owns starting it (in
+//! parallel), its topology, and fallible readers of what the processes know (router decisions,
+//! engine state). Every process is killed when the cluster is dropped.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,157 +11,131 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::prom;
-use crate::harness::{try_http, EngineSim, POLL_INTERVAL};
+use crate::harness::{try_http, EngineSim, Router, Sidecar, POLL_INTERVAL};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What to start: engine counts and the flags of each kind of process.
+/// What to start.
 #[derive(Clone, Debug)]
 pub struct ClusterSpec {
+    /// Engines that only prefill (0: every engine serves whole requests, no sidecars).
     pub prefill_engines: usize,
+    /// Engines behind the router's decode profile; each gets a sidecar when there are prefill
+    /// engines.
     pub decode_engines: usize,
-    pub prefill_args: Vec<String>,
-    pub decode_args: Vec<String>,
-    /// Flags of every sidecar besides the ports, which are chosen here.
+    /// Flags of every engine-sim besides the ports.
+    pub engine_args: Vec<String>,
+    /// Flags of every sidecar besides the ports.
     pub sidecar_args: Vec<String>,
+    /// The router's EndpointPickerConfig, written to `router_config_path`.
+    pub router_config: String,
+    pub router_config_path: PathBuf,
 }
 
-pub use crate::harness::Sidecar;
-
-/// The counters of one sidecar now.
-pub async fn counters(sidecar: &Sidecar) -> Result<SidecarCounters, String> {
-    let text = sidecar.metrics().await?;
-    let samples = prom::parse(&text);
-    Ok(SidecarCounters {
-        decisions: prom::sum_by(&samples, "pd_sidecar_requests_total", "decision"),
-        errors: prom::sum_by(&samples, "pd_sidecar_errors_total", "class"),
-        prefill_retries: prom::sum(&samples, "pd_sidecar_prefill_retries_total"),
-    })
+/// The sums over the engines that the demo reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineTotals {
+    pub kv_bytes_pulled: u64,
+    pub kv_pull_micros: u64,
+    pub kv_pulls_ok: u64,
+    pub kv_pulls_failed: u64,
+    pub kv_integrity_failures: u64,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens the engines computed (not cached, not pulled).
+    pub prompt_tokens_computed: u64,
+    pub held_blocks: u64,
+    pub released_blocks: u64,
+    pub expired_blocks: u64,
 }
 
-/// The sidecar counters the demo reports, summed over routes.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SidecarCounters {
-    /// `pd_sidecar_requests_total` by decision (local, remote, fallback, failed, passthrough).
-    pub decisions: BTreeMap<String, f64>,
-    /// `pd_sidecar_errors_total` by class.
-    pub errors: BTreeMap<String, f64>,
-    pub prefill_retries: f64,
-}
-
-impl SidecarCounters {
-    /// `self - before`, keys of either side kept.
-    pub fn delta(&self, before: &SidecarCounters) -> SidecarCounters {
-        fn sub(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-            let mut out = a.clone();
-            for (k, v) in b {
-                *out.entry(k.clone()).or_insert(0.0) -= v;
-            }
-            out.retain(|_, v| *v != 0.0);
-            out
-        }
-        SidecarCounters {
-            decisions: sub(&self.decisions, &before.decisions),
-            errors: sub(&self.errors, &before.errors),
-            prefill_retries: self.prefill_retries - before.prefill_retries,
-        }
-    }
-
-    /// Sum with another sidecar's counters.
-    pub fn add(&mut self, other: &SidecarCounters) {
-        for (k, v) in &other.decisions {
-            *self.decisions.entry(k.clone()).or_insert(0.0) += v;
-        }
-        for (k, v) in &other.errors {
-            *self.errors.entry(k.clone()).or_insert(0.0) += v;
-        }
-        self.prefill_retries += other.prefill_retries;
-    }
-
-    pub fn decision(&self, name: &str) -> u64 {
-        self.decisions.get(name).copied().unwrap_or(0.0).max(0.0) as u64
+impl EngineTotals {
+    fn add(&mut self, s: &Value) {
+        let n = |k: &str| s[k].as_u64().unwrap_or(0);
+        self.kv_bytes_pulled += n("kv_bytes_pulled");
+        self.kv_pull_micros += n("kv_pull_micros");
+        self.kv_pulls_ok += n("kv_pulls_ok");
+        self.kv_pulls_failed += n("kv_pulls_failed");
+        self.kv_integrity_failures += n("kv_integrity_failures");
+        self.prefix_cache_queries += n("prefix_cache_queries");
+        self.prefix_cache_hits += n("prefix_cache_hits");
+        self.prompt_tokens_computed += n("prompt_tokens_computed");
+        self.held_blocks += n("held_blocks");
+        self.released_blocks += n("released_total");
+        self.expired_blocks += n("expired_total");
     }
 }
 
-/// One entry of an engine's request log (`GET /sim/requests`), inference routes only.
-#[derive(Clone, Debug)]
-pub struct EngineRequest {
-    pub request_id: Option<String>,
-    pub path: String,
-    pub status: Option<u16>,
-    /// The body asked for a remote prefill's KV (`kv_transfer_params.do_remote_prefill`).
-    pub remote_prefill: bool,
+/// The router's decisions (`pd_router_requests_total` by decision).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Decisions {
+    pub local: u64,
+    pub remote: u64,
 }
 
-impl EngineRequest {
-    fn from_log(v: &Value) -> Option<EngineRequest> {
-        let path = v["path"].as_str()?;
-        if !(path.starts_with("/v1/") || path.starts_with("/inference/")) {
-            return None;
-        }
-        Some(EngineRequest {
-            request_id: v["headers"]["x-request-id"].as_str().map(str::to_string),
-            path: path.to_string(),
-            status: v["status"].as_u64().map(|s| s as u16),
-            remote_prefill: v["body"]["kv_transfer_params"]["do_remote_prefill"] == true,
-        })
-    }
-
-    pub fn ok(&self) -> bool {
-        self.status == Some(200)
-    }
-}
-
-/// The engines and sidecars of a running cluster.
+/// The processes of a running cluster.
 pub struct Cluster {
     pub spec: ClusterSpec,
     pub prefill: Vec<EngineSim>,
     pub decode: Vec<EngineSim>,
-    /// `sidecars[i]` fronts `decode[i]`.
+    /// `sidecars[i]` fronts `decode[i]` (none without prefill engines).
     pub sidecars: Vec<Sidecar>,
+    pub router: Router,
     /// Every process's name and log file.
     pub logs: Vec<(String, PathBuf)>,
     pub started_in: Duration,
 }
 
 impl Cluster {
-    /// Starts every engine in parallel, then one sidecar per decode engine.
+    /// Starts every engine in parallel, then the sidecars, then the router.
     pub async fn start(spec: ClusterSpec) -> Result<Cluster, String> {
         let started = Instant::now();
-        let mut engines = Vec::new();
-        for (n, args) in [
-            (spec.prefill_engines, &spec.prefill_args),
-            (spec.decode_engines, &spec.decode_args),
-        ] {
-            for _ in 0..n {
-                let args = args.clone();
-                engines.push(tokio::spawn(async move {
-                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                    EngineSim::start(&args).await
-                }));
-            }
+        if let Some(dir) = spec.router_config_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        let mut started_engines = Vec::new();
-        for e in engines {
-            // EngineSim::start panics (printing the engine's log) when it cannot start.
-            started_engines.push(
-                e.await
-                    .map_err(|_| "engine-sim did not start".to_string())?,
-            );
-        }
-        let mut decode = started_engines.split_off(spec.prefill_engines);
-        let mut prefill = started_engines;
-        let mut sidecar_tasks = Vec::new();
-        for d in &decode {
-            let (port, args) = (d.port(), spec.sidecar_args.clone());
-            sidecar_tasks.push(tokio::spawn(async move {
-                Sidecar::try_start(port, &args, &[]).await
+        std::fs::write(&spec.router_config_path, &spec.router_config)
+            .map_err(|e| format!("{}: {e}", spec.router_config_path.display()))?;
+        let mut tasks = Vec::new();
+        for _ in 0..spec.prefill_engines + spec.decode_engines {
+            let args = spec.engine_args.clone();
+            tasks.push(tokio::spawn(async move {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                EngineSim::start(&args).await
             }));
         }
-        let mut sidecars = Vec::new();
-        for t in sidecar_tasks {
-            sidecars.push(t.await.map_err(|e| format!("starting pd-sidecar: {e}"))??);
+        let mut engines = Vec::new();
+        for t in tasks {
+            // EngineSim::start panics (printing the engine's log) when it cannot start.
+            engines.push(t.await.map_err(|_| {
+                "an engine-sim did not start (its log is printed above)".to_string()
+            })?);
         }
+        let mut decode = engines.split_off(spec.prefill_engines);
+        let mut prefill = engines;
+        let mut sidecars = Vec::new();
+        if spec.prefill_engines > 0 {
+            let mut tasks = Vec::new();
+            for d in &decode {
+                let (port, args) = (d.port(), spec.sidecar_args.clone());
+                tasks.push(tokio::spawn(async move {
+                    Sidecar::try_start(port, &args, &[]).await
+                }));
+            }
+            for t in tasks {
+                sidecars.push(t.await.map_err(|e| format!("starting pd-sidecar: {e}"))??);
+            }
+        }
+        let decode_urls: Vec<String> = if sidecars.is_empty() {
+            decode.iter().map(EngineSim::url).collect()
+        } else {
+            sidecars.iter().map(|s| s.url("")).collect()
+        };
+        let prefill_hosts: Vec<String> = prefill.iter().map(EngineSim::host_port).collect();
+        let router_args = vec![format!(
+            "--config={}",
+            spec.router_config_path.to_string_lossy()
+        )];
+        let mut router = Router::try_start(&decode_urls, &prefill_hosts, &router_args, &[]).await?;
         let mut logs = Vec::new();
         for (i, p) in prefill.iter_mut().enumerate() {
             logs.push((
@@ -170,109 +143,68 @@ impl Cluster {
                 p.proc_mut().log_path().to_path_buf(),
             ));
         }
-        for (i, (d, s)) in decode.iter_mut().zip(&sidecars).enumerate() {
-            logs.push((format!("decode-{i}"), d.proc_mut().log_path().to_path_buf()));
+        for (i, d) in decode.iter_mut().enumerate() {
+            logs.push((
+                format!("{}-{i}", Cluster::decode_name(spec.prefill_engines)),
+                d.proc_mut().log_path().to_path_buf(),
+            ));
+        }
+        for (i, s) in sidecars.iter().enumerate() {
             logs.push((format!("sidecar-{i}"), s.log_path().to_path_buf()));
         }
+        logs.push(("router".into(), router.proc_mut().log_path().to_path_buf()));
         Ok(Cluster {
             spec,
             prefill,
             decode,
             sidecars,
+            router,
             logs,
             started_in: started.elapsed(),
         })
     }
 
-    /// Sidecar counters summed over every sidecar.
-    pub async fn sidecar_counters(&self) -> Result<SidecarCounters, String> {
-        let mut total = SidecarCounters::default();
-        for s in &self.sidecars {
-            total.add(&counters(s).await?);
+    fn decode_name(prefill_engines: usize) -> &'static str {
+        if prefill_engines == 0 {
+            "engine"
+        } else {
+            "decode"
         }
-        Ok(total)
     }
 
-    /// Empties every engine's request log.
-    pub async fn clear_request_logs(&self) -> Result<(), String> {
+    /// Where clients send requests.
+    pub fn entry_url(&self) -> String {
+        self.router.url("")
+    }
+
+    /// `/sim/state` summed over every engine.
+    pub async fn engine_totals(&self) -> Result<EngineTotals, String> {
+        let mut t = EngineTotals::default();
         for e in self.prefill.iter().chain(&self.decode) {
-            let url = format!("{}/sim/requests", e.url());
-            let (status, _, _) =
-                try_http(Method::DELETE, &url, &[], Bytes::new(), READ_TIMEOUT).await?;
-            if !status.is_success() {
-                return Err(format!("DELETE {url}: {status}"));
-            }
+            t.add(&get_json(&format!("{}/sim/state", e.url())).await?);
         }
-        Ok(())
+        Ok(t)
     }
 
-    /// The inference requests an engine has logged.
-    pub async fn engine_requests(engine: &EngineSim) -> Result<Vec<EngineRequest>, String> {
-        let v = get_json(&format!("{}/sim/requests", engine.url())).await?;
-        let entries = v.as_array().ok_or("/sim/requests is not an array")?;
-        Ok(entries.iter().filter_map(EngineRequest::from_log).collect())
+    /// The router's decisions so far.
+    pub async fn decisions(&self) -> Result<Decisions, String> {
+        let text = self.router.metrics().await?;
+        let by = prom::sum_by(&prom::parse(&text), "pd_router_requests_total", "decision");
+        let get = |k: &str| by.get(k).copied().unwrap_or(0.0).max(0.0) as u64;
+        Ok(Decisions {
+            local: get("local"),
+            remote: get("remote"),
+        })
     }
 
-    /// `GET /sim/state` of an engine.
-    pub async fn engine_state(engine: &EngineSim) -> Result<Value, String> {
-        get_json(&format!("{}/sim/state", engine.url())).await
-    }
-
-    /// Replaces an engine's fault configuration (`{}` clears it).
-    pub async fn set_faults(engine: &EngineSim, faults: &Value) -> Result<(), String> {
-        let url = format!("{}/sim/faults", engine.url());
-        let (status, _, body) = try_http(
-            Method::POST,
-            &url,
-            &[("content-type", "application/json")],
-            Bytes::from(faults.to_string()),
-            READ_TIMEOUT,
-        )
-        .await?;
-        if status != StatusCode::OK {
-            return Err(format!(
-                "POST {url}: {status}: {}",
-                String::from_utf8_lossy(&body)
-            ));
-        }
-        Ok(())
-    }
-
-    /// KV blocks the prefill engines still hold for remote decodes, per engine.
-    pub async fn held_blocks(&self) -> Result<Vec<u64>, String> {
-        let mut out = Vec::new();
-        for e in &self.prefill {
-            out.push(
-                Cluster::engine_state(e).await?["held_blocks"]
-                    .as_u64()
-                    .unwrap_or(0),
-            );
-        }
-        Ok(out)
-    }
-
-    /// KV blocks released on notification so far, summed over the prefill engines.
-    pub async fn released_blocks(&self) -> Result<u64, String> {
-        let mut total = 0;
-        for e in &self.prefill {
-            total += Cluster::engine_state(e).await?["released_total"]
-                .as_u64()
-                .unwrap_or(0);
-        }
-        Ok(total)
-    }
-
-    /// Polls until the prefill engines hold no blocks or `timeout` passes; returns what is held
-    /// at the end and how long the wait took.
-    pub async fn wait_blocks_released(
-        &self,
-        timeout: Duration,
-    ) -> Result<(Vec<u64>, Duration), String> {
+    /// Polls until the engines hold no KV blocks for remote decodes or `timeout` passes;
+    /// returns what is held at the end.
+    pub async fn wait_blocks_released(&self, timeout: Duration) -> Result<u64, String> {
         let started = Instant::now();
         loop {
-            let held = self.held_blocks().await?;
-            if held.iter().all(|b| *b == 0) || started.elapsed() >= timeout {
-                return Ok((held, started.elapsed()));
+            let held = self.engine_totals().await?.held_blocks;
+            if held == 0 || started.elapsed() >= timeout {
+                return Ok(held);
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
@@ -282,27 +214,23 @@ impl Cluster {
     pub fn topology_lines(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (i, p) in self.prefill.iter().enumerate() {
-            out.push(format!(
-                "  prefill-{i}  engine-sim  127.0.0.1:{:<5}  {}",
-                p.port(),
-                self.spec.prefill_args.join(" ")
-            ));
+            out.push(format!("  prefill-{i}  engine-sim  127.0.0.1:{}", p.port()));
         }
-        for (i, (d, s)) in self.decode.iter().zip(&self.sidecars).enumerate() {
-            out.push(format!(
-                "  decode-{i}   engine-sim  127.0.0.1:{:<5}  {}",
-                d.port(),
-                self.spec.decode_args.join(" ")
-            ));
-            out.push(format!(
-                "    sidecar-{i} pd-sidecar  127.0.0.1:{:<5}  -> decode-{i}, metrics :{}",
-                s.port(),
-                s.metrics_port()
-            ));
+        let name = Cluster::decode_name(self.spec.prefill_engines);
+        for (i, d) in self.decode.iter().enumerate() {
+            match self.sidecars.get(i) {
+                Some(s) => out.push(format!(
+                    "  {name}-{i}   engine-sim  127.0.0.1:{}  behind pd-sidecar 127.0.0.1:{}",
+                    d.port(),
+                    s.port()
+                )),
+                None => out.push(format!("  {name}-{i}   engine-sim  127.0.0.1:{}", d.port())),
+            }
         }
         out.push(format!(
-            "  sidecar flags: {}",
-            self.spec.sidecar_args.join(" ")
+            "  router     pd-router   127.0.0.1:{}  config {}",
+            self.router.port(),
+            self.spec.router_config_path.display()
         ));
         out
     }
@@ -310,29 +238,23 @@ impl Cluster {
     /// The topology as JSON.
     pub fn topology_json(&self) -> Value {
         json!({
-            "prefill": self.prefill.iter().enumerate().map(|(i, p)| json!({
-                "name": format!("prefill-{i}"), "port": p.port(), "engine_id": p.engine_id(),
-                "args": self.spec.prefill_args,
+            "prefill": self.prefill.iter().map(|p| json!({"port": p.port(), "engine_id": p.engine_id()})).collect::<Vec<_>>(),
+            "decode": self.decode.iter().enumerate().map(|(i, d)| json!({
+                "port": d.port(), "engine_id": d.engine_id(),
+                "sidecar_port": self.sidecars.get(i).map(Sidecar::port),
             })).collect::<Vec<_>>(),
-            "decode": self.decode.iter().zip(&self.sidecars).enumerate().map(|(i, (d, s))| json!({
-                "name": format!("decode-{i}"), "port": d.port(), "engine_id": d.engine_id(),
-                "args": self.spec.decode_args,
-                "sidecar": {"port": s.port(), "metrics_port": s.metrics_port(),
-                            "args": self.spec.sidecar_args},
-            })).collect::<Vec<_>>(),
+            "router_port": self.router.port(),
+            "engine_args": self.spec.engine_args,
+            "sidecar_args": if self.sidecars.is_empty() { json!(null) } else { json!(self.spec.sidecar_args) },
+            "router_config": self.spec.router_config_path.to_string_lossy(),
         })
     }
 }
 
-async fn get_text(url: &str) -> Result<String, String> {
+pub async fn get_json(url: &str) -> Result<Value, String> {
     let (status, _, body) = try_http(Method::GET, url, &[], Bytes::new(), READ_TIMEOUT).await?;
     if status != StatusCode::OK {
         return Err(format!("GET {url}: {status}"));
     }
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
-
-pub async fn get_json(url: &str) -> Result<Value, String> {
-    let text = get_text(url).await?;
-    serde_json::from_str(&text).map_err(|e| format!("GET {url}: not JSON: {e}"))
+    serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not JSON: {e}"))
 }

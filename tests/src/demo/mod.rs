@@ -1,11 +1,9 @@
-//! The building blocks of `pd-demo`: start a P/D cluster on loopback ([`cluster`]), drive
-//! phases of a workload through it ([`workload`], [`client`], [`run_phase`]), and report what
-//! happened from three sources that must agree: what the client saw, the sidecars' Prometheus
-//! counters and the engines' own request logs ([`report`]).
+//! The building blocks of `pd-demo`: the three ways of serving the same workload ([`Mode`]),
+//! starting a cluster for one ([`cluster`]), replaying the workload through it ([`workload`],
+//! [`client`], [`run_mode`]), and reporting what happened ([`report`]).
 //!
-//! Extending it: a new workload is a function returning [`workload::Phase`]s; a new mode (a
-//! router in front, real KV bytes, ...) is a [`Mode`] variant with its own [`cluster::ClusterSpec`]
-//! and request targets in [`prepare`].
+//! Every mode runs on the same four engines' worth of hardware and a fresh cluster (cold caches),
+//! behind `pd-router`; only the router's EndpointPickerConfig and the engines' roles differ.
 
 pub mod client;
 pub mod cluster;
@@ -13,141 +11,201 @@ pub mod prom;
 pub mod report;
 pub mod workload;
 
+use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use serde_json::json;
+use client::{DemoClient, Outcome};
+use cluster::{Cluster, ClusterSpec, Decisions, EngineTotals};
+use workload::Session;
 
-use client::{DemoClient, Outcome, Prepared};
-use cluster::{Cluster, EngineRequest, SidecarCounters};
-use workload::Phase;
+/// How long the prefill engines get to see their KV holds released after a mode's run.
+pub const RELEASE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// How long the prefill engines get to see their KV holds released after a phase.
-pub const RELEASE_DEADLINE: Duration = Duration::from_secs(5);
+/// Prompt tokens the decode engine lacks at or above which selective P/D prefills remotely.
+pub const SELECTIVE_THRESHOLD: u64 = 512;
 
-/// How the cluster is put together.
+/// Tokens per block of the router's prefix index (the engines' block size).
+pub const BLOCK_SIZE: u64 = 16;
+
+/// How the cluster serves requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// The client names the prefill engine (`x-prefiller-host-port`) and sends to the sidecar of
-    /// a decode engine, as a router would.
-    Sidecar,
+    /// No P/D: every engine prefills and decodes its own requests; the router balances load.
+    Aggregated,
+    /// Every request is prefilled on a prefill engine and its KV pulled by a decode engine;
+    /// the router balances load.
+    PdAlways,
+    /// The router sends each request to the decode engine with the most of its prefix cached
+    /// (load permitting) and prefills remotely only when that engine lacks at least
+    /// [`SELECTIVE_THRESHOLD`] tokens of it.
+    PdSelective,
 }
 
 impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Aggregated, Mode::PdAlways, Mode::PdSelective];
+
     pub fn name(self) -> &'static str {
         match self {
-            Mode::Sidecar => "sidecar",
+            Mode::Aggregated => "aggregated",
+            Mode::PdAlways => "pd-always",
+            Mode::PdSelective => "pd-selective",
         }
     }
 
-    pub fn describe(self) -> &'static str {
+    pub fn describe(self) -> String {
         match self {
-            Mode::Sidecar => {
-                "the client plays the router: it picks a decode engine's pd-sidecar and names a \
-                 prefill engine in x-prefiller-host-port"
+            Mode::Aggregated => {
+                "4 engines each prefill and decode; pd-router picks the least busy (no P/D, \
+                 cache-blind)"
+                    .into()
+            }
+            Mode::PdAlways => "2 prefill + 2 decode engines; every request prefilled remotely, \
+                 KV pulled by the decode engine; pd-router picks the least busy pair \
+                 (cache-blind)"
+                .into(),
+            Mode::PdSelective => format!(
+                "2 prefill + 2 decode engines; pd-router picks by prefix cache and load, and \
+                 prefills remotely only when the decode engine lacks >= {SELECTIVE_THRESHOLD} \
+                 prompt tokens"
+            ),
+        }
+    }
+
+    pub fn prefill_engines(self) -> usize {
+        match self {
+            Mode::Aggregated => 0,
+            Mode::PdAlways | Mode::PdSelective => 2,
+        }
+    }
+
+    /// The router's EndpointPickerConfig for this mode (llm-d's format).
+    pub fn router_config(self) -> String {
+        let header =
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n";
+        let load_only_profile = |name: &str| {
+            format!(
+                "- name: {name}\n  plugins:\n  - pluginRef: load-aware-scorer\n    weight: 1\n  \
+                 - pluginRef: max-score-picker\n"
+            )
+        };
+        match self {
+            Mode::Aggregated => format!(
+                "{header}# No P/D: nonCachedTokens 0 never prefills remotely.\nplugins:\n\
+                 - type: load-aware-scorer\n- type: max-score-picker\n\
+                 - type: prefix-based-pd-decider\n  parameters:\n    nonCachedTokens: 0\n\
+                 schedulingProfiles:\n{}",
+                load_only_profile("decode")
+            ),
+            Mode::PdAlways => format!(
+                "{header}# P/D for every request (nonCachedTokens 1), cache-blind picks.\nplugins:\n\
+                 - type: load-aware-scorer\n- type: max-score-picker\n\
+                 - type: prefix-based-pd-decider\n  parameters:\n    nonCachedTokens: 1\n\
+                 schedulingProfiles:\n{}{}",
+                load_only_profile("decode"),
+                load_only_profile("prefill")
+            ),
+            Mode::PdSelective => {
+                let profile = |name: &str| {
+                    format!(
+                        "- name: {name}\n  plugins:\n  - pluginRef: prefix-cache-scorer\n    \
+                         weight: 2\n  - pluginRef: load-aware-scorer\n    weight: 1\n  \
+                         - pluginRef: max-score-picker\n"
+                    )
+                };
+                format!(
+                    "{header}# Cache-aware picks; P/D only when the decode engine lacks >= \
+                     {SELECTIVE_THRESHOLD} tokens.\nplugins:\n\
+                     - type: prefix-cache-scorer\n  parameters:\n    blockSize: {BLOCK_SIZE}\n    \
+                     maxPrefixBlocksToMatch: 1024\n    lruCapacityPerServer: 31250\n\
+                     - type: load-aware-scorer\n- type: max-score-picker\n\
+                     - type: prefix-based-pd-decider\n  parameters:\n    nonCachedTokens: \
+                     {SELECTIVE_THRESHOLD}\nschedulingProfiles:\n{}{}",
+                    profile("decode"),
+                    profile("prefill")
+                )
             }
         }
     }
+
+    /// The cluster this mode runs on: 4 engines in all.
+    pub fn cluster_spec(self, engine_args: &[String], out_dir: &Path) -> ClusterSpec {
+        let prefill = self.prefill_engines();
+        ClusterSpec {
+            prefill_engines: prefill,
+            decode_engines: 4 - prefill,
+            engine_args: engine_args.to_vec(),
+            // The router decides; the sidecar prefills remotely whenever it names a prefiller.
+            sidecar_args: vec![
+                "--bind=127.0.0.1".into(),
+                "--kv-connector=nixlv2".into(),
+                "--prefill-threshold-tokens=0".into(),
+            ],
+            router_config: self.router_config(),
+            router_config_path: out_dir.join(format!("router-{}.yaml", self.name())),
+        }
+    }
 }
 
-/// The raw record of one phase; [`report::analyze`] turns it into numbers and verdicts.
-pub struct PhaseRun {
+/// The raw record of one mode's run; [`report::analyze`] turns it into numbers and verdicts.
+pub struct ModeRun {
+    pub mode: Mode,
     pub outcomes: Vec<Outcome>,
-    /// Sidecar counters during the phase, summed over sidecars.
-    pub counters: SidecarCounters,
-    /// Inference requests each prefill engine logged during the phase.
-    pub prefill_log: Vec<Vec<EngineRequest>>,
-    /// Inference requests each decode engine logged during the phase.
-    pub decode_log: Vec<Vec<EngineRequest>>,
-    /// Injected failures not consumed by the end of the phase, per fault.
-    pub faults_left: Vec<u64>,
-    /// KV blocks still held per prefill engine after waiting up to [`RELEASE_DEADLINE`].
-    pub held_left: Vec<u64>,
-    pub held_wait: Duration,
-    /// KV blocks the prefill engines released on a decode engine's notification.
-    pub released_blocks: u64,
+    /// Engine counters over the run (after minus before).
+    pub engines: EngineTotals,
+    pub decisions: Decisions,
+    /// KV blocks still held by prefill engines after waiting up to [`RELEASE_DEADLINE`].
+    pub held_left: u64,
     /// From the first request sent to the last answer.
     pub wall: Duration,
+    pub cluster_started_in: Duration,
+    pub topology: serde_json::Value,
 }
 
-/// The HTTP requests of a phase in `mode`.
-pub fn prepare(mode: Mode, cluster: &Cluster, phase: &Phase) -> Vec<Prepared> {
-    match mode {
-        Mode::Sidecar => phase
-            .requests
-            .iter()
-            .map(|r| {
-                let mut headers = Vec::new();
-                if let Some(p) = r.prefiller {
-                    headers.push((
-                        "x-prefiller-host-port".to_string(),
-                        cluster.prefill[p].host_port(),
-                    ));
-                }
-                Prepared {
-                    id: r.id.clone(),
-                    url: cluster.sidecars[r.decode].url(r.route.path()),
-                    headers,
-                    body: Bytes::from(r.body.to_string()),
-                    stream: r.stream,
-                }
-            })
-            .collect(),
-    }
-}
-
-/// Runs one phase: clear the engines' logs, inject its faults, send its requests, clear the
-/// faults, wait for KV holds to be released, and collect counters and logs.
-pub async fn run_phase(
+/// Starts a cluster for `mode`, replays `sessions` with `users` in flight, waits for KV holds
+/// to be released, and collects the counters.
+pub async fn run_mode(
     mode: Mode,
-    cluster: &Cluster,
-    client: &DemoClient,
-    phase: &Phase,
-    concurrency: usize,
+    engine_args: &[String],
+    out_dir: &Path,
+    sessions: Arc<Vec<Session>>,
+    users: usize,
     done: Arc<AtomicUsize>,
-) -> Result<PhaseRun, String> {
-    cluster.clear_request_logs().await?;
-    let before = cluster.sidecar_counters().await?;
-    let released_before = cluster.released_blocks().await?;
-    for f in &phase.faults {
-        Cluster::set_faults(&cluster.prefill[f.prefill_engine], &f.config).await?;
-    }
-    let prepared = prepare(mode, cluster, phase);
+) -> Result<(ModeRun, Cluster), String> {
+    let cluster = Cluster::start(mode.cluster_spec(engine_args, out_dir)).await?;
+    let before = cluster.engine_totals().await?;
+    let client = DemoClient::new();
     let started = Instant::now();
-    let outcomes = client.run_all(prepared, concurrency, done).await;
+    let outcomes = client
+        .replay(&cluster.entry_url(), sessions, users, done)
+        .await;
     let wall = started.elapsed();
-    let mut faults_left = Vec::new();
-    for f in &phase.faults {
-        let engine = &cluster.prefill[f.prefill_engine];
-        let now = cluster::get_json(&format!("{}/sim/faults", engine.url())).await?;
-        faults_left.push(now["fail_next"].as_u64().unwrap_or(0));
-        Cluster::set_faults(engine, &json!({})).await?;
-    }
-    let (held_left, held_wait) = cluster.wait_blocks_released(RELEASE_DEADLINE).await?;
-    let counters = cluster.sidecar_counters().await?.delta(&before);
-    let released_blocks = cluster
-        .released_blocks()
-        .await?
-        .saturating_sub(released_before);
-    let mut prefill_log = Vec::new();
-    for e in &cluster.prefill {
-        prefill_log.push(Cluster::engine_requests(e).await?);
-    }
-    let mut decode_log = Vec::new();
-    for e in &cluster.decode {
-        decode_log.push(Cluster::engine_requests(e).await?);
-    }
-    Ok(PhaseRun {
+    let held_left = cluster.wait_blocks_released(RELEASE_DEADLINE).await?;
+    let after = cluster.engine_totals().await?;
+    let decisions = cluster.decisions().await?;
+    let engines = EngineTotals {
+        kv_bytes_pulled: after.kv_bytes_pulled - before.kv_bytes_pulled,
+        kv_pull_micros: after.kv_pull_micros - before.kv_pull_micros,
+        kv_pulls_ok: after.kv_pulls_ok - before.kv_pulls_ok,
+        kv_pulls_failed: after.kv_pulls_failed - before.kv_pulls_failed,
+        kv_integrity_failures: after.kv_integrity_failures - before.kv_integrity_failures,
+        prefix_cache_queries: after.prefix_cache_queries - before.prefix_cache_queries,
+        prefix_cache_hits: after.prefix_cache_hits - before.prefix_cache_hits,
+        prompt_tokens_computed: after.prompt_tokens_computed - before.prompt_tokens_computed,
+        held_blocks: after.held_blocks,
+        released_blocks: after.released_blocks - before.released_blocks,
+        expired_blocks: after.expired_blocks - before.expired_blocks,
+    };
+    let run = ModeRun {
+        mode,
         outcomes,
-        counters,
-        prefill_log,
-        decode_log,
-        faults_left,
+        engines,
+        decisions,
         held_left,
-        held_wait,
-        released_blocks,
         wall,
-    })
+        cluster_started_in: cluster.started_in,
+        topology: cluster.topology_json(),
+    };
+    Ok((run, cluster))
 }

@@ -1,14 +1,16 @@
-//! Turns a [`PhaseRun`] into numbers and verdicts: per-request decisions read back from the
-//! engines' logs, latency percentiles, checks against the phase's [`Expect`], plain-language
-//! lines, the results table and the JSON written next to it.
+//! Turns each mode's [`ModeRun`] into numbers and verdicts: latency percentiles, throughput, KV
+//! bytes and transfer rate, the router's decisions, checks that the run did what the mode
+//! promises, the comparison table, plain-language lines, the JSON and the PNG chart.
 
-use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use transfer::chart::{BarChart, Series};
+use transfer::layout::format_bytes;
 
-use super::workload::{Expect, Phase, WorkloadParams};
-use super::PhaseRun;
+use super::client::Outcome;
+use super::{Mode, ModeRun};
 
 /// Latency percentiles in milliseconds (nearest rank).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -41,601 +43,393 @@ impl Stats {
     }
 
     pub fn to_json(self) -> Value {
-        let r = |v: f64| (v * 10.0).round() / 10.0;
-        json!({"n": self.n, "p50": r(self.p50), "p90": r(self.p90), "p99": r(self.p99), "max": r(self.max)})
-    }
-}
-
-/// How a request was prefilled, read back from the engines' logs by its `x-request-id`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Observed {
-    /// The decode engine got the client's body (no KV from elsewhere); no prefill engine saw it.
-    Local,
-    /// The decode engine got `kv_transfer_params` from a prefill engine.
-    Remote,
-    /// Prefill engines saw attempts, but the decode engine prefilled locally.
-    Fallback,
-    /// No decode engine logged the request.
-    Unseen,
-}
-
-impl Observed {
-    pub fn name(self) -> &'static str {
-        match self {
-            Observed::Local => "local",
-            Observed::Remote => "remote",
-            Observed::Fallback => "fallback",
-            Observed::Unseen => "unseen",
-        }
+        let r = |v: f64| (v * 100.0).round() / 100.0;
+        json!({"n": self.n, "p50_ms": r(self.p50), "p90_ms": r(self.p90), "p99_ms": r(self.p99), "max_ms": r(self.max)})
     }
 }
 
 /// One verdict.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Check {
-    pub ok: bool,
     pub what: String,
+    pub ok: bool,
 }
 
-/// Everything reported about one phase.
-pub struct PhaseResult {
-    pub key: String,
-    pub title: String,
-    pub about: String,
-    pub expect: Expect,
+fn check(ok: bool, what: String) -> Check {
+    Check { what, ok }
+}
+
+/// The numbers of one mode.
+#[derive(Clone, Debug)]
+pub struct ModeResult {
+    pub mode: Mode,
     pub requests: usize,
     pub ok: usize,
-    pub errors: usize,
-    /// A few "id: error" lines.
-    pub error_samples: Vec<String>,
-    /// Sidecar decisions (counter deltas): local, remote, fallback, failed.
-    pub decisions: BTreeMap<String, u64>,
-    pub sidecar_errors: BTreeMap<String, u64>,
-    pub prefill_retries: u64,
-    /// Per-request decisions from the engine logs.
-    pub observed: BTreeMap<String, usize>,
-    pub prompt_tokens: (u64, u64),
-    /// Time to the first SSE event, streaming requests only (the TTFT a user feels).
+    /// The first few failures, `id: why`.
+    pub errors: Vec<String>,
     pub ttft: Stats,
-    /// Every request: first SSE event for streams, the whole answer otherwise.
-    pub ttft_all: Stats,
-    /// Whole answer, successful requests.
-    pub latency: Stats,
-    /// Streaming TTFT by observed decision.
-    pub ttft_by_decision: BTreeMap<String, Stats>,
-    /// Per prefill engine: (answered 200, failed) inference requests, attempts included.
-    pub prefill_requests: Vec<(usize, usize)>,
-    pub decode_requests: Vec<usize>,
-    /// Requests whose prefill failed at least once and then succeeded on a retry.
-    pub recovered_on_retry: usize,
-    pub faults_left: Vec<u64>,
-    pub held_left: Vec<u64>,
-    pub held_wait: Duration,
-    /// KV blocks the prefill engines released on notification during the phase.
-    pub released_blocks: u64,
+    pub itl: Stats,
+    pub output_tokens: u64,
+    pub tokens_per_s: f64,
     pub wall: Duration,
+    /// Requests the router sent with a prefill engine (remote prefill) and without.
+    pub remote: u64,
+    pub local: u64,
+    pub kv_bytes: u64,
+    pub kv_pulls: u64,
+    /// Bytes over the summed duration of the pulls.
+    pub kv_gbps: f64,
+    pub prompt_tokens: u64,
+    pub prompt_tokens_computed: u64,
+    pub integrity_failures: u64,
+    pub pulls_failed: u64,
+    pub released_blocks: u64,
+    pub held_left: u64,
     pub checks: Vec<Check>,
 }
 
-impl PhaseResult {
-    pub fn decision(&self, name: &str) -> u64 {
-        self.decisions.get(name).copied().unwrap_or(0)
-    }
-
-    pub fn observed(&self, o: Observed) -> usize {
-        self.observed.get(o.name()).copied().unwrap_or(0)
-    }
-
-    pub fn prefill_total(&self) -> usize {
-        self.prefill_requests.iter().map(|(ok, f)| ok + f).sum()
-    }
-
-    pub fn prefill_failed(&self) -> usize {
-        self.prefill_requests.iter().map(|(_, f)| f).sum()
-    }
-
-    pub fn held_total(&self) -> u64 {
-        self.held_left.iter().sum()
-    }
-
+impl ModeResult {
     pub fn passed(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
     }
 
+    pub fn failed(&self) -> usize {
+        self.requests - self.ok
+    }
+
+    /// Share of requests prefilled remotely.
+    pub fn pd_share(&self) -> f64 {
+        let all = (self.remote + self.local).max(1);
+        self.remote as f64 / all as f64
+    }
+
     pub fn to_json(&self) -> Value {
-        let ttft_by: serde_json::Map<String, Value> = self
-            .ttft_by_decision
-            .iter()
-            .map(|(k, v)| (k.clone(), v.to_json()))
-            .collect();
         json!({
-            "key": self.key,
-            "title": self.title,
-            "about": self.about,
-            "expect": format!("{:?}", self.expect),
+            "mode": self.mode.name(),
+            "description": self.mode.describe(),
             "requests": self.requests,
             "ok": self.ok,
-            "errors": self.errors,
-            "error_samples": self.error_samples,
-            "sidecar": {
-                "decisions": self.decisions,
-                "errors": self.sidecar_errors,
-                "prefill_retries": self.prefill_retries,
+            "errors": self.failed(),
+            "error_samples": self.errors,
+            "ttft": self.ttft.to_json(),
+            "itl": self.itl.to_json(),
+            "output_tokens": self.output_tokens,
+            "output_tokens_per_s": (self.tokens_per_s * 10.0).round() / 10.0,
+            "wall_s": (self.wall.as_secs_f64() * 1000.0).round() / 1000.0,
+            "router": {"remote_prefill": self.remote, "local_prefill": self.local},
+            "kv": {
+                "bytes_moved": self.kv_bytes,
+                "pulls": self.kv_pulls,
+                "transfer_gbps": (self.kv_gbps * 1000.0).round() / 1000.0,
+                "pulls_failed": self.pulls_failed,
+                "integrity_failures": self.integrity_failures,
+                "blocks_released_on_notification": self.released_blocks,
+                "blocks_held_after": self.held_left,
             },
-            "observed_decisions": self.observed,
-            "prompt_tokens": {"min": self.prompt_tokens.0, "max": self.prompt_tokens.1},
-            "ttft_ms_streams": self.ttft.to_json(),
-            "ttft_ms_all": self.ttft_all.to_json(),
-            "latency_ms": self.latency.to_json(),
-            "ttft_ms_streams_by_decision": ttft_by,
-            "kv_blocks_released": self.released_blocks,
-            "prefill_engine_requests": self.prefill_requests.iter().enumerate()
-                .map(|(i, (ok, failed))| json!({"engine": format!("prefill-{i}"), "ok": ok, "failed": failed}))
-                .collect::<Vec<_>>(),
-            "decode_engine_requests": self.decode_requests,
-            "recovered_on_retry": self.recovered_on_retry,
-            "injected_failures_left": self.faults_left,
-            "held_blocks_left": self.held_left,
-            "held_blocks_wait_ms": self.held_wait.as_millis() as u64,
-            "wall_ms": self.wall.as_millis() as u64,
-            "checks": self.checks.iter().map(|c| json!({"ok": c.ok, "check": c.what})).collect::<Vec<_>>(),
-            "passed": self.passed(),
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_computed": self.prompt_tokens_computed,
+            "checks": self.checks.iter().map(|c| json!({"what": c.what, "ok": c.ok})).collect::<Vec<_>>(),
         })
     }
 }
 
-/// Reads a phase's record.
-pub fn analyze(phase: &Phase, run: &PhaseRun, params: &WorkloadParams) -> PhaseResult {
-    let n = phase.requests.len();
-    let ok = run.outcomes.iter().filter(|o| o.ok()).count();
-    let error_samples: Vec<String> = run
-        .outcomes
+/// Numbers and per-mode checks of one run.
+pub fn analyze(run: &ModeRun) -> ModeResult {
+    let outcomes = &run.outcomes;
+    let ok: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok()).collect();
+    let errors: Vec<String> = outcomes
         .iter()
         .filter_map(|o| o.error.as_ref().map(|e| format!("{}: {e}", o.id)))
-        .take(3)
+        .take(5)
         .collect();
-    let to_u64 = |m: &BTreeMap<String, f64>| -> BTreeMap<String, u64> {
-        m.iter()
-            .map(|(k, v)| (k.clone(), v.max(0.0).round() as u64))
-            .collect()
+    let ttft = Stats::of(ok.iter().filter_map(|o| o.ttft));
+    let itl = Stats::of(ok.iter().flat_map(|o| o.itl.iter().copied()));
+    let output_tokens: u64 = ok.iter().map(|o| o.output_tokens).sum();
+    let prompt_tokens: u64 = ok.iter().map(|o| o.prompt_tokens).sum();
+    let secs = run.wall.as_secs_f64().max(1e-9);
+    let e = &run.engines;
+    let kv_gbps = if e.kv_pull_micros == 0 {
+        0.0
+    } else {
+        e.kv_bytes_pulled as f64 / (e.kv_pull_micros as f64 * 1e-6) / 1e9
     };
-    let decisions = to_u64(&run.counters.decisions);
-    let sidecar_errors = to_u64(&run.counters.errors);
-
-    // Per request: prefill attempts (engine, ok) and the decode engine's view.
-    let attempts_of = |id: &str| -> Vec<(usize, bool)> {
-        run.prefill_log
-            .iter()
-            .enumerate()
-            .flat_map(|(e, log)| {
-                log.iter()
-                    .filter(move |r| r.request_id.as_deref() == Some(id))
-                    .map(move |r| (e, r.ok()))
-            })
-            .collect()
-    };
-    let decode_of = |id: &str| {
-        run.decode_log
-            .iter()
-            .flatten()
-            .filter(|r| r.request_id.as_deref() == Some(id))
-            .collect::<Vec<_>>()
-    };
-    let mut observed_per_req = Vec::with_capacity(n);
-    let mut recovered_on_retry = 0;
-    let mut fallback_ok = true;
-    let max_attempts = params.prefill_max_retries as usize + 1;
-    for spec in &phase.requests {
-        let attempts = attempts_of(&spec.id);
-        let decode = decode_of(&spec.id);
-        let obs = if decode.is_empty() {
-            Observed::Unseen
-        } else if decode.iter().any(|r| r.remote_prefill) {
-            Observed::Remote
-        } else if attempts.is_empty() {
-            Observed::Local
-        } else {
-            Observed::Fallback
-        };
-        let failed = attempts.iter().filter(|(_, ok)| !ok).count();
-        if obs == Observed::Remote && failed > 0 {
-            recovered_on_retry += 1;
-        }
-        // A fallback must follow exactly the allowed attempts, all failed, all on the named engine.
-        if obs == Observed::Fallback {
-            let right_engine = attempts.iter().all(|(e, _)| Some(*e) == spec.prefiller);
-            fallback_ok &= right_engine && failed == max_attempts && attempts.len() == failed;
-        }
-        observed_per_req.push(obs);
-    }
-    let mut observed = BTreeMap::new();
-    for o in &observed_per_req {
-        *observed.entry(o.name().to_string()).or_insert(0) += 1;
-    }
-    let mut ttft_by: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
-    for ((o, out), spec) in observed_per_req
-        .iter()
-        .zip(&run.outcomes)
-        .zip(&phase.requests)
-    {
-        if let (Some(t), true) = (out.ttft, spec.stream) {
-            ttft_by.entry(o.name().to_string()).or_default().push(t);
-        }
-    }
-    let prefill_requests: Vec<(usize, usize)> = run
-        .prefill_log
-        .iter()
-        .map(|log| {
-            let ok = log.iter().filter(|r| r.ok()).count();
-            (ok, log.len() - ok)
-        })
-        .collect();
-    let tokens = phase.requests.iter().map(|r| r.prompt_tokens);
-    let mut result = PhaseResult {
-        key: phase.key.to_string(),
-        title: phase.title.to_string(),
-        about: phase.about.clone(),
-        expect: phase.expect,
-        requests: n,
-        ok,
-        errors: n - ok,
-        error_samples,
-        decisions,
-        sidecar_errors,
-        prefill_retries: run.counters.prefill_retries.max(0.0).round() as u64,
-        observed,
-        prompt_tokens: (tokens.clone().min().unwrap_or(0), tokens.max().unwrap_or(0)),
-        ttft: Stats::of(
-            run.outcomes
-                .iter()
-                .zip(&phase.requests)
-                .filter(|(_, spec)| spec.stream)
-                .filter_map(|(o, _)| o.ttft),
-        ),
-        ttft_all: Stats::of(run.outcomes.iter().filter_map(|o| o.ttft)),
-        latency: Stats::of(run.outcomes.iter().filter(|o| o.ok()).map(|o| o.total)),
-        ttft_by_decision: ttft_by
-            .into_iter()
-            .map(|(k, v)| (k, Stats::of(v)))
-            .collect(),
-        prefill_requests,
-        decode_requests: run.decode_log.iter().map(Vec::len).collect(),
-        recovered_on_retry,
-        faults_left: run.faults_left.clone(),
-        held_left: run.held_left.clone(),
-        held_wait: run.held_wait,
-        released_blocks: run.released_blocks,
-        wall: run.wall,
-        checks: Vec::new(),
-    };
-    result.checks = checks(phase, &result, fallback_ok, params);
-    result
-}
-
-fn check(ok: bool, what: impl Into<String>) -> Check {
-    Check {
-        ok,
-        what: what.into(),
-    }
-}
-
-fn checks(
-    phase: &Phase,
-    r: &PhaseResult,
-    fallback_ok: bool,
-    params: &WorkloadParams,
-) -> Vec<Check> {
-    let n = r.requests;
-    let counted: u64 = ["local", "remote", "fallback", "failed"]
-        .iter()
-        .map(|d| r.decision(d))
-        .sum();
-    let mut out = vec![
+    let d = run.decisions;
+    let n = outcomes.len();
+    let mut checks = vec![
         check(
-            r.ok == n,
-            format!("{}: every request answered 200 ({}/{n})", r.title, r.ok),
-        ),
-        check(
-            counted == n as u64,
+            ok.len() == n,
             format!(
-                "{}: the sidecars decided on every request ({counted}/{n})",
-                r.title
+                "{}: all {n} requests answered ({} did)",
+                run.mode.name(),
+                ok.len()
             ),
         ),
         check(
-            r.observed(Observed::Unseen) == 0,
+            d.local + d.remote == n as u64,
             format!(
-                "{}: every request reached a decode engine with its x-request-id ({} unseen)",
-                r.title,
-                r.observed(Observed::Unseen)
+                "{}: the router decided every request ({} local + {} remote of {n})",
+                run.mode.name(),
+                d.local,
+                d.remote
             ),
         ),
         check(
-            r.held_total() == 0,
+            e.kv_integrity_failures == 0,
             format!(
-                "{}: prefill engines hold no KV blocks afterwards ({} left)",
-                r.title,
-                r.held_total()
+                "{}: every pulled KV byte verified ({} integrity failures)",
+                run.mode.name(),
+                e.kv_integrity_failures
+            ),
+        ),
+        check(
+            run.held_left == 0,
+            format!(
+                "{}: prefill engines hold no KV blocks afterwards ({} held)",
+                run.mode.name(),
+                run.held_left
             ),
         ),
     ];
-    match phase.expect {
-        Expect::Local => {
-            out.push(check(
-                r.decision("local") == n as u64 && r.observed(Observed::Local) == n,
-                format!(
-                    "{}: all stayed local (sidecars: {} local, engine logs: {} local)",
-                    r.title,
-                    r.decision("local"),
-                    r.observed(Observed::Local)
-                ),
-            ));
-            out.push(check(
-                r.prefill_total() == 0,
-                format!(
-                    "{}: no prefill engine was asked ({} requests reached one)",
-                    r.title,
-                    r.prefill_total()
-                ),
-            ));
-        }
-        Expect::Remote => {
-            out.push(check(
-                r.decision("remote") == n as u64 && r.observed(Observed::Remote) == n,
-                format!(
-                    "{}: all were prefilled remotely (sidecars: {} remote, engine logs: {} remote)",
-                    r.title,
-                    r.decision("remote"),
-                    r.observed(Observed::Remote)
-                ),
-            ));
-            for (e, (ok, _)) in r.prefill_requests.iter().enumerate() {
-                let named = phase
-                    .requests
-                    .iter()
-                    .filter(|q| q.prefiller == Some(e))
-                    .count();
-                out.push(check(
-                    *ok == named,
-                    format!(
-                        "{}: prefill-{e} served the {named} prefills named for it ({ok})",
-                        r.title
-                    ),
-                ));
-            }
-        }
-        Expect::Fallback { engine } => {
-            let fb = r.decision("fallback");
-            out.push(check(
-                fb >= 1,
-                format!(
-                    "{}: some requests fell back to local prefill ({fb})",
-                    r.title
-                ),
-            ));
-            out.push(check(
-                fb as usize == r.observed(Observed::Fallback),
-                format!(
-                    "{}: sidecar fallbacks match the engine logs ({fb} vs {})",
-                    r.title,
-                    r.observed(Observed::Fallback)
-                ),
-            ));
-            out.push(check(
-                fallback_ok,
-                format!(
-                    "{}: each fallback followed {} failed attempts on prefill-{engine}",
-                    r.title,
-                    params.prefill_max_retries + 1
-                ),
-            ));
-            out.push(check(
-                r.observed(Observed::Remote) + r.observed(Observed::Fallback) == n
-                    && r.decision("failed") == 0,
-                format!(
-                    "{}: every other request was prefilled remotely ({} remote, {} failed)",
-                    r.title,
-                    r.observed(Observed::Remote),
-                    r.decision("failed")
-                ),
-            ));
-        }
+    match run.mode {
+        Mode::Aggregated => checks.push(check(
+            d.remote == 0 && e.kv_bytes_pulled == 0,
+            format!(
+                "aggregated: no remote prefill and no KV moved ({} remote, {} B)",
+                d.remote, e.kv_bytes_pulled
+            ),
+        )),
+        Mode::PdAlways => checks.push(check(
+            d.remote == n as u64 && e.kv_pulls_ok + e.kv_pulls_failed >= n as u64,
+            format!(
+                "pd-always: every request prefilled remotely and its KV pulled ({} remote, {} pulls of {n})",
+                d.remote,
+                e.kv_pulls_ok + e.kv_pulls_failed
+            ),
+        )),
+        Mode::PdSelective => checks.push(check(
+            d.remote > 0 && d.local > 0 && e.kv_bytes_pulled > 0,
+            format!(
+                "pd-selective: some requests prefilled remotely, others locally ({} remote, {} local)",
+                d.remote, d.local
+            ),
+        )),
+    }
+    ModeResult {
+        mode: run.mode,
+        requests: n,
+        ok: ok.len(),
+        errors,
+        ttft,
+        itl,
+        output_tokens,
+        tokens_per_s: output_tokens as f64 / secs,
+        wall: run.wall,
+        remote: d.remote,
+        local: d.local,
+        kv_bytes: e.kv_bytes_pulled,
+        kv_pulls: e.kv_pulls_ok,
+        kv_gbps,
+        prompt_tokens,
+        prompt_tokens_computed: e.prompt_tokens_computed,
+        integrity_failures: e.kv_integrity_failures,
+        pulls_failed: e.kv_pulls_failed,
+        released_blocks: e.released_blocks,
+        held_left: run.held_left,
+        checks,
+    }
+}
+
+/// Checks that compare modes.
+pub fn cross_checks(results: &[ModeResult]) -> Vec<Check> {
+    let get = |m: Mode| results.iter().find(|r| r.mode == m);
+    let mut out = Vec::new();
+    if let (Some(always), Some(sel)) = (get(Mode::PdAlways), get(Mode::PdSelective)) {
+        out.push(check(
+            sel.kv_bytes < always.kv_bytes,
+            format!(
+                "pd-selective moved less KV than pd-always ({} vs {})",
+                format_bytes(sel.kv_bytes),
+                format_bytes(always.kv_bytes)
+            ),
+        ));
     }
     out
 }
 
-/// The results table, one row per phase.
-pub fn table(results: &[PhaseResult]) -> String {
+fn ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// The comparison table.
+pub fn table(results: &[ModeResult]) -> String {
     let header = [
-        "phase",
-        "prompt tok",
+        "mode",
         "reqs",
-        "ok",
-        "err",
-        "local",
-        "remote",
-        "fallback",
+        "errors",
+        "P/D",
         "TTFT p50",
         "p90",
-        "p99 ms",
-        "total p50",
-        "prefill reqs",
-        "held blocks",
+        "p99",
+        "ITL p50",
+        "p99",
+        "out tok/s",
+        "prefill tok",
+        "KV moved",
+        "xfer GB/s",
     ];
-    let ms = |v: f64| format!("{v:.1}");
-    let rows: Vec<Vec<String>> = results
-        .iter()
-        .map(|r| {
-            let prefill = if r.prefill_failed() > 0 {
-                format!("{} ({} err)", r.prefill_total(), r.prefill_failed())
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in results {
+        rows.push(vec![
+            r.mode.name().to_string(),
+            r.requests.to_string(),
+            r.failed().to_string(),
+            format!("{:.0}%", r.pd_share() * 100.0),
+            ms(r.ttft.p50),
+            ms(r.ttft.p90),
+            ms(r.ttft.p99),
+            ms(r.itl.p50),
+            ms(r.itl.p99),
+            format!("{:.0}", r.tokens_per_s),
+            r.prompt_tokens_computed.to_string(),
+            if r.kv_bytes == 0 {
+                "0".to_string()
             } else {
-                r.prefill_total().to_string()
-            };
-            vec![
-                r.title.clone(),
-                format!("{}-{}", r.prompt_tokens.0, r.prompt_tokens.1),
-                r.requests.to_string(),
-                r.ok.to_string(),
-                r.errors.to_string(),
-                r.decision("local").to_string(),
-                r.decision("remote").to_string(),
-                r.decision("fallback").to_string(),
-                ms(r.ttft.p50),
-                ms(r.ttft.p90),
-                ms(r.ttft.p99),
-                ms(r.latency.p50),
-                prefill,
-                r.held_total().to_string(),
-            ]
-        })
+                format_bytes(r.kv_bytes)
+            },
+            if r.kv_pulls == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}", r.kv_gbps)
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
+    let mut out = String::new();
+    for (i, row) in rows.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c == 0 {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if i == 0 {
+            out.push_str(&"-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1)));
+            out.push('\n');
         }
     }
-    let line = |cells: &[String]| -> String {
-        let mut s = String::from("  ");
-        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
-            if i == 0 {
-                s.push_str(&format!("{c:<w$}"));
-            } else {
-                s.push_str(&format!("  {c:>w$}"));
-            }
-        }
-        s.trim_end().to_string()
-    };
-    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-    let mut out = vec![line(&header)];
-    let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
-    out.push(format!("  {}", "-".repeat(total)));
-    out.extend(rows.iter().map(|r| line(r)));
-    out.join("\n")
+    out.pop();
+    out
 }
 
-/// Plain-language lines about what happened, phase by phase.
-pub fn narrative(results: &[PhaseResult], params: &WorkloadParams) -> Vec<String> {
-    let baseline = results
-        .iter()
-        .find(|r| r.expect == Expect::Local)
-        .map(|r| r.ttft.p50);
-    let mut out = Vec::new();
-    for r in results {
-        let n = r.requests;
-        match r.expect {
-            Expect::Local if r.decision("local") == n as u64 && r.prefill_total() == 0 => {
-                out.push(format!(
-                    "{}: stayed local. All {n} were prefilled on their own decode engine and none \
-                     reached a prefill engine, although every request named one: {}-{} prompt \
-                     tokens is below the {}-token threshold.",
-                    r.title, r.prompt_tokens.0, r.prompt_tokens.1, params.threshold_tokens
-                ))
-            }
-            Expect::Local => out.push(format!(
-                "{}: expected to stay local, but only {} of {n} did ({} remote, {} fallback) and \
-                 {} requests reached a prefill engine; prompts {}-{} tokens, threshold {}.",
-                r.title,
-                r.decision("local"),
-                r.decision("remote"),
-                r.decision("fallback"),
-                r.prefill_total(),
-                r.prompt_tokens.0,
-                r.prompt_tokens.1,
-                params.threshold_tokens
-            )),
-            Expect::Remote if r.decision("remote") == n as u64 => {
-                let per_engine: Vec<String> = r
-                    .prefill_requests
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (ok, _))| format!("prefill-{i} {ok}"))
-                    .collect();
-                out.push(format!(
-                    "{}: disaggregated. All {n} ({}-{} prompt tokens) were prefilled on a \
-                     prefill engine ({}) and decoded with the KV blocks it handed over.",
-                    r.title,
-                    r.prompt_tokens.0,
-                    r.prompt_tokens.1,
-                    per_engine.join(", ")
-                ));
-                if let Some(b) = baseline {
-                    out.push(format!(
-                        "{}: streaming TTFT p50 {:.1} ms vs {b:.1} ms for short prompts: the \
-                         prefill leg runs on the prefill engine before the decode engine makes \
-                         the first token.",
-                        r.title, r.ttft.p50
-                    ));
-                }
-            }
-            Expect::Remote => out.push(format!(
-                "{}: expected to be disaggregated, but only {} of {n} were prefilled remotely \
-                 ({} local, {} fallback, {} failed); prompts {}-{} tokens, threshold {}.",
-                r.title,
-                r.decision("remote"),
-                r.decision("local"),
-                r.decision("fallback"),
-                r.decision("failed"),
-                r.prompt_tokens.0,
-                r.prompt_tokens.1,
-                params.threshold_tokens
-            )),
-            Expect::Fallback { engine } => {
-                out.push(format!(
-                    "{}: prefill-{engine} answered 503 to {} prefill attempts and the sidecars \
-                     retried {} times: {} requests used up their 1 + {} attempts and fell back to local \
-                     prefill, {} recovered on a retry, {} were prefilled remotely in all. {} of \
-                     {n} answered 200.",
-                    r.title,
-                    r.prefill_failed(),
-                    r.prefill_retries,
-                    r.decision("fallback"),
-                    params.prefill_max_retries,
-                    r.recovered_on_retry,
-                    r.observed(Observed::Remote),
-                    r.ok
-                ));
-                if let (Some(f), Some(m)) = (
-                    r.ttft_by_decision.get("fallback"),
-                    r.ttft_by_decision.get("remote"),
-                ) {
-                    out.push(format!(
-                        "{}: a failed prefill costs time, not the answer: streaming TTFT p50 \
-                         {:.1} ms for the {} streamed fallbacks (failed attempts and backoff \
-                         included) vs {:.1} ms for the {} streamed remote prefills.",
-                        r.title, f.p50, f.n, m.p50, m.n
-                    ));
-                }
-            }
-        }
-        if matches!(r.expect, Expect::Remote | Expect::Fallback { .. }) {
-            if r.held_total() == 0 {
-                out.push(format!(
-                    "{}: the prefill engines held {} KV blocks for the decode engines and \
-                     released them all once notified; none left.",
-                    r.title, r.released_blocks
-                ));
-            } else {
-                out.push(format!(
-                    "{}: {} KV blocks still held on the prefill engines {} ms after the last \
-                     answer ({} released): the decode engines did not notify them all.",
-                    r.title,
-                    r.held_total(),
-                    r.held_wait.as_millis(),
-                    r.released_blocks
-                ));
-            }
-        }
-        if r.errors > 0 {
-            out.push(format!(
-                "{}: {} requests failed, e.g. {}",
-                r.title,
-                r.errors,
-                r.error_samples.join("; ")
-            ));
-        }
+fn ratio(a: f64, b: f64) -> String {
+    if b <= 0.0 {
+        return "-".into();
     }
+    let r = a / b;
+    if r >= 1.0 {
+        format!("{r:.1}x lower")
+    } else {
+        format!("{:.1}x higher", 1.0 / r)
+    }
+}
+
+/// What the numbers say, in words. Every statement is computed from the results, including
+/// which way a comparison went.
+pub fn narrative(results: &[ModeResult]) -> Vec<String> {
+    let get = |m: Mode| results.iter().find(|r| r.mode == m);
+    let mut out = Vec::new();
+    if let (Some(agg), Some(always)) = (get(Mode::Aggregated), get(Mode::PdAlways)) {
+        let itl = if always.itl.p99 < agg.itl.p99 {
+            "prefills run on other engines, so they no longer stall the decode batches"
+        } else {
+            "no gain on this run: the machine's cores, not the engines, set the pace"
+        };
+        out.push(format!(
+            "P/D always vs aggregated: ITL p99 {} -> {} ms ({}): {itl}. TTFT p90 {} -> {} ms \
+             ({}): every request pays a prefill leg and a KV pull.",
+            ms(agg.itl.p99),
+            ms(always.itl.p99),
+            ratio(agg.itl.p99, always.itl.p99),
+            ms(agg.ttft.p90),
+            ms(always.ttft.p90),
+            ratio(agg.ttft.p90, always.ttft.p90),
+        ));
+    }
+    if let (Some(always), Some(sel)) = (get(Mode::PdAlways), get(Mode::PdSelective)) {
+        out.push(format!(
+            "P/D selective vs P/D always: TTFT p90 {} -> {} ms ({}); {} of {} requests were \
+             prefilled remotely, moving {} of KV instead of {}. ITL p99 {} -> {} ms: {}.",
+            ms(always.ttft.p90),
+            ms(sel.ttft.p90),
+            ratio(always.ttft.p90, sel.ttft.p90),
+            sel.remote,
+            sel.remote + sel.local,
+            format_bytes(sel.kv_bytes),
+            format_bytes(always.kv_bytes),
+            ms(always.itl.p99),
+            ms(sel.itl.p99),
+            if sel.itl.p99 > always.itl.p99 {
+                "the price of prefilling short and cached prompts on the decode engines"
+            } else {
+                "no price paid for the local prefills"
+            },
+        ));
+    }
+    if let (Some(agg), Some(sel)) = (get(Mode::Aggregated), get(Mode::PdSelective)) {
+        out.push(format!(
+            "P/D selective vs aggregated: TTFT p90 {} -> {} ms ({}), prompt tokens computed {} \
+             -> {}: cache-aware routing sends each turn where its history is cached.",
+            ms(agg.ttft.p90),
+            ms(sel.ttft.p90),
+            ratio(agg.ttft.p90, sel.ttft.p90),
+            agg.prompt_tokens_computed,
+            sel.prompt_tokens_computed,
+        ));
+    }
+    let pulls: u64 = results.iter().map(|r| r.kv_pulls).sum();
+    let released: u64 = results.iter().map(|r| r.released_blocks).sum();
+    let bad: u64 = results.iter().map(|r| r.integrity_failures).sum();
+    out.push(format!(
+        "KV integrity: {pulls} pulls checked byte for byte, {bad} mismatches; {released} blocks \
+         freed on the decode engines' notifications."
+    ));
     out
+}
+
+/// The latency chart: TTFT p50/p90/p99 and ITL p99 per mode.
+pub fn write_chart(results: &[ModeResult], path: &Path) -> Result<(), String> {
+    let series = |name: &str, f: &dyn Fn(&ModeResult) -> f64| Series {
+        name: name.to_string(),
+        values: results.iter().map(f).collect(),
+    };
+    let chart = BarChart {
+        title: "pd-demo: latency by mode (lower is better)".into(),
+        y_label: "ms".into(),
+        groups: results.iter().map(|r| r.mode.name().to_string()).collect(),
+        series: vec![
+            series("TTFT p50", &|r| r.ttft.p50),
+            series("TTFT p90", &|r| r.ttft.p90),
+            series("TTFT p99", &|r| r.ttft.p99),
+            series("ITL p99", &|r| r.itl.p99),
+        ],
+        reference: None,
+    };
+    chart
+        .write_png(path, 900, 480)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -643,14 +437,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nearest_rank_percentiles() {
+    fn percentiles_use_nearest_rank() {
         let s = Stats::of((1..=100).map(Duration::from_millis));
-        assert_eq!(
-            (s.n, s.p50, s.p90, s.p99, s.max),
-            (100, 50.0, 90.0, 99.0, 100.0)
-        );
-        let one = Stats::of([Duration::from_millis(7)]);
-        assert_eq!((one.p50, one.p99), (7.0, 7.0));
-        assert_eq!(Stats::of([]).n, 0);
+        assert_eq!((s.p50, s.p90, s.p99, s.max), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(Stats::of([]).p99, 0.0);
+    }
+
+    #[test]
+    fn ratios_read_the_right_way() {
+        assert_eq!(ratio(200.0, 100.0), "2.0x lower");
+        assert_eq!(ratio(100.0, 200.0), "2.0x higher");
+        assert_eq!(ratio(1.0, 0.0), "-");
     }
 }

@@ -1,6 +1,11 @@
-//! The demo's workloads: phases of requests, each with the faults to inject before it and what
-//! the cluster is expected to do with it. A phase is plain data, so adding a workload is adding a
-//! function that returns [`Phase`]s; [`builtin`] is the default one.
+//! The demo's built-in workload: what a support desk sends an LLM. Multi-turn chats whose long
+//! system prompts (an assistant's instructions plus a product catalogue) are shared by several
+//! customers, mixed with short one-shot questions. Plain data, built deterministically from a
+//! seed, so every mode replays exactly the same requests.
+//!
+//! A chat is a [`Session`]: its turns go out one after another, each carrying the whole history
+//! so far, the way a chat UI calls `/v1/chat/completions`. A one-shot is a session of one turn
+//! on `/v1/completions`.
 
 use serde_json::{json, Value};
 
@@ -9,330 +14,297 @@ use crate::sim::tokens::text_tokens;
 /// The model name every engine-sim serves.
 pub const MODEL: &str = "sim-model";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    Chat,
-    Completions,
-}
-
-impl Route {
-    pub fn path(self) -> &'static str {
-        match self {
-            Route::Chat => "/v1/chat/completions",
-            Route::Completions => "/v1/completions",
-        }
-    }
-}
-
-/// One request of a phase: where it goes and what it says.
-#[derive(Clone, Debug)]
-pub struct RequestSpec {
-    /// Sent as `x-request-id`; the sidecar keeps it on both legs, so engine logs can be matched.
-    pub id: String,
-    pub route: Route,
-    pub stream: bool,
-    /// Index of the decode engine (and so of its sidecar) that gets the request.
-    pub decode: usize,
-    /// Index of the prefill engine named in `x-prefiller-host-port`, if any.
-    pub prefiller: Option<usize>,
-    pub body: Value,
-    /// Prompt tokens by the 4-bytes-per-token estimate the sidecar and engine-sim both use.
-    pub prompt_tokens: u64,
-}
-
-/// What the cluster should do with every request of a phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expect {
-    /// Prefill on the decode engine; no prefill engine sees the request.
-    Local,
-    /// Prefill on the named prefill engine, KV handed to the decode engine.
-    Remote,
-    /// Like `Remote`, except that requests whose every prefill attempt failed on prefill engine
-    /// `engine` fall back to local prefill; at least one must.
-    Fallback { engine: usize },
-}
-
-/// A fault configuration (`POST /sim/faults` body) for one prefill engine during a phase.
-#[derive(Clone, Debug)]
-pub struct Fault {
-    pub prefill_engine: usize,
-    pub config: Value,
-}
-
-#[derive(Clone, Debug)]
-pub struct Phase {
-    /// Short machine name (JSON, request ids).
-    pub key: &'static str,
-    /// Name in the table.
-    pub title: &'static str,
-    /// One line saying what the phase sends.
-    pub about: String,
-    pub faults: Vec<Fault>,
-    pub expect: Expect,
-    pub requests: Vec<RequestSpec>,
-}
-
-/// The knobs the built-in workload depends on.
-#[derive(Clone, Debug)]
+/// The knobs of the built-in workload.
+#[derive(Clone, Debug, PartialEq)]
 pub struct WorkloadParams {
-    pub requests_per_phase: usize,
+    /// Distinct long system prompts (one per product line).
+    pub system_prompts: usize,
+    /// Approximate tokens of each system prompt.
+    pub system_prompt_tokens: u64,
+    /// Multi-turn chats; chat `i` uses system prompt `i % system_prompts`.
+    pub chats: usize,
+    /// Turns per chat.
+    pub turns: usize,
+    /// `max_tokens` of a chat turn.
+    pub chat_max_tokens: u64,
+    /// Short one-shot prompts.
+    pub one_shots: usize,
+    /// `max_tokens` of a one-shot.
+    pub one_shot_max_tokens: u64,
+    /// Orders the sessions; the same seed replays the same sequence.
+    pub seed: u64,
+}
+
+impl WorkloadParams {
+    /// The default: 6 system prompts of about 3,000 tokens, 24 chats of 4 turns, 48 one-shots.
+    pub fn standard() -> WorkloadParams {
+        WorkloadParams {
+            system_prompts: 6,
+            system_prompt_tokens: 3000,
+            chats: 24,
+            turns: 4,
+            chat_max_tokens: 64,
+            one_shots: 48,
+            one_shot_max_tokens: 32,
+            seed: 7,
+        }
+    }
+
+    /// A small version for smoke tests (a few seconds per mode).
+    pub fn quick() -> WorkloadParams {
+        WorkloadParams {
+            system_prompts: 2,
+            system_prompt_tokens: 1200,
+            chats: 4,
+            turns: 2,
+            chat_max_tokens: 8,
+            one_shots: 4,
+            one_shot_max_tokens: 4,
+            seed: 7,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.chats * self.turns + self.one_shots
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    OneShot,
+}
+
+/// One request of a session, ready to send.
+#[derive(Clone, Debug)]
+pub struct Turn {
+    /// Sent as `x-request-id`.
+    pub id: String,
+    pub path: &'static str,
+    pub body: Value,
+    /// Prompt tokens by the 4-bytes-per-token estimate engine-sim uses.
+    pub prompt_tokens: u64,
     pub max_tokens: u64,
-    pub prefill_engines: usize,
-    pub decode_engines: usize,
-    /// The sidecars' `--prefill-max-retries`: the failure phase injects more failures than that.
-    pub prefill_max_retries: u32,
-    /// The sidecars' `--prefill-threshold-tokens`.
-    pub threshold_tokens: u64,
 }
 
-/// Short prompts (stay local), long multi-turn prompts (disaggregated), then the long prompts
-/// again while prefill-0 answers 503 to more attempts than the sidecar retries.
-pub fn builtin(p: &WorkloadParams) -> Vec<Phase> {
-    let n = p.requests_per_phase;
-    // Enough consecutive failures for `falling` requests to exhaust their attempts.
-    let falling = 4u64;
-    let fail_next = falling * (u64::from(p.prefill_max_retries) + 1);
-    vec![
-        Phase {
-            key: "short",
-            title: "short prompts",
-            about: format!(
-                "{n} one-question prompts, well below the {}-token threshold, each naming a \
-                 prefill engine",
-                p.threshold_tokens
-            ),
-            faults: vec![],
-            expect: Expect::Local,
-            requests: short_requests("short", p),
-        },
-        Phase {
-            key: "long",
-            title: "long prompts",
-            about: format!(
-                "{n} turns of multi-turn chats under a long shared system prompt, alternating \
-                 between the {} prefill engines",
-                p.prefill_engines
-            ),
-            faults: vec![],
-            expect: Expect::Remote,
-            requests: conversation_requests("long", p),
-        },
-        Phase {
-            key: "prefill-failure",
-            title: "prefill failure",
-            about: format!(
-                "the long prompts again while prefill-0 answers 503 to its next {fail_next} \
-                 prefill attempts (the sidecar makes 1 + {} retries)",
-                p.prefill_max_retries
-            ),
-            faults: vec![Fault {
-                prefill_engine: 0,
-                config: json!({"fail_next": fail_next, "error_status": 503, "scope": "prefill"}),
-            }],
-            expect: Expect::Fallback { engine: 0 },
-            requests: conversation_requests("fail", p),
-        },
-    ]
+/// Requests that go out one after another (a chat), or a single one (a one-shot).
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub kind: Kind,
+    pub turns: Vec<Turn>,
 }
 
-const QUESTIONS: &[&str] = &[
-    "What is the capital of France?",
-    "Translate 'good morning' into Spanish.",
-    "How many legs does a spider have?",
-    "Give me a synonym for 'quick'.",
-    "What is 17 times 3?",
-    "Name a prime number larger than 50.",
-    "What colour do you get by mixing blue and yellow?",
-    "Spell 'necessary' backwards.",
-];
-
-fn short_requests(key: &str, p: &WorkloadParams) -> Vec<RequestSpec> {
-    (0..p.requests_per_phase)
-        .map(|i| {
-            let q = QUESTIONS[i % QUESTIONS.len()];
-            let messages = vec![
-                ("system", "You are a concise assistant.".to_string()),
-                ("user", q.to_string()),
-            ];
-            request(key, i, i % p.decode_engines.max(1), Some(i), messages, p)
-        })
-        .collect()
-}
-
-/// `requests_per_phase` turns of several concurrent conversations sharing one long system prompt.
-/// Turn `t` of a conversation carries its `t` previous exchanges; a conversation stays on one
-/// decode engine (session affinity) while its turns alternate between prefill engines.
-fn conversation_requests(key: &str, p: &WorkloadParams) -> Vec<RequestSpec> {
-    let conversations = 8usize.min(p.requests_per_phase.max(1));
-    let system = system_prompt();
-    (0..p.requests_per_phase)
-        .map(|i| {
-            let (conv, turn) = (i % conversations, i / conversations);
-            let mut messages = vec![("system", system.clone())];
-            for t in 0..turn {
-                messages.push(("user", user_turn(conv, t)));
-                messages.push(("assistant", assistant_turn(conv, t)));
-            }
-            messages.push(("user", user_turn(conv, turn)));
-            request(
-                key,
-                i,
-                conv % p.decode_engines.max(1),
-                Some(conv + turn),
-                messages,
-                p,
-            )
-        })
-        .collect()
-}
-
-/// Request `i` of a phase: chat and completions alternate, and so do streaming and not, so
-/// every phase covers the four combinations.
-fn request(
-    key: &str,
-    i: usize,
-    decode: usize,
-    prefiller_seq: Option<usize>,
-    messages: Vec<(&str, String)>,
-    p: &WorkloadParams,
-) -> RequestSpec {
-    let route = [Route::Chat, Route::Completions][i % 2];
-    let stream = [true, false][(i / 2) % 2];
-    let (mut body, prompt_tokens) = match route {
-        Route::Chat => {
-            let tokens = messages.iter().map(|(_, c)| text_tokens(c)).sum();
-            let msgs: Vec<Value> = messages
-                .iter()
-                .map(|(role, content)| json!({"role": role, "content": content}))
-                .collect();
-            (json!({"model": MODEL, "messages": msgs}), tokens)
-        }
-        Route::Completions => {
-            let mut prompt = String::new();
-            for (role, content) in &messages {
-                prompt.push_str(&format!("{role}: {content}\n"));
-            }
-            prompt.push_str("assistant:");
-            let tokens = text_tokens(&prompt);
-            (json!({"model": MODEL, "prompt": prompt}), tokens)
-        }
-    };
-    body["max_tokens"] = json!(p.max_tokens);
-    body["stream"] = json!(stream);
-    if stream {
-        body["stream_options"] = json!({"include_usage": true});
+/// Every session of the workload, interleaved in a seeded order.
+pub fn builtin(p: &WorkloadParams) -> Vec<Session> {
+    let systems: Vec<String> = (0..p.system_prompts.max(1))
+        .map(|i| system_prompt(i, p.system_prompt_tokens))
+        .collect();
+    let mut sessions: Vec<Session> = Vec::new();
+    for c in 0..p.chats {
+        sessions.push(chat(c, &systems[c % systems.len()], p));
     }
-    RequestSpec {
-        id: format!("demo-{key}-{i:03}"),
-        route,
-        stream,
-        decode,
-        prefiller: prefiller_seq.map(|s| s % p.prefill_engines.max(1)),
-        body,
-        prompt_tokens: prompt_tokens.max(1),
+    for i in 0..p.one_shots {
+        sessions.push(one_shot(i, p));
+    }
+    shuffle(&mut sessions, p.seed);
+    sessions
+}
+
+fn chat(c: usize, system: &str, p: &WorkloadParams) -> Session {
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    let mut tokens = text_tokens(system);
+    let mut turns = Vec::new();
+    for t in 0..p.turns {
+        let ask = user_turn(c, t);
+        tokens += text_tokens(&ask);
+        messages.push(json!({"role": "user", "content": ask}));
+        turns.push(Turn {
+            id: format!("chat{c:02}-turn{t}"),
+            path: "/v1/chat/completions",
+            body: json!({
+                "model": MODEL,
+                "messages": messages,
+                "max_tokens": p.chat_max_tokens,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            }),
+            prompt_tokens: tokens,
+            max_tokens: p.chat_max_tokens,
+        });
+        // The next turn carries this answer (a stand-in of about the same length).
+        let answer = assistant_turn(c, t, p.chat_max_tokens);
+        tokens += text_tokens(&answer);
+        messages.push(json!({"role": "assistant", "content": answer}));
+    }
+    Session {
+        kind: Kind::Chat,
+        turns,
     }
 }
 
-/// About 3 KB (some 800 tokens): an assistant's instructions and a product reference.
-pub fn system_prompt() -> String {
-    let mut s = String::from(
-        "You are the support assistant of Tandem Outdoor Gear. Answer politely and precisely, \
-         cite the catalogue entry you rely on, never invent prices, and hand over to a human \
-         when the customer asks for a refund above 500 EUR.\nCatalogue:\n",
-    );
-    let items = [
-        ("tent", "Ridge 2", "2-person tent, 1.9 kg, 3 seasons"),
-        ("tent", "Ridge 4", "4-person tent, 3.4 kg, 3 seasons"),
-        ("bag", "Ember -5", "down sleeping bag, comfort -5 C"),
-        ("bag", "Ember +5", "synthetic sleeping bag, comfort +5 C"),
-        ("stove", "Pico", "canister stove, 2.6 kW, 83 g"),
-        ("pack", "Vista 38", "38 l backpack, adjustable back length"),
-        ("pack", "Vista 55", "55 l backpack, removable lid"),
-        ("mat", "Loft", "inflatable mat, R-value 4.2"),
+fn one_shot(i: usize, p: &WorkloadParams) -> Session {
+    const QUESTIONS: &[&str] = &[
+        "What is the capital of France?",
+        "Translate 'good morning' into Spanish.",
+        "How many legs does a spider have?",
+        "Give me a synonym for 'quick'.",
+        "What is 17 times 3?",
+        "Name a prime number larger than 50.",
+        "What colour do you get by mixing blue and yellow?",
+        "Spell 'necessary' backwards.",
     ];
-    for round in 0..4 {
-        for (n, (kind, name, what)) in items.iter().enumerate() {
-            s.push_str(&format!(
-                "- [{}{:02}] {kind} {name}: {what}; warranty {} years; stock region {}.\n",
-                kind.to_uppercase(),
-                round * items.len() + n,
-                2 + (n + round) % 3,
-                ["north", "south", "east", "west"][(n + round) % 4],
-            ));
-        }
+    let prompt = format!(
+        "Answer in one short sentence. Question {i}: {}\nAnswer:",
+        QUESTIONS[i % QUESTIONS.len()]
+    );
+    Session {
+        kind: Kind::OneShot,
+        turns: vec![Turn {
+            id: format!("oneshot{i:02}"),
+            path: "/v1/completions",
+            prompt_tokens: text_tokens(&prompt),
+            body: json!({
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": p.one_shot_max_tokens,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            }),
+            max_tokens: p.one_shot_max_tokens,
+        }],
+    }
+}
+
+/// System prompt `n`: instructions and a catalogue of about `tokens` tokens. Prompts differ from
+/// their first line on, so they share no cached block.
+pub fn system_prompt(n: usize, tokens: u64) -> String {
+    const LINES: &[&str] = &[
+        "Outdoor Gear",
+        "Kitchen Appliances",
+        "Bicycles",
+        "Office Furniture",
+        "Garden Tools",
+        "Audio Equipment",
+        "Board Games",
+        "Running Shoes",
+    ];
+    let line = LINES[n % LINES.len()];
+    let mut s = format!(
+        "You are the support assistant #{n} of Tandem {line}. Answer politely and precisely, cite \
+         the catalogue entry you rely on, never invent prices, and hand over to a human when the \
+         customer asks for a refund above 500 EUR.\nCatalogue:\n"
+    );
+    let want = tokens as usize * 4;
+    let mut item = 0usize;
+    while s.len() < want {
+        s.push_str(&format!(
+            "- [{}-{item:04}] {line} item {item}: weight {} g, warranty {} years, stock region \
+             {}, rated {}.{} by customers.\n",
+            n,
+            150 + (item * 37 + n * 11) % 2900,
+            1 + (item + n) % 5,
+            ["north", "south", "east", "west"][(item + n) % 4],
+            3 + (item % 3),
+            (item * 7) % 10,
+        ));
+        item += 1;
     }
     s
 }
 
-fn user_turn(conv: usize, turn: usize) -> String {
+fn user_turn(chat: usize, turn: usize) -> String {
     const ASKS: &[&str] = &[
-        "Which tent would you recommend for two people hiking in autumn?",
+        "Which item would you recommend for a beginner, and why?",
         "Does it come with a warranty, and how long is it?",
-        "What sleeping bag goes with it for nights around zero degrees?",
-        "Can you compare the two backpacks for a three-day trip?",
-        "Which stove is the lightest you sell?",
-        "Is the mat warm enough for snow?",
+        "What goes well with it if I use it every day?",
+        "Can you compare the two lightest items for me?",
+        "Which one is in stock in the north region?",
+        "Is there anything rated above 4.5 for under 1 kg?",
     ];
-    format!("(customer {conv}) {}", ASKS[(conv + turn) % ASKS.len()])
+    format!("(customer {chat}) {}", ASKS[(chat + turn) % ASKS.len()])
 }
 
-fn assistant_turn(conv: usize, turn: usize) -> String {
-    format!(
-        "For customer {conv}, turn {turn}: based on the catalogue entry I would suggest the \
-         lighter option; it covers the conditions you describe and keeps the pack weight down."
-    )
+fn assistant_turn(chat: usize, turn: usize, max_tokens: u64) -> String {
+    let mut s = format!("(answer to customer {chat}, turn {turn}) ");
+    while (s.len() as u64) < max_tokens * 4 {
+        s.push_str("Based on the catalogue entry, the lighter option covers what you describe. ");
+    }
+    s
+}
+
+/// Fisher-Yates with a small deterministic generator (splitmix64).
+fn shuffle<T>(v: &mut [T], seed: u64) {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..v.len()).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn params() -> WorkloadParams {
-        WorkloadParams {
-            requests_per_phase: 32,
-            max_tokens: 16,
-            prefill_engines: 2,
-            decode_engines: 2,
-            prefill_max_retries: 2,
-            threshold_tokens: 256,
+    #[test]
+    fn workload_has_the_asked_shape() {
+        let p = WorkloadParams::standard();
+        let sessions = builtin(&p);
+        let chats: Vec<_> = sessions.iter().filter(|s| s.kind == Kind::Chat).collect();
+        assert_eq!(chats.len(), p.chats);
+        assert_eq!(sessions.len(), p.chats + p.one_shots);
+        let total: usize = sessions.iter().map(|s| s.turns.len()).sum();
+        assert_eq!(total, p.requests());
+        for c in &chats {
+            assert_eq!(c.turns.len(), p.turns);
+            assert!(c.turns[0].prompt_tokens >= p.system_prompt_tokens);
+            // Every turn carries the previous one as a prefix (its history grows).
+            for w in c.turns.windows(2) {
+                let (a, b) = (&w[0].body["messages"], &w[1].body["messages"]);
+                let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+                assert_eq!(&b[..a.len()], &a[..]);
+                assert!(w[1].prompt_tokens > w[0].prompt_tokens);
+            }
         }
+        for s in sessions.iter().filter(|s| s.kind == Kind::OneShot) {
+            assert!(
+                s.turns[0].prompt_tokens < 64,
+                "{}",
+                s.turns[0].prompt_tokens
+            );
+        }
+        // Every request streams (TTFT and inter-token latency are measured on the stream).
+        assert!(sessions
+            .iter()
+            .flat_map(|s| &s.turns)
+            .all(|t| t.body["stream"] == true));
     }
 
     #[test]
-    fn short_prompts_are_below_and_long_ones_above_the_threshold() {
-        let p = params();
-        let phases = builtin(&p);
-        assert_eq!(phases.len(), 3);
-        for r in &phases[0].requests {
-            assert!(r.prompt_tokens < p.threshold_tokens, "{}", r.prompt_tokens);
-        }
-        for ph in &phases[1..] {
-            for r in &ph.requests {
-                assert!(r.prompt_tokens > p.threshold_tokens, "{}", r.prompt_tokens);
-            }
-        }
+    fn system_prompts_differ_from_the_start_and_have_the_asked_length() {
+        let a = system_prompt(0, 3000);
+        let b = system_prompt(1, 3000);
+        // They differ within the first 16-token block (64 bytes).
+        assert_ne!(a[..64], b[..64]);
+        let t = text_tokens(&a);
+        assert!((3000..3100).contains(&t), "{t}");
     }
 
     #[test]
-    fn phases_mix_routes_streaming_and_engines() {
-        let p = params();
-        for ph in builtin(&p) {
-            assert_eq!(ph.requests.len(), 32);
-            for (route, stream) in [
-                (Route::Chat, true),
-                (Route::Chat, false),
-                (Route::Completions, true),
-                (Route::Completions, false),
-            ] {
-                assert!(ph
-                    .requests
-                    .iter()
-                    .any(|r| r.route == route && r.stream == stream));
-            }
-            for e in 0..2 {
-                assert!(ph.requests.iter().any(|r| r.prefiller == Some(e)));
-                assert!(ph.requests.iter().any(|r| r.decode == e));
-            }
-        }
+    fn the_order_is_seeded() {
+        let p = WorkloadParams::standard();
+        let ids = |s: &[Session]| s.iter().map(|s| s.turns[0].id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&builtin(&p)), ids(&builtin(&p)));
+        let other = WorkloadParams {
+            seed: 8,
+            ..p.clone()
+        };
+        assert_ne!(ids(&builtin(&p)), ids(&builtin(&other)));
     }
 }

@@ -155,11 +155,12 @@ impl Kv {
             .fetch_add(blocks.len() as u64, Relaxed);
     }
 
-    /// Checks that `blocks` hold the KV of the blocks with chain hashes `hashes`, byte for byte.
-    pub fn verify(&self, hashes: &[u64], blocks: &[BlockId]) -> Result<(), String> {
+    /// Checks that `blocks[from..]` hold the KV of the blocks with chain hashes `hashes[from..]`,
+    /// byte for byte (the first `from` are this engine's own cached blocks, not pulled).
+    pub fn verify(&self, hashes: &[u64], blocks: &[BlockId], from: usize) -> Result<(), String> {
         let mem = self.agent.memory();
         let len = self.layout.block_len();
-        for (i, (&block, &hash)) in blocks.iter().zip(hashes).enumerate() {
+        for (i, (&block, &hash)) in blocks.iter().zip(hashes).enumerate().skip(from) {
             for region in 0..self.layout.num_regions() {
                 let off = self.layout.block_offset(region, block);
                 // SAFETY: the pull into these blocks has completed.
@@ -196,9 +197,10 @@ impl Kv {
                 })
             })
             .collect::<Result<Vec<u32>, _>>()?;
+        let spec_peer = host_port(&p.remote_host, p.remote_port);
         let spec = TransferSpec {
             request_id: p.remote_request_id.clone(),
-            peer: host_port(&p.remote_host, p.remote_port),
+            peer: spec_peer.clone(),
             op: Op::Read,
             local_blocks: local[skip.min(local.len())..].to_vec(),
             remote_blocks: remote,
@@ -221,6 +223,16 @@ impl Kv {
             }
             Err(e) => {
                 self.stats.pulls_failed.fetch_add(1, Relaxed);
+                // This engine prefills locally instead: tell the prefill engine now, so it frees
+                // the blocks instead of holding them until they expire.
+                // In the background: a dead peer must not delay the local prefill.
+                let message = format!("{}:{}", p.remote_request_id, p.tp_size.max(1));
+                let agent = Arc::clone(&self.agent);
+                tokio::spawn(async move {
+                    if let Err(n) = agent.notify(&spec_peer, &message).await {
+                        tracing::debug!(error = %n, "could not notify the prefill engine after a failed pull");
+                    }
+                });
                 Err(e)
             }
         }

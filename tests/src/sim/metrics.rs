@@ -33,6 +33,7 @@ pub struct Metrics {
     generation_tokens: AtomicU64,
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
+    computed_tokens: AtomicU64,
     finished: [AtomicU64; FINISH_REASONS.len()],
     ttft: Mutex<Histogram>,
 }
@@ -46,6 +47,23 @@ impl Metrics {
         self.prompt_tokens.fetch_add(prompt_tokens, Relaxed);
         self.prefix_queries.fetch_add(prompt_tokens, Relaxed);
         self.prefix_hits.fetch_add(cached_tokens, Relaxed);
+    }
+
+    /// Prompt tokens this engine computed (neither cached nor pulled from a prefill engine).
+    pub fn add_computed(&self, tokens: u64) {
+        self.computed_tokens.fetch_add(tokens, Relaxed);
+    }
+
+    pub fn computed_tokens(&self) -> u64 {
+        self.computed_tokens.load(Relaxed)
+    }
+
+    /// Prefix-cache lookups and hits so far, in tokens (`vllm:prefix_cache_{queries,hits}_total`).
+    pub fn prefix_cache(&self) -> (u64, u64) {
+        (
+            self.prefix_queries.load(Relaxed),
+            self.prefix_hits.load(Relaxed),
+        )
     }
 
     pub fn add_generated(&self, tokens: u64) {

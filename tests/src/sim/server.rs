@@ -225,7 +225,7 @@ async fn generate(
         match st.kv.pull(p, blocks.blocks(), hit).await {
             Ok(done) => {
                 st.kv
-                    .verify(&hashes, blocks.blocks())
+                    .verify(&hashes, blocks.blocks(), hit)
                     .map_err(SimError::KvIntegrity)?;
                 tracing::debug!(
                     bytes = done.bytes,
@@ -246,6 +246,7 @@ async fn generate(
     st.pool
         .publish(&blocks.blocks()[..full_blocks], &hashes[..full_blocks]);
     st.metrics.add_prompt(prompt_tokens, hit as u64 * bs);
+    st.metrics.add_computed(computed);
 
     let rid = x_request_id.map_or_else(short_id, str::to_string);
     let id = match api {
@@ -400,6 +401,7 @@ async fn clear_requests(State(st): State<Arc<AppState>>) -> StatusCode {
 
 async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
     let s = st.pool.stats();
+    let (prefix_queries, prefix_hits) = st.metrics.prefix_cache();
     Json(json!({
         "engine_id": st.engine_id,
         "port": st.port.load(Ordering::Relaxed),
@@ -413,7 +415,11 @@ async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
         "kv_pulls_ok": st.kv.stats.pulls_ok.load(Ordering::Relaxed),
         "kv_pulls_failed": st.kv.stats.pulls_failed.load(Ordering::Relaxed),
         "kv_bytes_pulled": st.kv.stats.bytes_pulled.load(Ordering::Relaxed),
+        "kv_pull_micros": st.kv.stats.pull_micros.load(Ordering::Relaxed),
         "kv_integrity_failures": st.kv.stats.integrity_failures.load(Ordering::Relaxed),
+        "prefix_cache_queries": prefix_queries,
+        "prefix_cache_hits": prefix_hits,
+        "prompt_tokens_computed": st.metrics.computed_tokens(),
         "free_blocks": s.free_blocks,
         "cached_blocks": s.cached_blocks,
         "evicted_blocks_total": s.evicted_blocks_total,

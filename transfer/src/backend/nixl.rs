@@ -32,6 +32,40 @@ static RUNTIME: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// Env var with extra UCX plugin parameters, `key=value,...`.
 pub const UCX_PARAMS_ENV: &str = "TANDEM_NIXL_UCX_PARAMS";
 
+/// Env var for NIXL's progress thread: its pause between progress passes in
+/// microseconds (default [`PROGRESS_PAUSE_US`]), or `off` for no thread.
+pub const PROGRESS_THREAD_ENV: &str = "TANDEM_NIXL_PROGRESS_THREAD_US";
+
+/// Default pause of NIXL's progress thread. NIXL's own default is 0: the
+/// thread polls UCX without pausing and keeps a core busy even when idle,
+/// which on a small machine halves the transfer rate of every other process.
+/// Without the thread, a peer's first connection is only progressed when we
+/// poll, and concurrent first transfers to one peer can fail ("Not found").
+pub const PROGRESS_PAUSE_US: u64 = 100;
+
+/// The agent configuration: NIXL's, with a pausing progress thread.
+fn agent_config() -> Result<nixl_sys::AgentConfig, TransferError> {
+    let mut cfg = nixl_sys::AgentConfig {
+        enable_prog_thread: true,
+        pthr_delay_us: PROGRESS_PAUSE_US,
+        ..nixl_sys::AgentConfig::default()
+    };
+    if let Ok(v) = std::env::var(PROGRESS_THREAD_ENV) {
+        let v = v.trim();
+        if v.eq_ignore_ascii_case("off") {
+            cfg.enable_prog_thread = false;
+        } else {
+            cfg.pthr_delay_us = v.parse().map_err(|_| {
+                TransferError::backend(
+                    NAME,
+                    format!("{PROGRESS_THREAD_ENV}={v:?}: expected microseconds or `off`"),
+                )
+            })?;
+        }
+    }
+    Ok(cfg)
+}
+
 /// Env var naming the folder that holds `libnixl_capi.so`.
 pub const LIB_DIR_ENV: &str = "TANDEM_NIXL_LIB_DIR";
 
@@ -164,7 +198,8 @@ impl NixlBackend {
         let err = |what: &str, e: nixl_sys::NixlError| {
             TransferError::backend(NAME, format!("{what}: {e}"))
         };
-        let agent = Agent::new(name).map_err(|e| err("create agent", e))?;
+        let agent =
+            Agent::new_configured(name, &agent_config()?).map_err(|e| err("create agent", e))?;
         let plugins = agent
             .get_available_plugins()
             .map_err(|e| err("list plugins", e))?;

@@ -1,0 +1,432 @@
+//! The prompt as the router sees it, and the approximate prefix index.
+//!
+//! Owns: turning a request body into prompt bytes and a token estimate, the
+//! block-hash chain over those bytes, and the bounded LRU of block hashes kept
+//! per endpoint. It does not know about endpoints, scores or HTTP.
+//!
+//! Tokens are estimated at 4 bytes each (what the engine simulator counts for
+//! text), so a block of `block_size` tokens is `4 * block_size` prompt bytes;
+//! token ids are laid out as 4 little-endian bytes each, so for id prompts the
+//! blocks line up with the engine's exactly. The estimate is the seam where a
+//! tokenizer.json will plug in: only [`Prompt::tokens`] and the block boundaries
+//! would change.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use serde_json::{Map, Value};
+
+use crate::request::ApiKind;
+
+/// Bytes per estimated token.
+pub const BYTES_PER_TOKEN: usize = 4;
+
+/// The prompt of one request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prompt {
+    /// What the block hashes are computed over.
+    pub bytes: Vec<u8>,
+    /// Estimated prompt tokens.
+    pub tokens: u64,
+}
+
+impl Prompt {
+    fn push_text(&mut self, s: &str) {
+        self.bytes.extend_from_slice(s.as_bytes());
+    }
+
+    fn push_id(&mut self, id: &Value) {
+        if let Some(id) = id.as_u64() {
+            // Vocabularies fit in 32 bits; a larger value still hashes deterministically.
+            self.bytes.extend_from_slice(&(id as u32).to_le_bytes());
+        }
+    }
+
+    /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+    fn push_prompt(&mut self, prompt: Option<&Value>) {
+        match prompt {
+            Some(Value::String(s)) => self.push_text(s),
+            Some(Value::Array(items)) => {
+                for item in items {
+                    match item {
+                        Value::String(s) => self.push_text(s),
+                        Value::Number(_) => self.push_id(item),
+                        Value::Array(ids) => ids.iter().for_each(|id| self.push_id(id)),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Message content: a string, or a list of parts whose text parts count.
+    fn push_content(&mut self, content: Option<&Value>) {
+        match content {
+            Some(Value::String(s)) => self.push_text(s),
+            Some(Value::Array(parts)) => {
+                for part in parts {
+                    match part {
+                        Value::String(s) => self.push_text(s),
+                        other => {
+                            if let Some(t) = other.get("text").and_then(Value::as_str) {
+                                self.push_text(t);
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A chat-style message: its role, a newline, its content.
+    fn push_message(&mut self, message: &Value) {
+        if let Some(role) = message.get("role").and_then(Value::as_str) {
+            self.push_text(role);
+            self.push_text("\n");
+        }
+        self.push_content(message.get("content"));
+    }
+}
+
+/// The prompt of a request body for its API.
+pub fn prompt_of(api: ApiKind, body: &Map<String, Value>) -> Prompt {
+    let mut p = Prompt::default();
+    match api {
+        ApiKind::Completions => p.push_prompt(body.get("prompt")),
+        ApiKind::ChatCompletions => {
+            if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+                messages.iter().for_each(|m| p.push_message(m));
+            }
+        }
+        ApiKind::Responses => {
+            p.push_content(body.get("instructions"));
+            match body.get("input") {
+                Some(Value::Array(items)) => {
+                    for item in items {
+                        match item {
+                            Value::String(s) => p.push_text(s),
+                            other => p.push_message(other),
+                        }
+                    }
+                }
+                other => p.push_content(other),
+            }
+        }
+        ApiKind::Generate => match body
+            .get("prompt_token_ids")
+            .or_else(|| body.get("token_ids"))
+        {
+            Some(Value::Array(ids)) => ids.iter().for_each(|id| p.push_id(id)),
+            _ => p.push_prompt(body.get("prompt")),
+        },
+    }
+    p.tokens = (p.bytes.len() as u64).div_ceil(BYTES_PER_TOKEN as u64);
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Block hashes. Not cryptographic: a collision only costs a worse pick.
+
+const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Murmur3's 64-bit finaliser: every input bit reaches every output bit.
+fn finish(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// Hashes `data` eight bytes at a time, chained on `seed`.
+fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
+    let step = |h: u64, w: u64| (h.rotate_left(23) ^ w).wrapping_mul(K);
+    let mut h = seed ^ (data.len() as u64).wrapping_mul(K);
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        h = step(h, u64::from_le_bytes(b));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut b = [0u8; 8];
+        b[..rest.len()].copy_from_slice(rest);
+        h = step(h, u64::from_le_bytes(b));
+    }
+    finish(h)
+}
+
+/// The hash chain of the prompt's full blocks of `block_size` tokens, at most
+/// `max_blocks` of them: `h[i] = hash(h[i-1], block i)`, seeded by the model
+/// name, so equal hashes mean equal prefixes for the same model.
+pub fn block_hashes(model: &str, bytes: &[u8], block_size: usize, max_blocks: usize) -> Vec<u64> {
+    let block_bytes = block_size.saturating_mul(BYTES_PER_TOKEN).max(1);
+    let mut prev = hash_bytes(0x7461_6e64_656d, model.as_bytes());
+    bytes
+        .chunks_exact(block_bytes)
+        .take(max_blocks)
+        .map(|block| {
+            prev = hash_bytes(prev, block);
+            prev
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The per-endpoint LRU of block hashes.
+
+/// The keys are hashes already: use them as they are.
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+struct Node {
+    key: u64,
+    prev: u32,
+    next: u32,
+}
+
+/// A bounded set of block hashes with least-recently-used eviction: an
+/// intrusive doubly linked list over a slab, so every operation is O(1) and
+/// memory never exceeds the capacity.
+pub struct PrefixLru {
+    map: HashMap<u64, u32, BuildHasherDefault<IdentityHasher>>,
+    nodes: Vec<Node>,
+    /// Most recently used.
+    head: u32,
+    /// Least recently used.
+    tail: u32,
+    capacity: usize,
+}
+
+impl PrefixLru {
+    pub fn new(capacity: usize) -> PrefixLru {
+        PrefixLru {
+            map: HashMap::default(),
+            nodes: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            capacity: capacity.clamp(1, NIL as usize - 1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn contains(&self, key: u64) -> bool {
+        self.map.contains_key(&key)
+    }
+
+    /// How many of `hashes`, from the first, are present.
+    pub fn matched_prefix(&self, hashes: &[u64]) -> usize {
+        hashes.iter().take_while(|h| self.contains(**h)).count()
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = {
+            let n = &self.nodes[i as usize];
+            (n.prev, n.next)
+        };
+        match prev {
+            NIL => self.head = next,
+            p => self.nodes[p as usize].next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.nodes[n as usize].prev = prev,
+        }
+    }
+
+    fn push_front(&mut self, i: u32) {
+        let old = self.head;
+        {
+            let n = &mut self.nodes[i as usize];
+            n.prev = NIL;
+            n.next = old;
+        }
+        match old {
+            NIL => self.tail = i,
+            o => self.nodes[o as usize].prev = i,
+        }
+        self.head = i;
+    }
+
+    /// Marks `key` as most recently used, adding it (and evicting the least
+    /// recently used key when full) if absent.
+    pub fn insert(&mut self, key: u64) {
+        if let Some(&i) = self.map.get(&key) {
+            if self.head != i {
+                self.unlink(i);
+                self.push_front(i);
+            }
+            return;
+        }
+        let i = if self.map.len() >= self.capacity {
+            let victim = self.tail;
+            self.unlink(victim);
+            let old = self.nodes[victim as usize].key;
+            self.map.remove(&old);
+            self.nodes[victim as usize].key = key;
+            victim
+        } else {
+            self.nodes.push(Node {
+                key,
+                prev: NIL,
+                next: NIL,
+            });
+            (self.nodes.len() - 1) as u32
+        };
+        self.map.insert(key, i);
+        self.push_front(i);
+    }
+
+    /// Records a prompt's chain. The last block goes in first so that the
+    /// leading blocks, which every later match needs, are the most recent.
+    pub fn insert_chain(&mut self, hashes: &[u64]) {
+        for h in hashes.iter().rev() {
+            self.insert(*h);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn completions_prompt_bytes_and_tokens() {
+        let p = prompt_of(ApiKind::Completions, &body(json!({"prompt": "abcdefghi"})));
+        assert_eq!((p.bytes.as_slice(), p.tokens), (&b"abcdefghi"[..], 3));
+        let p = prompt_of(ApiKind::Completions, &body(json!({"prompt": [1, 2, 3]})));
+        assert_eq!(p.tokens, 3);
+        assert_eq!(p.bytes, [1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+        let p = prompt_of(
+            ApiKind::Completions,
+            &body(json!({"prompt": [[1, 2], [3]]})),
+        );
+        assert_eq!(p.tokens, 3);
+        let p = prompt_of(
+            ApiKind::Completions,
+            &body(json!({"prompt": ["abcd", "efgh"]})),
+        );
+        assert_eq!((p.bytes.as_slice(), p.tokens), (&b"abcdefgh"[..], 2));
+        assert_eq!(
+            prompt_of(ApiKind::Completions, &body(json!({"prompt": 5}))).tokens,
+            0
+        );
+    }
+
+    #[test]
+    fn chat_responses_and_generate_prompts() {
+        let chat = body(json!({"messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}
+        ]}));
+        let p = prompt_of(ApiKind::ChatCompletions, &chat);
+        assert_eq!(p.bytes, b"system\nbe briefuser\nhi");
+        let resp = body(
+            json!({"instructions": "rules", "input": [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}, "tail"]}),
+        );
+        assert_eq!(
+            prompt_of(ApiKind::Responses, &resp).bytes,
+            b"rulesuser\nqtail"
+        );
+        assert_eq!(
+            prompt_of(ApiKind::Responses, &body(json!({"input": "plain"}))).bytes,
+            b"plain"
+        );
+        let gen = body(json!({"prompt_token_ids": [7, 8]}));
+        assert_eq!(prompt_of(ApiKind::Generate, &gen).tokens, 2);
+        let gen = body(json!({"prompt": "abcd"}));
+        assert_eq!(prompt_of(ApiKind::Generate, &gen).bytes, b"abcd");
+    }
+
+    #[test]
+    fn same_prefix_gives_same_leading_hashes() {
+        let shared = "x".repeat(64 * 3); // three 16-token blocks
+        let a = format!("{shared}{}", "a".repeat(64 * 2));
+        let b = format!("{shared}{}", "b".repeat(64 * 2));
+        let ha = block_hashes("m", a.as_bytes(), 16, 256);
+        let hb = block_hashes("m", b.as_bytes(), 16, 256);
+        assert_eq!(ha.len(), 5);
+        assert_eq!(ha[..3], hb[..3]);
+        assert_ne!(ha[3], hb[3]);
+        assert_ne!(ha[4], hb[4]);
+        // Chained: an equal block after a different one hashes differently.
+        let c = format!("{}{shared}", "c".repeat(64));
+        let hc = block_hashes("m", c.as_bytes(), 16, 256);
+        assert_ne!(hc[1], ha[0]);
+        // Seeded by the model.
+        assert_ne!(block_hashes("other", a.as_bytes(), 16, 256)[0], ha[0]);
+    }
+
+    #[test]
+    fn only_full_blocks_up_to_the_cap_are_hashed() {
+        let text = "y".repeat(64 * 4 + 63);
+        assert_eq!(block_hashes("m", text.as_bytes(), 16, 256).len(), 4);
+        assert_eq!(block_hashes("m", text.as_bytes(), 16, 2).len(), 2);
+        assert!(block_hashes("m", b"short", 16, 256).is_empty());
+        // Odd block sizes (not a multiple of 8 bytes) work too.
+        assert_eq!(block_hashes("m", text.as_bytes(), 3, 256).len(), 319 / 12);
+    }
+
+    #[test]
+    fn lru_is_bounded_and_evicts_least_recent() {
+        let mut lru = PrefixLru::new(3);
+        for k in [1, 2, 3] {
+            lru.insert(k);
+        }
+        lru.insert(1); // 1 is now the most recent; 2 the least
+        lru.insert(4);
+        assert_eq!(lru.len(), 3);
+        assert!(!lru.contains(2));
+        assert!(lru.contains(1) && lru.contains(3) && lru.contains(4));
+        for k in 100..1000 {
+            lru.insert(k);
+        }
+        assert_eq!(lru.len(), 3);
+        assert!(lru.contains(999) && lru.contains(998) && lru.contains(997));
+        assert_eq!(lru.nodes.len(), 3, "the slab never grows past the capacity");
+    }
+
+    #[test]
+    fn matched_prefix_stops_at_the_first_miss() {
+        let mut lru = PrefixLru::new(100);
+        lru.insert_chain(&[10, 11, 12]);
+        assert_eq!(lru.matched_prefix(&[10, 11, 12, 13]), 3);
+        assert_eq!(lru.matched_prefix(&[10, 99, 12]), 1);
+        assert_eq!(lru.matched_prefix(&[99, 10]), 0);
+        // A chain longer than the capacity keeps its leading blocks.
+        let mut small = PrefixLru::new(2);
+        small.insert_chain(&[1, 2, 3, 4]);
+        assert_eq!(small.matched_prefix(&[1, 2, 3, 4]), 2);
+    }
+}

@@ -1,0 +1,451 @@
+//! The life of a routed request, as named phases:
+//! `read_body` -> `parse` (prompt) -> `schedule` (pick D, decide, pick P) ->
+//! `forward` (to D with `x-prefiller-host-port` when P/D) -> stream back with
+//! the in-flight counts held by the body. Every other path is forwarded by
+//! load only. This module owns the router's HTTP surface and must not make
+//! scheduling decisions itself (see `pick`).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{Map, Value};
+
+use super::config::{DecodeTarget, RouterConfig};
+use super::metrics::{Decision, RouterMetrics};
+use super::pick::{InflightGuard, Scheduler};
+use super::prefix::prompt_of;
+use crate::error::{error_body, ERROR_CODE_HEADER};
+use crate::proxy::PREFILLER_HEADER;
+use crate::request::ApiKind;
+use crate::upstream::{self, HttpClient, UpstreamError};
+
+/// Routing headers only the router may set: a client's are removed (spoofing).
+const ROUTING_HEADERS: [&str; 4] = [
+    PREFILLER_HEADER,
+    "x-encoder-hosts-ports",
+    "x-data-parallel-host-port",
+    "x-kv-cache-source-host-port",
+];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// Typed errors of the router; status and `x-pd-error-code` are functions of the variant.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("decode endpoint {endpoint} unavailable: {detail}")]
+    DecodeUnavailable { endpoint: String, detail: String },
+    #[error("decode endpoint {endpoint} failed: {detail}")]
+    DecodeFailed { endpoint: String, detail: String },
+}
+
+impl RouterError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RouterError::InvalidJson(_)
+            | RouterError::InvalidRequest(_)
+            | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::DecodeUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::DecodeFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Stable machine-readable code, also the `class` label of the error metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RouterError::InvalidJson(_) => "invalid_json",
+            RouterError::InvalidRequest(_) => "invalid_request",
+            RouterError::BodyTooLarge { .. } => "body_too_large",
+            RouterError::BodyRead(_) => "body_read",
+            RouterError::DecodeUnavailable { .. } => "decode_unavailable",
+            RouterError::DecodeFailed { .. } => "decode_failed",
+        }
+    }
+
+    /// OpenAI's error types: the client's fault or the server's.
+    fn openai_type(&self) -> &'static str {
+        if self.status().is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        }
+    }
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = error_body(&self.to_string(), self.openai_type(), status.as_u16());
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_CODE_HEADER, HeaderValue::from_static(self.code()));
+        response
+    }
+}
+
+/// Everything the handlers share.
+pub struct RouterState {
+    pub cfg: RouterConfig,
+    pub scheduler: Scheduler,
+    pub client: HttpClient,
+    pub metrics: Arc<RouterMetrics>,
+}
+
+impl RouterState {
+    /// Where decode endpoint `index` (the scheduler's order, that of `--decode`) is.
+    fn target(&self, index: usize) -> Result<&DecodeTarget, RouterError> {
+        self.cfg
+            .decode
+            .get(index)
+            .ok_or_else(|| RouterError::InvalidRequest("no such decode endpoint".into()))
+    }
+}
+
+pub type AppState = Arc<RouterState>;
+
+/// Headers for the upstream: the client's, minus hop-by-hop and routing headers.
+fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
+    let mut out = inbound.clone();
+    let listed: Vec<HeaderName> = inbound
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in listed {
+        out.remove(name);
+    }
+    for name in HOP_BY_HOP.iter().chain(ROUTING_HEADERS.iter()) {
+        out.remove(*name);
+    }
+    out.remove(header::CONTENT_LENGTH);
+    if let Some(peer) = peer {
+        let ip = peer.ip().to_string();
+        let value = match inbound.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            out.insert("x-forwarded-for", v);
+        }
+    }
+    out
+}
+
+/// The client's response: the upstream's head minus hop-by-hop headers, its
+/// body streamed frame by frame with the in-flight counts attached.
+fn client_response(resp: http::Response<Incoming>, guards: Vec<InflightGuard>) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(name);
+    }
+    Response::from_parts(
+        parts,
+        Body::new(Guarded {
+            inner: body,
+            guards: Some(guards),
+        }),
+    )
+}
+
+/// A response body that releases its endpoints' in-flight counts when it ends
+/// or is dropped (the client went away).
+struct Guarded<B> {
+    inner: B,
+    guards: Option<Vec<InflightGuard>>,
+}
+
+impl<B> http_body::Body for Guarded<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.guards = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn upstream_uri(scheme: &str, authority: &str, path_and_query: &str) -> Result<Uri, RouterError> {
+    format!("{scheme}://{authority}{path_and_query}")
+        .parse()
+        .map_err(|e| RouterError::InvalidRequest(format!("cannot build the upstream URI: {e}")))
+}
+
+fn decode_error(endpoint: &str, err: UpstreamError) -> RouterError {
+    match err {
+        UpstreamError::Connect(detail) => RouterError::DecodeUnavailable {
+            endpoint: endpoint.to_string(),
+            detail,
+        },
+        UpstreamError::Other(detail) => RouterError::DecodeFailed {
+            endpoint: endpoint.to_string(),
+            detail,
+        },
+    }
+}
+
+/// Reads the request body up to the limit (413 past it).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RouterError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(RouterError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(RouterError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(RouterError::BodyRead(e.to_string())),
+    }
+}
+
+fn parse(raw: &[u8]) -> Result<Map<String, Value>, RouterError> {
+    match serde_json::from_slice(raw) {
+        Ok(Value::Object(body)) => Ok(body),
+        Ok(_) => Err(RouterError::InvalidRequest(
+            "the body must be a JSON object".into(),
+        )),
+        Err(e) => Err(RouterError::InvalidJson(e.to_string())),
+    }
+}
+
+/// Handler of the inference routes.
+pub async fn routed(State(state): State<AppState>, req: Request) -> Response {
+    let Some(api) = ApiKind::from_path(req.uri().path()) else {
+        return passthrough(State(state), req).await;
+    };
+    match route(&state, api, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            state.metrics.error(err.code());
+            tracing::warn!(error = %err, route = api.route(), "request failed");
+            err.into_response()
+        }
+    }
+}
+
+async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Response, RouterError> {
+    let (parts, body) = req.into_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let raw = read_body(&parts.headers, body, state.cfg.max_body_bytes).await?;
+    let body = parse(&raw)?;
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+
+    let started = Instant::now();
+    let prompt = prompt_of(api, &body);
+    let routed = state.scheduler.schedule(model, &prompt, &mut rand::rng());
+    state
+        .metrics
+        .pick_duration
+        .observe(started.elapsed().as_secs_f64());
+
+    let metrics = &state.metrics;
+    metrics.pick("decode", &routed.decode.label);
+    let decision = match &routed.prefill {
+        Some((p, _)) => {
+            metrics.pick("prefill", &p.label);
+            Decision::remote
+        }
+        None => Decision::local,
+    };
+    metrics.count(decision);
+    tracing::debug!(
+        decode = %routed.decode.label,
+        decode_score = routed.decode_score,
+        prefill = routed.prefill.as_ref().map(|(p, _)| p.label.as_str()),
+        prefill_score = routed.prefill.as_ref().map(|(_, s)| *s),
+        prompt_tokens = routed.prompt_tokens,
+        uncached_tokens = routed.uncached_tokens,
+        ?decision,
+        "pick"
+    );
+
+    let target = state.target(routed.decode_index)?;
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = upstream_uri(target.scheme, &target.authority, path)?;
+    let mut headers = forward_headers(&parts.headers, peer);
+    if let Some((p, _)) = &routed.prefill {
+        if let Ok(v) = HeaderValue::from_str(&p.label) {
+            headers.insert(PREFILLER_HEADER, v);
+        }
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(raw.len()));
+    let resp = upstream::send_buffered(&state.client, &parts.method, &uri, &headers, raw)
+        .await
+        .map_err(|e| decode_error(&routed.decode.label, e))?;
+    Ok(client_response(resp, routed.guards))
+}
+
+/// Every other path: to the least loaded decode endpoint, bodies streamed both ways.
+pub async fn passthrough(State(state): State<AppState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let (index, endpoint, guard) = state.scheduler.pick_by_load(&mut rand::rng());
+    state.metrics.count(Decision::passthrough);
+    let result = async {
+        let target = state.target(index)?;
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = upstream_uri(target.scheme, &target.authority, path)?;
+        let mut headers = forward_headers(&parts.headers, peer);
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+            headers.insert(header::CONTENT_LENGTH, len.clone());
+        }
+        let mut out = http::Request::new(body);
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = uri;
+        *out.headers_mut() = headers;
+        upstream::send_streaming(&state.client, out)
+            .await
+            .map_err(|e| decode_error(&endpoint.label, e))
+    }
+    .await;
+    match result {
+        Ok(resp) => client_response(resp, vec![guard]),
+        Err(err) => {
+            state.metrics.error(err.code());
+            tracing::warn!(error = %err, path = %parts.uri.path(), "passthrough failed");
+            err.into_response()
+        }
+    }
+}
+
+/// Liveness and readiness: the router serves as soon as it has a decode endpoint,
+/// which the configuration guarantees.
+pub async fn health(State(state): State<AppState>) -> Response {
+    if state.scheduler.decode.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"status":"no decode endpoint"}"#,
+        )
+            .into_response();
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::REQUEST_ID_HEADER;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::try_from(*k).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn client_routing_headers_are_removed() {
+        let h = headers(&[
+            (PREFILLER_HEADER, "evil:22"),
+            ("x-kv-cache-source-host-port", "evil:23"),
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("host", "router:8080"),
+            ("content-length", "9"),
+            ("authorization", "Bearer t"),
+            (REQUEST_ID_HEADER, "abc"),
+        ]);
+        let out = forward_headers(&h, Some("10.0.0.9:1234".parse().unwrap()));
+        for gone in [
+            PREFILLER_HEADER,
+            "x-kv-cache-source-host-port",
+            "connection",
+            "x-hop",
+            "host",
+            "content-length",
+        ] {
+            assert!(out.get(gone).is_none(), "{gone} forwarded");
+        }
+        assert_eq!(out["authorization"], "Bearer t");
+        assert_eq!(out[REQUEST_ID_HEADER], "abc");
+        assert_eq!(out["x-forwarded-for"], "10.0.0.9");
+    }
+
+    #[test]
+    fn errors_are_openai_json_with_status_by_variant() {
+        let resp = RouterError::InvalidJson("eof".into()).into_response();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.headers()[ERROR_CODE_HEADER], "invalid_json");
+        let down = RouterError::DecodeUnavailable {
+            endpoint: "http://d:1".into(),
+            detail: "refused".into(),
+        };
+        assert_eq!(down.status(), 503);
+        assert_eq!(down.openai_type(), "server_error");
+        assert_eq!(RouterError::BodyTooLarge { limit: 1 }.status(), 413);
+        assert!(parse(b"[1]").is_err());
+        assert!(matches!(parse(b"{"), Err(RouterError::InvalidJson(_))));
+    }
+}
