@@ -267,3 +267,46 @@ async fn the_timing_model_computes_only_uncached_tokens_in_budgeted_steps() {
     );
     assert_eq!(steps(sim.state().await), 9);
 }
+
+#[tokio::test]
+async fn a_failed_pull_falls_back_and_still_frees_the_prefill_blocks() {
+    // The decode is handed a block id outside the prefill's pool: the pull fails, the decode
+    // prefills locally and answers, and its notification frees the prefill's hold at once
+    // (instead of after the 480 s hold timeout).
+    let prefill = EngineSim::start(&[]).await;
+    let decode = EngineSim::start(&[]).await;
+    let prompt = long_prompt(100, "fail");
+    let (status, _, resp) = http_post_json(
+        &format!("{}/v1/completions", prefill.url()),
+        &json!({"prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": true}}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut params = json(&resp)["kv_transfer_params"].clone();
+    let held = prefill.state().await["held_blocks"].as_u64().unwrap();
+    assert!(held > 0);
+    let ids = params["remote_block_ids"].as_array_mut().unwrap();
+    *ids.last_mut().unwrap() = json!(1u64 << 30);
+    let (status, _, resp) = http_post_json(
+        &format!("{}/v1/completions", decode.url()),
+        &json!({"prompt": prompt, "max_tokens": 3, "kv_transfer_params": params}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    assert_eq!(json(&resp)["usage"]["completion_tokens"], 3);
+    let d = decode.state().await;
+    assert_eq!(
+        (d["kv_pulls_ok"].as_u64(), d["kv_pulls_failed"].as_u64()),
+        (Some(0), Some(1)),
+        "{d}"
+    );
+    let p = poll_until(WAIT, "the prefill engine to free its blocks", || async {
+        let s = prefill.state().await;
+        (s["held_blocks"] == 0).then_some(s)
+    })
+    .await;
+    assert_eq!(p["released_total"].as_u64(), Some(held), "{p}");
+    assert_eq!(p["expired_total"], 0, "{p}");
+}
