@@ -479,45 +479,67 @@ impl EngineSim {
 
     /// Like [`EngineSim::start`], with extra environment variables.
     pub async fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> EngineSim {
+        let mut last_err = String::new();
+        // A port picked by free_port can be taken before the simulator binds it: retry then.
+        for _ in 0..3 {
+            match EngineSim::try_start_on(free_port(), extra_args, env).await {
+                Ok(sim) => return sim,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("engine-sim did not start: {last_err}");
+    }
+
+    /// Starts `engine-sim` on `port` (say, the port of one that was killed, so that the
+    /// endpoints pointing at it see it come back), retrying until the port can be bound or
+    /// [`READY_TIMEOUT`] has passed.
+    pub async fn start_on_port(port: u16, extra_args: &[&str]) -> EngineSim {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match EngineSim::try_start_on(port, extra_args, &[]).await {
+                Ok(sim) => return sim,
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("engine-sim did not start on port {port}: {e}")
+                }
+                Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    async fn try_start_on(
+        port: u16,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<EngineSim, String> {
         let given_id = extra_args
             .iter()
             .position(|a| *a == "--engine-id")
             .and_then(|i| extra_args.get(i + 1))
             .map(|s| s.to_string());
-        let mut last_err = String::new();
-        // A port picked by free_port can be taken before the simulator binds it: retry then.
-        for _ in 0..3 {
-            let port = free_port();
-            let engine_id = given_id
-                .clone()
-                .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::new_v4().simple()));
-            let port_s = port.to_string();
-            let mut args = vec!["--host", "127.0.0.1", "--port", port_s.as_str()];
-            if given_id.is_none() {
-                args.extend(["--engine-id", engine_id.as_str()]);
-            }
-            args.extend_from_slice(extra_args);
-            let mut proc = Proc::spawn("engine-sim", &args, env);
-            let url = format!("http://127.0.0.1:{port}");
-            if let Err(e) = proc
-                .try_wait_ready(&format!("{url}/health"), READY_TIMEOUT)
-                .await
-            {
-                last_err = e;
-                continue;
-            }
-            let sim = EngineSim {
-                proc,
-                port,
-                engine_id,
-            };
-            // Make sure the answer came from this process, not another one on a reused port.
-            if sim.state().await["engine_id"] == sim.engine_id.as_str() {
-                return sim;
-            }
-            last_err = format!("port {port} was answered by another engine-sim");
+        let engine_id = given_id
+            .clone()
+            .unwrap_or_else(|| format!("sim-{}", uuid::Uuid::new_v4().simple()));
+        let port_s = port.to_string();
+        let mut args = vec!["--host", "127.0.0.1", "--port", port_s.as_str()];
+        if given_id.is_none() {
+            args.extend(["--engine-id", engine_id.as_str()]);
         }
-        panic!("engine-sim did not start: {last_err}");
+        args.extend_from_slice(extra_args);
+        let mut proc = Proc::spawn("engine-sim", &args, env);
+        let url = format!("http://127.0.0.1:{port}");
+        proc.try_wait_ready(&format!("{url}/health"), READY_TIMEOUT)
+            .await?;
+        let sim = EngineSim {
+            proc,
+            port,
+            engine_id,
+        };
+        // Make sure the answer came from this process, not another one on a reused port.
+        if sim.state().await["engine_id"] == sim.engine_id.as_str() {
+            Ok(sim)
+        } else {
+            Err(format!("port {port} was answered by another engine-sim"))
+        }
     }
 
     /// `http://127.0.0.1:<port>`
@@ -697,6 +719,19 @@ impl Sidecar {
     }
 }
 
+/// The value of the sample named exactly `series` (metric name and labels as rendered) in a
+/// Prometheus text page; None when absent or unparsable.
+pub fn prom_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let value = l.strip_prefix(series)?;
+        // `series` must be the whole name and label set, not a prefix of a longer name.
+        if !value.starts_with(' ') {
+            return None;
+        }
+        value.split_whitespace().next()?.parse::<f64>().ok()
+    })
+}
+
 /// A running `pd-router` on 127.0.0.1 in front of decode endpoints (normally
 /// sidecars), with its metrics on a second free port.
 pub struct Router {
@@ -799,5 +834,17 @@ impl Router {
             return Err(format!("GET {url}: {status}"));
         }
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// One sample of the router's metrics (see [`prom_sample`]); panics when the metrics
+    /// listener does not answer.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics().await.unwrap_or_else(|e| panic!("{e}"));
+        prom_sample(&text, series)
+    }
+
+    /// The status of `GET /ready`.
+    pub async fn ready(&self) -> StatusCode {
+        http_get(&self.url("/ready")).await.0
     }
 }

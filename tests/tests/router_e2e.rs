@@ -252,9 +252,9 @@ async fn invalid_configs_exit_2_naming_the_problem() {
             "unknown parameter \"bogusKey\"",
         ),
         (
-            "queue-scorer.yaml",
-            "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: decode\n",
-            "not supported yet",
+            "queue-scorer-parameter.yaml",
+            "plugins:\n- type: queue-scorer\n  parameters: {maxQueue: 8}\nschedulingProfiles:\n- name: decode\n",
+            "unknown parameter \"maxQueue\"",
         ),
         (
             "no-decode-profile.yaml",
@@ -281,7 +281,9 @@ async fn invalid_configs_exit_2_naming_the_problem() {
 #[tokio::test]
 async fn bad_json_is_400_and_a_dead_decode_is_503() {
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let router = Router::start(&[dead], &[], &[]).await;
+    // No health checks: the circuit stays closed, so the request meets the dead endpoint
+    // (router_health.rs covers the circuit breaker).
+    let router = Router::start(&[dead], &[], &["--health-check-interval=0"]).await;
     let (status, headers, body) = http(
         Method::POST,
         &router.url("/v1/completions"),

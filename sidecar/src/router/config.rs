@@ -4,18 +4,23 @@
 //! [`RouterConfig`] is the validated form the server runs with. The scheduling
 //! part comes from a YAML file in the shape of llm-d's `EndpointPickerConfig`
 //! (plugins, then scheduling profiles that reference them) or from a built-in
-//! default. Anything the router cannot honour is a start-up error naming the
-//! key or plugin: a config is never half applied. Nothing here opens sockets.
+//! default. The endpoints come from flags and/or an endpoints YAML file, read
+//! once at start. Anything the router cannot honour is a start-up error naming
+//! the key or plugin: a config is never half applied. Nothing here opens sockets.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
+use http::Uri;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::breaker::BreakerConfig;
+use super::probe::ProbeConfig;
 use crate::config::{parse_duration, split_host_port};
 
 #[derive(Parser, Debug, Clone)]
@@ -52,9 +57,19 @@ pub struct Args {
     #[arg(long = "prefill", env = "TANDEM_ROUTER_PREFILL", value_delimiter = ',')]
     pub prefill: Vec<String>,
 
+    /// YAML file listing decode and prefill endpoints (with optional metrics URLs); merged with
+    /// --decode/--prefill. Read once at start.
+    #[arg(long, env = "TANDEM_ROUTER_ENDPOINTS")]
+    pub endpoints: Option<PathBuf>,
+
     /// Scheduling profiles as YAML in the shape of llm-d's EndpointPickerConfig.
     #[arg(long, env = "TANDEM_ROUTER_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// tokenizer.json of the served model: exact token counts, and prefix blocks of exactly
+    /// `blockSize` tokens (default: estimate 4 bytes per token).
+    #[arg(long, env = "TANDEM_ROUTER_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
 
     /// Disaggregate when the decode pick lacks at least this many prompt tokens in its cache;
     /// 0 = never. Overrides the config's decider.
@@ -83,6 +98,46 @@ pub struct Args {
           default_value_t = false, num_args = 0..=1, default_missing_value = "true",
           action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub tls_insecure_skip_verify: bool,
+
+    /// How often each endpoint's engine metrics are scraped; 0 = never (metric scorers neutral).
+    #[arg(long = "refresh-metrics-interval", env = "TANDEM_ROUTER_REFRESH_METRICS_INTERVAL",
+          default_value = "50ms", value_parser = parse_duration)]
+    pub refresh_metrics_interval: Duration,
+
+    /// Scraped metrics older than this count as unknown (neutral score); also the time limit
+    /// of one scrape.
+    #[arg(long = "metrics-staleness-threshold", env = "TANDEM_ROUTER_METRICS_STALENESS_THRESHOLD",
+          default_value = "2s", value_parser = parse_duration)]
+    pub metrics_staleness_threshold: Duration,
+
+    /// How often each endpoint's health is checked (GET /health); 0 = never (only forwarded
+    /// requests count).
+    #[arg(long = "health-check-interval", env = "TANDEM_ROUTER_HEALTH_CHECK_INTERVAL",
+          default_value = "2s", value_parser = parse_duration)]
+    pub health_check_interval: Duration,
+
+    /// Time limit of one health check.
+    #[arg(long = "health-check-timeout", env = "TANDEM_ROUTER_HEALTH_CHECK_TIMEOUT",
+          default_value = "1s", value_parser = parse_duration)]
+    pub health_check_timeout: Duration,
+
+    /// Path of decode endpoints' health check (`/ready` on a pd-sidecar also checks its engine).
+    #[arg(
+        long = "decode-health-path",
+        env = "TANDEM_ROUTER_DECODE_HEALTH_PATH",
+        default_value = "/health"
+    )]
+    pub decode_health_path: String,
+
+    /// Consecutive failures (health checks or forwarded requests) that open an endpoint's circuit.
+    #[arg(long = "unhealthy-threshold", env = "TANDEM_ROUTER_UNHEALTHY_THRESHOLD",
+          default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub unhealthy_threshold: u32,
+
+    /// How long an open circuit excludes its endpoint before a probe may close it.
+    #[arg(long = "circuit-open-duration", env = "TANDEM_ROUTER_CIRCUIT_OPEN_DURATION",
+          default_value = "5s", value_parser = parse_duration)]
+    pub circuit_open_duration: Duration,
 
     /// Time in-flight requests get to finish after SIGTERM.
     #[arg(long = "shutdown-grace-period", env = "TANDEM_ROUTER_SHUTDOWN_GRACE_PERIOD",
@@ -119,12 +174,55 @@ pub struct DecodeTarget {
     pub scheme: &'static str,
     /// `host:port`.
     pub authority: String,
+    /// Where its engine metrics are scraped; None = the endpoint's own `/metrics`
+    /// (a pd-sidecar passes it through to its engine).
+    pub metrics_url: Option<Uri>,
 }
 
 impl DecodeTarget {
     /// `scheme://host:port`, also the endpoint's metric label.
     pub fn label(&self) -> String {
         format!("{}://{}", self.scheme, self.authority)
+    }
+
+    pub fn metrics_uri(&self) -> Uri {
+        self.metrics_url
+            .clone()
+            .unwrap_or_else(|| self.uri("/metrics"))
+    }
+
+    /// `path` on this endpoint (a validated authority and an absolute path make a valid URI).
+    pub fn uri(&self, path: &str) -> Uri {
+        format!("{}://{}{path}", self.scheme, self.authority)
+            .parse()
+            .unwrap_or_else(|e| panic!("decode endpoint {} with {path}: {e}", self.label()))
+    }
+}
+
+/// A prefill engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefillTarget {
+    /// `host:port`: the value of `x-prefiller-host-port`, also the metric label.
+    pub host_port: String,
+    /// Where its metrics are scraped; None = `http://host:port/metrics`.
+    pub metrics_url: Option<Uri>,
+}
+
+impl PrefillTarget {
+    pub fn label(&self) -> String {
+        self.host_port.clone()
+    }
+
+    pub fn metrics_uri(&self) -> Uri {
+        self.metrics_url
+            .clone()
+            .unwrap_or_else(|| self.uri("/metrics"))
+    }
+
+    pub fn uri(&self, path: &str) -> Uri {
+        format!("http://{}{path}", self.host_port)
+            .parse()
+            .unwrap_or_else(|e| panic!("prefill endpoint {} with {path}: {e}", self.host_port))
     }
 }
 
@@ -157,6 +255,10 @@ pub enum ScorerSpec {
     /// Router-side requests in flight; relative to the busiest candidate, or to
     /// `threshold` when given.
     LoadAware { threshold: Option<u64> },
+    /// The engine's waiting queue, min-max normalised over the candidates.
+    Queue,
+    /// 1 - the engine's KV-cache usage.
+    KvCacheUtilization,
 }
 
 /// How a profile turns scores into one endpoint.
@@ -230,6 +332,30 @@ impl Default for Scheduling {
     }
 }
 
+/// A loaded tokenizer.json, shared by every request.
+#[derive(Clone)]
+pub struct Tokenizer {
+    pub path: PathBuf,
+    pub inner: Arc<tokenizers::Tokenizer>,
+}
+
+impl Tokenizer {
+    pub fn load(path: &Path) -> Result<Tokenizer, String> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| Tokenizer {
+                path: path.to_path_buf(),
+                inner: Arc::new(t),
+            })
+            .map_err(|e| format!("--tokenizer={}: {e}", path.display()))
+    }
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer({})", self.path.display())
+    }
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
@@ -237,10 +363,15 @@ pub struct RouterConfig {
     pub port: u16,
     pub metrics_port: u16,
     pub decode: Vec<DecodeTarget>,
-    /// `host:port` values for `x-prefiller-host-port`.
-    pub prefill: Vec<String>,
+    pub prefill: Vec<PrefillTarget>,
     pub scheduling: Scheduling,
+    pub probes: ProbeConfig,
+    pub breaker: BreakerConfig,
+    /// Health-check path of decode endpoints (prefill endpoints: `/health`).
+    pub decode_health_path: String,
     pub max_body_bytes: usize,
+    /// Loaded from `--tokenizer`; `None` estimates 4 bytes per token.
+    pub tokenizer: Option<Tokenizer>,
     pub upstream_idle_timeout: Duration,
     pub max_idle_conns_per_host: usize,
     pub tls_insecure_skip_verify: bool,
@@ -252,6 +383,11 @@ pub struct RouterConfig {
 
 /// Parses a `--decode` value.
 pub fn parse_decode(value: &str) -> Result<DecodeTarget, String> {
+    decode_target(&format!("--decode={value:?}"), value)
+}
+
+/// A decode endpoint; `what` names it in errors.
+fn decode_target(what: &str, value: &str) -> Result<DecodeTarget, String> {
     let v = value.trim();
     let (scheme, rest) = if let Some(rest) = v.strip_prefix("http://") {
         ("http", rest)
@@ -259,7 +395,7 @@ pub fn parse_decode(value: &str) -> Result<DecodeTarget, String> {
         ("https", rest)
     } else if v.contains("://") {
         return Err(format!(
-            "--decode={value:?}: only http:// and https:// endpoints are supported"
+            "{what}: only http:// and https:// endpoints are supported"
         ));
     } else {
         ("http", v)
@@ -267,65 +403,213 @@ pub fn parse_decode(value: &str) -> Result<DecodeTarget, String> {
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains('/') || authority.contains('?') {
         return Err(format!(
-            "--decode={value:?}: give the endpoint as scheme://host:port, without a path"
+            "{what}: give the endpoint as scheme://host:port, without a path"
         ));
     }
-    if split_host_port(authority).is_none() {
-        return Err(format!("--decode={value:?}: expected host:port"));
+    if split_host_port(authority).is_none() || authority.parse::<http::uri::Authority>().is_err() {
+        return Err(format!("{what}: expected host:port"));
     }
     Ok(DecodeTarget {
         scheme,
         authority: authority.to_string(),
+        metrics_url: None,
     })
 }
 
 /// Parses a `--prefill` value (a legacy `http://` prefix is accepted and dropped).
-pub fn parse_prefill(value: &str) -> Result<String, String> {
+pub fn parse_prefill(value: &str) -> Result<PrefillTarget, String> {
+    prefill_target(&format!("--prefill={value:?}"), value)
+}
+
+fn prefill_target(what: &str, value: &str) -> Result<PrefillTarget, String> {
     let v = value.trim();
     let v = v.strip_prefix("http://").unwrap_or(v);
     let v = v.strip_suffix('/').unwrap_or(v);
-    if v.contains("://") || v.contains('/') || split_host_port(v).is_none() {
+    if v.contains("://")
+        || v.contains('/')
+        || split_host_port(v).is_none()
+        || v.parse::<http::uri::Authority>().is_err()
+    {
         return Err(format!(
-            "--prefill={value:?}: expected host:port (the value of x-prefiller-host-port)"
+            "{what}: expected host:port (the value of x-prefiller-host-port)"
         ));
     }
-    Ok(v.to_string())
+    Ok(PrefillTarget {
+        host_port: v.to_string(),
+        metrics_url: None,
+    })
 }
 
-fn no_duplicates<'a>(flag: &str, items: impl Iterator<Item = &'a str>) -> Result<(), String> {
+/// A `metricsUrl`: an absolute http(s) URL.
+fn metrics_url(what: &str, value: &str) -> Result<Uri, String> {
+    let uri: Uri = value
+        .trim()
+        .parse()
+        .map_err(|e| format!("{what}: {value:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(format!(
+            "{what}: {value:?} must be an absolute http:// or https:// URL"
+        )),
+    }
+}
+
+fn no_duplicates<'a>(what: &str, items: impl Iterator<Item = &'a str>) -> Result<(), String> {
     let mut seen = HashSet::new();
     for item in items {
         if !seen.insert(item.to_ascii_lowercase()) {
-            return Err(format!("{flag}: {item} is listed twice"));
+            return Err(format!("{what} {item} is listed twice"));
         }
     }
     Ok(())
 }
 
-impl RouterConfig {
-    /// Resolves flags and the config file; the error names the flag or key.
-    pub fn from_args(args: Args) -> Result<RouterConfig, String> {
-        if args.decode.is_empty() {
-            return Err(
-                "at least one --decode endpoint is required (a decode pod's pd-sidecar, \
-                 e.g. --decode http://10.0.0.7:8000)"
-                    .into(),
-            );
+/// The keys of a YAML mapping, each checked against `allowed`.
+fn check_keys(at: &str, map: &Map<String, Value>, allowed: &[&str]) -> Result<(), String> {
+    for key in map.keys() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(format!(
+                "{at}: unknown key \"{key}\" (supported: {})",
+                allowed.join(", ")
+            ));
         }
-        let decode = args
+    }
+    Ok(())
+}
+
+/// A list of endpoint entries: plain strings, or mappings with `key` (the
+/// address) and an optional `metricsUrl`. Yields (address, metricsUrl, where).
+fn endpoint_entries(
+    list: &str,
+    value: Option<&Value>,
+    key: &str,
+) -> Result<Vec<(String, Option<Uri>, String)>, String> {
+    let items = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(items)) => items,
+        Some(other) => return Err(format!("{list}: expected a list, got {other}")),
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{list}[{i}]");
+        match item {
+            Value::String(s) => out.push((s.clone(), None, at)),
+            Value::Object(map) => {
+                check_keys(&at, map, &[key, "metricsUrl"])?;
+                let address = match map.get(key) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => {
+                        return Err(format!("{at}.{key}: expected a string, got {other}"))
+                    }
+                    None => return Err(format!("{at}: \"{key}\" is required")),
+                };
+                let metrics = match map.get("metricsUrl") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(metrics_url(&format!("{at}.metricsUrl"), s)?),
+                    Some(other) => {
+                        return Err(format!("{at}.metricsUrl: expected a string, got {other}"))
+                    }
+                };
+                out.push((address, metrics, at));
+            }
+            other => {
+                return Err(format!(
+                    "{at}: expected a string or a mapping with \"{key}\", got {other}"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Parses an endpoints file:
+/// `decode: [{url, metricsUrl?} | url]`, `prefill: [{hostPort, metricsUrl?} | host:port]`.
+pub fn parse_endpoints(text: &str) -> Result<(Vec<DecodeTarget>, Vec<PrefillTarget>), String> {
+    let doc: Value = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+    let map = match doc {
+        Value::Null => Map::new(),
+        Value::Object(map) => map,
+        other => {
+            return Err(format!(
+                "expected a mapping with \"decode\" and \"prefill\" lists, got {other}"
+            ))
+        }
+    };
+    check_keys("endpoints file", &map, &["decode", "prefill"])?;
+    let decode = endpoint_entries("decode", map.get("decode"), "url")?
+        .into_iter()
+        .map(|(url, metrics, at)| {
+            let mut d = decode_target(&format!("{at}.url {url:?}"), &url)?;
+            d.metrics_url = metrics;
+            Ok(d)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let prefill = endpoint_entries("prefill", map.get("prefill"), "hostPort")?
+        .into_iter()
+        .map(|(hp, metrics, at)| {
+            let mut p = prefill_target(&format!("{at}.hostPort {hp:?}"), &hp)?;
+            p.metrics_url = metrics;
+            Ok(p)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok((decode, prefill))
+}
+
+impl RouterConfig {
+    /// Resolves flags and the config files; the error names the flag or key.
+    pub fn from_args(args: Args) -> Result<RouterConfig, String> {
+        let mut decode = args
             .decode
             .iter()
             .map(|d| parse_decode(d))
             .collect::<Result<Vec<_>, _>>()?;
-        let prefill = args
+        let mut prefill = args
             .prefill
             .iter()
             .map(|p| parse_prefill(p))
             .collect::<Result<Vec<_>, _>>()?;
-        no_duplicates("--decode", decode.iter().map(|d| d.authority.as_str()))?;
-        no_duplicates("--prefill", prefill.iter().map(String::as_str))?;
+        if let Some(path) = &args.endpoints {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--endpoints={}: {e}", path.display()))?;
+            let (d, p) = parse_endpoints(&text)
+                .map_err(|e| format!("--endpoints={}: {e}", path.display()))?;
+            decode.extend(d);
+            prefill.extend(p);
+        }
+        if decode.is_empty() {
+            return Err(
+                "at least one decode endpoint is required: --decode (a decode pod's pd-sidecar, \
+                 e.g. --decode http://10.0.0.7:8000) or a \"decode\" list in --endpoints"
+                    .into(),
+            );
+        }
+        no_duplicates(
+            "decode endpoint",
+            decode.iter().map(|d| d.authority.as_str()),
+        )?;
+        no_duplicates(
+            "prefill endpoint",
+            prefill.iter().map(|p| p.host_port.as_str()),
+        )?;
         if args.max_body_bytes == 0 {
             return Err("--max-body-bytes must be greater than 0".into());
+        }
+        if args.metrics_staleness_threshold.is_zero() {
+            return Err("--metrics-staleness-threshold must be greater than 0".into());
+        }
+        if args.health_check_timeout.is_zero() {
+            return Err("--health-check-timeout must be greater than 0".into());
+        }
+        if !args.decode_health_path.starts_with('/')
+            || args
+                .decode_health_path
+                .parse::<http::uri::PathAndQuery>()
+                .is_err()
+        {
+            return Err(format!(
+                "--decode-health-path={:?}: expected an absolute path such as /health",
+                args.decode_health_path
+            ));
         }
         let mut scheduling = match &args.config {
             None => Scheduling::default(),
@@ -340,12 +624,16 @@ impl RouterConfig {
         }
         if !prefill.is_empty() && scheduling.threshold > 0 && scheduling.prefill.is_none() {
             return Err(format!(
-                "--prefill endpoints are given and the P/D threshold is {} but the config has no \
+                "prefill endpoints are given and the P/D threshold is {} but the config has no \
                  \"prefill\" scheduling profile to pick among them; add one (or set the decider's \
                  threshold to 0)",
                 scheduling.threshold
             ));
         }
+        let tokenizer = match &args.tokenizer {
+            None => None,
+            Some(path) => Some(Tokenizer::load(path)?),
+        };
         let log_filter = match std::env::var("RUST_LOG") {
             Ok(f) if !f.is_empty() => f,
             _ => format!("{},hyper=warn,hyper_util=warn,rustls=warn", args.log_level),
@@ -357,7 +645,19 @@ impl RouterConfig {
             decode,
             prefill,
             scheduling,
+            probes: ProbeConfig {
+                refresh_metrics_interval: args.refresh_metrics_interval,
+                metrics_staleness: args.metrics_staleness_threshold,
+                health_check_interval: args.health_check_interval,
+                health_check_timeout: args.health_check_timeout,
+            },
+            breaker: BreakerConfig {
+                threshold: args.unhealthy_threshold,
+                open_for: args.circuit_open_duration,
+            },
+            decode_health_path: args.decode_health_path,
             max_body_bytes: args.max_body_bytes,
+            tokenizer,
             upstream_idle_timeout: args.upstream_idle_timeout,
             max_idle_conns_per_host: args.max_idle_conns_per_host,
             tls_insecure_skip_verify: args.tls_insecure_skip_verify,
@@ -376,6 +676,15 @@ impl RouterConfig {
     {
         let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
         RouterConfig::from_args(args)
+    }
+
+    /// Whether a profile scores by prefix (then its blockSize should match the engines').
+    pub fn uses_prefix_scorer(&self) -> bool {
+        let s = &self.scheduling;
+        std::iter::once(&s.decode)
+            .chain(s.prefill.as_ref())
+            .flat_map(|p| &p.scorers)
+            .any(|w| w.scorer == ScorerSpec::PrefixCache)
     }
 }
 
@@ -546,13 +855,14 @@ fn define_plugin(
                 threshold: uint_param(label, &p, "threshold", 1)?,
             })
         }
-        "queue-scorer" | "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
-            return Err(format!(
-                "plugin {label}: type \"{}\" is not supported yet (it needs engine metrics \
-                 scraping, which pd-router does not do yet); use prefix-cache-scorer and \
-                 load-aware-scorer",
-                raw.kind
-            ))
+        "queue-scorer" => {
+            parameters(label, &raw.parameters, &[])?;
+            Plugin::Scorer(ScorerSpec::Queue)
+        }
+        // kv-cache-scorer is the older name of the same scorer.
+        "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
+            parameters(label, &raw.parameters, &[])?;
+            Plugin::Scorer(ScorerSpec::KvCacheUtilization)
         }
         "max-score-picker" | "random-picker" => {
             let p = parameters(label, &raw.parameters, &["maxNumOfEndpoints"])?;
@@ -905,6 +1215,19 @@ schedulingProfiles:
     }
 
     #[test]
+    fn tokenizer_flag_loads_or_names_the_file() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/wordlevel-tokenizer.json"
+        );
+        let cfg = parse(&["--decode=a:1", &format!("--tokenizer={fixture}")]).unwrap();
+        assert!(cfg.tokenizer.is_some());
+        assert!(parse(&["--decode=a:1"]).unwrap().tokenizer.is_none());
+        let e = parse(&["--decode=a:1", "--tokenizer=/nonexistent/tokenizer.json"]).unwrap_err();
+        assert!(e.contains("--tokenizer=/nonexistent/tokenizer.json"), "{e}");
+    }
+
+    #[test]
     fn unknown_plugin_type_is_named() {
         let e = err("plugins:\n- type: precise-prefix-cache-scorer\nschedulingProfiles: []\n");
         assert!(
@@ -943,18 +1266,184 @@ schedulingProfiles:
     }
 
     #[test]
-    fn unsupported_scorers_are_errors_not_ignored() {
+    fn metric_scorers_parse_and_take_no_parameters() {
+        let s = parse_scheduling(
+            "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n\
+             - type: kv-cache-scorer\n  name: kv-old\nschedulingProfiles:\n- name: decode\n  plugins:\n\
+             \x20 - pluginRef: queue-scorer\n    weight: 3\n  - pluginRef: kv-cache-utilization-scorer\n\
+             \x20 - pluginRef: kv-old\n",
+        )
+        .unwrap();
+        let kinds: Vec<_> = s
+            .decode
+            .scorers
+            .iter()
+            .map(|w| (w.scorer, w.weight))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (ScorerSpec::Queue, 3.0),
+                (ScorerSpec::KvCacheUtilization, 1.0),
+                (ScorerSpec::KvCacheUtilization, 1.0)
+            ]
+        );
         for t in [
             "queue-scorer",
             "kv-cache-utilization-scorer",
             "kv-cache-scorer",
         ] {
-            let e = err(&format!("plugins:\n- type: {t}\n"));
+            let e = err(&format!("plugins:\n- type: {t}\n  parameters: {{x: 1}}\n"));
             assert!(
-                e.contains(&format!("\"{t}\"")) && e.contains("not supported yet"),
+                e.contains(&format!("\"{t}\"")) && e.contains("unknown parameter \"x\""),
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn probe_and_breaker_flags_default_like_llm_d_and_validate() {
+        let cfg = parse(&["--decode=a:1"]).unwrap();
+        assert_eq!(
+            cfg.probes,
+            ProbeConfig {
+                refresh_metrics_interval: Duration::from_millis(50),
+                metrics_staleness: Duration::from_secs(2),
+                health_check_interval: Duration::from_secs(2),
+                health_check_timeout: Duration::from_secs(1),
+            }
+        );
+        assert_eq!(
+            cfg.breaker,
+            BreakerConfig {
+                threshold: 3,
+                open_for: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(cfg.decode_health_path, "/health");
+        let cfg = parse(&[
+            "--decode=a:1",
+            "--refresh-metrics-interval=0",
+            "--metrics-staleness-threshold=1m30s",
+            "--health-check-interval=100ms",
+            "--unhealthy-threshold=2",
+            "--circuit-open-duration=300ms",
+            "--decode-health-path=/ready",
+        ])
+        .unwrap();
+        assert_eq!(cfg.probes.refresh_metrics_interval, Duration::ZERO);
+        assert_eq!(cfg.probes.metrics_staleness, Duration::from_secs(90));
+        assert_eq!(cfg.probes.health_check_interval, Duration::from_millis(100));
+        assert_eq!(cfg.breaker.threshold, 2);
+        assert_eq!(cfg.breaker.open_for, Duration::from_millis(300));
+        assert_eq!(cfg.decode_health_path, "/ready");
+        for (flag, expected) in [
+            ("--unhealthy-threshold=0", "--unhealthy-threshold"),
+            (
+                "--metrics-staleness-threshold=0s",
+                "--metrics-staleness-threshold",
+            ),
+            ("--health-check-timeout=0", "--health-check-timeout"),
+            ("--decode-health-path=ready", "--decode-health-path"),
+            (
+                "--circuit-open-duration=5parsecs",
+                "--circuit-open-duration",
+            ),
+        ] {
+            let e = parse(&["--decode=a:1", flag]).unwrap_err();
+            assert!(e.contains(expected), "{flag}: {e}");
+        }
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pd-router-cfg3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn endpoints_file_merges_with_flags() {
+        let path = write(
+            "endpoints.yaml",
+            "decode:\n- url: http://d-0:8000\n  metricsUrl: http://d-0:8200/metrics\n- https://d-1:8000\n\
+             prefill:\n- hostPort: p-0:8000\n  metricsUrl: https://p-0:9000/m\n- p-1:8000\n",
+        );
+        let p = path.to_str().unwrap();
+        let cfg = parse(&["--decode=d-9:1", "--endpoints", p]).unwrap();
+        let labels: Vec<_> = cfg.decode.iter().map(DecodeTarget::label).collect();
+        assert_eq!(
+            labels,
+            ["http://d-9:1", "http://d-0:8000", "https://d-1:8000"]
+        );
+        assert_eq!(cfg.decode[1].metrics_uri(), "http://d-0:8200/metrics");
+        assert_eq!(cfg.decode[2].metrics_uri(), "https://d-1:8000/metrics");
+        let hp: Vec<_> = cfg.prefill.iter().map(PrefillTarget::label).collect();
+        assert_eq!(hp, ["p-0:8000", "p-1:8000"]);
+        assert_eq!(cfg.prefill[0].metrics_uri(), "https://p-0:9000/m");
+        // The file alone is enough.
+        assert_eq!(parse(&["--endpoints", p]).unwrap().decode.len(), 2);
+        // A duplicate across flag and file.
+        let e = parse(&["--decode=http://D-0:8000", "--endpoints", p]).unwrap_err();
+        assert!(
+            e.contains("decode endpoint d-0:8000 is listed twice"),
+            "{e}"
+        );
+        let e = parse(&["--decode=a:1", "--prefill=p-1:8000", "--endpoints", p]).unwrap_err();
+        assert!(
+            e.contains("prefill endpoint p-1:8000 is listed twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn endpoints_file_errors_name_the_key() {
+        let cases = [
+            (
+                "decoders: []\n",
+                "unknown key \"decoders\" (supported: decode, prefill)",
+            ),
+            (
+                "decode:\n- url: http://d:1\n  metricURL: x\n",
+                "decode[0]: unknown key \"metricURL\" (supported: url, metricsUrl)",
+            ),
+            (
+                "decode: [a:1]\nprefill:\n- {url: p:1}\n",
+                "prefill[0]: unknown key \"url\" (supported: hostPort, metricsUrl)",
+            ),
+            (
+                "decode:\n- metricsUrl: http://x:1/m\n",
+                "decode[0]: \"url\" is required",
+            ),
+            ("decode:\n- url: http://d:1/v1\n", "decode[0].url"),
+            ("decode: [a:1]\nprefill: [nohost]\n", "prefill[0].hostPort"),
+            (
+                "decode:\n- {url: a:1, metricsUrl: /metrics}\n",
+                "decode[0].metricsUrl",
+            ),
+            ("decode: a:1\n", "decode: expected a list"),
+            ("- a:1\n", "expected a mapping"),
+            (
+                "decode: [[1]]\n",
+                "decode[0]: expected a string or a mapping",
+            ),
+        ];
+        for (i, (yaml, expected)) in cases.iter().enumerate() {
+            let path = write(&format!("bad-{i}.yaml"), yaml);
+            let p = path.to_str().unwrap();
+            let e = parse(&["--decode=z:9", "--endpoints", p]).unwrap_err();
+            assert!(e.contains(&format!("--endpoints={p}")), "{e}");
+            assert!(
+                e.contains(expected),
+                "{yaml:?}: expected {expected:?} in {e}"
+            );
+        }
+        let e = parse(&["--endpoints", "/nonexistent/e.yaml"]).unwrap_err();
+        assert!(e.contains("--endpoints=/nonexistent/e.yaml"), "{e}");
+        let empty = write("empty.yaml", "");
+        let e = parse(&["--endpoints", empty.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("at least one decode endpoint"), "{e}");
     }
 
     #[test]
@@ -999,7 +1488,8 @@ schedulingProfiles:
             parse_decode("10.0.0.1:8000").unwrap(),
             DecodeTarget {
                 scheme: "http",
-                authority: "10.0.0.1:8000".into()
+                authority: "10.0.0.1:8000".into(),
+                metrics_url: None,
             }
         );
         assert_eq!(
@@ -1010,7 +1500,7 @@ schedulingProfiles:
         assert!(parse_decode("grpc://d:1").is_err());
         assert!(parse_decode("nohost").is_err());
         assert_eq!(
-            parse_prefill("http://10.0.0.2:8000").unwrap(),
+            parse_prefill("http://10.0.0.2:8000").unwrap().host_port,
             "10.0.0.2:8000"
         );
         assert!(parse_prefill("p-0").is_err());
@@ -1022,7 +1512,10 @@ schedulingProfiles:
         ])
         .unwrap();
         assert_eq!(cfg.decode.len(), 2);
-        assert_eq!(cfg.prefill, vec!["p:1".to_string(), "q:2".to_string()]);
+        let hp: Vec<_> = cfg.prefill.iter().map(PrefillTarget::label).collect();
+        assert_eq!(hp, ["p:1", "q:2"]);
+        assert_eq!(cfg.decode[1].metrics_uri(), "http://b:2/metrics");
+        assert_eq!(cfg.prefill[0].metrics_uri(), "http://p:1/metrics");
         let e = parse(&[]).unwrap_err();
         assert!(e.contains("--decode"), "{e}");
         let e = parse(&["--decode=a:1", "--decode=http://a:1"]).unwrap_err();

@@ -1,11 +1,18 @@
 //! Prometheus metrics of `pd-router`, served on `--metrics-port`.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+use super::breaker::Phase;
+use super::endpoint::{EndpointObs, Role};
+use super::probe::ProbeObs;
+use std::time::Duration;
 
 /// Where a request's prefill was sent.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -40,6 +47,20 @@ pub struct ErrorLabels {
     pub class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub endpoint: String,
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub endpoint: String,
+    pub to: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
 pub struct RouterMetrics {
     registry: Registry,
     pub requests: Family<DecisionLabels, Counter>,
@@ -47,6 +68,15 @@ pub struct RouterMetrics {
     pub pick_duration: Histogram,
     pub inflight: Family<EndpointLabels, Gauge>,
     pub errors: Family<ErrorLabels, Counter>,
+    pub retries: Counter,
+    pub healthy: Family<RoleLabels, Gauge>,
+    pub transitions: Family<TransitionLabels, Counter>,
+    pub metrics_age: Family<EndpointLabels, FloatGauge>,
+    pub scrape_errors: Family<EndpointLabels, Counter>,
+    pub health_check_failures: Family<EndpointLabels, Counter>,
+    pub engine_waiting: Family<EndpointLabels, FloatGauge>,
+    pub engine_running: Family<EndpointLabels, FloatGauge>,
+    pub engine_kv_usage: Family<EndpointLabels, FloatGauge>,
 }
 
 impl RouterMetrics {
@@ -75,6 +105,60 @@ impl RouterMetrics {
             inflight.clone(),
         );
         registry.register("errors", "Errors by class", errors.clone());
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Requests sent again to another decode endpoint after a connect error",
+            retries.clone(),
+        );
+        let healthy = Family::<RoleLabels, Gauge>::default();
+        registry.register(
+            "endpoint_healthy",
+            "1 while the endpoint's circuit is closed, 0 while open or half-open",
+            healthy.clone(),
+        );
+        let transitions = Family::<TransitionLabels, Counter>::default();
+        registry.register(
+            "circuit_transitions",
+            "Circuit breaker transitions, by the phase entered",
+            transitions.clone(),
+        );
+        let metrics_age = Family::<EndpointLabels, FloatGauge>::default();
+        registry.register(
+            "endpoint_metrics_age_seconds",
+            "Age of the last successful engine metrics scrape (absent before the first)",
+            metrics_age.clone(),
+        );
+        let scrape_errors = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "scrape_errors",
+            "Engine metrics scrapes that failed (connect, timeout, non-200)",
+            scrape_errors.clone(),
+        );
+        let health_check_failures = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "health_check_failures",
+            "Active health checks that failed",
+            health_check_failures.clone(),
+        );
+        let engine_waiting = Family::<EndpointLabels, FloatGauge>::default();
+        registry.register(
+            "endpoint_requests_waiting",
+            "vllm:num_requests_waiting at the last scrape (NaN when absent)",
+            engine_waiting.clone(),
+        );
+        let engine_running = Family::<EndpointLabels, FloatGauge>::default();
+        registry.register(
+            "endpoint_requests_running",
+            "vllm:num_requests_running at the last scrape (NaN when absent)",
+            engine_running.clone(),
+        );
+        let engine_kv_usage = Family::<EndpointLabels, FloatGauge>::default();
+        registry.register(
+            "endpoint_kv_cache_usage",
+            "vllm:kv_cache_usage_perc at the last scrape, 0..1 (NaN when absent)",
+            engine_kv_usage.clone(),
+        );
         RouterMetrics {
             registry,
             requests,
@@ -82,7 +166,72 @@ impl RouterMetrics {
             pick_duration,
             inflight,
             errors,
+            retries,
+            healthy,
+            transitions,
+            metrics_age,
+            scrape_errors,
+            health_check_failures,
+            engine_waiting,
+            engine_running,
+            engine_kv_usage,
         }
+    }
+
+    fn by_endpoint<M: Clone + Default>(family: &Family<EndpointLabels, M>, endpoint: &str) -> M {
+        family
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.to_string(),
+            })
+            .clone()
+    }
+
+    /// The breaker's metric handles of one endpoint (healthy starts at 1).
+    pub fn endpoint_obs(&self, endpoint: &str, role: Role) -> EndpointObs {
+        let transition = |to: Phase| {
+            self.transitions
+                .get_or_create(&TransitionLabels {
+                    endpoint: endpoint.to_string(),
+                    to: to.as_str(),
+                })
+                .clone()
+        };
+        let healthy = self
+            .healthy
+            .get_or_create(&RoleLabels {
+                endpoint: endpoint.to_string(),
+                role: role.as_str(),
+            })
+            .clone();
+        healthy.set(1);
+        EndpointObs {
+            inflight: self.inflight_gauge(endpoint),
+            healthy,
+            to_open: transition(Phase::Open),
+            to_half_open: transition(Phase::HalfOpen),
+            to_closed: transition(Phase::Closed),
+        }
+    }
+
+    /// The probes' metric handles of one endpoint; the engine gauges read NaN
+    /// until a scrape sets them.
+    pub fn probe_obs(&self, endpoint: &str) -> ProbeObs {
+        let obs = ProbeObs {
+            scrape_errors: Self::by_endpoint(&self.scrape_errors, endpoint),
+            health_check_failures: Self::by_endpoint(&self.health_check_failures, endpoint),
+            waiting: Self::by_endpoint(&self.engine_waiting, endpoint),
+            running: Self::by_endpoint(&self.engine_running, endpoint),
+            kv_usage: Self::by_endpoint(&self.engine_kv_usage, endpoint),
+        };
+        for g in [&obs.waiting, &obs.running, &obs.kv_usage] {
+            g.set(f64::NAN);
+        }
+        obs
+    }
+
+    /// Sets the metrics-age gauge of `endpoint` (called at render time).
+    pub fn set_metrics_age(&self, endpoint: &str, age: Duration) {
+        Self::by_endpoint(&self.metrics_age, endpoint).set(age.as_secs_f64());
     }
 
     pub fn count(&self, decision: Decision) {
@@ -139,6 +288,12 @@ mod tests {
         m.error("decode_unavailable");
         m.inflight_gauge("http://d:1").inc();
         m.pick_duration.observe(3e-6);
+        m.retries.inc();
+        let obs = m.endpoint_obs("p:1", Role::Prefill);
+        obs.to_open.inc();
+        m.probe_obs("p:1").scrape_errors.inc();
+        m.probe_obs("p:1").waiting.set(2.0);
+        m.set_metrics_age("p:1", Duration::from_millis(250));
         let text = m.render();
         for line in [
             r#"pd_router_requests_total{decision="remote"} 1"#,
@@ -146,6 +301,13 @@ mod tests {
             r#"pd_router_errors_total{class="decode_unavailable"} 1"#,
             r#"pd_router_inflight{endpoint="http://d:1"} 1"#,
             "pd_router_pick_duration_seconds_count 1",
+            "pd_router_retries_total 1",
+            r#"pd_router_endpoint_healthy{endpoint="p:1",role="prefill"} 1"#,
+            r#"pd_router_circuit_transitions_total{endpoint="p:1",to="open"} 1"#,
+            r#"pd_router_circuit_transitions_total{endpoint="p:1",to="closed"} 0"#,
+            r#"pd_router_scrape_errors_total{endpoint="p:1"} 1"#,
+            r#"pd_router_endpoint_requests_waiting{endpoint="p:1"} 2.0"#,
+            r#"pd_router_endpoint_metrics_age_seconds{endpoint="p:1"} 0.25"#,
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -2,20 +2,27 @@
 //! forwards it to the decode pod's pd-sidecar, naming the prefill engine in
 //! `x-prefiller-host-port`.
 //!
-//! Life of a request: `bin/pd-router` -> [`config`] (flags, EndpointPickerConfig
-//! YAML) -> this module's listeners and middleware -> [`proxy`] (read, parse,
-//! forward, stream back) -> [`pick`] (decode profile, P/D decider, prefill
-//! profile) over [`prefix`] (prompt bytes, block hashes, per-endpoint LRU).
-//! Engine clients and error bodies are the sidecar's ([`crate::upstream`],
-//! [`crate::error`]).
+//! Life of a request: `bin/pd-router` -> [`config`] (flags, endpoints file,
+//! EndpointPickerConfig YAML) -> this module's listeners and middleware ->
+//! [`proxy`] (read, parse, forward, retry once, stream back) -> [`pick`]
+//! (decode profile, P/D decider, prefill profile over the endpoints the
+//! [`breaker`]s admit) over [`endpoint`] (in-flight, [`prefix`] index, scraped
+//! engine metrics, breaker). [`probe`] runs the background scrapes (parsed by
+//! [`promtext`]) and health checks. Engine clients and error bodies are the
+//! sidecar's ([`crate::upstream`], [`crate::error`]).
 
+pub mod breaker;
 pub mod config;
+pub mod endpoint;
 pub mod metrics;
 pub mod pick;
 pub mod prefix;
+pub mod probe;
+pub mod promtext;
 pub mod proxy;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
@@ -30,8 +37,9 @@ use crate::config::UpstreamTls;
 use crate::proxy::REQUEST_ID_HEADER;
 use crate::server::{serve, termination_signal};
 use config::RouterConfig;
+use endpoint::{Endpoint, Role};
 use metrics::RouterMetrics;
-use pick::{Endpoint, Scheduler};
+use pick::Scheduler;
 use proxy::{AppState, RouterState};
 
 /// Keeps the client's `x-request-id` (or makes one) so the sidecar, both
@@ -57,7 +65,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(proxy::health))
-        .route("/ready", get(proxy::health))
+        .route("/ready", get(proxy::ready))
         .route("/v1/completions", post(proxy::routed))
         .route("/v1/chat/completions", post(proxy::routed))
         .route("/v1/responses", post(proxy::routed))
@@ -67,34 +75,63 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(request_id))
 }
 
-fn metrics_router(metrics: Arc<RouterMetrics>) -> Router {
+fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(m): State<Arc<RouterMetrics>>| async move {
+            get(|State(st): State<AppState>| async move {
+                let now = Instant::now();
+                let s = &st.scheduler;
+                for e in s.decode.iter().chain(&s.prefill) {
+                    if let Some(at) = e.metrics_at() {
+                        st.metrics
+                            .set_metrics_age(&e.label, now.saturating_duration_since(at));
+                    }
+                }
                 (
                     [(
                         http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    m.render(),
+                    st.metrics.render(),
                 )
             }),
         )
-        .with_state(metrics)
+        .with_state(state)
 }
 
 /// The shared state of a router built from `cfg`.
 pub fn state(cfg: RouterConfig) -> AppState {
     let metrics = Arc::new(RouterMetrics::new());
     let lru = cfg.scheduling.prefix.lru_capacity;
-    let endpoint = |label: String| {
-        let gauge = metrics.inflight_gauge(&label);
-        Arc::new(Endpoint::new(label, gauge, lru))
+    let endpoint = |label: String, role: Role| {
+        let obs = metrics.endpoint_obs(&label, role);
+        Arc::new(Endpoint::new(label, role, lru, cfg.breaker, obs))
     };
-    let decode = cfg.decode.iter().map(|d| endpoint(d.label())).collect();
-    let prefill = cfg.prefill.iter().map(|p| endpoint(p.clone())).collect();
-    let scheduler = Scheduler::new(&cfg.scheduling, decode, prefill);
+    let decode = cfg
+        .decode
+        .iter()
+        .map(|d| endpoint(d.label(), Role::Decode))
+        .collect();
+    let prefill = cfg
+        .prefill
+        .iter()
+        .map(|p| endpoint(p.label(), Role::Prefill))
+        .collect();
+    let scheduler = Scheduler::new(
+        &cfg.scheduling,
+        decode,
+        prefill,
+        cfg.probes.metrics_staleness,
+    );
+    let probe_client = crate::upstream::build_client(
+        UpstreamTls {
+            enabled: true,
+            insecure_skip_verify: cfg.tls_insecure_skip_verify,
+        },
+        cfg.upstream_idle_timeout,
+        2,
+    );
     let client = crate::upstream::build_client(
         UpstreamTls {
             enabled: true,
@@ -107,8 +144,45 @@ pub fn state(cfg: RouterConfig) -> AppState {
         cfg,
         scheduler,
         client,
+        probe_client,
         metrics,
     })
+}
+
+/// Starts the metrics scrapes and health checks of every endpoint.
+pub fn spawn_probes(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
+    let cfg = &state.cfg;
+    let expected_block_size = cfg
+        .uses_prefix_scorer()
+        .then_some(cfg.scheduling.prefix.block_size as u64);
+    let s = &state.scheduler;
+    let decode = cfg
+        .decode
+        .iter()
+        .zip(&s.decode)
+        .map(|(t, e)| probe::Target {
+            endpoint: e.clone(),
+            metrics_url: t.metrics_uri(),
+            health_url: t.uri(&cfg.decode_health_path),
+            obs: state.metrics.probe_obs(&e.label),
+            expected_block_size,
+        });
+    let prefill = cfg
+        .prefill
+        .iter()
+        .zip(&s.prefill)
+        .map(|(t, e)| probe::Target {
+            endpoint: e.clone(),
+            metrics_url: t.metrics_uri(),
+            health_url: t.uri("/health"),
+            obs: state.metrics.probe_obs(&e.label),
+            expected_block_size,
+        });
+    probe::spawn(
+        &state.probe_client,
+        &cfg.probes,
+        decode.chain(prefill).collect(),
+    )
 }
 
 /// Binds the listeners, then serves until a termination signal.
@@ -124,14 +198,18 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let s = &state.cfg.scheduling;
+    let p = &state.cfg.probes;
     tracing::info!(
         addr = %listener.local_addr()?,
         decode = ?state.cfg.decode.iter().map(|d| d.label()).collect::<Vec<_>>(),
-        prefill = ?state.cfg.prefill,
+        prefill = ?state.cfg.prefill.iter().map(|p| p.label()).collect::<Vec<_>>(),
         threshold_tokens = s.threshold,
         block_size = s.prefix.block_size,
+        refresh_metrics_interval = ?p.refresh_metrics_interval,
+        health_check_interval = ?p.health_check_interval,
         "pd-router listening"
     );
+    let probes = spawn_probes(&state);
     let mut tasks = vec![tokio::spawn(serve(
         listener,
         router(state.clone()),
@@ -146,7 +224,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, "metrics listening");
         tasks.push(tokio::spawn(serve(
             listener,
-            metrics_router(state.metrics.clone()),
+            metrics_router(state.clone()),
             None,
             stop_rx.clone(),
             grace,
@@ -158,6 +236,9 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = task.await;
+    }
+    for probe in probes {
+        probe.abort();
     }
     Ok(())
 }

@@ -1,26 +1,27 @@
-//! Scheduling: scorers, pickers, the P/D decider and the per-endpoint state
-//! they read (in-flight count, prefix index).
+//! Scheduling: scorers, pickers, the P/D decider, and the scheduler that runs
+//! them over the endpoints the circuit breakers admit.
 //!
-//! Owns the pick and nothing else: no HTTP, no bodies. Scorers are a trait with
-//! one method over a `#[non_exhaustive]` input, as the P/D decider is a pure
-//! function over one, so each is unit-tested without endpoints or sockets.
+//! Owns the pick and nothing else: no HTTP, no bodies, no probing. Scorers are
+//! a trait with one method over a `#[non_exhaustive]` input, as the P/D decider
+//! is a pure function over one, so each is unit-tested without endpoints or
+//! sockets. What each scorer reads: prefix-cache-scorer the router's prefix
+//! index, load-aware-scorer the router's in-flight counts, queue-scorer and
+//! kv-cache-utilization-scorer the engines' scraped metrics (neutral 0.5 when
+//! unknown or stale).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::gauge::Gauge;
 use rand::Rng;
 
+use super::breaker::Admission;
 use super::config::{PickerSpec, PrefixParams, ProfileSpec, Scheduling, ScorerSpec};
-use super::prefix::{block_hashes, PrefixLru, Prompt};
+pub use super::endpoint::{Candidate, Endpoint, InflightGuard, Outcome};
+use super::prefix::{block_hashes, Prompt};
 
-/// What a scorer knows about one candidate endpoint.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Candidate {
-    /// Requests the router has forwarded there and not yet finished.
-    pub inflight: u64,
-    /// Leading prompt blocks the endpoint is believed to have cached.
-    pub matched_blocks: usize,
-}
+/// The score of an endpoint whose engine metrics are unknown or stale: neither
+/// preferred nor avoided.
+pub const NEUTRAL: f64 = 0.5;
 
 /// Input of every scorer: the candidates of one pick.
 #[non_exhaustive]
@@ -83,10 +84,43 @@ impl Scorer for LoadAwareScorer {
     }
 }
 
+/// A shorter engine queue (`vllm:num_requests_waiting`) scores higher,
+/// min-max normalised over the candidates whose queue is known:
+/// (max - q) / (max - min), 1 for all when they are equal; unknown = neutral.
+pub struct QueueScorer;
+
+impl Scorer for QueueScorer {
+    fn score(&self, input: &ScoreInput<'_>, out: &mut [f64]) {
+        let known = || input.candidates.iter().filter_map(|c| c.waiting);
+        let min = known().fold(f64::INFINITY, f64::min);
+        let max = known().fold(f64::NEG_INFINITY, f64::max);
+        for (o, c) in out.iter_mut().zip(input.candidates) {
+            *o = match c.waiting {
+                None => NEUTRAL,
+                Some(q) if max > min => (max - q) / (max - min),
+                Some(_) => 1.0,
+            };
+        }
+    }
+}
+
+/// Free KV cache scores higher: 1 - `vllm:kv_cache_usage_perc`; unknown = neutral.
+pub struct KvCacheUtilizationScorer;
+
+impl Scorer for KvCacheUtilizationScorer {
+    fn score(&self, input: &ScoreInput<'_>, out: &mut [f64]) {
+        for (o, c) in out.iter_mut().zip(input.candidates) {
+            *o = c.kv_usage.map_or(NEUTRAL, |u| 1.0 - u.clamp(0.0, 1.0));
+        }
+    }
+}
+
 fn scorer_for(spec: ScorerSpec) -> Box<dyn Scorer> {
     match spec {
         ScorerSpec::PrefixCache => Box::new(PrefixCacheScorer),
         ScorerSpec::LoadAware { threshold } => Box::new(LoadAwareScorer { threshold }),
+        ScorerSpec::Queue => Box::new(QueueScorer),
+        ScorerSpec::KvCacheUtilization => Box::new(KvCacheUtilizationScorer),
     }
 }
 
@@ -175,69 +209,6 @@ pub fn wants_remote_prefill(input: &DecideInput) -> bool {
     input.prefill_endpoints > 0 && input.threshold > 0 && input.uncached_tokens >= input.threshold
 }
 
-/// A decode or prefill endpoint and what the router knows about it.
-pub struct Endpoint {
-    /// Metric label and log name: the decode URL, or the prefill `host:port`.
-    pub label: String,
-    inflight: Gauge,
-    index: Mutex<PrefixLru>,
-}
-
-impl Endpoint {
-    pub fn new(label: String, inflight: Gauge, lru_capacity: usize) -> Endpoint {
-        Endpoint {
-            label,
-            inflight,
-            index: Mutex::new(PrefixLru::new(lru_capacity)),
-        }
-    }
-
-    fn index(&self) -> MutexGuard<'_, PrefixLru> {
-        // A panic while holding the lock cannot leave the LRU worse than stale.
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn inflight(&self) -> u64 {
-        self.inflight.get().max(0) as u64
-    }
-
-    fn candidate(&self, hashes: &[u64]) -> Candidate {
-        Candidate {
-            inflight: self.inflight(),
-            matched_blocks: if hashes.is_empty() {
-                0
-            } else {
-                self.index().matched_prefix(hashes)
-            },
-        }
-    }
-
-    fn record(&self, hashes: &[u64]) {
-        if !hashes.is_empty() {
-            self.index().insert_chain(hashes);
-        }
-    }
-
-    /// Counts a request in flight until the guard is dropped.
-    pub fn acquire(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.inc();
-        InflightGuard {
-            endpoint: self.clone(),
-        }
-    }
-}
-
-/// Holds one in-flight count on an endpoint.
-pub struct InflightGuard {
-    endpoint: Arc<Endpoint>,
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.endpoint.inflight.dec();
-    }
-}
-
 /// Where one request goes, and why.
 pub struct Routed {
     /// Position of `decode` among the decode endpoints (the `--decode` order).
@@ -245,10 +216,23 @@ pub struct Routed {
     pub decode: Arc<Endpoint>,
     pub decode_score: f64,
     pub prefill: Option<(Arc<Endpoint>, f64)>,
+    /// The decider wanted a remote prefill but every prefill endpoint's
+    /// circuit is open: the request goes local.
+    pub prefill_unavailable: bool,
     pub prompt_tokens: u64,
     pub uncached_tokens: u64,
     /// In-flight counts held until the response is finished.
     pub guards: Vec<InflightGuard>,
+    /// To report once the decode endpoint has answered (or failed).
+    pub outcome: Outcome,
+}
+
+/// A pick by load alone (requests without a prompt).
+pub struct LoadPick {
+    pub index: usize,
+    pub endpoint: Arc<Endpoint>,
+    pub guard: InflightGuard,
+    pub outcome: Outcome,
 }
 
 /// The router's scheduling state: endpoints, profiles, threshold.
@@ -259,14 +243,44 @@ pub struct Scheduler {
     prefill_profile: Option<Profile>,
     prefix: PrefixParams,
     threshold: u64,
+    /// Engine metrics older than this read as unknown.
+    staleness: Duration,
+}
+
+/// Decode endpoints the breakers admit at `now` (all but `exclude`), each with
+/// its admission (a half-open one may be admitted for one trial).
+fn admitted(
+    endpoints: &[Arc<Endpoint>],
+    exclude: Option<usize>,
+    now: Instant,
+    allow_trial: bool,
+) -> Vec<(usize, Admission)> {
+    endpoints
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| Some(i) != exclude)
+        .filter_map(|(i, e)| match e.admit(now, allow_trial) {
+            Admission::No => None,
+            a => Some((i, a)),
+        })
+        .collect()
+}
+
+/// Gives back the trials of the admitted endpoints that were not picked.
+fn release_others(endpoints: &[Arc<Endpoint>], admitted: &[(usize, Admission)], picked: usize) {
+    for &(i, a) in admitted {
+        if i != picked && a == Admission::Trial {
+            endpoints[i].release_trial();
+        }
+    }
 }
 
 impl Scheduler {
-    /// `decode` must not be empty (the config guarantees it).
     pub fn new(
         scheduling: &Scheduling,
         decode: Vec<Arc<Endpoint>>,
         prefill: Vec<Arc<Endpoint>>,
+        staleness: Duration,
     ) -> Scheduler {
         Scheduler {
             decode,
@@ -275,80 +289,130 @@ impl Scheduler {
             prefill_profile: scheduling.prefill.as_ref().map(Profile::from_spec),
             prefix: scheduling.prefix,
             threshold: scheduling.threshold,
+            staleness,
         }
     }
 
-    /// The decode profile picks D; the decider compares D's uncached tokens
-    /// with the threshold; the prefill profile picks P. Both indexes then
-    /// remember the prompt: D holds all of it after the request either way.
-    pub fn schedule<R: Rng + ?Sized>(&self, model: &str, prompt: &Prompt, rng: &mut R) -> Routed {
+    /// The decode profile picks D among the admitted decode endpoints (not
+    /// `exclude`); the decider compares D's uncached tokens with the
+    /// threshold; the prefill profile picks P among the admitted prefill
+    /// endpoints. Both indexes then remember the prompt: D holds all of it
+    /// after the request either way. None when no decode endpoint is admitted.
+    pub fn schedule<R: Rng + ?Sized>(
+        &self,
+        model: &str,
+        prompt: &Prompt,
+        exclude: Option<usize>,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<Routed> {
+        let admitted_decode = admitted(&self.decode, exclude, now, true);
+        if admitted_decode.is_empty() {
+            return None;
+        }
         let hashes = block_hashes(
             model,
             &prompt.bytes,
             self.prefix.block_size,
             self.prefix.max_blocks,
         );
-        let candidates: Vec<Candidate> = self.decode.iter().map(|e| e.candidate(&hashes)).collect();
+        let candidates: Vec<Candidate> = admitted_decode
+            .iter()
+            .map(|&(i, _)| self.decode[i].candidate(&hashes, now, self.staleness))
+            .collect();
         let d = self
             .decode_profile
             .pick(&ScoreInput::new(&candidates, hashes.len()), rng);
+        let (decode_index, admission) = admitted_decode[d.index];
+        release_others(&self.decode, &admitted_decode, decode_index);
         let matched_tokens = (candidates[d.index].matched_blocks as u64)
             .saturating_mul(self.prefix.block_size as u64);
         let uncached = prompt.tokens.saturating_sub(matched_tokens);
-        let decode = self.decode[d.index].clone();
+        let decode = self.decode[decode_index].clone();
         let mut guards = vec![decode.acquire()];
         let remote = wants_remote_prefill(&DecideInput::new(
             uncached,
             self.threshold,
             self.prefill.len(),
         ));
+        let mut prefill_unavailable = false;
         let prefill = match (&self.prefill_profile, remote) {
             (Some(profile), true) => {
-                let candidates: Vec<Candidate> =
-                    self.prefill.iter().map(|e| e.candidate(&hashes)).collect();
-                let p = profile.pick(&ScoreInput::new(&candidates, hashes.len()), rng);
-                let endpoint = self.prefill[p.index].clone();
-                guards.push(endpoint.acquire());
-                endpoint.record(&hashes);
-                Some((endpoint, p.score))
+                // No trials: the router never sees a prefill leg's outcome, so
+                // only a health check closes a prefill endpoint's circuit.
+                let admitted_prefill = admitted(&self.prefill, None, now, false);
+                if admitted_prefill.is_empty() {
+                    prefill_unavailable = true;
+                    None
+                } else {
+                    let candidates: Vec<Candidate> = admitted_prefill
+                        .iter()
+                        .map(|&(i, _)| self.prefill[i].candidate(&hashes, now, self.staleness))
+                        .collect();
+                    let p = profile.pick(&ScoreInput::new(&candidates, hashes.len()), rng);
+                    let endpoint = self.prefill[admitted_prefill[p.index].0].clone();
+                    guards.push(endpoint.acquire());
+                    endpoint.record(&hashes);
+                    Some((endpoint, p.score))
+                }
             }
             _ => None,
         };
         decode.record(&hashes);
-        Routed {
-            decode_index: d.index,
+        Some(Routed {
+            decode_index,
+            outcome: Outcome::new(decode.clone(), admission),
             decode,
             decode_score: d.score,
             prefill,
+            prefill_unavailable,
             prompt_tokens: prompt.tokens,
             uncached_tokens: uncached,
             guards,
-        }
+        })
     }
 
-    /// For requests without a prompt: the least loaded decode endpoint (ties at
-    /// random), its index, and its in-flight count.
-    pub fn pick_by_load<R: Rng + ?Sized>(
-        &self,
-        rng: &mut R,
-    ) -> (usize, Arc<Endpoint>, InflightGuard) {
-        let load: Vec<u64> = self.decode.iter().map(|e| e.inflight()).collect();
-        let min = load.iter().copied().min().unwrap_or(0);
-        let ties: Vec<usize> = (0..load.len()).filter(|&i| load[i] <= min).collect();
-        let index = match ties.len() {
-            0 => 0,
-            k => ties[rng.random_range(0..k)],
-        };
+    /// For requests without a prompt: the least loaded admitted decode
+    /// endpoint (ties at random); None when none is admitted.
+    pub fn pick_by_load<R: Rng + ?Sized>(&self, now: Instant, rng: &mut R) -> Option<LoadPick> {
+        let admitted_decode = admitted(&self.decode, None, now, true);
+        let load: Vec<u64> = admitted_decode
+            .iter()
+            .map(|&(i, _)| self.decode[i].inflight())
+            .collect();
+        let min = load.iter().copied().min()?;
+        let ties: Vec<usize> = (0..load.len()).filter(|&k| load[k] <= min).collect();
+        let (index, admission) = admitted_decode[ties[rng.random_range(0..ties.len())]];
+        release_others(&self.decode, &admitted_decode, index);
         let endpoint = self.decode[index].clone();
-        let guard = endpoint.acquire();
-        (index, endpoint, guard)
+        Some(LoadPick {
+            index,
+            guard: endpoint.acquire(),
+            outcome: Outcome::new(endpoint.clone(), admission),
+            endpoint,
+        })
+    }
+
+    /// Whether some decode endpoint can take requests: its circuit is closed,
+    /// or (with `count_half_open`) half-open, so a trial request may close it.
+    pub fn any_decode_available(&self, now: Instant, count_half_open: bool) -> bool {
+        self.decode.iter().any(|e| {
+            if count_half_open {
+                e.available(now)
+            } else {
+                e.is_closed()
+            }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::breaker::BreakerConfig;
     use crate::router::config::WeightedScorer;
+    use crate::router::endpoint::{EndpointObs, Role};
+    use crate::router::probe::EngineMetrics;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
@@ -364,6 +428,21 @@ mod tests {
         Candidate {
             inflight,
             matched_blocks,
+            ..Candidate::default()
+        }
+    }
+
+    fn q(waiting: Option<f64>) -> Candidate {
+        Candidate {
+            waiting,
+            ..Candidate::default()
+        }
+    }
+
+    fn kv(kv_usage: Option<f64>) -> Candidate {
+        Candidate {
+            kv_usage,
+            ..Candidate::default()
         }
     }
 
@@ -461,17 +540,45 @@ mod tests {
         assert!(!d(10_000, 256, 0), "no prefill endpoint");
     }
 
+    const STALE: Duration = Duration::from_secs(2);
+
+    fn endpoint(label: String, role: Role) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            label,
+            role,
+            1000,
+            BreakerConfig {
+                threshold: 1,
+                open_for: Duration::from_secs(5),
+            },
+            EndpointObs::default(),
+        ))
+    }
+
+    fn scheduler_with(scheduling: Scheduling, decodes: usize, prefills: usize) -> Scheduler {
+        Scheduler::new(
+            &scheduling,
+            (0..decodes)
+                .map(|i| endpoint(format!("d{i}"), Role::Decode))
+                .collect(),
+            (0..prefills)
+                .map(|i| endpoint(format!("p{i}"), Role::Prefill))
+                .collect(),
+            STALE,
+        )
+    }
+
     fn scheduler(decodes: usize, prefills: usize, threshold: u64) -> Scheduler {
-        let ep = |l: String| Arc::new(Endpoint::new(l, Gauge::default(), 1000));
         let scheduling = Scheduling {
             threshold,
             ..Scheduling::default()
         };
-        Scheduler::new(
-            &scheduling,
-            (0..decodes).map(|i| ep(format!("d{i}"))).collect(),
-            (0..prefills).map(|i| ep(format!("p{i}"))).collect(),
-        )
+        scheduler_with(scheduling, decodes, prefills)
+    }
+
+    fn schedule(s: &Scheduler, p: &Prompt, r: &mut StdRng) -> Routed {
+        s.schedule("m", p, None, Instant::now(), r)
+            .expect("a decode endpoint")
     }
 
     fn prompt(shared: &str, tail: &str) -> Prompt {
@@ -487,7 +594,7 @@ mod tests {
         let s = scheduler(4, 3, 256);
         let shared = "s".repeat(1600 * 4);
         let mut r = rng();
-        let first = s.schedule("m", &prompt(&shared, &"a".repeat(400 * 4)), &mut r);
+        let first = schedule(&s, &prompt(&shared, &"a".repeat(400 * 4)), &mut r);
         assert_eq!(first.uncached_tokens, 2000);
         let (d0, p0) = (
             first.decode.label.clone(),
@@ -496,14 +603,14 @@ mod tests {
         assert_eq!(first.decode.inflight(), 1);
         drop(first);
         for tail in ["b", "c", "d", "e"] {
-            let next = s.schedule("m", &prompt(&shared, &tail.repeat(400 * 4)), &mut r);
+            let next = schedule(&s, &prompt(&shared, &tail.repeat(400 * 4)), &mut r);
             assert_eq!(next.decode.label, d0);
             // 1600 shared tokens = 100 cached blocks on D.
             assert_eq!(next.uncached_tokens, 400);
             assert_eq!(next.prefill.as_ref().unwrap().0.label, p0);
         }
         // The same prompt again: all of it cached on D, so it stays local.
-        let again = s.schedule("m", &prompt(&shared, &"e".repeat(400 * 4)), &mut r);
+        let again = schedule(&s, &prompt(&shared, &"e".repeat(400 * 4)), &mut r);
         assert_eq!(again.uncached_tokens, 0);
         assert!(again.prefill.is_none());
     }
@@ -511,24 +618,233 @@ mod tests {
     #[test]
     fn short_prompts_and_zero_threshold_stay_local() {
         let s = scheduler(2, 2, 256);
-        let r = s.schedule("m", &prompt("short prompt", ""), &mut rng());
+        let r = schedule(&s, &prompt("short prompt", ""), &mut rng());
         assert!(r.prefill.is_none());
         assert_eq!(r.guards.len(), 1);
         let never = scheduler(2, 2, 0);
-        let r = never.schedule("m", &prompt(&"z".repeat(40_000), ""), &mut rng());
+        let r = schedule(&never, &prompt(&"z".repeat(40_000), ""), &mut rng());
         assert!(r.prefill.is_none());
     }
 
     #[test]
     fn guards_release_inflight_and_load_picks_the_idle_one() {
         let s = scheduler(2, 0, 256);
-        let (_, busy, g) = s.pick_by_load(&mut rng());
-        assert_eq!(busy.inflight(), 1);
+        let now = Instant::now();
+        let busy = s.pick_by_load(now, &mut rng()).unwrap();
+        assert_eq!(busy.endpoint.inflight(), 1);
         for _ in 0..10 {
-            let (_, other, _g2) = s.pick_by_load(&mut rng());
-            assert_ne!(other.label, busy.label);
+            let other = s.pick_by_load(now, &mut rng()).unwrap();
+            assert_ne!(other.endpoint.label, busy.endpoint.label);
         }
-        drop(g);
-        assert_eq!(busy.inflight(), 0);
+        let endpoint = busy.endpoint.clone();
+        drop(busy);
+        assert_eq!(endpoint.inflight(), 0);
+    }
+
+    #[test]
+    fn queue_scores_min_max_over_known_queues() {
+        let mut out = [0.0; 4];
+        let cands = [q(Some(0.0)), q(Some(5.0)), q(Some(10.0)), q(None)];
+        QueueScorer.score(&ScoreInput::new(&cands, 0), &mut out);
+        assert_eq!(out, [1.0, 0.5, 0.0, NEUTRAL]);
+        let equal = [q(Some(3.0)), q(Some(3.0)), q(None), q(Some(3.0))];
+        QueueScorer.score(&ScoreInput::new(&equal, 0), &mut out);
+        assert_eq!(out, [1.0, 1.0, NEUTRAL, 1.0], "all equal: 1");
+        let unknown = [q(None), q(None)];
+        let mut out = [0.0; 2];
+        QueueScorer.score(&ScoreInput::new(&unknown, 0), &mut out);
+        assert_eq!(out, [NEUTRAL, NEUTRAL]);
+        // Not relative to an absolute scale: 1 vs 2 waiting is as far apart as 0 vs 100.
+        let near = [q(Some(1.0)), q(Some(2.0))];
+        QueueScorer.score(&ScoreInput::new(&near, 0), &mut out);
+        assert_eq!(out, [1.0, 0.0]);
+    }
+
+    #[test]
+    fn kv_cache_scores_free_share_and_neutral_when_unknown() {
+        let cands = [
+            kv(Some(0.0)),
+            kv(Some(0.25)),
+            kv(Some(1.0)),
+            kv(None),
+            kv(Some(1.7)),
+        ];
+        let mut out = [0.0; 5];
+        KvCacheUtilizationScorer.score(&ScoreInput::new(&cands, 0), &mut out);
+        assert_eq!(out, [1.0, 0.75, 0.0, NEUTRAL, 0.0]);
+    }
+
+    fn only(scorer: ScorerSpec) -> Scheduling {
+        let profile = ProfileSpec {
+            name: "decode".into(),
+            scorers: vec![WeightedScorer {
+                name: "s".into(),
+                scorer,
+                weight: 1.0,
+            }],
+            picker: PickerSpec::MaxScore,
+        };
+        Scheduling {
+            decode: profile.clone(),
+            prefill: Some(ProfileSpec {
+                name: "prefill".into(),
+                ..profile
+            }),
+            ..Scheduling::default()
+        }
+    }
+
+    fn waiting(n: f64) -> EngineMetrics {
+        EngineMetrics {
+            waiting: Some(n),
+            ..EngineMetrics::default()
+        }
+    }
+
+    #[test]
+    fn a_queue_loses_traffic_and_stale_metrics_are_neutral() {
+        let s = scheduler_with(only(ScorerSpec::Queue), 3, 0);
+        let t0 = Instant::now();
+        s.decode[0].set_metrics(waiting(4.0), t0);
+        s.decode[1].set_metrics(waiting(0.0), t0);
+        s.decode[2].set_metrics(waiting(9.0), t0);
+        let mut r = rng();
+        for _ in 0..20 {
+            let routed = s.schedule("m", &prompt("x", ""), None, t0, &mut r).unwrap();
+            assert_eq!(routed.decode_index, 1);
+        }
+        // d1's metrics go stale: neutral, between fresh d0 (now the shortest, 1) and d2 (0).
+        let later = t0 + STALE + Duration::from_millis(1);
+        s.decode[0].set_metrics(waiting(4.0), later);
+        s.decode[2].set_metrics(waiting(9.0), later);
+        let routed = s
+            .schedule("m", &prompt("x", ""), None, later, &mut r)
+            .unwrap();
+        assert_eq!(routed.decode_index, 0);
+        let routed = s
+            .schedule("m", &prompt("x", ""), Some(0), later, &mut r)
+            .unwrap();
+        assert_eq!(
+            (routed.decode_index, routed.decode_score),
+            (2, 1.0),
+            "the only known queue scores 1 and beats neutral"
+        );
+        // KV usage is absolute: a stale endpoint (0.5) beats a 90% full one (0.1).
+        let s = scheduler_with(only(ScorerSpec::KvCacheUtilization), 2, 0);
+        let full = EngineMetrics {
+            kv_usage: Some(0.9),
+            ..EngineMetrics::default()
+        };
+        s.decode[0].set_metrics(full, t0);
+        s.decode[1].set_metrics(EngineMetrics::default(), t0);
+        for _ in 0..10 {
+            let routed = s.schedule("m", &prompt("x", ""), None, t0, &mut r).unwrap();
+            assert_eq!((routed.decode_index, routed.decode_score), (1, NEUTRAL));
+        }
+        s.decode[1].set_metrics(
+            EngineMetrics {
+                kv_usage: Some(0.95),
+                ..EngineMetrics::default()
+            },
+            t0,
+        );
+        let routed = s.schedule("m", &prompt("x", ""), None, t0, &mut r).unwrap();
+        assert_eq!(routed.decode_index, 0);
+        let routed = s
+            .schedule("m", &prompt("x", ""), None, later, &mut r)
+            .unwrap();
+        assert_eq!(routed.decode_score, NEUTRAL, "both stale: both neutral");
+    }
+
+    #[test]
+    fn open_circuits_are_skipped_and_exclude_is_honoured() {
+        let s = scheduler(3, 0, 256);
+        let now = Instant::now();
+        s.decode[0].report(false, now);
+        s.decode[2].report(false, now);
+        let mut r = rng();
+        for _ in 0..10 {
+            assert_eq!(schedule(&s, &prompt("x", ""), &mut r).decode_index, 1);
+            assert_eq!(s.pick_by_load(now, &mut r).unwrap().index, 1);
+        }
+        assert!(s
+            .schedule("m", &prompt("x", ""), Some(1), now, &mut r)
+            .is_none());
+        assert!(s.any_decode_available(now, false));
+        s.decode[1].report(false, now);
+        assert!(!s.any_decode_available(now, true));
+        let due = now + Duration::from_secs(5);
+        assert!(s.any_decode_available(due, true), "half-open");
+        assert!(
+            !s.any_decode_available(due, false),
+            "half-open is not closed"
+        );
+        assert!(s
+            .schedule("m", &prompt("x", ""), None, now, &mut r)
+            .is_none());
+        assert!(s.pick_by_load(now, &mut r).is_none());
+    }
+
+    #[test]
+    fn a_half_open_endpoint_takes_one_trial_at_a_time() {
+        let s = scheduler(2, 0, 256);
+        let t0 = Instant::now();
+        s.decode[0].report(false, t0);
+        s.decode[1].report(false, t0);
+        let due = t0 + Duration::from_secs(5);
+        let mut r = rng();
+        let first = s
+            .schedule("m", &prompt("x", ""), None, due, &mut r)
+            .unwrap();
+        let second = s
+            .schedule("m", &prompt("x", ""), None, due, &mut r)
+            .unwrap();
+        assert_ne!(first.decode_index, second.decode_index);
+        assert!(
+            s.schedule("m", &prompt("x", ""), None, due, &mut r)
+                .is_none(),
+            "both trials taken"
+        );
+        drop(first); // abandoned: its trial comes back
+        let third = s
+            .schedule("m", &prompt("x", ""), None, due, &mut r)
+            .unwrap();
+        assert_ne!(third.decode_index, second.decode_index);
+        let index = third.decode_index;
+        third.outcome.report(true);
+        for _ in 0..5 {
+            assert_eq!(
+                s.schedule("m", &prompt("x", ""), None, due, &mut r)
+                    .unwrap()
+                    .decode_index,
+                index,
+                "closed again: admitted without a trial"
+            );
+        }
+    }
+
+    #[test]
+    fn no_admitted_prefill_goes_local_and_says_so() {
+        let s = scheduler(1, 2, 256);
+        let now = Instant::now();
+        let long = prompt(&"z".repeat(4000), "");
+        s.prefill[0].report(false, now);
+        let mut r = rng();
+        let routed = s.schedule("m", &long, None, now, &mut r).unwrap();
+        assert_eq!(routed.prefill.as_ref().unwrap().0.label, "p1");
+        assert!(!routed.prefill_unavailable);
+        s.prefill[1].report(false, now);
+        let long = prompt(&"y".repeat(4000), "");
+        let routed = s.schedule("m", &long, None, now, &mut r).unwrap();
+        assert!(routed.prefill.is_none() && routed.prefill_unavailable);
+        // Half-open prefill endpoints wait for a health check: no trials.
+        let due = now + Duration::from_secs(5);
+        let long = prompt(&"w".repeat(4000), "");
+        let routed = s.schedule("m", &long, None, due, &mut r).unwrap();
+        assert!(routed.prefill_unavailable);
+        s.prefill[0].report(true, due);
+        let long = prompt(&"v".repeat(4000), "");
+        let routed = s.schedule("m", &long, None, due, &mut r).unwrap();
+        assert_eq!(routed.prefill.as_ref().unwrap().0.label, "p0");
     }
 }

@@ -7,9 +7,9 @@
 //! Tokens are estimated at 4 bytes each (what the engine simulator counts for
 //! text), so a block of `block_size` tokens is `4 * block_size` prompt bytes;
 //! token ids are laid out as 4 little-endian bytes each, so for id prompts the
-//! blocks line up with the engine's exactly. The estimate is the seam where a
-//! tokenizer.json will plug in: only [`Prompt::tokens`] and the block boundaries
-//! would change.
+//! blocks line up with the engine's exactly. With a tokenizer.json
+//! ([`prompt_with`]) text is turned into token ids first, laid out the same
+//! way, so a block is exactly `block_size` tokens and the count is exact.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -30,15 +30,43 @@ pub struct Prompt {
     pub tokens: u64,
 }
 
-impl Prompt {
+/// Accumulates a prompt's bytes: text as UTF-8, or, with a tokenizer, as the
+/// token ids of the text; token ids as 4 little-endian bytes each.
+struct Builder<'a> {
+    prompt: Prompt,
+    tokenizer: Option<&'a tokenizers::Tokenizer>,
+    /// Ids pushed (counted only with a tokenizer).
+    ids: u64,
+}
+
+impl Builder<'_> {
     fn push_text(&mut self, s: &str) {
-        self.bytes.extend_from_slice(s.as_bytes());
+        let Some(tok) = self.tokenizer else {
+            self.prompt.bytes.extend_from_slice(s.as_bytes());
+            return;
+        };
+        match tok.encode_fast(s, false) {
+            Ok(enc) => {
+                for &id in enc.get_ids() {
+                    self.prompt.bytes.extend_from_slice(&id.to_le_bytes());
+                }
+                self.ids += enc.get_ids().len() as u64;
+            }
+            // A text the tokenizer cannot take still routes, by its bytes.
+            Err(_) => {
+                self.prompt.bytes.extend_from_slice(s.as_bytes());
+                self.ids += (s.len() as u64).div_ceil(BYTES_PER_TOKEN as u64);
+            }
+        }
     }
 
     fn push_id(&mut self, id: &Value) {
         if let Some(id) = id.as_u64() {
             // Vocabularies fit in 32 bits; a larger value still hashes deterministically.
-            self.bytes.extend_from_slice(&(id as u32).to_le_bytes());
+            self.prompt
+                .bytes
+                .extend_from_slice(&(id as u32).to_le_bytes());
+            self.ids += 1;
         }
     }
 
@@ -90,9 +118,24 @@ impl Prompt {
     }
 }
 
-/// The prompt of a request body for its API.
+/// The prompt of a request body for its API, tokens estimated at 4 bytes each.
 pub fn prompt_of(api: ApiKind, body: &Map<String, Value>) -> Prompt {
-    let mut p = Prompt::default();
+    prompt_with(api, body, None)
+}
+
+/// The prompt of a request body for its API. With a tokenizer, text is turned
+/// into token ids (so blocks hold exactly `block_size` tokens) and the token
+/// count is exact; without one, 4 bytes count as a token.
+pub fn prompt_with(
+    api: ApiKind,
+    body: &Map<String, Value>,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+) -> Prompt {
+    let mut p = Builder {
+        prompt: Prompt::default(),
+        tokenizer,
+        ids: 0,
+    };
     match api {
         ApiKind::Completions => p.push_prompt(body.get("prompt")),
         ApiKind::ChatCompletions => {
@@ -122,8 +165,13 @@ pub fn prompt_of(api: ApiKind, body: &Map<String, Value>) -> Prompt {
             _ => p.push_prompt(body.get("prompt")),
         },
     }
-    p.tokens = (p.bytes.len() as u64).div_ceil(BYTES_PER_TOKEN as u64);
-    p
+    let mut prompt = p.prompt;
+    prompt.tokens = if tokenizer.is_some() {
+        p.ids
+    } else {
+        (prompt.bytes.len() as u64).div_ceil(BYTES_PER_TOKEN as u64)
+    };
+    prompt
 }
 
 // ---------------------------------------------------------------------------
@@ -319,6 +367,42 @@ mod tests {
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    fn wordlevel() -> tokenizers::Tokenizer {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/wordlevel-tokenizer.json");
+        tokenizers::Tokenizer::from_file(path).unwrap()
+    }
+
+    #[test]
+    fn a_tokenizer_counts_exactly_and_blocks_hold_token_ids() {
+        let tok = wordlevel();
+        // Three words, 17 bytes: the estimate says 5 tokens, the tokenizer 3 (ids 1, 2, 0).
+        let b = body(json!({"prompt": "hello world again"}));
+        let p = prompt_with(ApiKind::Completions, &b, Some(&tok));
+        assert_eq!(p.tokens, 3);
+        assert_eq!(
+            p.bytes,
+            [1u32, 2, 0]
+                .iter()
+                .flat_map(|i| i.to_le_bytes())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(prompt_of(ApiKind::Completions, &b).tokens, 5);
+        // Text and raw ids mix; the ids count one each.
+        let p = prompt_with(
+            ApiKind::Completions,
+            &body(json!({"prompt": ["hello", 7]})),
+            Some(&tok),
+        );
+        assert_eq!(p.tokens, 2);
+        // Chat: role and content are tokenized; a block of 2 tokens is 8 bytes of ids.
+        let chat =
+            body(json!({"messages": [{"role": "user", "content": "hello world hello world"}]}));
+        let p = prompt_with(ApiKind::ChatCompletions, &chat, Some(&tok));
+        assert_eq!(p.tokens, 5, "user, then 4 words");
+        assert_eq!(block_hashes("m", &p.bytes, 2, 64).len(), 2);
     }
 
     #[test]

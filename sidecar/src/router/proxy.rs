@@ -1,15 +1,20 @@
 //! The life of a routed request, as named phases:
 //! `read_body` -> `parse` (prompt) -> `schedule` (pick D, decide, pick P) ->
-//! `forward` (to D with `x-prefiller-host-port` when P/D) -> stream back with
-//! the in-flight counts held by the body. Every other path is forwarded by
-//! load only. This module owns the router's HTTP surface and must not make
-//! scheduling decisions itself (see `pick`).
+//! `forward` (to D with `x-prefiller-host-port` when P/D; a connect error is
+//! retried once on another decode endpoint) -> stream back with the in-flight
+//! counts held by the body. Every forwarded request reports its outcome to
+//! D's circuit breaker (connect errors, broken connections and 502/503/504
+//! are failures). Every other path is forwarded by load only. This module owns
+//! the router's HTTP surface and must not make scheduling decisions itself
+//! (see `pick`).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use http::request::Parts;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -24,8 +29,8 @@ use serde_json::{Map, Value};
 
 use super::config::{DecodeTarget, RouterConfig};
 use super::metrics::{Decision, RouterMetrics};
-use super::pick::{InflightGuard, Scheduler};
-use super::prefix::prompt_of;
+use super::pick::{InflightGuard, Routed, Scheduler};
+use super::prefix::{prompt_with, Prompt};
 use crate::error::{error_body, ERROR_CODE_HEADER};
 use crate::proxy::PREFILLER_HEADER;
 use crate::request::ApiKind;
@@ -64,6 +69,8 @@ pub enum RouterError {
     DecodeUnavailable { endpoint: String, detail: String },
     #[error("decode endpoint {endpoint} failed: {detail}")]
     DecodeFailed { endpoint: String, detail: String },
+    #[error("no healthy decode endpoint")]
+    NoHealthyDecode,
 }
 
 impl RouterError {
@@ -73,7 +80,9 @@ impl RouterError {
             | RouterError::InvalidRequest(_)
             | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            RouterError::DecodeUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::DecodeUnavailable { .. } | RouterError::NoHealthyDecode => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             RouterError::DecodeFailed { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -87,6 +96,7 @@ impl RouterError {
             RouterError::BodyRead(_) => "body_read",
             RouterError::DecodeUnavailable { .. } => "decode_unavailable",
             RouterError::DecodeFailed { .. } => "decode_failed",
+            RouterError::NoHealthyDecode => "no_healthy_decode",
         }
     }
 
@@ -121,6 +131,9 @@ pub struct RouterState {
     pub cfg: RouterConfig,
     pub scheduler: Scheduler,
     pub client: HttpClient,
+    /// Metrics scrapes and health checks: their own pool, so probes never wait
+    /// behind (or hold) the proxy's connections.
+    pub probe_client: HttpClient,
     pub metrics: Arc<RouterMetrics>,
 }
 
@@ -279,48 +292,122 @@ pub async fn routed(State(state): State<AppState>, req: Request) -> Response {
     }
 }
 
+/// Whether an answer counts against the endpoint's circuit: the statuses a
+/// proxy or an overloaded engine gives when it cannot serve.
+fn is_failure_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
 async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Response, RouterError> {
     let (parts, body) = req.into_parts();
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
     let raw = read_body(&parts.headers, body, state.cfg.max_body_bytes).await?;
     let body = parse(&raw)?;
     let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+    let tokenizer = state.cfg.tokenizer.as_ref().map(|t| t.inner.as_ref());
+    let prompt = prompt_with(api, &body, tokenizer);
 
+    let first = schedule(state, model, &prompt, None)?;
+    let first_index = first.decode_index;
+    let first_decision = Decided::of(&first);
+    let err = match forward(state, &parts, &raw, first).await {
+        Err(err @ RouterError::DecodeUnavailable { .. }) => err,
+        other => {
+            first_decision.count(state);
+            return other;
+        }
+    };
+    // No response byte came back, and the body is in memory: another decode
+    // endpoint can take it.
+    let Ok(second) = schedule(state, model, &prompt, Some(first_index)) else {
+        first_decision.count(state);
+        return Err(err);
+    };
+    state.metrics.retries.inc();
+    tracing::info!(failed = %err, retry = %second.decode.label, "retrying on another decode endpoint");
+    let decision = Decided::of(&second);
+    let result = forward(state, &parts, &raw, second).await;
+    decision.count(state);
+    result
+}
+
+/// The prefill decision of the attempt that answers a request, counted once per request.
+struct Decided {
+    decision: Decision,
+    prefill_unavailable: bool,
+}
+
+impl Decided {
+    fn of(routed: &Routed) -> Decided {
+        Decided {
+            decision: if routed.prefill.is_some() {
+                Decision::remote
+            } else {
+                Decision::local
+            },
+            prefill_unavailable: routed.prefill_unavailable,
+        }
+    }
+
+    fn count(&self, state: &RouterState) {
+        state.metrics.count(self.decision);
+        if self.prefill_unavailable {
+            state.metrics.error("no_prefill_endpoint");
+        }
+    }
+}
+
+/// Picks D (not `exclude`), decides, picks P; counts the picks.
+fn schedule(
+    state: &RouterState,
+    model: &str,
+    prompt: &Prompt,
+    exclude: Option<usize>,
+) -> Result<Routed, RouterError> {
     let started = Instant::now();
-    let prompt = prompt_of(api, &body);
-    let routed = state.scheduler.schedule(model, &prompt, &mut rand::rng());
+    let routed = state
+        .scheduler
+        .schedule(model, prompt, exclude, started, &mut rand::rng());
     state
         .metrics
         .pick_duration
         .observe(started.elapsed().as_secs_f64());
-
+    let routed = routed.ok_or(RouterError::NoHealthyDecode)?;
     let metrics = &state.metrics;
     metrics.pick("decode", &routed.decode.label);
-    let decision = match &routed.prefill {
-        Some((p, _)) => {
-            metrics.pick("prefill", &p.label);
-            Decision::remote
-        }
-        None => Decision::local,
-    };
-    metrics.count(decision);
+    if let Some((p, _)) = &routed.prefill {
+        metrics.pick("prefill", &p.label);
+    }
     tracing::debug!(
         decode = %routed.decode.label,
         decode_score = routed.decode_score,
         prefill = routed.prefill.as_ref().map(|(p, _)| p.label.as_str()),
         prefill_score = routed.prefill.as_ref().map(|(_, s)| *s),
+        prefill_unavailable = routed.prefill_unavailable,
         prompt_tokens = routed.prompt_tokens,
         uncached_tokens = routed.uncached_tokens,
-        ?decision,
         "pick"
     );
+    Ok(routed)
+}
 
+/// Sends the request to the picked D (naming P for P/D) and reports the
+/// outcome to D's breaker.
+async fn forward(
+    state: &RouterState,
+    parts: &Parts,
+    raw: &Bytes,
+    routed: Routed,
+) -> Result<Response, RouterError> {
+    if routed.prefill_unavailable {
+        tracing::warn!(decode = %routed.decode.label, "no healthy prefill endpoint: prefilling locally");
+    }
     let target = state.target(routed.decode_index)?;
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = upstream_uri(target.scheme, &target.authority, path)?;
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
     let mut headers = forward_headers(&parts.headers, peer);
     if let Some((p, _)) = &routed.prefill {
         if let Ok(v) = HeaderValue::from_str(&p.label) {
@@ -328,10 +415,18 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
         }
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(raw.len()));
-    let resp = upstream::send_buffered(&state.client, &parts.method, &uri, &headers, raw)
-        .await
-        .map_err(|e| decode_error(&routed.decode.label, e))?;
-    Ok(client_response(resp, routed.guards))
+    let sent =
+        upstream::send_buffered(&state.client, &parts.method, &uri, &headers, raw.clone()).await;
+    match sent {
+        Ok(resp) => {
+            routed.outcome.report(!is_failure_status(resp.status()));
+            Ok(client_response(resp, routed.guards))
+        }
+        Err(e) => {
+            routed.outcome.report(false);
+            Err(decode_error(&routed.decode.label, e))
+        }
+    }
 }
 
 /// Every other path: to the least loaded decode endpoint, bodies streamed both ways.
@@ -341,10 +436,17 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let (index, endpoint, guard) = state.scheduler.pick_by_load(&mut rand::rng());
+    let Some(pick) = state
+        .scheduler
+        .pick_by_load(Instant::now(), &mut rand::rng())
+    else {
+        let err = RouterError::NoHealthyDecode;
+        state.metrics.error(err.code());
+        return err.into_response();
+    };
     state.metrics.count(Decision::passthrough);
     let result = async {
-        let target = state.target(index)?;
+        let target = state.target(pick.index)?;
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = upstream_uri(target.scheme, &target.authority, path)?;
         let mut headers = forward_headers(&parts.headers, peer);
@@ -357,12 +459,16 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
         *out.headers_mut() = headers;
         upstream::send_streaming(&state.client, out)
             .await
-            .map_err(|e| decode_error(&endpoint.label, e))
+            .map_err(|e| decode_error(&pick.endpoint.label, e))
     }
     .await;
     match result {
-        Ok(resp) => client_response(resp, vec![guard]),
+        Ok(resp) => {
+            pick.outcome.report(!is_failure_status(resp.status()));
+            client_response(resp, vec![pick.guard])
+        }
         Err(err) => {
+            pick.outcome.report(false);
             state.metrics.error(err.code());
             tracing::warn!(error = %err, path = %parts.uri.path(), "passthrough failed");
             err.into_response()
@@ -370,23 +476,31 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
     }
 }
 
-/// Liveness and readiness: the router serves as soon as it has a decode endpoint,
-/// which the configuration guarantees.
-pub async fn health(State(state): State<AppState>) -> Response {
-    if state.scheduler.decode.is_empty() {
-        return (
+fn status_json(status: StatusCode, body: &'static str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Liveness: 200 while the process runs.
+pub async fn health() -> Response {
+    status_json(StatusCode::OK, r#"{"status":"ok"}"#)
+}
+
+/// Readiness: 200 while at least one decode endpoint's circuit is closed. A
+/// half-open one counts only without health checks: then only a trial request
+/// can close it, and an unready router would get none.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let count_half_open = state.cfg.probes.health_check_interval.is_zero();
+    if state
+        .scheduler
+        .any_decode_available(Instant::now(), count_half_open)
+    {
+        status_json(StatusCode::OK, r#"{"status":"ready"}"#)
+    } else {
+        status_json(
             StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, "application/json")],
-            r#"{"status":"no decode endpoint"}"#,
+            r#"{"status":"no healthy decode endpoint"}"#,
         )
-            .into_response();
     }
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        r#"{"status":"ok"}"#,
-    )
-        .into_response()
 }
 
 #[cfg(test)]

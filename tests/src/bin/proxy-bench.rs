@@ -1,10 +1,12 @@
-//! `proxy-bench`: what does `pd-sidecar` add to a request?
+//! `proxy-bench`: what do `pd-sidecar` and `pd-router` add to a request?
 //!
 //! Closed-loop load at several concurrencies, streaming and not, against an
 //! `engine-sim` with zero delay: direct, through `pd-sidecar` in local mode,
 //! through `pd-sidecar` in remote-prefill mode (a second simulator as the
-//! prefill engine), and through nginx as a plain reverse proxy when nginx is
-//! installed. Then 1,000 concurrent streams through a fresh sidecar for its
+//! prefill engine), through `pd-router` (the engine as its decode endpoint;
+//! every request parsed, hashed, scored and forwarded), through `pd-router`
+//! in front of the sidecar, and through nginx as a plain reverse proxy when
+//! nginx is installed (`--targets` picks which). Then 1,000 concurrent streams through a fresh sidecar for its
 //! peak RSS. Prints a table and writes JSON. Numbers are reported, never
 //! asserted: this is a benchmark, not a test.
 
@@ -19,12 +21,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
-use tandem_tests::harness::{free_port, wait_ready, EngineSim, Proc, Sidecar, READY_TIMEOUT};
+use tandem_tests::harness::{
+    free_port, wait_ready, EngineSim, Proc, Router, Sidecar, READY_TIMEOUT,
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "proxy-bench",
-    about = "Added latency and footprint of pd-sidecar"
+    about = "Added latency and footprint of pd-sidecar and pd-router"
 )]
 struct Args {
     /// Seconds of measurement per cell (after a short warm-up).
@@ -45,6 +49,13 @@ struct Args {
     /// Extra pd-sidecar flag (repeatable), e.g. --sidecar-arg=--worker-threads=1.
     #[arg(long = "sidecar-arg", allow_hyphen_values = true)]
     sidecar_args: Vec<String>,
+    /// Targets to measure (direct is always kept: the others are compared with it).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,sidecar-local,sidecar-remote,router,router-sidecar,nginx"
+    )]
+    targets: Vec<String>,
     /// JSON output path.
     #[arg(long, default_value = "bench-out/proxy-bench.json")]
     out: PathBuf,
@@ -279,7 +290,38 @@ async fn main() -> anyhow::Result<()> {
             headers: vec![("x-prefiller-host-port".into(), prefill.host_port())],
         },
     ];
-    let nginx = if args.no_nginx {
+    // pd-router with the engine as its only decode endpoint (what the router adds), and in
+    // front of the sidecar (router + sidecar, no prefill).
+    let want = |name: &str| args.targets.iter().any(|t| t == name);
+    let router = if want("router") {
+        Some(
+            Router::try_start(&[decode.url()], &[], &[], &[])
+                .await
+                .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
+    let router_sidecar = if want("router-sidecar") {
+        Some(
+            Router::try_start(&[sidecar.url("")], &[], &[], &[])
+                .await
+                .map_err(anyhow::Error::msg)?,
+        )
+    } else {
+        None
+    };
+    for (name, r) in [("router", &router), ("router-sidecar", &router_sidecar)] {
+        if let Some(r) = r {
+            targets.push(Target {
+                name,
+                url: r.url(path),
+                headers: vec![],
+            });
+        }
+    }
+    targets.retain(|t| t.name == "direct" || want(t.name));
+    let nginx = if args.no_nginx || !want("nginx") {
         None
     } else {
         start_nginx(decode.port()).await
@@ -308,6 +350,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let sidecar_hwm = vm_hwm_kib(sidecar.pid());
+    let router_hwm = router.as_ref().and_then(|r| vm_hwm_kib(r.pid()));
     let footprint = if args.streams > 0 {
         stream_footprint(args.streams, &args.sidecar_args).await
     } else {
@@ -352,6 +395,12 @@ async fn main() -> anyhow::Result<()> {
             kib as f64 / 1024.0
         );
     }
+    if let Some(kib) = router_hwm {
+        println!(
+            "pd-router peak RSS over the runs above: {:.1} MiB",
+            kib as f64 / 1024.0
+        );
+    }
     if let Some((kib, ok)) = footprint {
         println!(
             "pd-sidecar peak RSS with {} concurrent streams ({ok} completed): {:.1} MiB",
@@ -367,6 +416,7 @@ async fn main() -> anyhow::Result<()> {
         "sidecar_args": args.sidecar_args,
         "cells": rows,
         "sidecar_peak_rss_kib": sidecar_hwm,
+        "router_peak_rss_kib": router_hwm,
         "streams_footprint": footprint.map(|(kib, ok)| json!({"streams": args.streams, "completed": ok, "peak_rss_kib": kib})),
     });
     if let Some(dir) = args.out.parent() {
