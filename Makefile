@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-kv bench-kv-2proc clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc clean
 
 all: build
 
@@ -31,11 +31,17 @@ fmt:
 demo: setup build-release
 	./target/release/pd-demo
 
-bench: bench-proxy bench-kv
+bench: bench-proxy bench-router bench-kv
 
 ## Added latency of pd-sidecar vs direct and nginx; writes bench-out/proxy-bench.json.
 bench-proxy: setup build-release
 	./target/release/proxy-bench --out bench-out/proxy-bench.json
+
+## pd-router: the pick path in process (64+64 endpoints, 8k-token prompts; bench-out/router-pick.json),
+## then what the router adds to a request vs direct (bench-out/router-bench.json).
+bench-router: setup build-release
+	$(CARGO) bench -p sidecar --bench pick
+	./target/release/proxy-bench --targets direct,router,router-sidecar,sidecar-local --concurrency 1,64 --streams 0 --out bench-out/router-bench.json
 
 ## KV transfer: naive vs coalesced plans over NIXL (host memory), a 4096-token Llama-3.1-8B prompt;
 ## writes bench-out/kvbench.json and bench-out/kvbench.png.
