@@ -30,14 +30,15 @@ use crate::upstream::{self, HttpClient, UpstreamError};
 pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
 pub const DATA_PARALLEL_HEADER: &str = "x-data-parallel-host-port";
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
-/// Routing headers that only mean something to this sidecar; never forwarded.
-const PD_HEADERS: [&str; 4] = [
+/// Routing headers that only mean something to a sidecar; never forwarded upstream (and set
+/// only by the router: a client's are removed).
+pub const ROUTING_HEADERS: [&str; 4] = [
     PREFILLER_HEADER,
     "x-encoder-hosts-ports",
     DATA_PARALLEL_HEADER,
     "x-kv-cache-source-host-port",
 ];
-const HOP_BY_HOP: [&str; 8] = [
+pub const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -165,8 +166,9 @@ pub fn prefill_target(headers: &HeaderMap, sampling: bool) -> Option<String> {
     Some(pick.trim_end_matches('/').to_string())
 }
 
-/// Headers for an upstream leg: the client's, minus hop-by-hop and routing headers.
-fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
+/// Headers for an upstream leg: the client's, minus hop-by-hop and routing headers, plus the
+/// client's address in `x-forwarded-for`.
+pub fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
     let mut out = inbound.clone();
     let listed: Vec<HeaderName> = inbound
         .get_all(header::CONNECTION)
@@ -178,7 +180,7 @@ fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
     for name in listed {
         out.remove(name);
     }
-    for name in HOP_BY_HOP.iter().chain(PD_HEADERS.iter()) {
+    for name in HOP_BY_HOP.iter().chain(ROUTING_HEADERS.iter()) {
         out.remove(*name);
     }
     out.remove(header::CONTENT_LENGTH);
@@ -349,22 +351,41 @@ async fn run(
     }
 }
 
-/// Reads the request body up to the limit (413 past it).
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge { limit: usize },
+    Read(String),
+}
+
+/// Reads a request body up to `limit` bytes, refusing early when Content-Length says more.
+pub async fn read_limited(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
-        return Err(ProxyError::BodyTooLarge { limit });
+        return Err(BodyError::TooLarge { limit });
     }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ProxyError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(ProxyError::BodyRead(e.to_string())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
+        Err(e) => Err(BodyError::Read(e.to_string())),
     }
+}
+
+/// Reads the request body up to the limit (413 past it).
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+    read_limited(headers, body, limit)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
+            BodyError::Read(msg) => ProxyError::BodyRead(msg),
+        })
 }
 
 /// The prefill engine's prompt cache hits, for the decode response's usage.

@@ -20,10 +20,9 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{StatusCode, Uri};
 use http_body::{Frame, SizeHint};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
@@ -32,27 +31,9 @@ use super::metrics::{Decision, RouterMetrics};
 use super::pick::{InflightGuard, Routed, Scheduler};
 use super::prefix::{prompt_with, Prompt};
 use crate::error::{error_body, ERROR_CODE_HEADER};
-use crate::proxy::PREFILLER_HEADER;
+use crate::proxy::{forward_headers, read_limited, BodyError, HOP_BY_HOP, PREFILLER_HEADER};
 use crate::request::ApiKind;
 use crate::upstream::{self, HttpClient, UpstreamError};
-
-/// Routing headers only the router may set: a client's are removed (spoofing).
-const ROUTING_HEADERS: [&str; 4] = [
-    PREFILLER_HEADER,
-    "x-encoder-hosts-ports",
-    "x-data-parallel-host-port",
-    "x-kv-cache-source-host-port",
-];
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-];
 
 /// Typed errors of the router; status and `x-pd-error-code` are functions of the variant.
 #[derive(Debug, thiserror::Error)]
@@ -149,36 +130,6 @@ impl RouterState {
 
 pub type AppState = Arc<RouterState>;
 
-/// Headers for the upstream: the client's, minus hop-by-hop and routing headers.
-fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
-    let mut out = inbound.clone();
-    let listed: Vec<HeaderName> = inbound
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in listed {
-        out.remove(name);
-    }
-    for name in HOP_BY_HOP.iter().chain(ROUTING_HEADERS.iter()) {
-        out.remove(*name);
-    }
-    out.remove(header::CONTENT_LENGTH);
-    if let Some(peer) = peer {
-        let ip = peer.ip().to_string();
-        let value = match inbound.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            out.insert("x-forwarded-for", v);
-        }
-    }
-    out
-}
-
 /// The client's response: the upstream's head minus hop-by-hop headers, its
 /// body streamed frame by frame with the in-flight counts attached.
 fn client_response(resp: http::Response<Incoming>, guards: Vec<InflightGuard>) -> Response {
@@ -251,20 +202,12 @@ fn decode_error(endpoint: &str, err: UpstreamError) -> RouterError {
 
 /// Reads the request body up to the limit (413 past it).
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RouterError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(RouterError::BodyTooLarge { limit });
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(RouterError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(RouterError::BodyRead(e.to_string())),
-    }
+    read_limited(headers, body, limit)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => RouterError::BodyTooLarge { limit },
+            BodyError::Read(msg) => RouterError::BodyRead(msg),
+        })
 }
 
 fn parse(raw: &[u8]) -> Result<Map<String, Value>, RouterError> {
@@ -507,6 +450,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 mod tests {
     use super::*;
     use crate::proxy::REQUEST_ID_HEADER;
+    use http::header::HeaderName;
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
