@@ -24,14 +24,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{self, AppState, Shared, REQUEST_ID_HEADER};
 
-/// Keeps the client's `x-request-id` (or makes one), so both legs and the
-/// client see the same id; counts requests in flight.
-async fn request_context(
-    State(metrics): State<Arc<Metrics>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let id = match req.headers().get(REQUEST_ID_HEADER) {
+/// The request's `x-request-id`, set to a new uuid when the client sent none (or an empty one).
+pub fn ensure_request_id(req: &mut Request) -> HeaderValue {
+    match req.headers().get(REQUEST_ID_HEADER) {
         Some(v) if !v.is_empty() => v.clone(),
         _ => {
             let generated = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
@@ -40,7 +35,17 @@ async fn request_context(
                 .insert(REQUEST_ID_HEADER, generated.clone());
             generated
         }
-    };
+    }
+}
+
+/// Keeps the client's `x-request-id` (or makes one), so both legs and the
+/// client see the same id; counts requests in flight.
+async fn request_context(
+    State(metrics): State<Arc<Metrics>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let id = ensure_request_id(&mut req);
     let span = tracing::debug_span!("request", id = ?id, path = %req.uri().path());
     metrics.in_flight.inc();
     let _in_flight = scopeguard(|| {

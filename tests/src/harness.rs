@@ -625,61 +625,46 @@ impl EngineSim {
     }
 }
 
-/// A running `pd-sidecar` on 127.0.0.1 in front of one engine, with plain HTTP
-/// and its metrics on a second free port.
-pub struct Sidecar {
+/// A running HTTP server process of ours (`pd-sidecar`, `pd-router`) on 127.0.0.1, with its
+/// Prometheus metrics on a second port.
+pub struct ServedProc {
     proc: Proc,
     port: u16,
     metrics_port: u16,
 }
 
-impl Sidecar {
-    /// Starts a sidecar for the engine on `decode_port` with `extra` flags
-    /// (a repeated flag overrides these defaults) and waits until it serves and
-    /// its metrics answer; retries when a chosen port was taken meanwhile.
+impl ServedProc {
+    /// Spawns `bin` with the flags `args(port, metrics_port)` on two free ports and waits until
+    /// `/health` and the metrics answer; retries on new ports when a chosen one was taken
+    /// meanwhile.
     pub async fn try_start(
-        decode_port: u16,
-        extra: &[String],
+        bin: &str,
+        args: impl Fn(u16, u16) -> Vec<String>,
         env: &[(&str, &str)],
-    ) -> Result<Sidecar, String> {
+    ) -> Result<ServedProc, String> {
         let mut last_err = String::new();
         for _ in 0..3 {
-            let port = free_port();
-            let metrics_port = free_port();
-            let mut args = vec![
-                format!("--port={port}"),
-                format!("--model-server-port={decode_port}"),
-                "--secure-proxy=false".into(),
-                format!("--metrics-port={metrics_port}"),
-            ];
-            args.extend(extra.iter().cloned());
+            let (port, metrics_port) = (free_port(), free_port());
+            let args = args(port, metrics_port);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut proc = Proc::spawn("pd-sidecar", &args, env);
+            let mut proc = Proc::spawn(bin, &args, env);
             let ready = proc
                 .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
                 .await;
-            let sidecar = Sidecar {
+            let served = ServedProc {
                 proc,
                 port,
                 metrics_port,
             };
             match ready {
-                Ok(()) => match sidecar.metrics().await {
-                    Ok(_) => return Ok(sidecar),
+                Ok(()) => match served.metrics().await {
+                    Ok(_) => return Ok(served),
                     Err(e) => last_err = e,
                 },
                 Err(e) => last_err = e,
             }
         }
-        Err(format!("pd-sidecar did not start: {last_err}"))
-    }
-
-    /// Like [`Sidecar::try_start`], panicking on failure.
-    pub async fn start(decode_port: u16, extra: &[&str]) -> Sidecar {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Sidecar::try_start(decode_port, &extra, &[("RUST_LOG", "debug")])
-            .await
-            .unwrap_or_else(|e| panic!("{e}"))
+        Err(format!("{bin} did not start: {last_err}"))
     }
 
     pub fn port(&self) -> u16 {
@@ -716,6 +701,56 @@ impl Sidecar {
             return Err(format!("GET {url}: {status}"));
         }
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// A running `pd-sidecar` on 127.0.0.1 in front of one engine, with plain HTTP
+/// and its metrics on a second free port.
+pub struct Sidecar(ServedProc);
+
+impl std::ops::Deref for Sidecar {
+    type Target = ServedProc;
+    fn deref(&self) -> &ServedProc {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Sidecar {
+    fn deref_mut(&mut self) -> &mut ServedProc {
+        &mut self.0
+    }
+}
+
+impl Sidecar {
+    /// Starts a sidecar for the engine on `decode_port` with `extra` flags
+    /// (a repeated flag overrides these defaults) and waits until it serves and
+    /// its metrics answer; retries when a chosen port was taken meanwhile.
+    pub async fn try_start(
+        decode_port: u16,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Result<Sidecar, String> {
+        let args = |port: u16, metrics_port: u16| {
+            let mut args = vec![
+                format!("--port={port}"),
+                format!("--model-server-port={decode_port}"),
+                "--secure-proxy=false".into(),
+                format!("--metrics-port={metrics_port}"),
+            ];
+            args.extend(extra.iter().cloned());
+            args
+        };
+        ServedProc::try_start("pd-sidecar", args, env)
+            .await
+            .map(Sidecar)
+    }
+
+    /// Like [`Sidecar::try_start`], panicking on failure.
+    pub async fn start(decode_port: u16, extra: &[&str]) -> Sidecar {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Sidecar::try_start(decode_port, &extra, &[("RUST_LOG", "debug")])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
@@ -734,10 +769,19 @@ pub fn prom_sample(text: &str, series: &str) -> Option<f64> {
 
 /// A running `pd-router` on 127.0.0.1 in front of decode endpoints (normally
 /// sidecars), with its metrics on a second free port.
-pub struct Router {
-    proc: Proc,
-    port: u16,
-    metrics_port: u16,
+pub struct Router(ServedProc);
+
+impl std::ops::Deref for Router {
+    type Target = ServedProc;
+    fn deref(&self) -> &ServedProc {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Router {
+    fn deref_mut(&mut self) -> &mut ServedProc {
+        &mut self.0
+    }
 }
 
 impl Router {
@@ -750,10 +794,7 @@ impl Router {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> Result<Router, String> {
-        let mut last_err = String::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let metrics_port = free_port();
+        let args = |port: u16, metrics_port: u16| {
             let mut args = vec![
                 "--bind=127.0.0.1".to_string(),
                 format!("--port={port}"),
@@ -762,25 +803,11 @@ impl Router {
             args.extend(decode_urls.iter().map(|d| format!("--decode={d}")));
             args.extend(prefill_host_ports.iter().map(|p| format!("--prefill={p}")));
             args.extend(extra.iter().cloned());
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut proc = Proc::spawn("pd-router", &args, env);
-            let ready = proc
-                .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
-                .await;
-            let router = Router {
-                proc,
-                port,
-                metrics_port,
-            };
-            match ready {
-                Ok(()) => match router.metrics().await {
-                    Ok(_) => return Ok(router),
-                    Err(e) => last_err = e,
-                },
-                Err(e) => last_err = e,
-            }
-        }
-        Err(format!("pd-router did not start: {last_err}"))
+            args
+        };
+        ServedProc::try_start("pd-router", args, env)
+            .await
+            .map(Router)
     }
 
     /// Like [`Router::try_start`] with debug logs, panicking on failure.
@@ -798,42 +825,6 @@ impl Router {
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn metrics_port(&self) -> u16 {
-        self.metrics_port
-    }
-
-    /// `http://127.0.0.1:<port><path>`
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    pub fn proc_mut(&mut self) -> &mut Proc {
-        &mut self.proc
-    }
-
-    pub fn log_path(&self) -> &Path {
-        self.proc.log_path()
-    }
-
-    /// The Prometheus text of `--metrics-port`.
-    pub async fn metrics(&self) -> Result<String, String> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port);
-        let (status, _, body) =
-            try_http(Method::GET, &url, &[], Bytes::new(), Duration::from_secs(5)).await?;
-        if status != StatusCode::OK {
-            return Err(format!("GET {url}: {status}"));
-        }
-        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
     /// One sample of the router's metrics (see [`prom_sample`]); panics when the metrics

@@ -29,7 +29,6 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use http::HeaderValue;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -45,16 +44,7 @@ use proxy::{AppState, RouterState};
 /// Keeps the client's `x-request-id` (or makes one) so the sidecar, both
 /// engines and the client see the same id.
 async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = match req.headers().get(REQUEST_ID_HEADER) {
-        Some(v) if !v.is_empty() => v.clone(),
-        _ => {
-            let generated = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .expect("a uuid is a valid header value");
-            req.headers_mut()
-                .insert(REQUEST_ID_HEADER, generated.clone());
-            generated
-        }
-    };
+    let id = crate::server::ensure_request_id(&mut req);
     let span = tracing::debug_span!("request", id = ?id, path = %req.uri().path());
     let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
     resp.headers_mut().insert(REQUEST_ID_HEADER, id);

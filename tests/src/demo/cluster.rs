@@ -241,7 +241,7 @@ impl Cluster {
             "prefill": self.prefill.iter().map(|p| json!({"port": p.port(), "engine_id": p.engine_id()})).collect::<Vec<_>>(),
             "decode": self.decode.iter().enumerate().map(|(i, d)| json!({
                 "port": d.port(), "engine_id": d.engine_id(),
-                "sidecar_port": self.sidecars.get(i).map(Sidecar::port),
+                "sidecar_port": self.sidecars.get(i).map(|s| s.port()),
             })).collect::<Vec<_>>(),
             "router_port": self.router.port(),
             "engine_args": self.spec.engine_args,
