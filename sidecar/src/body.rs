@@ -16,7 +16,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Ends the stream with an error when a concurrently running prefill fails.
 struct Abort {
     failed: tokio::sync::oneshot::Receiver<crate::error::ProxyError>,
-    _watch: crate::proxy::PrefillWatch,
+    watch: crate::proxy::PrefillWatch,
 }
 
 /// Wraps an upstream body; calls `on_first` at the first data frame and, when
@@ -48,11 +48,17 @@ impl<B> Observed<B> {
         failed: tokio::sync::oneshot::Receiver<crate::error::ProxyError>,
         watch: crate::proxy::PrefillWatch,
     ) -> Self {
-        self.abort = Some(Abort {
-            failed,
-            _watch: watch,
-        });
+        self.abort = Some(Abort { failed, watch });
         self
+    }
+
+    /// The decode answer ended normally: a still-running prefill leg is left to
+    /// finish (dropping it now would cancel a request the prefill engine may
+    /// already be working on).
+    fn ended(&mut self) {
+        if let Some(mut abort) = self.abort.take() {
+            abort.watch.detach();
+        }
     }
 }
 
@@ -86,6 +92,7 @@ where
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 None => {
+                    this.ended();
                     // Whatever is left of an unterminated last event.
                     let rest = this.sse.as_mut().map(|s| s.pending.split().freeze());
                     return Poll::Ready(rest.filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))));
@@ -104,6 +111,10 @@ where
             };
             if let Some(f) = this.on_first.take() {
                 f();
+            }
+            if this.inner.is_end_stream() {
+                // The server may not poll again after the last frame.
+                this.ended();
             }
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }

@@ -457,9 +457,7 @@ impl Ctx<'_> {
                 let _ = failed_tx.send(err);
             }
         });
-        let watch = PrefillWatch {
-            task: task.abort_handle(),
-        };
+        let watch = PrefillWatch::new(task.abort_handle());
         let decode_bytes = Bytes::from(Value::Object(decode).to_string());
         let decode_fut = self.send_decode(decode_bytes);
         tokio::pin!(decode_fut);
@@ -595,14 +593,28 @@ impl Ctx<'_> {
 }
 
 /// Aborts the spawned prefill leg when the response it belongs to is dropped
-/// (the client went away).
+/// before it ended (the client went away). Once the decode answer has ended,
+/// [`PrefillWatch::detach`] lets the prefill leg finish on its own.
 pub struct PrefillWatch {
-    task: tokio::task::AbortHandle,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl PrefillWatch {
+    pub fn new(task: tokio::task::AbortHandle) -> Self {
+        PrefillWatch { task: Some(task) }
+    }
+
+    /// The response ended normally: the prefill leg is no longer ours to cancel.
+    pub fn detach(&mut self) {
+        self.task = None;
+    }
 }
 
 impl Drop for PrefillWatch {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 

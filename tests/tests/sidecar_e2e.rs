@@ -766,6 +766,30 @@ async fn sglang_prefill_failure_fails_the_decode_fast() {
 }
 
 #[tokio::test]
+async fn sglang_prefill_outliving_the_decode_answer_is_not_cancelled() {
+    // The prefill leg answers well after the decode engine has finished.
+    let prefill = EngineSim::start(&["--ttft-ms", "400"]).await;
+    let decode = EngineSim::start(&[]).await;
+    let sidecar = start_sidecar(decode.port(), &["--kv-connector=sglang"]).await;
+    let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
+    let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
+    assert_eq!(status, StatusCode::OK);
+    let p = poll_until(
+        Duration::from_secs(10),
+        "the prefill leg to end",
+        || async {
+            inference_requests(&prefill)
+                .await
+                .pop()
+                .filter(|r| r["completed"] == true || r["cancelled"] == true)
+        },
+    )
+    .await;
+    assert_eq!(p["cancelled"], false, "{p:#}");
+    assert_eq!(only_request(&decode).await["completed"], true);
+}
+
+#[tokio::test]
 async fn passthrough_streams_other_paths() {
     let decode = EngineSim::start(&[]).await;
     let sidecar = start_sidecar(decode.port(), &[]).await;
