@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 use sidecar::request::ApiKind;
 use sidecar::router::config::RouterConfig;
-use sidecar::router::prefix::{prompt_of, prompt_with};
+use sidecar::router::prefix::{block_hashes, prompt_of, prompt_with};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
@@ -97,7 +97,8 @@ fn main() {
     for doc in 0..WARM_DOCUMENTS {
         let body = chat_body(&document(doc, PROMPT_TOKENS, 0));
         let prompt = prompt_of(ApiKind::ChatCompletions, body.as_object().unwrap());
-        sched.schedule("llama", &prompt, None, Instant::now(), &mut rng);
+        let routed = sched.schedule("llama", &prompt, None, Instant::now(), &mut rng);
+        sched.record(&routed.expect("a decode endpoint"));
     }
 
     let mut parse = Stat {
@@ -109,7 +110,7 @@ fn main() {
         samples: Vec::new(),
     };
     let mut pick = Stat {
-        name: "pick (hash+score+decide)",
+        name: "pick (hash, score, decide)",
         samples: Vec::new(),
     };
     let mut total = Stat {
@@ -126,6 +127,24 @@ fn main() {
             .unwrap()
         })
         .collect();
+    // The block-hash chain alone (part of the pick).
+    let mut hash = Stat {
+        name: "  of which block-hash chain",
+        samples: Vec::new(),
+    };
+    let prefix = sched.prefix_params();
+    for i in 0..ITERATIONS / 4 {
+        let body: Map<String, Value> = serde_json::from_slice(&raw[i % raw.len()]).unwrap();
+        let prompt = prompt_of(ApiKind::ChatCompletions, &body);
+        let (_, dt) =
+            time(|| block_hashes("llama", &prompt.bytes, prefix.block_size, prefix.max_blocks));
+        hash.samples.push(dt);
+    }
+    let mut record = Stat {
+        name: "record in both indexes",
+        samples: Vec::new(),
+    };
+
     let mut remote = 0usize;
     for i in 0..ITERATIONS {
         let bytes = &raw[i % raw.len()];
@@ -137,8 +156,10 @@ fn main() {
         let (routed, dt) =
             time(|| sched.schedule("llama", &prompt, None, Instant::now(), &mut rng));
         pick.samples.push(dt);
-        total.samples.push(started.elapsed());
         let routed = routed.expect("a decode endpoint");
+        let ((), dt) = time(|| sched.record(&routed));
+        record.samples.push(dt);
+        total.samples.push(started.elapsed());
         remote += usize::from(routed.prefill.is_some());
         // The request is over: in-flight counts go back down.
         drop(routed);
@@ -184,7 +205,7 @@ fn main() {
         "step", "n", "mean us", "p50 us", "p99 us"
     );
     let mut rows = Vec::new();
-    for s in [&parse, &extract, &pick, &total, &tokenize] {
+    for s in [&parse, &extract, &pick, &hash, &record, &total, &tokenize] {
         println!(
             "{:<30} {:>9} {:>9.1} {:>9.1} {:>9.1}",
             s.name,

@@ -1,7 +1,7 @@
-//! One decode or prefill endpoint and everything the router knows about it:
-//! requests in flight, the approximate prefix index, the last engine metrics
-//! scraped (with their time), and the circuit breaker fed by health checks and
-//! forwarded requests.
+//! One decode or prefill endpoint and what the router knows about it:
+//! requests in flight, the last engine metrics scraped (with their time), and
+//! the circuit breaker fed by health checks and forwarded requests. (The
+//! prefix indexes live in the scheduler, one lock for all endpoints of a role.)
 //!
 //! The pick path reads all of it through short critical sections (an atomic
 //! for a closed circuit, a read lock for the metrics snapshot); the probe tasks
@@ -15,7 +15,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::breaker::{Admission, Breaker, BreakerConfig, Phase, Transition};
-use super::prefix::PrefixLru;
 use super::probe::EngineMetrics;
 
 /// Which set an endpoint belongs to.
@@ -68,7 +67,6 @@ pub struct Endpoint {
     /// Metric label and log name: the decode URL, or the prefill `host:port`.
     pub label: String,
     pub role: Role,
-    index: Mutex<PrefixLru>,
     engine: RwLock<Option<Scraped>>,
     breaker: Mutex<Breaker>,
     /// Mirrors "the breaker is closed" so the pick path takes no lock then.
@@ -77,28 +75,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(
-        label: String,
-        role: Role,
-        lru_capacity: usize,
-        breaker: BreakerConfig,
-        obs: EndpointObs,
-    ) -> Endpoint {
+    pub fn new(label: String, role: Role, breaker: BreakerConfig, obs: EndpointObs) -> Endpoint {
         obs.healthy.set(1);
         Endpoint {
             label,
             role,
-            index: Mutex::new(PrefixLru::new(lru_capacity)),
             engine: RwLock::new(None),
             breaker: Mutex::new(Breaker::new(breaker)),
             closed: AtomicBool::new(true),
             obs,
         }
-    }
-
-    fn index(&self) -> MutexGuard<'_, PrefixLru> {
-        // A panic while holding the lock cannot leave the LRU worse than stale.
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn breaker(&self) -> MutexGuard<'_, Breaker> {
@@ -109,24 +95,20 @@ impl Endpoint {
         self.obs.inflight.get().max(0) as u64
     }
 
-    /// What the scorers see at `now`: metrics older than `staleness` are unknown.
-    pub fn candidate(&self, hashes: &[u64], now: Instant, staleness: Duration) -> Candidate {
-        let fresh = self.fresh_metrics(now, staleness).unwrap_or_default();
+    /// What the scorers see at `now`, but the prefix match (the scheduler's
+    /// prefix index fills it in): engine metrics only when `metrics` (some
+    /// scorer reads them), and unknown when older than `staleness`.
+    pub fn candidate(&self, now: Instant, staleness: Duration, metrics: bool) -> Candidate {
+        let fresh = if metrics {
+            self.fresh_metrics(now, staleness).unwrap_or_default()
+        } else {
+            EngineMetrics::default()
+        };
         Candidate {
             inflight: self.inflight(),
-            matched_blocks: if hashes.is_empty() {
-                0
-            } else {
-                self.index().matched_prefix(hashes)
-            },
+            matched_blocks: 0,
             waiting: fresh.waiting,
             kv_usage: fresh.kv_usage,
-        }
-    }
-
-    pub fn record(&self, hashes: &[u64]) {
-        if !hashes.is_empty() {
-            self.index().insert_chain(hashes);
         }
     }
 
@@ -291,7 +273,6 @@ mod tests {
         Arc::new(Endpoint::new(
             "http://d:1".into(),
             Role::Decode,
-            100,
             BreakerConfig {
                 threshold,
                 open_for: Duration::from_secs(5),
@@ -305,7 +286,7 @@ mod tests {
         let e = endpoint(3);
         let t0 = Instant::now();
         let stale = Duration::from_secs(2);
-        assert_eq!(e.candidate(&[], t0, stale).waiting, None, "never scraped");
+        assert_eq!(e.candidate(t0, stale, true).waiting, None, "never scraped");
         e.set_metrics(
             EngineMetrics {
                 waiting: Some(4.0),
@@ -314,9 +295,9 @@ mod tests {
             },
             t0,
         );
-        let c = e.candidate(&[], t0 + stale, stale);
+        let c = e.candidate(t0 + stale, stale, true);
         assert_eq!((c.waiting, c.kv_usage), (Some(4.0), Some(0.25)));
-        let c = e.candidate(&[], t0 + stale + Duration::from_millis(1), stale);
+        let c = e.candidate(t0 + stale + Duration::from_millis(1), stale, true);
         assert_eq!((c.waiting, c.kv_usage), (None, None));
         assert_eq!(e.metrics_at(), Some(t0), "the last good scrape is kept");
     }

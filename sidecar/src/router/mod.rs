@@ -93,10 +93,9 @@ fn metrics_router(state: AppState) -> Router {
 /// The shared state of a router built from `cfg`.
 pub fn state(cfg: RouterConfig) -> AppState {
     let metrics = Arc::new(RouterMetrics::new());
-    let lru = cfg.scheduling.prefix.lru_capacity;
     let endpoint = |label: String, role: Role| {
         let obs = metrics.endpoint_obs(&label, role);
-        Arc::new(Endpoint::new(label, role, lru, cfg.breaker, obs))
+        Arc::new(Endpoint::new(label, role, cfg.breaker, obs))
     };
     let decode = cfg
         .decode

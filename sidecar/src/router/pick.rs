@@ -16,8 +16,8 @@ use rand::Rng;
 
 use super::breaker::Admission;
 use super::config::{PickerSpec, PrefixParams, ProfileSpec, Scheduling, ScorerSpec};
-pub use super::endpoint::{Candidate, Endpoint, InflightGuard, Outcome};
-use super::prefix::{block_hashes, Prompt};
+pub use super::endpoint::{Candidate, Endpoint, InflightGuard, Outcome, Role};
+use super::prefix::{block_hashes, PrefixIndex, Prompt};
 
 /// The score of an endpoint whose engine metrics are unknown or stale: neither
 /// preferred nor avoided.
@@ -221,6 +221,10 @@ pub struct Routed {
     pub prefill_unavailable: bool,
     pub prompt_tokens: u64,
     pub uncached_tokens: u64,
+    /// The prompt's block-hash chain, for [`Scheduler::record`].
+    pub hashes: Vec<u64>,
+    /// Position of the prefill pick among the prefill endpoints.
+    pub prefill_index: Option<usize>,
     /// In-flight counts held until the response is finished.
     pub guards: Vec<InflightGuard>,
     /// To report once the decode endpoint has answered (or failed).
@@ -241,10 +245,14 @@ pub struct Scheduler {
     pub prefill: Vec<Arc<Endpoint>>,
     decode_profile: Profile,
     prefill_profile: Option<Profile>,
+    decode_index: PrefixIndex,
+    prefill_index: PrefixIndex,
     prefix: PrefixParams,
     threshold: u64,
     /// Engine metrics older than this read as unknown.
     staleness: Duration,
+    /// Some scorer reads engine metrics (otherwise the pick skips them).
+    reads_metrics: bool,
 }
 
 /// Decode endpoints the breakers admit at `now` (all but `exclude`), each with
@@ -282,7 +290,14 @@ impl Scheduler {
         prefill: Vec<Arc<Endpoint>>,
         staleness: Duration,
     ) -> Scheduler {
+        let reads_metrics = std::iter::once(&scheduling.decode)
+            .chain(&scheduling.prefill)
+            .flat_map(|p| &p.scorers)
+            .any(|s| matches!(s.scorer, ScorerSpec::Queue | ScorerSpec::KvCacheUtilization));
+        let capacity = scheduling.prefix.lru_capacity;
         Scheduler {
+            decode_index: PrefixIndex::new(decode.len(), capacity),
+            prefill_index: PrefixIndex::new(prefill.len(), capacity),
             decode,
             prefill,
             decode_profile: Profile::from_spec(&scheduling.decode),
@@ -290,14 +305,36 @@ impl Scheduler {
             prefix: scheduling.prefix,
             threshold: scheduling.threshold,
             staleness,
+            reads_metrics,
         }
+    }
+
+    /// The scorers' view of the admitted endpoints `admitted` of one role.
+    fn candidates(
+        &self,
+        role: Role,
+        admitted: &[(usize, Admission)],
+        hashes: &[u64],
+        now: Instant,
+    ) -> Vec<Candidate> {
+        let (endpoints, index) = match role {
+            Role::Decode => (&self.decode, &self.decode_index),
+            Role::Prefill => (&self.prefill, &self.prefill_index),
+        };
+        let mut candidates: Vec<Candidate> = admitted
+            .iter()
+            .map(|&(i, _)| endpoints[i].candidate(now, self.staleness, self.reads_metrics))
+            .collect();
+        let positions: Vec<usize> = admitted.iter().map(|&(i, _)| i).collect();
+        index.matched(hashes, &positions, |k, m| candidates[k].matched_blocks = m);
+        candidates
     }
 
     /// The decode profile picks D among the admitted decode endpoints (not
     /// `exclude`); the decider compares D's uncached tokens with the
     /// threshold; the prefill profile picks P among the admitted prefill
-    /// endpoints. Both indexes then remember the prompt: D holds all of it
-    /// after the request either way. None when no decode endpoint is admitted.
+    /// endpoints. None when no decode endpoint is admitted. The indexes learn
+    /// the prompt in [`Scheduler::record`], once the pick is made.
     pub fn schedule<R: Rng + ?Sized>(
         &self,
         model: &str,
@@ -316,10 +353,7 @@ impl Scheduler {
             self.prefix.block_size,
             self.prefix.max_blocks,
         );
-        let candidates: Vec<Candidate> = admitted_decode
-            .iter()
-            .map(|&(i, _)| self.decode[i].candidate(&hashes, now, self.staleness))
-            .collect();
+        let candidates = self.candidates(Role::Decode, &admitted_decode, &hashes, now);
         let d = self
             .decode_profile
             .pick(&ScoreInput::new(&candidates, hashes.len()), rng);
@@ -336,6 +370,7 @@ impl Scheduler {
             self.prefill.len(),
         ));
         let mut prefill_unavailable = false;
+        let mut prefill_index = None;
         let prefill = match (&self.prefill_profile, remote) {
             (Some(profile), true) => {
                 // No trials: the router never sees a prefill leg's outcome, so
@@ -345,20 +380,18 @@ impl Scheduler {
                     prefill_unavailable = true;
                     None
                 } else {
-                    let candidates: Vec<Candidate> = admitted_prefill
-                        .iter()
-                        .map(|&(i, _)| self.prefill[i].candidate(&hashes, now, self.staleness))
-                        .collect();
+                    let candidates =
+                        self.candidates(Role::Prefill, &admitted_prefill, &hashes, now);
                     let p = profile.pick(&ScoreInput::new(&candidates, hashes.len()), rng);
-                    let endpoint = self.prefill[admitted_prefill[p.index].0].clone();
+                    let i = admitted_prefill[p.index].0;
+                    let endpoint = self.prefill[i].clone();
                     guards.push(endpoint.acquire());
-                    endpoint.record(&hashes);
+                    prefill_index = Some(i);
                     Some((endpoint, p.score))
                 }
             }
             _ => None,
         };
-        decode.record(&hashes);
         Some(Routed {
             decode_index,
             outcome: Outcome::new(decode.clone(), admission),
@@ -368,8 +401,26 @@ impl Scheduler {
             prefill_unavailable,
             prompt_tokens: prompt.tokens,
             uncached_tokens: uncached,
+            hashes,
+            prefill_index,
             guards,
         })
+    }
+
+    /// Both picks now hold the prompt's prefix (D holds all of it after the
+    /// request either way): their indexes remember it. Kept out of
+    /// [`Scheduler::schedule`] so the pick itself stays short.
+    pub fn record(&self, routed: &Routed) {
+        self.decode_index
+            .record(routed.decode_index, &routed.hashes);
+        if let Some(p) = routed.prefill_index {
+            self.prefill_index.record(p, &routed.hashes);
+        }
+    }
+
+    /// The prefix-index parameters (block size, blocks matched, LRU capacity).
+    pub fn prefix_params(&self) -> PrefixParams {
+        self.prefix
     }
 
     /// For requests without a prompt: the least loaded admitted decode
@@ -546,7 +597,6 @@ mod tests {
         Arc::new(Endpoint::new(
             label,
             role,
-            1000,
             BreakerConfig {
                 threshold: 1,
                 open_for: Duration::from_secs(5),
@@ -577,8 +627,11 @@ mod tests {
     }
 
     fn schedule(s: &Scheduler, p: &Prompt, r: &mut StdRng) -> Routed {
-        s.schedule("m", p, None, Instant::now(), r)
-            .expect("a decode endpoint")
+        let routed = s
+            .schedule("m", p, None, Instant::now(), r)
+            .expect("a decode endpoint");
+        s.record(&routed);
+        routed
     }
 
     fn prompt(shared: &str, tail: &str) -> Prompt {

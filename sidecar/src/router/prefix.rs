@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 
@@ -178,6 +179,13 @@ pub fn prompt_with(
 // Block hashes. Not cryptographic: a collision only costs a worse pick.
 
 const K: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Per-lane multipliers (odd, so each step is a bijection of the lane).
+const LANES: [u64; 4] = [
+    K,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0x85eb_ca77_c2b2_ae63,
+];
 
 /// Murmur3's 64-bit finaliser: every input bit reaches every output bit.
 fn finish(mut h: u64) -> u64 {
@@ -188,36 +196,50 @@ fn finish(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
-/// Hashes `data` eight bytes at a time, chained on `seed`.
-fn hash_bytes(seed: u64, data: &[u8]) -> u64 {
-    let step = |h: u64, w: u64| (h.rotate_left(23) ^ w).wrapping_mul(K);
-    let mut h = seed ^ (data.len() as u64).wrapping_mul(K);
-    let mut words = data.chunks_exact(8);
-    for w in &mut words {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(w);
-        h = step(h, u64::from_le_bytes(b));
+fn word(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..bytes.len()].copy_from_slice(bytes);
+    u64::from_le_bytes(b)
+}
+
+/// A digest of `data` alone: four independent lanes over 32-byte stripes, so
+/// the multiplications of one block, and of neighbouring blocks, overlap.
+fn digest(data: &[u8]) -> u64 {
+    let mut lanes = LANES;
+    let mut stripes = data.chunks_exact(32);
+    for stripe in &mut stripes {
+        for (j, lane) in lanes.iter_mut().enumerate() {
+            let w = word(&stripe[j * 8..j * 8 + 8]);
+            *lane = (*lane ^ w).wrapping_mul(LANES[j]).rotate_left(31);
+        }
     }
-    let rest = words.remainder();
-    if !rest.is_empty() {
-        let mut b = [0u8; 8];
-        b[..rest.len()].copy_from_slice(rest);
-        h = step(h, u64::from_le_bytes(b));
+    for (j, rest) in stripes.remainder().chunks(8).enumerate() {
+        lanes[j] = (lanes[j] ^ word(rest))
+            .wrapping_mul(LANES[j])
+            .rotate_left(31);
     }
-    finish(h)
+    finish(
+        lanes[0]
+            ^ lanes[1].rotate_left(17)
+            ^ lanes[2].rotate_left(31)
+            ^ lanes[3].rotate_left(47)
+            ^ (data.len() as u64).wrapping_mul(K),
+    )
 }
 
 /// The hash chain of the prompt's full blocks of `block_size` tokens, at most
-/// `max_blocks` of them: `h[i] = hash(h[i-1], block i)`, seeded by the model
-/// name, so equal hashes mean equal prefixes for the same model.
+/// `max_blocks` of them: `h[i] = chain(h[i-1], digest(block i))`, seeded by
+/// the model name, so equal hashes mean equal prefixes for the same model.
+/// Only the cheap chaining step is sequential; the digests are independent.
 pub fn block_hashes(model: &str, bytes: &[u8], block_size: usize, max_blocks: usize) -> Vec<u64> {
     let block_bytes = block_size.saturating_mul(BYTES_PER_TOKEN).max(1);
-    let mut prev = hash_bytes(0x7461_6e64_656d, model.as_bytes());
+    let mut prev = digest(model.as_bytes());
     bytes
         .chunks_exact(block_bytes)
         .take(max_blocks)
         .map(|block| {
-            prev = hash_bytes(prev, block);
+            // The digest is fully mixed, so one multiply keeps the chain's bits mixed too.
+            prev = (prev.rotate_left(29) ^ digest(block)).wrapping_mul(K);
             prev
         })
         .collect()
@@ -250,6 +272,48 @@ struct Node {
     key: u64,
     prev: u32,
     next: u32,
+}
+
+/// The prefix indexes of one set of endpoints (decode or prefill), one LRU per
+/// endpoint, behind a single lock: a pick matches every candidate under one
+/// acquisition instead of one per endpoint.
+pub struct PrefixIndex {
+    lrus: Mutex<Vec<PrefixLru>>,
+}
+
+impl PrefixIndex {
+    pub fn new(endpoints: usize, capacity: usize) -> PrefixIndex {
+        PrefixIndex {
+            lrus: Mutex::new((0..endpoints).map(|_| PrefixLru::new(capacity)).collect()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<PrefixLru>> {
+        // A panic while holding the lock cannot leave an LRU worse than stale.
+        self.lrus.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls `f(k, matched)` for each endpoint position `endpoints[k]` with the
+    /// number of leading blocks of `hashes` it is believed to hold.
+    pub fn matched(&self, hashes: &[u64], endpoints: &[usize], mut f: impl FnMut(usize, usize)) {
+        if hashes.is_empty() {
+            return;
+        }
+        let lrus = self.lock();
+        for (k, &e) in endpoints.iter().enumerate() {
+            f(k, lrus.get(e).map_or(0, |l| l.matched_prefix(hashes)));
+        }
+    }
+
+    /// Records that endpoint `endpoint` now holds the prefix `hashes`.
+    pub fn record(&self, endpoint: usize, hashes: &[u64]) {
+        if hashes.is_empty() {
+            return;
+        }
+        if let Some(lru) = self.lock().get_mut(endpoint) {
+            lru.insert_chain(hashes);
+        }
+    }
 }
 
 /// A bounded set of block hashes with least-recently-used eviction: an
@@ -288,9 +352,33 @@ impl PrefixLru {
         self.map.contains_key(&key)
     }
 
-    /// How many of `hashes`, from the first, are present.
+    /// How many of the chain `hashes`, from the first, are present, in
+    /// O(log n) lookups. The index holds whole prefixes: a prompt's chain is
+    /// recorded last block first, so each block is used more recently than
+    /// every block after it, and LRU eviction removes a chain from its tail.
+    /// So "block i is present" holds for a leading run of blocks, and a binary
+    /// search finds where the run ends.
     pub fn matched_prefix(&self, hashes: &[u64]) -> usize {
-        hashes.iter().take_while(|h| self.contains(**h)).count()
+        // Most lookups end at once: the first block absent, or the whole chain present.
+        match hashes.first() {
+            Some(&h) if self.contains(h) => {}
+            _ => return 0,
+        }
+        let last = hashes.len() - 1;
+        if self.contains(hashes[last]) {
+            return hashes.len();
+        }
+        let (mut lo, mut hi) = (1, last);
+        // Invariant: hashes[..lo] present, hashes[hi] absent.
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.contains(hashes[mid]) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
     }
 
     fn unlink(&mut self, i: u32) {
@@ -506,11 +594,69 @@ mod tests {
         let mut lru = PrefixLru::new(100);
         lru.insert_chain(&[10, 11, 12]);
         assert_eq!(lru.matched_prefix(&[10, 11, 12, 13]), 3);
-        assert_eq!(lru.matched_prefix(&[10, 99, 12]), 1);
+        assert_eq!(lru.matched_prefix(&[10, 11, 12]), 3);
+        assert_eq!(lru.matched_prefix(&[10, 11, 99, 98, 97]), 2);
+        assert_eq!(lru.matched_prefix(&[10, 98]), 1);
         assert_eq!(lru.matched_prefix(&[99, 10]), 0);
+        assert_eq!(lru.matched_prefix(&[]), 0);
         // A chain longer than the capacity keeps its leading blocks.
         let mut small = PrefixLru::new(2);
         small.insert_chain(&[1, 2, 3, 4]);
         assert_eq!(small.matched_prefix(&[1, 2, 3, 4]), 2);
+    }
+
+    /// The binary search agrees with a walk from the first block for any mix
+    /// of recorded chains, shared prefixes and evictions.
+    #[test]
+    fn matched_prefix_equals_a_linear_walk_under_eviction() {
+        let walk = |lru: &PrefixLru, h: &[u64]| h.iter().take_while(|k| lru.contains(**k)).count();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for capacity in [7, 40, 300] {
+            let mut lru = PrefixLru::new(capacity);
+            // Prompts: one of 5 shared preambles, then a private tail, in 16-byte blocks.
+            let prompts: Vec<Vec<u64>> = (0..200)
+                .map(|i| {
+                    let pre = "p".repeat(16 * (1 + (next() % 12) as usize));
+                    let text = format!("{}{pre}{}", i % 5, "t".repeat(16 * (next() % 9) as usize));
+                    let text = format!("{text}{i:016}");
+                    block_hashes("m", text.as_bytes(), 4, 256)
+                })
+                .collect();
+            for (i, p) in prompts.iter().enumerate() {
+                lru.insert_chain(p);
+                for q in prompts.iter().take(i + 1).rev().take(30) {
+                    assert_eq!(lru.matched_prefix(q), walk(&lru, q), "capacity {capacity}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_index_per_endpoint_under_one_lock() {
+        let index = PrefixIndex::new(3, 100);
+        index.record(1, &[1, 2, 3]);
+        index.record(2, &[1]);
+        index.record(9, &[1]); // not an endpoint: ignored
+        let mut seen = Vec::new();
+        index.matched(&[1, 2, 3, 4], &[2, 0, 1], |k, m| seen.push((k, m)));
+        assert_eq!(seen, [(0, 1), (1, 0), (2, 3)]);
+    }
+
+    #[test]
+    fn digests_differ_in_every_lane_and_tail() {
+        let base = vec![7u8; 64 + 5];
+        let h = digest(&base);
+        for i in 0..base.len() {
+            let mut v = base.clone();
+            v[i] ^= 1;
+            assert_ne!(digest(&v), h, "byte {i}");
+        }
+        assert_ne!(digest(&base[..64]), digest(&base[..65]), "length counts");
     }
 }

@@ -315,6 +315,7 @@ fn schedule(
         .pick_duration
         .observe(started.elapsed().as_secs_f64());
     let routed = routed.ok_or(RouterError::NoHealthyDecode)?;
+    state.scheduler.record(&routed);
     let metrics = &state.metrics;
     metrics.pick("decode", &routed.decode.label);
     if let Some((p, _)) = &routed.prefill {
