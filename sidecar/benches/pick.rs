@@ -2,9 +2,11 @@
 //! 64 prefill endpoints whose prefix indexes are warm, for an 8k-token prompt.
 //!
 //! Measured separately, per request: parsing the JSON body; extracting the prompt (4-bytes-per-
-//! token estimate); the pick itself (hashing the prompt's blocks, scoring every decode endpoint,
-//! the decider, the prefill pick, recording the prompt in both indexes); and, for comparison,
-//! tokenizing the prompt with a byte-level BPE tokenizer trained here (what `--tokenizer` adds).
+//! token estimate); the pick itself (hashing the prompt's blocks, matching them against every
+//! endpoint's prefix index, scoring, the decider, the prefill pick), with the hashing also timed
+//! alone; recording the prompt in both picks' indexes (done right after the pick); and, for
+//! comparison, tokenizing the prompt with a byte-level BPE tokenizer trained here (what
+//! `--tokenizer` adds).
 //! Prints a table and writes `bench-out/router-pick.json`. Numbers are reported, not asserted.
 //!
 //! Run: `cargo bench -p sidecar --bench pick` (or `make bench-router`).

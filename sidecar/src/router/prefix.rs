@@ -272,6 +272,8 @@ struct Node {
     key: u64,
     prev: u32,
     next: u32,
+    /// The `insert_chain` pass that last placed this node (see `PrefixLru::pass`).
+    placed: u32,
 }
 
 /// The prefix indexes of one set of endpoints (decode or prefill), one LRU per
@@ -327,6 +329,9 @@ pub struct PrefixLru {
     /// Least recently used.
     tail: u32,
     capacity: usize,
+    /// Counts `insert_chain` calls; a node whose `placed` equals it was
+    /// placed by the current call.
+    pass: u32,
 }
 
 impl PrefixLru {
@@ -337,6 +342,7 @@ impl PrefixLru {
             head: NIL,
             tail: NIL,
             capacity: capacity.clamp(1, NIL as usize - 1),
+            pass: 0,
         }
     }
 
@@ -381,11 +387,10 @@ impl PrefixLru {
         lo
     }
 
-    fn unlink(&mut self, i: u32) {
-        let (prev, next) = {
-            let n = &self.nodes[i as usize];
-            (n.prev, n.next)
-        };
+    /// Takes the run of nodes `first..=last` (linked in that order) out of the list.
+    fn unlink_run(&mut self, first: u32, last: u32) {
+        let prev = self.nodes[first as usize].prev;
+        let next = self.nodes[last as usize].next;
         match prev {
             NIL => self.head = next,
             p => self.nodes[p as usize].next = next,
@@ -396,33 +401,26 @@ impl PrefixLru {
         }
     }
 
-    fn push_front(&mut self, i: u32) {
-        let old = self.head;
-        {
-            let n = &mut self.nodes[i as usize];
-            n.prev = NIL;
-            n.next = old;
+    /// Links the run `first..=last` in right after `after` (at the head when NIL).
+    fn link_after(&mut self, after: u32, first: u32, last: u32) {
+        let next = match after {
+            NIL => std::mem::replace(&mut self.head, first),
+            a => std::mem::replace(&mut self.nodes[a as usize].next, first),
+        };
+        self.nodes[first as usize].prev = after;
+        self.nodes[last as usize].next = next;
+        match next {
+            NIL => self.tail = last,
+            n => self.nodes[n as usize].prev = last,
         }
-        match old {
-            NIL => self.tail = i,
-            o => self.nodes[o as usize].prev = i,
-        }
-        self.head = i;
     }
 
-    /// Marks `key` as most recently used, adding it (and evicting the least
-    /// recently used key when full) if absent.
-    pub fn insert(&mut self, key: u64) {
-        if let Some(&i) = self.map.get(&key) {
-            if self.head != i {
-                self.unlink(i);
-                self.push_front(i);
-            }
-            return;
-        }
+    /// A node for the absent `key`, not linked in: a new one, or, when full,
+    /// the least recently used one's, whose key is dropped.
+    fn alloc(&mut self, key: u64) -> u32 {
         let i = if self.map.len() >= self.capacity {
             let victim = self.tail;
-            self.unlink(victim);
+            self.unlink_run(victim, victim);
             let old = self.nodes[victim as usize].key;
             self.map.remove(&old);
             self.nodes[victim as usize].key = key;
@@ -432,18 +430,81 @@ impl PrefixLru {
                 key,
                 prev: NIL,
                 next: NIL,
+                placed: 0,
             });
             (self.nodes.len() - 1) as u32
         };
         self.map.insert(key, i);
-        self.push_front(i);
+        i
     }
 
-    /// Records a prompt's chain. The last block goes in first so that the
-    /// leading blocks, which every later match needs, are the most recent.
+    /// Marks `key` as most recently used, adding it (and evicting the least
+    /// recently used key when full) if absent.
+    pub fn insert(&mut self, key: u64) {
+        self.insert_chain(&[key]);
+    }
+
+    /// Records a prompt's chain: afterwards `hashes[0], hashes[1], ...` are
+    /// the most recently used keys, in that order, so the leading blocks,
+    /// which every later match needs, are evicted last (a chain longer than
+    /// the capacity keeps its leading blocks). The same order as inserting
+    /// the keys one by one from the last, but a run of keys already linked in
+    /// chain order (a prompt seen before) moves as one splice: one map lookup
+    /// per run instead of one per key.
     pub fn insert_chain(&mut self, hashes: &[u64]) {
-        for h in hashes.iter().rev() {
-            self.insert(*h);
+        let hashes = &hashes[..hashes.len().min(self.capacity)];
+        self.pass = self.pass.wrapping_add(1);
+        if self.pass == 0 {
+            // After 2^32 passes: forget old marks so none equals the new pass.
+            self.nodes.iter_mut().for_each(|n| n.placed = 0);
+            self.pass = 1;
+        }
+        let pass = self.pass;
+        // The placed keys are the list's first nodes, head..=cursor.
+        let mut cursor = NIL;
+        let mut i = 0;
+        while i < hashes.len() {
+            let first = match self.map.get(&hashes[i]) {
+                // A key repeated within the chain is placed already.
+                Some(&n) if self.nodes[n as usize].placed == pass => {
+                    i += 1;
+                    continue;
+                }
+                Some(&n) => n,
+                None => {
+                    // Evicts the tail if full: never a placed node, since the
+                    // chain is no longer than the capacity.
+                    let n = self.alloc(hashes[i]);
+                    self.nodes[n as usize].placed = pass;
+                    self.link_after(cursor, n, n);
+                    cursor = n;
+                    i += 1;
+                    continue;
+                }
+            };
+            // Extend the run while the list already follows the chain. The run
+            // lies after the placed nodes, so it never reaches one of them.
+            self.nodes[first as usize].placed = pass;
+            let mut last = first;
+            i += 1;
+            while i < hashes.len() {
+                let next = self.nodes[last as usize].next;
+                if next == NIL || self.nodes[next as usize].key != hashes[i] {
+                    break;
+                }
+                self.nodes[next as usize].placed = pass;
+                last = next;
+                i += 1;
+            }
+            let in_place = match cursor {
+                NIL => self.head == first,
+                c => self.nodes[c as usize].next == first,
+            };
+            if !in_place {
+                self.unlink_run(first, last);
+                self.link_after(cursor, first, last);
+            }
+            cursor = last;
         }
     }
 }
@@ -658,5 +719,54 @@ mod tests {
             assert_ne!(digest(&v), h, "byte {i}");
         }
         assert_ne!(digest(&base[..64]), digest(&base[..65]), "length counts");
+    }
+
+    /// Keys from most to least recently used.
+    fn order(lru: &PrefixLru) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut i = lru.head;
+        while i != NIL {
+            out.push(lru.nodes[i as usize].key);
+            assert!(out.len() <= lru.len(), "the list has a cycle");
+            i = lru.nodes[i as usize].next;
+        }
+        out
+    }
+
+    /// `insert_chain` leaves exactly the order (and evicts exactly the keys)
+    /// that inserting one key at a time from the chain's end would.
+    #[test]
+    fn chain_splicing_matches_one_key_at_a_time() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for capacity in [1, 5, 16, 64] {
+            let mut lru = PrefixLru::new(capacity);
+            // The reference: most recent first.
+            let mut model: std::collections::VecDeque<u64> = Default::default();
+            let chains: Vec<Vec<u64>> = (0..12)
+                .map(|c| (0..1 + next(40)).map(|k| c * 1000 + k).collect())
+                .collect();
+            for _ in 0..400 {
+                let chain = &chains[next(12) as usize];
+                let mut keys: Vec<u64> = chain[..1 + next(chain.len() as u64) as usize].to_vec();
+                if next(10) == 0 {
+                    keys.push(keys[0]); // a repeated key
+                }
+                lru.insert_chain(&keys);
+                let kept = &keys[..keys.len().min(capacity)];
+                for &k in kept.iter().rev() {
+                    model.retain(|&m| m != k);
+                    model.push_front(k);
+                    model.truncate(capacity);
+                }
+                assert_eq!(order(&lru), Vec::from(model.clone()), "capacity {capacity}");
+                assert_eq!(lru.len(), model.len());
+            }
+        }
     }
 }
