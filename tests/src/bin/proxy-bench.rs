@@ -1,7 +1,8 @@
 //! `proxy-bench`: what do `pd-sidecar` and `pd-router` add to a request?
 //!
 //! Closed-loop load at several concurrencies, streaming and not, against an
-//! `engine-sim` with zero delay: direct, through `pd-sidecar` in local mode,
+//! `engine-sim` with zero delay (or `--engine-ttft-ms`, so that requests stay
+//! in flight as LLM requests do and the load is one the machine can serve): direct, through `pd-sidecar` in local mode,
 //! through `pd-sidecar` in remote-prefill mode (a second simulator as the
 //! prefill engine), through `pd-router` (the engine as its decode endpoint;
 //! every request parsed, hashed, scored and forwarded), through `pd-router`
@@ -46,9 +47,23 @@ struct Args {
     /// Output tokens per request.
     #[arg(long, default_value_t = 8)]
     tokens: u32,
+    /// Time to first token of the engines, in ms. 0 (the default) measures a proxy at full
+    /// throughput (closed loop: at high concurrency the added latency is mostly queueing on a
+    /// saturated CPU). With, say, 20, each request is in flight at least 20 ms, as LLM requests
+    /// are, so concurrency 64 means 64 open requests at a rate the machine can serve, and the
+    /// added latency is the proxy's own.
+    #[arg(long, default_value_t = 0)]
+    engine_ttft_ms: u64,
+    /// Prompt length in tokens (4 bytes each) of every request; 0 sends a 2-token prompt. The
+    /// router parses, hashes and scores the whole prompt, so this sets its per-request work.
+    #[arg(long, default_value_t = 0)]
+    prompt_tokens: usize,
     /// Extra pd-sidecar flag (repeatable), e.g. --sidecar-arg=--worker-threads=1.
     #[arg(long = "sidecar-arg", allow_hyphen_values = true)]
     sidecar_args: Vec<String>,
+    /// Extra pd-router flag (repeatable), e.g. --router-arg=--worker-threads=1.
+    #[arg(long = "router-arg", allow_hyphen_values = true)]
+    router_args: Vec<String>,
     /// Targets to measure (direct is always kept: the others are compared with it).
     #[arg(
         long,
@@ -118,15 +133,25 @@ async fn one_request(client: &HttpClient, target: &Target, body: &Bytes) -> Resu
     }
 }
 
-async fn run_cell(
-    target: &Target,
-    stream: bool,
-    concurrency: usize,
-    tokens: u32,
-    seconds: f64,
-) -> Cell {
+/// A prompt of about `tokens` tokens (4 bytes each), or a 2-token one for 0.
+fn prompt(tokens: usize) -> String {
+    if tokens == 0 {
+        return "benchmark prompt".into();
+    }
+    let mut s = String::with_capacity(tokens * 4 + 32);
+    let mut i = 0;
+    while s.len() < tokens * 4 {
+        s.push_str(&format!("Sentence {i} of the shared benchmark prompt. "));
+        i += 1;
+    }
+    s.truncate(tokens * 4);
+    s
+}
+
+async fn run_cell(target: &Target, stream: bool, concurrency: usize, args: &Args) -> Cell {
+    let (tokens, seconds) = (args.tokens, args.seconds);
     let body = Bytes::from(
-        json!({"model": "sim-model", "prompt": "benchmark prompt", "max_tokens": tokens, "stream": stream})
+        json!({"model": "sim-model", "prompt": prompt(args.prompt_tokens), "max_tokens": tokens, "stream": stream})
             .to_string(),
     );
     let client = client();
@@ -204,7 +229,26 @@ async fn start_sidecar(decode_port: u16, extra: &[String]) -> Sidecar {
     }
 }
 
-async fn start_nginx(decode_port: u16) -> Option<(Proc, u16)> {
+/// nginx as a plain reverse proxy. Dropping it stops the master with `nginx -s stop`, which
+/// takes the workers down too (killing the master alone would leave them running).
+struct Nginx {
+    proc: Proc,
+    port: u16,
+    stop: std::process::Command,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if self.stop.status().is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.proc.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+async fn start_nginx(decode_port: u16) -> Option<Nginx> {
     let nginx = which("nginx")?;
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("proxy-bench-nginx-{}", std::process::id()));
@@ -224,11 +268,15 @@ async fn start_nginx(decode_port: u16) -> Option<(Proc, u16)> {
     let conf_s = conf_path.to_string_lossy().into_owned();
     let dir_s = dir.to_string_lossy().into_owned();
     let mut proc = Proc::spawn_path(&nginx, &["-p", &dir_s, "-c", &conf_s], &[]);
+    let mut stop = std::process::Command::new(&nginx);
+    stop.args(["-p", &dir_s, "-c", &conf_s, "-s", "stop"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     match proc
         .try_wait_ready(&format!("http://127.0.0.1:{port}/health"), READY_TIMEOUT)
         .await
     {
-        Ok(()) => Some((proc, port)),
+        Ok(()) => Some(Nginx { proc, port, stop }),
         Err(e) => {
             eprintln!("nginx did not start ({e}); skipping it");
             None
@@ -269,8 +317,9 @@ async fn stream_footprint(n: usize, extra: &[String]) -> Option<(u64, usize)> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let decode = EngineSim::start(&[]).await;
-    let prefill = EngineSim::start(&[]).await;
+    let ttft = args.engine_ttft_ms.to_string();
+    let decode = EngineSim::start(&["--ttft-ms", &ttft]).await;
+    let prefill = EngineSim::start(&["--ttft-ms", &ttft]).await;
     let sidecar = start_sidecar(decode.port(), &args.sidecar_args).await;
     let path = "/v1/completions";
     let mut targets = vec![
@@ -295,7 +344,7 @@ async fn main() -> anyhow::Result<()> {
     let want = |name: &str| args.targets.iter().any(|t| t == name);
     let router = if want("router") {
         Some(
-            Router::try_start(&[decode.url()], &[], &[], &[])
+            Router::try_start(&[decode.url()], &[], &args.router_args, &[])
                 .await
                 .map_err(anyhow::Error::msg)?,
         )
@@ -304,7 +353,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let router_sidecar = if want("router-sidecar") {
         Some(
-            Router::try_start(&[sidecar.url("")], &[], &[], &[])
+            Router::try_start(&[sidecar.url("")], &[], &args.router_args, &[])
                 .await
                 .map_err(anyhow::Error::msg)?,
         )
@@ -326,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         start_nginx(decode.port()).await
     };
-    if let Some((_, port)) = &nginx {
+    if let Some(Nginx { port, .. }) = &nginx {
         targets.push(Target {
             name: "nginx",
             url: format!("http://127.0.0.1:{port}{path}"),
@@ -345,7 +394,7 @@ async fn main() -> anyhow::Result<()> {
                     "measuring {:<16} stream={:<5} concurrency={c}",
                     t.name, stream
                 );
-                cells.push(run_cell(t, stream, c, args.tokens, args.seconds).await);
+                cells.push(run_cell(t, stream, c, &args).await);
             }
         }
     }
@@ -412,8 +461,11 @@ async fn main() -> anyhow::Result<()> {
         "benchmark": "proxy-bench",
         "seconds_per_cell": args.seconds,
         "output_tokens": args.tokens,
+        "engine_ttft_ms": args.engine_ttft_ms,
+        "prompt_tokens": args.prompt_tokens,
         "nginx": nginx.is_some(),
         "sidecar_args": args.sidecar_args,
+        "router_args": args.router_args,
         "cells": rows,
         "sidecar_peak_rss_kib": sidecar_hwm,
         "router_peak_rss_kib": router_hwm,
