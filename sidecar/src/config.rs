@@ -325,6 +325,15 @@ pub struct Args {
     /// klog verbosity (accepted; 4 = debug, 5+ = trace).
     #[arg(short = 'v', long = "v", env = "PD_SIDECAR_V")]
     pub verbosity: Option<u8>,
+
+    /// Parse and validate every flag, print the effective configuration and exit (0; 2 on bad
+    /// input) without binding any port.
+    // No environment variable on purpose: a stray one would turn a serving container into one
+    // that exits at once.
+    #[arg(long = "check-config", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub check_config: bool,
 }
 
 /// TLS settings of one upstream stage.
@@ -364,6 +373,8 @@ pub struct Config {
     pub decoder_tls: UpstreamTls,
     pub log_filter: String,
     pub log_json: bool,
+    /// `--check-config`: validate, print this configuration and exit; never serve.
+    pub check_config: bool,
 }
 
 /// Prefill targets the sidecar may send to when SSRF protection is on.
@@ -594,6 +605,7 @@ impl Config {
         Ok(Config {
             log_filter: log_filter(&args),
             log_json,
+            check_config: args.check_config,
             bind: args.bind,
             port: args.port,
             decode_host: args.model_server_host,
@@ -654,6 +666,21 @@ mod tests {
         assert_eq!(cfg.decode_port, 8200);
         assert_eq!(cfg.connector, ConnectorKind::Nixlv2);
         assert!(!cfg.secure_proxy);
+    }
+
+    #[test]
+    fn check_config_parses_and_still_validates() {
+        assert!(!parse(&[]).unwrap().check_config);
+        let cfg = parse(&["--check-config", "--port=8000", "--vllm-port=8200"]).unwrap();
+        assert!(cfg.check_config);
+        assert_eq!((cfg.port, cfg.decode_port), (8000, 8200));
+        assert!(!parse(&["--check-config=false"]).unwrap().check_config);
+        // A check that passes what a real start refuses would be worthless.
+        let err = parse(&["--check-config", "--no-such-flag=1"]).unwrap_err();
+        assert!(err.contains("--no-such-flag"), "{err}");
+        assert!(parse(&["--check-config", "--data-parallel-size=0"])
+            .unwrap_err()
+            .contains("--data-parallel-size"));
     }
 
     #[test]

@@ -165,6 +165,15 @@ pub struct Args {
           num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub log_json: bool,
+
+    /// Parse and validate every flag and file (config, endpoints, tokenizer), print the effective
+    /// configuration and exit (0; 2 on bad input) without binding any port.
+    // No environment variable on purpose: a stray one would turn a serving container into one
+    // that exits at once.
+    #[arg(long = "check-config", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub check_config: bool,
 }
 
 /// A decode endpoint: where requests are forwarded.
@@ -379,6 +388,8 @@ pub struct RouterConfig {
     pub worker_threads: usize,
     pub log_filter: String,
     pub log_json: bool,
+    /// `--check-config`: validate, print this configuration and exit; never serve.
+    pub check_config: bool,
 }
 
 /// Parses a `--decode` value.
@@ -665,6 +676,7 @@ impl RouterConfig {
             worker_threads: args.worker_threads,
             log_filter,
             log_json: args.log_json,
+            check_config: args.check_config,
         })
     }
 
@@ -1353,6 +1365,28 @@ schedulingProfiles:
             let e = parse(&["--decode=a:1", flag]).unwrap_err();
             assert!(e.contains(expected), "{flag}: {e}");
         }
+    }
+
+    #[test]
+    fn check_config_parses_and_still_validates() {
+        assert!(!parse(&["--decode=a:1"]).unwrap().check_config);
+        let path = write("check.yaml", FULL);
+        let cfg = parse(&[
+            "--check-config",
+            "--decode=http://a:8000",
+            "--prefill=b:8000",
+            &format!("--config={}", path.display()),
+        ])
+        .unwrap();
+        assert!(cfg.check_config);
+        assert_eq!(cfg.scheduling.threshold, 512);
+        // A check that passes what a real start refuses would be worthless.
+        let e = parse(&["--check-config", "--decode=a:1", "--no-such-flag"]).unwrap_err();
+        assert!(e.contains("--no-such-flag"), "{e}");
+        let e = parse(&["--check-config"]).unwrap_err();
+        assert!(e.contains("decode endpoint"), "{e}");
+        let e = parse(&["--check-config", "--decode=a:1", "--config=/no/such/file"]).unwrap_err();
+        assert!(e.contains("--config"), "{e}");
     }
 
     fn write(name: &str, text: &str) -> PathBuf {
