@@ -13,6 +13,7 @@ pub mod body;
 pub mod config;
 pub mod connectors;
 pub mod error;
+pub mod launch;
 pub mod metrics;
 pub mod proxy;
 pub mod request;
