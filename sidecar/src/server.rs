@@ -244,24 +244,37 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     if cfg.metrics_port != 0 {
         let addr = format!("{}:{}", cfg.bind, cfg.metrics_port);
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-port): {e}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.push(tokio::spawn(serve(
-            listener,
-            metrics_router(metrics),
-            None,
-            stop_rx.clone(),
-            grace,
-        )));
+        tasks.push(spawn_metrics(&addr, metrics_router(metrics), stop_rx.clone(), grace).await?);
     }
+    drain_on_signal(stop_tx, tasks, grace).await;
+    Ok(())
+}
 
+/// Binds the metrics listener at `addr` and serves `app` there (plain HTTP).
+pub async fn spawn_metrics(
+    addr: &str,
+    app: Router,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-port): {e}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    Ok(tokio::spawn(serve(listener, app, None, shutdown, grace)))
+}
+
+/// Waits for a termination signal, then tells the servers to stop accepting
+/// and waits while they drain (each for up to `grace`).
+pub async fn drain_on_signal(
+    stop: watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    grace: Duration,
+) {
     termination_signal().await;
     tracing::info!(?grace, "termination signal: draining");
-    let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
     }
-    Ok(())
 }

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 
 use crate::config::UpstreamTls;
 use crate::proxy::REQUEST_ID_HEADER;
-use crate::server::{serve, termination_signal};
+use crate::server::{drain_on_signal, serve, spawn_metrics};
 use config::RouterConfig;
 use endpoint::{Endpoint, Role};
 use metrics::RouterMetrics;
@@ -207,25 +207,10 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
         grace,
     ))];
     if let Some(addr) = metrics_addr {
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-port): {e}"))?;
-        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
-        tasks.push(tokio::spawn(serve(
-            listener,
-            metrics_router(state.clone()),
-            None,
-            stop_rx.clone(),
-            grace,
-        )));
+        let app = metrics_router(state.clone());
+        tasks.push(spawn_metrics(&addr, app, stop_rx.clone(), grace).await?);
     }
-
-    termination_signal().await;
-    tracing::info!(?grace, "termination signal: draining");
-    let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = task.await;
-    }
+    drain_on_signal(stop_tx, tasks, grace).await;
     for probe in probes {
         probe.abort();
     }
