@@ -450,19 +450,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::tests::headers;
     use crate::proxy::REQUEST_ID_HEADER;
-    use http::header::HeaderName;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::try_from(*k).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
 
     #[test]
     fn client_routing_headers_are_removed() {
