@@ -594,6 +594,18 @@ impl EngineSim {
         }
     }
 
+    /// The logged requests on the inference routes (`/v1/...`, `/inference/...`).
+    pub async fn inference_requests(&self) -> Vec<Value> {
+        self.requests()
+            .await
+            .into_iter()
+            .filter(|r| {
+                let p = r["path"].as_str().unwrap_or_default();
+                p.starts_with("/v1/") || p.starts_with("/inference/")
+            })
+            .collect()
+    }
+
     /// Empties the request log.
     pub async fn clear_requests(&self) {
         let (status, _, _) = http_delete(&format!("{}/sim/requests", self.url())).await;

@@ -79,18 +79,6 @@ async fn router_metric(router: &Router, series: &str) -> u64 {
     )
 }
 
-/// The requests an engine received on the inference routes.
-async fn inference_requests(sim: &EngineSim) -> Vec<Value> {
-    sim.requests()
-        .await
-        .into_iter()
-        .filter(|r| {
-            let p = r["path"].as_str().unwrap_or_default();
-            p.starts_with("/v1/") || p.starts_with("/inference/")
-        })
-        .collect()
-}
-
 async fn complete(router: &Router, prompt: &str, headers: &[(&str, &str)]) -> Value {
     let body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2});
     let (status, _, resp) = http_post_json(&router.url("/v1/completions"), &body, headers).await;
@@ -122,11 +110,11 @@ async fn a_shared_prefix_sticks_to_one_decode_and_one_prefill() {
     }
     let mut per_decode = Vec::new();
     for d in &decodes {
-        per_decode.push(inference_requests(&d.engine).await.len());
+        per_decode.push(d.engine.inference_requests().await.len());
     }
     let mut per_prefill = Vec::new();
     for p in &prefills {
-        per_prefill.push(inference_requests(p).await);
+        per_prefill.push(p.inference_requests().await);
     }
     let mut remote = Vec::new();
     for d in &decodes {
@@ -181,10 +169,10 @@ async fn short_prompts_get_no_prefill() {
     .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
     assert!(
-        inference_requests(&prefill).await.is_empty(),
+        prefill.inference_requests().await.is_empty(),
         "a prefill engine was asked"
     );
-    assert_eq!(inference_requests(&decode.engine).await.len(), 4);
+    assert_eq!(decode.engine.inference_requests().await.len(), 4);
     assert_eq!(decode.sidecar_count("/v1/completions", "local").await, 3);
     assert_eq!(
         decode.sidecar_count("/v1/chat/completions", "local").await,
@@ -196,7 +184,7 @@ async fn short_prompts_get_no_prefill() {
     );
     // A long one through the same router does go P/D: the threshold is what kept them local.
     complete(&router, &text(300, "long"), &[]).await;
-    assert_eq!(inference_requests(&prefill).await.len(), 1);
+    assert_eq!(prefill.inference_requests().await.len(), 1);
 }
 
 #[tokio::test]
@@ -217,10 +205,10 @@ async fn a_spoofed_prefiller_header_is_removed() {
     let pd = Router::start(&[decode.url()], &[prefill.host_port()], &[]).await;
     complete(&pd, &text(2000, "spoof-2"), &spoof).await;
     assert_eq!(decode.sidecar_count("/v1/completions", "remote").await, 1);
-    assert_eq!(inference_requests(&prefill).await.len(), 1);
+    assert_eq!(prefill.inference_requests().await.len(), 1);
 
     assert!(
-        inference_requests(&spoofed).await.is_empty(),
+        spoofed.inference_requests().await.is_empty(),
         "the spoofed address was reached"
     );
 }
@@ -367,7 +355,7 @@ async fn a_streaming_chat_arrives_event_by_event_through_router_and_sidecar() {
         "events arrived together: spread {spread:?}"
     );
     // It went P/D, and the counts are released once the stream is over.
-    assert_eq!(inference_requests(&prefill).await.len(), 1);
+    assert_eq!(prefill.inference_requests().await.len(), 1);
     assert_eq!(
         decode.sidecar_count("/v1/chat/completions", "remote").await,
         1

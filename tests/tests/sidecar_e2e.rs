@@ -45,7 +45,7 @@ async fn pd_post(
 /// Waits until the engine's first inference request is logged as cancelled.
 async fn first_cancelled(sim: &EngineSim) -> Value {
     poll_until(Duration::from_secs(10), "a cancelled request", || async {
-        inference_requests(sim)
+        sim.inference_requests()
             .await
             .first()
             .filter(|r| r["cancelled"] == true)
@@ -54,20 +54,8 @@ async fn first_cancelled(sim: &EngineSim) -> Value {
     .await
 }
 
-/// The requests an engine received on the inference routes.
-async fn inference_requests(sim: &EngineSim) -> Vec<Value> {
-    sim.requests()
-        .await
-        .into_iter()
-        .filter(|r| {
-            let p = r["path"].as_str().unwrap_or_default();
-            p.starts_with("/v1/") || p.starts_with("/inference/")
-        })
-        .collect()
-}
-
 async fn only_request(sim: &EngineSim) -> Value {
-    let mut reqs = inference_requests(sim).await;
+    let mut reqs = sim.inference_requests().await;
     assert_eq!(reqs.len(), 1, "expected exactly one request, got {reqs:#?}");
     reqs.remove(0)
 }
@@ -309,7 +297,7 @@ async fn other_connectors_send_their_protocol() {
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::OK);
     let p = poll_until(Duration::from_secs(5), "sglang prefill leg", || async {
-        inference_requests(&prefill).await.pop()
+        prefill.inference_requests().await.pop()
     })
     .await;
     let d = only_request(&decode).await;
@@ -387,7 +375,7 @@ async fn threshold_keeps_short_prompts_local() {
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &short, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
-        inference_requests(&prefill).await.is_empty(),
+        prefill.inference_requests().await.is_empty(),
         "short prompt was sent to prefill"
     );
     assert_eq!(
@@ -400,7 +388,7 @@ async fn threshold_keeps_short_prompts_local() {
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &long, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        inference_requests(&prefill).await.len(),
+        prefill.inference_requests().await.len(),
         1,
         "long prompt must be prefilled remotely"
     );
@@ -451,7 +439,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
         .await;
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(inference_requests(&prefill).await.len(), 2);
+    assert_eq!(prefill.inference_requests().await.len(), 2);
     assert!(only_request(&decode).await["body"]["kv_transfer_params"]["do_remote_prefill"] == true);
 
     // 503 on every attempt: 1 + 2 retries, then served locally.
@@ -462,7 +450,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
         .await;
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(inference_requests(&prefill).await.len(), 3);
+    assert_eq!(prefill.inference_requests().await.len(), 3);
     assert_eq!(only_request(&decode).await["body"], body);
 
     // 500 is not retried.
@@ -472,7 +460,7 @@ async fn prefill_5xx_is_retried_and_persistent_5xx_falls_back() {
         .await;
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(inference_requests(&prefill).await.len(), 1);
+    assert_eq!(prefill.inference_requests().await.len(), 1);
 }
 
 #[tokio::test]
@@ -513,7 +501,7 @@ async fn fail_mode_relays_prefill_errors() {
     assert_eq!(headers["x-pd-error-code"], "prefill_status");
     assert!(json(&resp)["error"]["message"].is_string());
     assert!(
-        inference_requests(&decode).await.is_empty(),
+        decode.inference_requests().await.is_empty(),
         "fail mode must not reach decode"
     );
     // A relayed error is counted once.
@@ -561,7 +549,7 @@ async fn client_disconnect_cancels_the_prefill_leg() {
     assert!(gave_up.is_err());
     let cancelled = first_cancelled(&prefill).await;
     assert_eq!(cancelled["completed"], false);
-    assert!(inference_requests(&decode).await.is_empty());
+    assert!(decode.inference_requests().await.is_empty());
 }
 
 #[tokio::test]
@@ -601,11 +589,11 @@ async fn bad_json_is_400_and_oversize_is_413() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(headers["x-pd-error-code"], "invalid_request");
     assert!(
-        inference_requests(&prefill).await.is_empty(),
+        prefill.inference_requests().await.is_empty(),
         "bad requests must not reach prefill"
     );
     assert!(
-        inference_requests(&decode).await.is_empty(),
+        decode.inference_requests().await.is_empty(),
         "bad requests must not reach decode"
     );
 
@@ -627,7 +615,7 @@ async fn bad_json_is_400_and_oversize_is_413() {
         assert_eq!(json(&resp)["error"]["code"], 413);
     }
     assert_eq!(
-        inference_requests(&decode).await.len(),
+        decode.inference_requests().await.len(),
         1,
         "only the transparent bad-JSON request"
     );
@@ -659,7 +647,7 @@ async fn modelservice_legacy_flags_work() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(inference_requests(&prefill).await.len(), 1);
+    assert_eq!(prefill.inference_requests().await.len(), 1);
 
     // An unknown flag is an error that names it.
     let out = std::process::Command::new(tandem_tests::harness::bin_path("pd-sidecar"))
@@ -768,7 +756,7 @@ async fn sglang_prefill_failure_fails_the_decode_fast() {
         Duration::from_secs(10),
         "the decode leg cancelled",
         || async {
-            let reqs = inference_requests(&decode).await;
+            let reqs = decode.inference_requests().await;
             reqs.iter().all(|r| r["cancelled"] == true).then_some(())
         },
     )
@@ -788,7 +776,8 @@ async fn sglang_prefill_outliving_the_decode_answer_is_not_cancelled() {
         Duration::from_secs(10),
         "the prefill leg to end",
         || async {
-            inference_requests(&prefill)
+            prefill
+                .inference_requests()
                 .await
                 .pop()
                 .filter(|r| r["completed"] == true || r["cancelled"] == true)
@@ -934,7 +923,7 @@ async fn tokenizer_gives_exact_counts_for_the_threshold() {
     let (status, _, _) = pd_post(&estimate, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        inference_requests(&prefill).await.len(),
+        prefill.inference_requests().await.len(),
         1,
         "estimate: 80 >= 50 goes remote"
     );
@@ -950,7 +939,7 @@ async fn tokenizer_gives_exact_counts_for_the_threshold() {
     let (status, _, _) = pd_post(&exact, "/v1/completions", &body, &hp).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
-        inference_requests(&prefill).await.is_empty(),
+        prefill.inference_requests().await.is_empty(),
         "tokenizer: 20 < 50 stays local"
     );
 }
