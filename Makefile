@@ -41,8 +41,8 @@ bench-proxy: setup build-release
 ## then what the router adds to a request vs direct (bench-out/router-bench.json).
 bench-router: setup build-release
 	$(CARGO) bench -p sidecar --bench pick
-	./target/release/proxy-bench --targets direct,router,router-sidecar,sidecar-local --concurrency 1,64 --streams 0 --prompt-tokens 2000 --out bench-out/router-bench.json
-	./target/release/proxy-bench --targets direct,router,router-sidecar,sidecar-local --concurrency 1,64 --streams 0 --prompt-tokens 2000 --engine-ttft-ms 20 --out bench-out/router-bench-inflight.json
+	./target/release/proxy-bench --targets direct,router,router-sidecar,sidecar-local,nginx --concurrency 1,64 --streams 0 --prompt-tokens 2000 --out bench-out/router-bench.json
+	./target/release/proxy-bench --targets direct,router,router-sidecar,sidecar-local,nginx --concurrency 1,64 --streams 0 --prompt-tokens 2000 --engine-ttft-ms 20 --out bench-out/router-bench-inflight.json
 
 ## KV transfer: naive vs coalesced plans over NIXL (host memory), a 4096-token Llama-3.1-8B prompt;
 ## writes bench-out/kvbench.json and bench-out/kvbench.png.

@@ -735,3 +735,50 @@ async fn listen_after_refuses_connections_until_bound() {
     );
     p.wait_ready(&url, READY_TIMEOUT).await;
 }
+
+/// The `dur` (ms) of `engine;dur=<ms>` in a Server-Timing value or SSE comment.
+fn engine_dur_ms(text: &str) -> f64 {
+    let at = text
+        .find("engine;dur=")
+        .unwrap_or_else(|| panic!("no engine timing in {text:?}"))
+        + "engine;dur=".len();
+    text[at..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("bad engine timing in {text:?}"))
+}
+
+#[tokio::test]
+async fn answers_report_the_engines_own_time() {
+    let sim = EngineSim::start(&["--ttft-ms", "30"]).await;
+    let url = format!("{}/v1/completions", sim.url());
+    let body = json!({"prompt": "hello", "max_tokens": 2});
+    let (status, headers, _) = http_post_json(&url, &body, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let timing = headers
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .expect("a whole answer carries server-timing");
+    let dur = engine_dur_ms(timing);
+    assert!((30.0..10_000.0).contains(&dur), "{timing}");
+
+    let stream = json!({"prompt": "hello", "max_tokens": 2, "stream": true});
+    let asked = [("x-sim-server-timing", "1")];
+    let (status, _, bytes) = http_post_json(&url, &stream, &asked).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let comment = text
+        .find(": server-timing engine;dur=")
+        .unwrap_or_else(|| panic!("asked-for timing comment missing: {text}"));
+    assert!(
+        text[comment..].starts_with(": server-timing")
+            && text[comment..].ends_with("data: [DONE]\n\n"),
+        "the comment comes right before [DONE]: {text}"
+    );
+    assert!(engine_dur_ms(&text[comment..]) >= 30.0, "{text}");
+
+    let (_, _, bytes) = http_post_json(&url, &stream, &[]).await;
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    assert!(!text.contains("server-timing"), "only when asked: {text}");
+}

@@ -25,6 +25,7 @@ use serde_json::json;
 use tandem_tests::harness::{
     free_port, wait_ready, EngineSim, Proc, Router, Sidecar, READY_TIMEOUT,
 };
+use tandem_tests::sim::generate::SERVER_TIMING_REQUEST_HEADER;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,6 +103,10 @@ struct Cell {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Client-measured latency minus the engine's own time (NaN when the engine did not report
+    /// it): what the network and the proxies in between took, without the engine's timer jitter.
+    outside_p50_us: f64,
+    outside_p99_us: f64,
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
@@ -112,8 +117,16 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
     sorted[idx] as f64
 }
 
-async fn one_request(client: &HttpClient, target: &Target, body: &Bytes) -> Result<(), String> {
-    let mut req = Request::post(&target.url).header("content-type", "application/json");
+/// Sends one request and reads the whole answer; returns the engine's own time for it in µs (its
+/// `server-timing: engine;dur=<ms>` header, or the SSE comment a stream ends with) when reported.
+async fn one_request(
+    client: &HttpClient,
+    target: &Target,
+    body: &Bytes,
+) -> Result<Option<f64>, String> {
+    let mut req = Request::post(&target.url)
+        .header("content-type", "application/json")
+        .header(SERVER_TIMING_REQUEST_HEADER, "1");
     for (k, v) in &target.headers {
         req = req.header(k, v);
     }
@@ -122,15 +135,37 @@ async fn one_request(client: &HttpClient, target: &Target, body: &Bytes) -> Resu
         .map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
-    resp.into_body()
+    let from_header = resp
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .and_then(engine_dur_us);
+    let bytes = resp
+        .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?;
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("status {status}"))
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("status {status}"));
     }
+    Ok(from_header.or_else(|| {
+        let text = std::str::from_utf8(&bytes).ok()?;
+        let at = text.rfind(": server-timing ")?;
+        let line = text[at..].lines().next()?;
+        engine_dur_us(line)
+    }))
+}
+
+/// The `dur` (ms) of the `engine` entry of a Server-Timing value, in µs.
+fn engine_dur_us(value: &str) -> Option<f64> {
+    let at = value.find("engine;dur=")? + "engine;dur=".len();
+    let ms: f64 = value[at..]
+        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(ms * 1e3)
 }
 
 /// A prompt of about `tokens` tokens (4 bytes each), or a 2-token one for 0.
@@ -165,32 +200,45 @@ async fn run_cell(target: &Target, stream: bool, concurrency: usize, args: &Args
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(4096);
+            let mut outside = Vec::with_capacity(4096);
             let mut errors = 0usize;
             loop {
                 let start = Instant::now();
                 if start >= measure_until {
                     break;
                 }
-                let ok = one_request(&client, &target, &body).await.is_ok();
+                let result = one_request(&client, &target, &body).await;
+                let took = start.elapsed().as_secs_f64() * 1e6;
                 if start >= warm_until {
-                    if ok {
-                        lat.push(start.elapsed().as_micros() as u64);
-                    } else {
-                        errors += 1;
+                    match result {
+                        Ok(engine) => {
+                            lat.push(took as u64);
+                            if let Some(engine) = engine {
+                                outside.push((took - engine).max(0.0) as u64);
+                            }
+                        }
+                        Err(_) => errors += 1,
                     }
                 }
             }
-            (lat, errors)
+            (lat, outside, errors)
         }));
     }
     let mut all = Vec::new();
+    let mut all_outside = Vec::new();
     let mut errors = 0;
     for t in tasks {
-        let (lat, e) = t.await.expect("load task");
+        let (lat, outside, e) = t.await.expect("load task");
         all.extend(lat);
+        all_outside.extend(outside);
         errors += e;
     }
     all.sort_unstable();
+    all_outside.sort_unstable();
+    // Only when every request reported the engine's time are the two comparable.
+    if all_outside.len() != all.len() {
+        all_outside.clear();
+    }
     Cell {
         target: target.name,
         stream,
@@ -200,6 +248,8 @@ async fn run_cell(target: &Target, stream: bool, concurrency: usize, args: &Args
         rps: all.len() as f64 / seconds,
         p50_us: percentile(&all, 0.50),
         p99_us: percentile(&all, 0.99),
+        outside_p50_us: percentile(&all_outside, 0.50),
+        outside_p99_us: percentile(&all_outside, 0.99),
     }
 }
 
@@ -254,7 +304,7 @@ async fn start_nginx(decode_port: u16) -> Option<Nginx> {
     let dir = std::env::temp_dir().join(format!("proxy-bench-nginx-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("logs")).ok()?;
     let conf = format!(
-        "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log warn;\n\
+        "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log warn;\n\
          events {{ worker_connections 8192; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -407,34 +457,60 @@ async fn main() -> anyhow::Result<()> {
     };
 
     println!(
-        "{:<15} {:>6} {:>5} {:>9} {:>9} {:>9} {:>11} {:>11} {:>6}",
-        "target", "stream", "conc", "req/s", "p50 us", "p99 us", "+p50 us", "+p99 us", "errors"
+        "{:<15} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6}",
+        "target",
+        "stream",
+        "conc",
+        "req/s",
+        "p50 us",
+        "p99 us",
+        "out p50",
+        "out p99",
+        "+p50 us",
+        "+p99 us",
+        "errors"
     );
     let mut rows = Vec::new();
     for cell in &cells {
         let direct = cells.iter().find(|d| {
             d.target == "direct" && d.stream == cell.stream && d.concurrency == cell.concurrency
         });
+        // Added latency: from the time outside the engine where both cells have it, else from
+        // the client's whole latency.
         let (add50, add99) = match direct {
-            Some(d) if cell.target != "direct" => (cell.p50_us - d.p50_us, cell.p99_us - d.p99_us),
+            Some(d) if cell.target != "direct" => {
+                if cell.outside_p50_us.is_finite() && d.outside_p50_us.is_finite() {
+                    (
+                        cell.outside_p50_us - d.outside_p50_us,
+                        cell.outside_p99_us - d.outside_p99_us,
+                    )
+                } else {
+                    (cell.p50_us - d.p50_us, cell.p99_us - d.p99_us)
+                }
+            }
             _ => (0.0, 0.0),
         };
         println!(
-            "{:<15} {:>6} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>6}",
+            "{:<15} {:>6} {:>5} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6}",
             cell.target,
             cell.stream,
             cell.concurrency,
             cell.rps,
             cell.p50_us,
             cell.p99_us,
+            cell.outside_p50_us,
+            cell.outside_p99_us,
             add50,
             add99,
             cell.errors
         );
+        let finite = |v: f64| v.is_finite().then_some(v);
         rows.push(json!({
             "target": cell.target, "stream": cell.stream, "concurrency": cell.concurrency,
             "requests": cell.requests, "errors": cell.errors, "rps": cell.rps,
             "p50_us": cell.p50_us, "p99_us": cell.p99_us,
+            "outside_engine_p50_us": finite(cell.outside_p50_us),
+            "outside_engine_p99_us": finite(cell.outside_p99_us),
             "added_p50_us": add50, "added_p99_us": add99,
         }));
     }

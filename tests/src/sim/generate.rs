@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
@@ -96,6 +96,20 @@ pub struct Generation {
     /// token came out of its prefill step (so it needs no decode step of its own).
     seq: Option<Seq>,
     first_from_prefill: bool,
+    /// Streams end with an SSE comment carrying [`server_timing`] (asked for with
+    /// [`SERVER_TIMING_REQUEST_HEADER`]).
+    timing_comment: bool,
+}
+
+/// Request header that asks a streamed answer to end with a `: server-timing ...` SSE comment
+/// (comments are ignored by SSE clients; whole answers always carry the `server-timing` header).
+pub const SERVER_TIMING_REQUEST_HEADER: &str = "x-sim-server-timing";
+
+/// The engine's own time for a request, from its handler's start to now, in the W3C Server-Timing
+/// form (`engine;dur=<ms>`). Benchmarks subtract it from what the client measured to get the time
+/// spent outside the engine (network and proxies), free of the engine's timer jitter.
+pub fn server_timing(started: Instant) -> String {
+    format!("engine;dur={:.3}", started.elapsed().as_secs_f64() * 1e3)
 }
 
 impl Generation {
@@ -124,7 +138,14 @@ impl Generation {
             finished: false,
             seq: None,
             first_from_prefill: false,
+            timing_comment: false,
         }
+    }
+
+    /// Ends a streamed answer with the engine's time as an SSE comment.
+    pub fn with_timing_comment(mut self, on: bool) -> Generation {
+        self.timing_comment = on;
+        self
     }
 
     /// Paces the tokens by the engine's steps (timing model).
@@ -192,7 +213,13 @@ impl Generation {
         for i in 0..self.reply.output_tokens {
             self.produce(i).await;
         }
-        (StatusCode::OK, axum::Json(self.reply.full_body())).into_response()
+        let timing = server_timing(self.started);
+        (
+            StatusCode::OK,
+            [(HeaderName::from_static("server-timing"), timing)],
+            axum::Json(self.reply.full_body()),
+        )
+            .into_response()
     }
 
     /// Answers with an SSE stream; each token is generated when the body is polled, so a client
@@ -219,6 +246,13 @@ impl Generation {
                         (g.reply.token_events(i), next)
                     }
                     Phase::Usage => (g.reply.usage_event(), Phase::Done),
+                    Phase::Done if g.timing_comment => (
+                        format!(
+                            ": server-timing {}\n\n{DONE_EVENT}",
+                            server_timing(g.started)
+                        ),
+                        Phase::End,
+                    ),
                     Phase::Done => (DONE_EVENT.to_string(), Phase::End),
                     Phase::End => return None,
                 };

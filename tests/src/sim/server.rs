@@ -18,7 +18,7 @@ use super::blocks::BlockPool;
 use super::config::Config;
 use super::error::SimError;
 use super::faults::{FaultAction, FaultConfig, Faults};
-use super::generate::{plan, Generation, HoldSpec};
+use super::generate::{plan, Generation, HoldSpec, SERVER_TIMING_REQUEST_HEADER};
 use super::kv::{block_hashes, Kv};
 use super::metrics::Metrics;
 use super::openai::{parse_request, Api, Reply, Usage};
@@ -131,7 +131,8 @@ async fn generation(
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
-    let mut resp = match generate(&st, api, started, x_request_id, &body).await {
+    let timing_comment = headers.contains_key(SERVER_TIMING_REQUEST_HEADER);
+    let mut resp = match generate(&st, api, started, x_request_id, timing_comment, &body).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(error = %e, "request rejected");
@@ -149,6 +150,7 @@ async fn generate(
     api: Api,
     started: Instant,
     x_request_id: Option<&str>,
+    timing_comment: bool,
     body: &[u8],
 ) -> Result<Response, SimError> {
     let cfg = &st.cfg;
@@ -312,7 +314,8 @@ async fn generate(
         first_token_delay,
         Duration::from_millis(cfg.itl_ms),
     )
-    .in_batch(seq, computed > 0);
+    .in_batch(seq, computed > 0)
+    .with_timing_comment(timing_comment);
     Ok(if req.stream {
         generation.respond_stream()
     } else {
