@@ -92,7 +92,8 @@ fn main() {
     // picker, threshold 256; no scrapes or health checks run (no runtime here).
     let cfg = RouterConfig::parse_from(&argv).expect("config");
     let state = sidecar::router::state(cfg);
-    let sched = &state.scheduler;
+    let view = state.view();
+    let sched = &view.scheduler;
     let mut rng = StdRng::seed_from_u64(1);
 
     // Warm the indexes: documents spread over the endpoints by the router itself.

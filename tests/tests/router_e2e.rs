@@ -391,3 +391,50 @@ async fn a_client_disconnect_releases_the_in_flight_count() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(json(&body)["data"][0]["id"], "sim-model");
 }
+
+/// `--decode-dns`/`--prefill-dns` with a real lookup of `localhost`: each address it resolves to
+/// is an endpoint, picked and named in `x-prefiller-host-port` by address.
+#[tokio::test]
+async fn endpoints_named_by_dns_are_resolved_per_address() {
+    let pod = DecodePod::start(&[]).await;
+    let prefill = EngineSim::start(&[]).await;
+    let decode_port = pod.sidecar.port();
+    let router = Router::start(
+        &[],
+        &[],
+        &[
+            &format!("--decode-dns=http://localhost:{decode_port}"),
+            &format!("--prefill-dns=localhost:{}", prefill.port()),
+            "--threshold-tokens=64",
+        ],
+    )
+    .await;
+    let mut addresses: Vec<_> = tokio::net::lookup_host(("localhost", 0))
+        .await
+        .expect("localhost resolves")
+        .map(|a| a.ip())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    assert_eq!(
+        router_metric(&router, r#"pd_router_endpoints{role="decode"}"#).await,
+        addresses.len() as u64,
+        "one decode endpoint per address of localhost: {addresses:?}"
+    );
+    complete(&router, &text(400, "by-dns"), &[]).await;
+    assert_eq!(
+        router_metric(
+            &router,
+            &format!(r#"pd_router_picks_total{{profile="decode",endpoint="http://127.0.0.1:{decode_port}"}}"#)
+        )
+        .await,
+        1,
+        "the decode endpoint is named by address"
+    );
+    if addresses.len() == 1 {
+        // Only 127.0.0.1, where the prefill engine listens: the request was disaggregated there.
+        let requests = prefill.inference_requests().await;
+        assert_eq!(requests.len(), 1, "{requests:?}");
+        assert_eq!(pod.sidecar_count("/v1/completions", "remote").await, 1);
+    }
+}

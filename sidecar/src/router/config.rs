@@ -57,6 +57,31 @@ pub struct Args {
     #[arg(long = "prefill", env = "TANDEM_ROUTER_PREFILL", value_delimiter = ',')]
     pub prefill: Vec<String>,
 
+    /// Decode endpoints by DNS: `http://name:port` (or https://), every address the name resolves
+    /// to (the pods behind a headless Service) becoming one endpoint at that port. Re-resolved
+    /// every --dns-refresh-interval. Repeatable; combines with --decode.
+    #[arg(
+        long = "decode-dns",
+        env = "TANDEM_ROUTER_DECODE_DNS",
+        value_delimiter = ','
+    )]
+    pub decode_dns: Vec<String>,
+
+    /// Prefill engines by DNS: `name:port`, each resolved address becoming one prefill endpoint
+    /// `address:port`. Repeatable; combines with --prefill.
+    #[arg(
+        long = "prefill-dns",
+        env = "TANDEM_ROUTER_PREFILL_DNS",
+        value_delimiter = ','
+    )]
+    pub prefill_dns: Vec<String>,
+
+    /// How often --decode-dns and --prefill-dns names are resolved again. A failed lookup keeps
+    /// the addresses of the last one that worked.
+    #[arg(long = "dns-refresh-interval", env = "TANDEM_ROUTER_DNS_REFRESH_INTERVAL",
+          default_value = "5s", value_parser = parse_duration)]
+    pub dns_refresh_interval: Duration,
+
     /// YAML file listing decode and prefill endpoints (with optional metrics URLs); merged with
     /// --decode/--prefill. Read once at start.
     #[arg(long, env = "TANDEM_ROUTER_ENDPOINTS")]
@@ -174,6 +199,47 @@ pub struct Args {
           num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub check_config: bool,
+}
+
+/// A name whose addresses are endpoints (`--decode-dns`, `--prefill-dns`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsName {
+    /// `http` or `https` (decode endpoints; prefill endpoints are named by host:port only).
+    pub scheme: &'static str,
+    pub host: String,
+    pub port: u16,
+}
+
+impl DnsName {
+    fn parse(what: &str, scheme: &'static str, authority: &str) -> Result<DnsName, String> {
+        let (host, port) =
+            split_host_port(authority).ok_or_else(|| format!("{what}: expected name:port"))?;
+        Ok(DnsName {
+            scheme,
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+        })
+    }
+
+    /// The decode endpoint at one of the name's addresses.
+    pub fn decode_at(&self, ip: std::net::IpAddr) -> DecodeTarget {
+        DecodeTarget {
+            scheme: self.scheme,
+            authority: std::net::SocketAddr::new(ip, self.port).to_string(),
+            metrics_url: None,
+        }
+    }
+
+    /// The prefill endpoint at one of the name's addresses.
+    pub fn prefill_at(&self, ip: std::net::IpAddr) -> PrefillTarget {
+        PrefillTarget {
+            host_port: std::net::SocketAddr::new(ip, self.port).to_string(),
+            metrics_url: None,
+        }
+    }
 }
 
 /// A decode endpoint: where requests are forwarded.
@@ -378,6 +444,10 @@ pub struct RouterConfig {
     pub breaker: BreakerConfig,
     /// Health-check path of decode endpoints (prefill endpoints: `/health`).
     pub decode_health_path: String,
+    /// `--decode-dns` and `--prefill-dns`: names resolved into more endpoints.
+    pub decode_dns: Vec<DnsName>,
+    pub prefill_dns: Vec<DnsName>,
+    pub dns_refresh_interval: Duration,
     pub max_body_bytes: usize,
     /// Loaded from `--tokenizer`; `None` estimates 4 bytes per token.
     pub tokenizer: Option<Tokenizer>,
@@ -587,12 +657,37 @@ impl RouterConfig {
             decode.extend(d);
             prefill.extend(p);
         }
-        if decode.is_empty() {
+        let decode_dns = args
+            .decode_dns
+            .iter()
+            .map(|v| {
+                let what = format!("--decode-dns={v:?}");
+                let d = decode_target(&what, v)?;
+                DnsName::parse(&what, d.scheme, &d.authority)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prefill_dns = args
+            .prefill_dns
+            .iter()
+            .map(|v| {
+                let what = format!("--prefill-dns={v:?}");
+                let p = prefill_target(&what, v)?;
+                DnsName::parse(&what, "http", &p.host_port)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if decode.is_empty() && decode_dns.is_empty() {
             return Err(
                 "at least one decode endpoint is required: --decode (a decode pod's pd-sidecar, \
-                 e.g. --decode http://10.0.0.7:8000) or a \"decode\" list in --endpoints"
+                 e.g. --decode http://10.0.0.7:8000), --decode-dns (a headless Service, e.g. \
+                 --decode-dns http://decode.ns.svc.cluster.local:8000) or a \"decode\" list in \
+                 --endpoints"
                     .into(),
             );
+        }
+        if (!decode_dns.is_empty() || !prefill_dns.is_empty())
+            && args.dns_refresh_interval.is_zero()
+        {
+            return Err("--dns-refresh-interval must be greater than 0".into());
         }
         no_duplicates(
             "decode endpoint",
@@ -633,7 +728,8 @@ impl RouterConfig {
         if let Some(t) = args.threshold_tokens {
             scheduling.threshold = t;
         }
-        if !prefill.is_empty() && scheduling.threshold > 0 && scheduling.prefill.is_none() {
+        let any_prefill = !prefill.is_empty() || !prefill_dns.is_empty();
+        if any_prefill && scheduling.threshold > 0 && scheduling.prefill.is_none() {
             return Err(format!(
                 "prefill endpoints are given and the P/D threshold is {} but the config has no \
                  \"prefill\" scheduling profile to pick among them; add one (or set the decider's \
@@ -667,6 +763,9 @@ impl RouterConfig {
                 open_for: args.circuit_open_duration,
             },
             decode_health_path: args.decode_health_path,
+            decode_dns,
+            prefill_dns,
+            dns_refresh_interval: args.dns_refresh_interval,
             max_body_bytes: args.max_body_bytes,
             tokenizer,
             upstream_idle_timeout: args.upstream_idle_timeout,
@@ -1156,6 +1255,55 @@ schedulingProfiles:
             assert_eq!(p.scorers[1].weight, 1.0);
         }
         assert_eq!((cfg.port, cfg.metrics_port), (8080, 9090));
+    }
+
+    #[test]
+    fn dns_names_are_endpoints_too() {
+        let cfg = parse(&[
+            "--decode-dns",
+            "https://decode.ns.svc.cluster.local:8000",
+            "--prefill-dns",
+            "prefill.ns.svc:8000",
+            "--dns-refresh-interval",
+            "2s",
+        ])
+        .expect("names alone are enough");
+        assert_eq!(
+            cfg.decode_dns,
+            [DnsName {
+                scheme: "https",
+                host: "decode.ns.svc.cluster.local".into(),
+                port: 8000
+            }]
+        );
+        assert_eq!(cfg.prefill_dns[0].host, "prefill.ns.svc");
+        assert_eq!(cfg.dns_refresh_interval, Duration::from_secs(2));
+        let ip = "10.0.0.9".parse().unwrap();
+        assert_eq!(
+            cfg.decode_dns[0].decode_at(ip).label(),
+            "https://10.0.0.9:8000"
+        );
+        assert_eq!(cfg.prefill_dns[0].prefill_at(ip).label(), "10.0.0.9:8000");
+        let v6 = "fd00::1".parse().unwrap();
+        assert_eq!(cfg.prefill_dns[0].prefill_at(v6).label(), "[fd00::1]:8000");
+
+        for (args, names) in [
+            (&["--decode-dns", "decode"][..], "--decode-dns"),
+            (&["--decode-dns", "ftp://decode:1"][..], "--decode-dns"),
+            (&["--decode-dns", "http://decode:1/v1"][..], "--decode-dns"),
+            (
+                &["--decode", "d:1", "--prefill-dns", "p"][..],
+                "--prefill-dns",
+            ),
+            (
+                &["--decode-dns", "d:1", "--dns-refresh-interval", "0"][..],
+                "--dns-refresh-interval",
+            ),
+            (&["--prefill-dns", "p:1"][..], "--decode-dns"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(names), "{args:?}: {e}");
+        }
     }
 
     #[test]

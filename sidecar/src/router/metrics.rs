@@ -59,6 +59,16 @@ pub struct TransitionLabels {
     pub to: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleOnlyLabels {
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub name: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 pub struct RouterMetrics {
@@ -77,6 +87,8 @@ pub struct RouterMetrics {
     pub engine_waiting: Family<EndpointLabels, FloatGauge>,
     pub engine_running: Family<EndpointLabels, FloatGauge>,
     pub engine_kv_usage: Family<EndpointLabels, FloatGauge>,
+    pub endpoints: Family<RoleOnlyLabels, Gauge>,
+    pub dns_lookup_failures: Family<NameLabels, Counter>,
 }
 
 impl RouterMetrics {
@@ -159,8 +171,22 @@ impl RouterMetrics {
             "vllm:kv_cache_usage_perc at the last scrape, 0..1 (NaN when absent)",
             engine_kv_usage.clone(),
         );
+        let endpoints = Family::<RoleOnlyLabels, Gauge>::default();
+        registry.register(
+            "endpoints",
+            "Endpoints scheduled over, by role (static and discovered by DNS)",
+            endpoints.clone(),
+        );
+        let dns_lookup_failures = Family::<NameLabels, Counter>::default();
+        registry.register(
+            "dns_lookup_failures",
+            "Failed lookups of --decode-dns/--prefill-dns names (the last addresses are kept)",
+            dns_lookup_failures.clone(),
+        );
         RouterMetrics {
             registry,
+            endpoints,
+            dns_lookup_failures,
             requests,
             picks,
             pick_duration,
@@ -227,6 +253,45 @@ impl RouterMetrics {
             g.set(f64::NAN);
         }
         obs
+    }
+
+    /// Drops the gauges of an endpoint that left (discovery): they would go on
+    /// showing its last values. Its counters stay, as counters of gone targets do.
+    pub fn forget(&self, endpoint: &str, role: Role) {
+        let labels = EndpointLabels {
+            endpoint: endpoint.to_string(),
+        };
+        self.inflight.remove(&labels);
+        for family in [
+            &self.metrics_age,
+            &self.engine_waiting,
+            &self.engine_running,
+            &self.engine_kv_usage,
+        ] {
+            family.remove(&labels);
+        }
+        self.healthy.remove(&RoleLabels {
+            endpoint: endpoint.to_string(),
+            role: role.as_str(),
+        });
+    }
+
+    /// Sets the number of endpoints of `role`.
+    pub fn set_endpoints(&self, role: Role, n: usize) {
+        self.endpoints
+            .get_or_create(&RoleOnlyLabels {
+                role: role.as_str(),
+            })
+            .set(n as i64);
+    }
+
+    /// Counts a failed lookup of `name`.
+    pub fn dns_lookup_failed(&self, name: &str) {
+        self.dns_lookup_failures
+            .get_or_create(&NameLabels {
+                name: name.to_string(),
+            })
+            .inc();
     }
 
     /// Sets the metrics-age gauge of `endpoint` (called at render time).

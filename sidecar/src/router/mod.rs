@@ -13,6 +13,7 @@
 
 pub mod breaker;
 pub mod config;
+pub mod discovery;
 pub mod endpoint;
 pub mod metrics;
 pub mod pick;
@@ -36,9 +37,7 @@ use crate::config::UpstreamTls;
 use crate::proxy::REQUEST_ID_HEADER;
 use crate::server::{drain_on_signal, serve, spawn_metrics};
 use config::RouterConfig;
-use endpoint::{Endpoint, Role};
 use metrics::RouterMetrics;
-use pick::Scheduler;
 use proxy::{AppState, RouterState};
 
 /// Keeps the client's `x-request-id` (or makes one) so the sidecar, both
@@ -71,7 +70,8 @@ fn metrics_router(state: AppState) -> Router {
             "/metrics",
             get(|State(st): State<AppState>| async move {
                 let now = Instant::now();
-                let s = &st.scheduler;
+                let view = st.view();
+                let s = &view.scheduler;
                 for e in s.decode.iter().chain(&s.prefill) {
                     if let Some(at) = e.metrics_at() {
                         st.metrics
@@ -90,88 +90,34 @@ fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The shared state of a router built from `cfg`.
+/// The shared state of a router built from `cfg`, over its static endpoints
+/// (names to resolve are added by [`discovery`]).
 pub fn state(cfg: RouterConfig) -> AppState {
     let metrics = Arc::new(RouterMetrics::new());
-    let endpoint = |label: String, role: Role| {
-        let obs = metrics.endpoint_obs(&label, role);
-        Arc::new(Endpoint::new(label, role, cfg.breaker, obs))
+    let members = discovery::Members {
+        decode: cfg.decode.clone(),
+        prefill: cfg.prefill.clone(),
     };
-    let decode = cfg
-        .decode
-        .iter()
-        .map(|d| endpoint(d.label(), Role::Decode))
-        .collect();
-    let prefill = cfg
-        .prefill
-        .iter()
-        .map(|p| endpoint(p.label(), Role::Prefill))
-        .collect();
-    let scheduler = Scheduler::new(
-        &cfg.scheduling,
-        decode,
-        prefill,
-        cfg.probes.metrics_staleness,
-    );
-    let probe_client = crate::upstream::build_client(
-        UpstreamTls {
-            enabled: true,
-            insecure_skip_verify: cfg.tls_insecure_skip_verify,
-        },
-        cfg.upstream_idle_timeout,
-        2,
-    );
-    let client = crate::upstream::build_client(
-        UpstreamTls {
-            enabled: true,
-            insecure_skip_verify: cfg.tls_insecure_skip_verify,
-        },
-        cfg.upstream_idle_timeout,
-        cfg.max_idle_conns_per_host,
-    );
-    Arc::new(RouterState {
+    let view = discovery::view_of(&cfg, &metrics, None, members);
+    let client = |max_idle| {
+        crate::upstream::build_client(
+            UpstreamTls {
+                enabled: true,
+                insecure_skip_verify: cfg.tls_insecure_skip_verify,
+            },
+            cfg.upstream_idle_timeout,
+            max_idle,
+        )
+    };
+    let probe_client = client(2);
+    let proxy_client = client(cfg.max_idle_conns_per_host);
+    Arc::new(RouterState::new(
         cfg,
-        scheduler,
-        client,
+        view,
+        proxy_client,
         probe_client,
         metrics,
-    })
-}
-
-/// Starts the metrics scrapes and health checks of every endpoint.
-pub fn spawn_probes(state: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
-    let cfg = &state.cfg;
-    let expected_block_size = cfg
-        .uses_prefix_scorer()
-        .then_some(cfg.scheduling.prefix.block_size as u64);
-    let s = &state.scheduler;
-    let decode = cfg
-        .decode
-        .iter()
-        .zip(&s.decode)
-        .map(|(t, e)| probe::Target {
-            endpoint: e.clone(),
-            metrics_url: t.metrics_uri(),
-            health_url: t.uri(&cfg.decode_health_path),
-            obs: state.metrics.probe_obs(&e.label),
-            expected_block_size,
-        });
-    let prefill = cfg
-        .prefill
-        .iter()
-        .zip(&s.prefill)
-        .map(|(t, e)| probe::Target {
-            endpoint: e.clone(),
-            metrics_url: t.metrics_uri(),
-            health_url: t.uri("/health"),
-            obs: state.metrics.probe_obs(&e.label),
-            expected_block_size,
-        });
-    probe::spawn(
-        &state.probe_client,
-        &cfg.probes,
-        decode.chain(prefill).collect(),
-    )
+    ))
 }
 
 /// Binds the listeners, then serves until a termination signal.
@@ -186,19 +132,42 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    // Probes for the static endpoints, then a first lookup of the names before serving.
+    let mut probes = discovery::Probes::default();
+    probes.sync(&state, &state.view());
+    let mut resolved = discovery::Resolved::new(&state.cfg);
+    let dns = !state.cfg.decode_dns.is_empty() || !state.cfg.prefill_dns.is_empty();
+    if dns {
+        discovery::refresh(&state, &mut probes, &mut resolved, &discovery::lookup).await;
+    }
     let s = &state.cfg.scheduling;
     let p = &state.cfg.probes;
+    let view = state.view();
     tracing::info!(
         addr = %listener.local_addr()?,
-        decode = ?state.cfg.decode.iter().map(|d| d.label()).collect::<Vec<_>>(),
-        prefill = ?state.cfg.prefill.iter().map(|p| p.label()).collect::<Vec<_>>(),
+        decode = ?view.decode.iter().map(|d| d.label()).collect::<Vec<_>>(),
+        prefill = ?view.prefill.iter().map(|p| p.label()).collect::<Vec<_>>(),
+        decode_dns = ?state.cfg.decode_dns.iter().map(|n| &n.host).collect::<Vec<_>>(),
+        prefill_dns = ?state.cfg.prefill_dns.iter().map(|n| &n.host).collect::<Vec<_>>(),
         threshold_tokens = s.threshold,
         block_size = s.prefix.block_size,
         refresh_metrics_interval = ?p.refresh_metrics_interval,
         health_check_interval = ?p.health_check_interval,
         "pd-router listening"
     );
-    let probes = spawn_probes(&state);
+    // With names to resolve, the discovery task owns the probes (and stops them at the end).
+    let (discovery, mut static_probes) = if dns {
+        let task = tokio::spawn(discovery::run(
+            state.clone(),
+            probes,
+            resolved,
+            state.cfg.dns_refresh_interval,
+            stop_rx.clone(),
+        ));
+        (Some(task), None)
+    } else {
+        (None, Some(probes))
+    };
     let mut tasks = vec![tokio::spawn(serve(
         listener,
         router(state.clone()),
@@ -211,8 +180,11 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
         tasks.push(spawn_metrics(&addr, app, stop_rx.clone(), grace).await?);
     }
     drain_on_signal(stop_tx, tasks, grace).await;
-    for probe in probes {
-        probe.abort();
+    if let Some(d) = discovery {
+        let _ = d.await;
+    }
+    if let Some(p) = static_probes.as_mut() {
+        p.stop();
     }
     Ok(())
 }

@@ -243,8 +243,8 @@ pub struct LoadPick {
 pub struct Scheduler {
     pub decode: Vec<Arc<Endpoint>>,
     pub prefill: Vec<Arc<Endpoint>>,
-    decode_profile: Profile,
-    prefill_profile: Option<Profile>,
+    decode_profile: Arc<Profile>,
+    prefill_profile: Option<Arc<Profile>>,
     decode_index: PrefixIndex,
     prefill_index: PrefixIndex,
     prefix: PrefixParams,
@@ -300,8 +300,11 @@ impl Scheduler {
             prefill_index: PrefixIndex::new(prefill.len(), capacity),
             decode,
             prefill,
-            decode_profile: Profile::from_spec(&scheduling.decode),
-            prefill_profile: scheduling.prefill.as_ref().map(Profile::from_spec),
+            decode_profile: Arc::new(Profile::from_spec(&scheduling.decode)),
+            prefill_profile: scheduling
+                .prefill
+                .as_ref()
+                .map(|p| Arc::new(Profile::from_spec(p))),
             prefix: scheduling.prefix,
             threshold: scheduling.threshold,
             staleness,
@@ -416,6 +419,49 @@ impl Scheduler {
         if let Some(p) = routed.prefill_index {
             self.prefill_index.record(p, &routed.hashes);
         }
+    }
+
+    /// The same scheduler over other endpoints: those also in `self` (the same
+    /// `Arc`, so in-flight counts and circuits go on) keep their prefix indexes.
+    pub fn with_endpoints(
+        &self,
+        decode: Vec<Arc<Endpoint>>,
+        prefill: Vec<Arc<Endpoint>>,
+    ) -> Scheduler {
+        let capacity = self.prefix.lru_capacity;
+        let next = Scheduler {
+            decode_index: PrefixIndex::new(decode.len(), capacity),
+            prefill_index: PrefixIndex::new(prefill.len(), capacity),
+            decode,
+            prefill,
+            decode_profile: self.decode_profile.clone(),
+            prefill_profile: self.prefill_profile.clone(),
+            prefix: self.prefix,
+            threshold: self.threshold,
+            staleness: self.staleness,
+            reads_metrics: self.reads_metrics,
+        };
+        for (new, old, new_index, old_index) in [
+            (
+                &next.decode,
+                &self.decode,
+                &next.decode_index,
+                &self.decode_index,
+            ),
+            (
+                &next.prefill,
+                &self.prefill,
+                &next.prefill_index,
+                &self.prefill_index,
+            ),
+        ] {
+            for (to, e) in new.iter().enumerate() {
+                if let Some(at) = old.iter().position(|o| Arc::ptr_eq(o, e)) {
+                    new_index.carry(to, old_index, at);
+                }
+            }
+        }
+        next
     }
 
     /// The prefix-index parameters (block size, blocks matched, LRU capacity).

@@ -268,6 +268,7 @@ impl Hasher for IdentityHasher {
 
 const NIL: u32 = u32::MAX;
 
+#[derive(Clone)]
 struct Node {
     key: u64,
     prev: u32,
@@ -307,6 +308,17 @@ impl PrefixIndex {
         }
     }
 
+    /// Gives endpoint `to` a copy of what `from`'s endpoint `at` is believed to hold: an
+    /// endpoint that stays when the set of endpoints changes keeps its cache.
+    pub fn carry(&self, to: usize, from: &PrefixIndex, at: usize) {
+        let Some(lru) = from.lock().get(at).cloned() else {
+            return;
+        };
+        if let Some(slot) = self.lock().get_mut(to) {
+            *slot = lru;
+        }
+    }
+
     /// Records that endpoint `endpoint` now holds the prefix `hashes`.
     pub fn record(&self, endpoint: usize, hashes: &[u64]) {
         if hashes.is_empty() {
@@ -321,6 +333,7 @@ impl PrefixIndex {
 /// A bounded set of block hashes with least-recently-used eviction: an
 /// intrusive doubly linked list over a slab, so every operation is O(1) and
 /// memory never exceeds the capacity.
+#[derive(Clone)]
 pub struct PrefixLru {
     map: HashMap<u64, u32, BuildHasherDefault<IdentityHasher>>,
     nodes: Vec<Node>,

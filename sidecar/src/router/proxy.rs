@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,7 +26,7 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use super::config::{DecodeTarget, RouterConfig};
+use super::config::{DecodeTarget, PrefillTarget, RouterConfig};
 use super::metrics::{Decision, RouterMetrics};
 use super::pick::{InflightGuard, Routed, Scheduler};
 use super::prefix::{prompt_with, Prompt};
@@ -110,7 +110,8 @@ impl IntoResponse for RouterError {
 /// Everything the handlers share.
 pub struct RouterState {
     pub cfg: RouterConfig,
-    pub scheduler: Scheduler,
+    /// The endpoints now, replaced whole when discovery finds a change.
+    view: RwLock<Arc<View>>,
     pub client: HttpClient,
     /// Metrics scrapes and health checks: their own pool, so probes never wait
     /// behind (or hold) the proxy's connections.
@@ -118,13 +119,50 @@ pub struct RouterState {
     pub metrics: Arc<RouterMetrics>,
 }
 
-impl RouterState {
-    /// Where decode endpoint `index` (the scheduler's order, that of `--decode`) is.
+/// One version of the set of endpoints: the scheduler over them and where each is.
+/// A request works with the view it started with from pick to response.
+pub struct View {
+    pub scheduler: Scheduler,
+    /// Decode endpoints in the scheduler's order.
+    pub decode: Vec<DecodeTarget>,
+    /// Prefill endpoints in the scheduler's order.
+    pub prefill: Vec<PrefillTarget>,
+}
+
+impl View {
+    /// Where decode endpoint `index` (the scheduler's order) is.
     fn target(&self, index: usize) -> Result<&DecodeTarget, RouterError> {
-        self.cfg
-            .decode
+        self.decode
             .get(index)
             .ok_or_else(|| RouterError::InvalidRequest("no such decode endpoint".into()))
+    }
+}
+
+impl RouterState {
+    pub fn new(
+        cfg: RouterConfig,
+        view: View,
+        client: HttpClient,
+        probe_client: HttpClient,
+        metrics: Arc<RouterMetrics>,
+    ) -> RouterState {
+        RouterState {
+            cfg,
+            view: RwLock::new(Arc::new(view)),
+            client,
+            probe_client,
+            metrics,
+        }
+    }
+
+    /// The endpoints now.
+    pub fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `view` the endpoints new requests see.
+    pub fn set_view(&self, view: View) {
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
     }
 }
 
@@ -249,10 +287,11 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     let tokenizer = state.cfg.tokenizer.as_ref().map(|t| t.inner.as_ref());
     let prompt = prompt_with(api, &body, tokenizer);
 
-    let first = schedule(state, model, &prompt, None)?;
+    let view = state.view();
+    let first = schedule(state, &view, model, &prompt, None)?;
     let first_index = first.decode_index;
     let first_decision = Decided::of(&first);
-    let err = match forward(state, &parts, &raw, first).await {
+    let err = match forward(state, &view, &parts, &raw, first).await {
         Err(err @ RouterError::DecodeUnavailable { .. }) => err,
         other => {
             first_decision.count(state);
@@ -261,14 +300,14 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     };
     // No response byte came back, and the body is in memory: another decode
     // endpoint can take it.
-    let Ok(second) = schedule(state, model, &prompt, Some(first_index)) else {
+    let Ok(second) = schedule(state, &view, model, &prompt, Some(first_index)) else {
         first_decision.count(state);
         return Err(err);
     };
     state.metrics.retries.inc();
     tracing::info!(failed = %err, retry = %second.decode.label, "retrying on another decode endpoint");
     let decision = Decided::of(&second);
-    let result = forward(state, &parts, &raw, second).await;
+    let result = forward(state, &view, &parts, &raw, second).await;
     decision.count(state);
     result
 }
@@ -302,12 +341,13 @@ impl Decided {
 /// Picks D (not `exclude`), decides, picks P; counts the picks.
 fn schedule(
     state: &RouterState,
+    view: &View,
     model: &str,
     prompt: &Prompt,
     exclude: Option<usize>,
 ) -> Result<Routed, RouterError> {
     let started = Instant::now();
-    let routed = state
+    let routed = view
         .scheduler
         .schedule(model, prompt, exclude, started, &mut rand::rng());
     state
@@ -315,7 +355,7 @@ fn schedule(
         .pick_duration
         .observe(started.elapsed().as_secs_f64());
     let routed = routed.ok_or(RouterError::NoHealthyDecode)?;
-    state.scheduler.record(&routed);
+    view.scheduler.record(&routed);
     let metrics = &state.metrics;
     metrics.pick("decode", &routed.decode.label);
     if let Some((p, _)) = &routed.prefill {
@@ -338,6 +378,7 @@ fn schedule(
 /// outcome to D's breaker.
 async fn forward(
     state: &RouterState,
+    view: &View,
     parts: &Parts,
     raw: &Bytes,
     routed: Routed,
@@ -345,7 +386,7 @@ async fn forward(
     if routed.prefill_unavailable {
         tracing::warn!(decode = %routed.decode.label, "no healthy prefill endpoint: prefilling locally");
     }
-    let target = state.target(routed.decode_index)?;
+    let target = view.target(routed.decode_index)?;
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = upstream_uri(target.scheme, &target.authority, path)?;
     let peer = parts
@@ -380,7 +421,8 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
-    let Some(pick) = state
+    let view = state.view();
+    let Some(pick) = view
         .scheduler
         .pick_by_load(Instant::now(), &mut rand::rng())
     else {
@@ -390,7 +432,7 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
     };
     state.metrics.count(Decision::passthrough);
     let result = async {
-        let target = state.target(pick.index)?;
+        let target = view.target(pick.index)?;
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = upstream_uri(target.scheme, &target.authority, path)?;
         let mut headers = forward_headers(&parts.headers, peer);
@@ -435,6 +477,7 @@ pub async fn health() -> Response {
 pub async fn ready(State(state): State<AppState>) -> Response {
     let count_half_open = state.cfg.probes.health_check_interval.is_zero();
     if state
+        .view()
         .scheduler
         .any_decode_available(Instant::now(), count_half_open)
     {
