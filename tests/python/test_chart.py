@@ -336,7 +336,7 @@ def test_tls_mounts_the_certificate_and_the_router_speaks_https():
     volume = next(v for v in pod(objs, "decode")["spec"]["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == "tandem-sidecar-tls"
     args = router_args(objs)
-    assert flag_value(args, "--decode") == f"https://{FULL}-decode.{NAMESPACE}.svc:8000"
+    assert flag_value(args, "--decode-dns") == f"https://{FULL}-decode.{NAMESPACE}.svc:8000"
     assert flag_value(args, "--tls-insecure-skip-verify") == "true"
 
 
@@ -347,7 +347,7 @@ def test_without_the_proxy_vllm_serves_the_service_port_and_the_router_never_dis
     assert flag_value(vllm(objs, "decode")["args"], "--port") == "8000"
     args = router_args(objs)
     assert flag_value(args, "--threshold-tokens") == "0"
-    assert flag_value(args, "--prefill") is None
+    assert flag_value(args, "--prefill-dns") is None
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -374,10 +374,17 @@ def test_router_objects_fit_together(case):
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert sc["capabilities"]["drop"] == ["ALL"]
     scheme = "https" if values["routing"]["proxy"]["secure"] else "http"
-    assert flag_value(c["args"], "--decode") == f"{scheme}://{FULL}-decode.{NAMESPACE}.svc:8000"
+    # Every ready pod behind the headless Services is an endpoint of its own.
+    assert flag_value(c["args"], "--decode-dns") == f"{scheme}://{FULL}-decode.{NAMESPACE}.svc:8000"
+    assert flag_value(c["args"], "--decode") is None
     if values["routing"]["proxy"]["enabled"]:
-        assert flag_value(c["args"], "--prefill") == f"{FULL}-prefill.{NAMESPACE}.svc:8000"
-    assert "one endpoint per role" in notes and "not implemented yet" in notes
+        assert flag_value(c["args"], "--prefill-dns") == f"{FULL}-prefill.{NAMESPACE}.svc:8000"
+    assert flag_value(c["args"], "--dns-refresh-interval") == "5s"
+    for role in ("decode", "prefill"):
+        svc = objs[("Service", f"{FULL}-{role}")]
+        assert svc["spec"]["clusterIP"] == "None"
+        assert not svc["spec"].get("publishNotReadyAddresses", False), "only ready pods resolve"
+    assert "scores each ready pod" in notes
 
 
 # ---------------------------------------------------------------------------
@@ -415,9 +422,11 @@ def test_pd_router_accepts_the_rendered_args_and_config(case, tmp_path):
     args = [f"--config={config}" if a.startswith("--config=") else a for a in router_args(objs)]
     res = run("pd-router", ["--check-config", *args])
     assert res.returncode == 0, res.stderr
-    assert f'authority: "{FULL}-decode.{NAMESPACE}.svc:8000"' in res.stdout
+    hosts = re.findall(r'host: "([^"]+)",\s+port: (\d+),', res.stdout)
+    want = [(f"{FULL}-decode.{NAMESPACE}.svc", "8000")]
     if case != "no-proxy":
-        assert f'host_port: "{FULL}-prefill.{NAMESPACE}.svc:8000"' in res.stdout
+        want.append((f"{FULL}-prefill.{NAMESPACE}.svc", "8000"))
+    assert hosts == want, res.stdout
 
 
 def test_check_config_fails_on_an_unknown_flag():

@@ -354,13 +354,14 @@ volumeMounts:
   (printf "--port=%d" ($v.router.port | int))
   (printf "--metrics-port=%d" (($v.router.metricsPort | default 0) | int))
   "--config=/etc/pd-router/config.yaml"
-  (printf "--decode=%s" (include "tandem.decodeURL" .))
+  (printf "--decode-dns=%s" (include "tandem.decodeURL" .))
+  (printf "--dns-refresh-interval=%s" ($v.router.dnsRefreshInterval | default "5s"))
   (printf "--log-level=%s" ($v.router.logLevel | default "info"))
 -}}
 {{- if $v.routing.proxy.enabled -}}
 {{- /* /ready on a pd-sidecar also checks its engine */ -}}
 {{- $args = append $args "--decode-health-path=/ready" -}}
-{{- if $v.prefill.create }}{{ $args = append $args (printf "--prefill=%s" (include "tandem.prefillHostPort" .)) }}{{ end -}}
+{{- if $v.prefill.create }}{{ $args = append $args (printf "--prefill-dns=%s" (include "tandem.prefillHostPort" .)) }}{{ end -}}
 {{- if and $v.routing.proxy.secure $v.router.tlsInsecureSkipVerify }}{{ $args = append $args "--tls-insecure-skip-verify=true" }}{{ end -}}
 {{- else -}}
 {{- /* no pd-sidecar in decode pods: nothing would run a prefill leg */ -}}
