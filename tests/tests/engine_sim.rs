@@ -9,6 +9,7 @@ use tandem_tests::harness::{
     free_port, http, http_get, http_post_json, http_post_stream, json, poll_until, try_http,
     EngineSim, Proc, READY_TIMEOUT,
 };
+use tandem_tests::sim::generate::engine_duration_ms;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -738,15 +739,7 @@ async fn listen_after_refuses_connections_until_bound() {
 
 /// The `dur` (ms) of `engine;dur=<ms>` in a Server-Timing value or SSE comment.
 fn engine_dur_ms(text: &str) -> f64 {
-    let at = text
-        .find("engine;dur=")
-        .unwrap_or_else(|| panic!("no engine timing in {text:?}"))
-        + "engine;dur=".len();
-    text[at..]
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("bad engine timing in {text:?}"))
+    engine_duration_ms(text).unwrap_or_else(|| panic!("no engine timing in {text:?}"))
 }
 
 #[tokio::test]

@@ -30,15 +30,6 @@ pub struct Members {
     pub prefill: Vec<PrefillTarget>,
 }
 
-impl Members {
-    fn of(view: &View) -> Members {
-        Members {
-            decode: view.decode.clone(),
-            prefill: view.prefill.clone(),
-        }
-    }
-}
-
 /// The last addresses each name resolved to (None: never resolved).
 pub struct Resolved {
     decode: Vec<Option<Vec<IpAddr>>>,
@@ -128,11 +119,7 @@ pub fn view_of(
             cfg.probes.metrics_staleness,
         ),
     };
-    View {
-        scheduler,
-        decode: members.decode,
-        prefill: members.prefill,
-    }
+    View { scheduler, members }
 }
 
 /// The metrics scrapes and health checks of each endpoint of the view, keyed
@@ -151,7 +138,7 @@ impl Probes {
             .uses_prefix_scorer()
             .then_some(cfg.scheduling.prefix.block_size as u64);
         let s = &view.scheduler;
-        let decode = view.decode.iter().zip(&s.decode).map(|(t, e)| {
+        let decode = view.members.decode.iter().zip(&s.decode).map(|(t, e)| {
             (
                 Role::Decode,
                 e,
@@ -160,6 +147,7 @@ impl Probes {
             )
         });
         let prefill = view
+            .members
             .prefill
             .iter()
             .zip(&s.prefill)
@@ -256,7 +244,7 @@ where
     }
     let current = state.view();
     let next = members(cfg, resolved);
-    if next == Members::of(&current) {
+    if next == current.members {
         return false;
     }
     let labels = |m: &Members| -> (Vec<String>, Vec<String>) {
@@ -347,7 +335,11 @@ mod tests {
     }
 
     fn decode_labels(view: &View) -> Vec<String> {
-        view.decode.iter().map(DecodeTarget::label).collect()
+        view.members
+            .decode
+            .iter()
+            .map(DecodeTarget::label)
+            .collect()
     }
 
     #[test]
@@ -378,7 +370,7 @@ mod tests {
         let resolve = dns.resolver();
         let (mut probes, mut resolved) = (Probes::default(), Resolved::new(&state.cfg));
         assert!(
-            state.view().decode.is_empty(),
+            state.view().members.decode.is_empty(),
             "no endpoints before the first lookup"
         );
 
@@ -390,7 +382,7 @@ mod tests {
             decode_labels(&first),
             ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
         );
-        assert_eq!(first.prefill[0].label(), "10.1.0.1:9000");
+        assert_eq!(first.members.prefill[0].label(), "10.1.0.1:9000");
         let text = state.metrics.render();
         assert!(
             text.contains(r#"pd_router_endpoints{role="decode"} 2"#),

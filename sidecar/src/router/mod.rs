@@ -145,8 +145,8 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
     let view = state.view();
     tracing::info!(
         addr = %listener.local_addr()?,
-        decode = ?view.decode.iter().map(|d| d.label()).collect::<Vec<_>>(),
-        prefill = ?view.prefill.iter().map(|p| p.label()).collect::<Vec<_>>(),
+        decode = ?view.members.decode.iter().map(|d| d.label()).collect::<Vec<_>>(),
+        prefill = ?view.members.prefill.iter().map(|p| p.label()).collect::<Vec<_>>(),
         decode_dns = ?state.cfg.decode_dns.iter().map(|n| &n.host).collect::<Vec<_>>(),
         prefill_dns = ?state.cfg.prefill_dns.iter().map(|n| &n.host).collect::<Vec<_>>(),
         threshold_tokens = s.threshold,

@@ -429,9 +429,16 @@ impl Scheduler {
         prefill: Vec<Arc<Endpoint>>,
     ) -> Scheduler {
         let capacity = self.prefix.lru_capacity;
-        let next = Scheduler {
-            decode_index: PrefixIndex::new(decode.len(), capacity),
-            prefill_index: PrefixIndex::new(prefill.len(), capacity),
+        let carried = |new: &[Arc<Endpoint>], old: &[Arc<Endpoint>], index: &PrefixIndex| {
+            let at: Vec<_> = new
+                .iter()
+                .map(|e| old.iter().position(|o| Arc::ptr_eq(o, e)))
+                .collect();
+            PrefixIndex::carried(index, &at, capacity)
+        };
+        Scheduler {
+            decode_index: carried(&decode, &self.decode, &self.decode_index),
+            prefill_index: carried(&prefill, &self.prefill, &self.prefill_index),
             decode,
             prefill,
             decode_profile: self.decode_profile.clone(),
@@ -440,28 +447,7 @@ impl Scheduler {
             threshold: self.threshold,
             staleness: self.staleness,
             reads_metrics: self.reads_metrics,
-        };
-        for (new, old, new_index, old_index) in [
-            (
-                &next.decode,
-                &self.decode,
-                &next.decode_index,
-                &self.decode_index,
-            ),
-            (
-                &next.prefill,
-                &self.prefill,
-                &next.prefill_index,
-                &self.prefill_index,
-            ),
-        ] {
-            for (to, e) in new.iter().enumerate() {
-                if let Some(at) = old.iter().position(|o| Arc::ptr_eq(o, e)) {
-                    new_index.carry(to, old_index, at);
-                }
-            }
         }
-        next
     }
 
     /// The prefix-index parameters (block size, blocks matched, LRU capacity).

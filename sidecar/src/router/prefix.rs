@@ -308,14 +308,20 @@ impl PrefixIndex {
         }
     }
 
-    /// Gives endpoint `to` a copy of what `from`'s endpoint `at` is believed to hold: an
-    /// endpoint that stays when the set of endpoints changes keeps its cache.
-    pub fn carry(&self, to: usize, from: &PrefixIndex, at: usize) {
-        let Some(lru) = from.lock().get(at).cloned() else {
-            return;
-        };
-        if let Some(slot) = self.lock().get_mut(to) {
-            *slot = lru;
+    /// The index of another set of endpoints: endpoint `k` starts with a copy
+    /// of `from`'s endpoint `at[k]` (an endpoint that stays keeps its cache), or
+    /// empty where `at[k]` is None.
+    pub fn carried(from: &PrefixIndex, at: &[Option<usize>], capacity: usize) -> PrefixIndex {
+        let old = from.lock();
+        let lrus = at
+            .iter()
+            .map(|a| {
+                a.and_then(|i| old.get(i).cloned())
+                    .unwrap_or_else(|| PrefixLru::new(capacity))
+            })
+            .collect();
+        PrefixIndex {
+            lrus: Mutex::new(lrus),
         }
     }
 

@@ -26,7 +26,8 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use super::config::{DecodeTarget, PrefillTarget, RouterConfig};
+use super::config::{DecodeTarget, RouterConfig};
+use super::discovery::Members;
 use super::metrics::{Decision, RouterMetrics};
 use super::pick::{InflightGuard, Routed, Scheduler};
 use super::prefix::{prompt_with, Prompt};
@@ -123,16 +124,15 @@ pub struct RouterState {
 /// A request works with the view it started with from pick to response.
 pub struct View {
     pub scheduler: Scheduler,
-    /// Decode endpoints in the scheduler's order.
-    pub decode: Vec<DecodeTarget>,
-    /// Prefill endpoints in the scheduler's order.
-    pub prefill: Vec<PrefillTarget>,
+    /// Where each endpoint is, in the scheduler's order.
+    pub members: Members,
 }
 
 impl View {
     /// Where decode endpoint `index` (the scheduler's order) is.
     fn target(&self, index: usize) -> Result<&DecodeTarget, RouterError> {
-        self.decode
+        self.members
+            .decode
             .get(index)
             .ok_or_else(|| RouterError::InvalidRequest("no such decode endpoint".into()))
     }

@@ -25,7 +25,7 @@ use serde_json::json;
 use tandem_tests::harness::{
     free_port, wait_ready, EngineSim, Proc, Router, Sidecar, READY_TIMEOUT,
 };
-use tandem_tests::sim::generate::SERVER_TIMING_REQUEST_HEADER;
+use tandem_tests::sim::generate::{engine_duration_ms, SERVER_TIMING_REQUEST_HEADER};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -157,15 +157,9 @@ async fn one_request(
     }))
 }
 
-/// The `dur` (ms) of the `engine` entry of a Server-Timing value, in µs.
+/// The engine's time in a Server-Timing value, in µs.
 fn engine_dur_us(value: &str) -> Option<f64> {
-    let at = value.find("engine;dur=")? + "engine;dur=".len();
-    let ms: f64 = value[at..]
-        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
-        .next()?
-        .parse()
-        .ok()?;
-    Some(ms * 1e3)
+    engine_duration_ms(value).map(|ms| ms * 1e3)
 }
 
 /// A prompt of about `tokens` tokens (4 bytes each), or a 2-token one for 0.

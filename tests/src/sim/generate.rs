@@ -112,6 +112,17 @@ pub fn server_timing(started: Instant) -> String {
     format!("engine;dur={:.3}", started.elapsed().as_secs_f64() * 1e3)
 }
 
+/// The `dur` (ms) of the `engine` entry in a Server-Timing value (or in the SSE comment that
+/// carries one): the inverse of [`server_timing`].
+pub fn engine_duration_ms(text: &str) -> Option<f64> {
+    let at = text.find("engine;dur=")? + "engine;dur=".len();
+    text[at..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()?
+        .parse()
+        .ok()
+}
+
 impl Generation {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
