@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack clean
 
 all: build
 
@@ -52,6 +52,15 @@ bench-kv: setup build-release
 ## The same between two processes: `kvbench serve` as the prefill side, `kvbench run --peer` as the decode side.
 bench-kv-2proc: setup build-release
 	bash scripts/kvbench-2proc
+
+## GPU hardware tests (never in CI): pack the release binaries and the nixl-cu13 libraries into
+## hw-tests/bundle/, then run the kvbench GPU matrix and pd-demo on GPU pools where a GPU is
+## (hw-tests/README.md); results under hw-tests/results/<date>-<gpu>/.
+hw-test: setup
+	bash scripts/hw-test all
+
+hw-pack: setup
+	bash scripts/hw-test pack
 
 clean:
 	$(CARGO) clean

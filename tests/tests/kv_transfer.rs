@@ -560,6 +560,7 @@ fn bad_metadata_is_rejected_with_a_reason() {
         backend: "nixl".into(),
         layout: None,
         backend_metadata: vec![1, 2, 3],
+        offers: vec![],
     };
     let err = transfer::PeerMetadata::try_from(md.clone()).unwrap_err();
     assert!(err.to_string().contains("layout missing"), "{err}");
@@ -581,7 +582,9 @@ fn bad_metadata_is_rejected_with_a_reason() {
 async fn garbage_backend_metadata_is_rejected_by_the_agent() {
     // A real agent in this process (TCP: no NIXL in the test process) given a
     // peer whose backend blob is garbage.
-    let mem = std::sync::Arc::new(HostMemory::anonymous(layout().total_bytes() as usize).unwrap());
+    let mem = std::sync::Arc::new(transfer::KvMemory::from(
+        HostMemory::anonymous(layout().total_bytes() as usize).unwrap(),
+    ));
     let agent = transfer::Agent::start(
         transfer::AgentConfig::new("t", layout(), transfer::BackendKind::Tcp),
         mem,
@@ -590,7 +593,10 @@ async fn garbage_backend_metadata_is_rejected_by_the_agent() {
     .unwrap();
     let mut md = agent.metadata().unwrap();
     md.agent_name = "other".into();
-    md.backend_metadata = b"definitely not metadata".to_vec();
+    md.offers = vec![(
+        transfer::BackendKind::Tcp,
+        b"definitely not metadata".to_vec(),
+    )];
     let err = agent.handshake("127.0.0.1:1", md).await.unwrap_err();
     assert!(
         matches!(err, transfer::TransferError::BadMetadata(_)),
@@ -787,4 +793,114 @@ async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
     );
     serve.kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn auto_on_a_host_without_gpus_offers_cuda_ipc_and_moves_bytes_over_nixl() {
+    // Both agents run `auto` with shared host pools: each offers cuda-ipc
+    // (same host, a shared file) first and NIXL second. Without a GPU on
+    // either side cuda-ipc cannot run the copy, so the handshake falls
+    // through to NIXL, and the bytes still arrive.
+    let prefill = AgentProc::start("auto", "prefill").await;
+    let decode = AgentProc::start("auto", "decode").await;
+    let md = transfer::grpc::fetch_metadata(&prefill.endpoint)
+        .await
+        .unwrap();
+    let offered: Vec<_> = md.offers.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        offered,
+        vec![transfer::BackendKind::CudaIpc, transfer::BackendKind::Nixl]
+    );
+    prefill.fill(0x31);
+    decode.fill(0x32);
+    let done = transfer(
+        &decode,
+        &prefill.endpoint,
+        false,
+        PullArgs {
+            local: DST_BLOCKS,
+            remote: SRC_BLOCKS,
+            plan: proto::Plan::Coalesced,
+            notify: Some(("auto-req", 1)),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.backend, "nixl");
+    assert_eq!(done.device_us, 0);
+    assert_moved(&decode, &prefill, DST_BLOCKS, SRC_BLOCKS);
+    // A pull pinned to cuda-ipc has no data plane in common with a NIXL-only peer.
+    let nixl_only = AgentProc::start("nixl", "prefill2").await;
+    let ipc = AgentProc::start("cuda-ipc", "decode2").await;
+    let err = transfer(
+        &ipc,
+        &nixl_only.endpoint,
+        false,
+        PullArgs {
+            local: &[1],
+            remote: &[1],
+            plan: proto::Plan::Coalesced,
+            notify: None,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("nixl backend") && err.message().contains("cuda-ipc"),
+        "{}",
+        err.message()
+    );
+}
+
+#[test]
+fn asking_for_gpu_memory_without_a_driver_is_exit_2_with_the_reason() {
+    if transfer::gpu::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tandem-nogpu-{}", uuid::Uuid::new_v4()));
+    for (bin, args) in [
+        (
+            "kvbench",
+            vec![
+                "run",
+                "--mem",
+                "gpu:0",
+                "--model",
+                MODEL,
+                "--num-blocks",
+                "8",
+                "--tokens",
+                "16",
+            ],
+        ),
+        (
+            "kv-agent",
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--mem",
+                "gpu:0",
+                "--model",
+                MODEL,
+                "--num-blocks",
+                "8",
+            ],
+        ),
+        ("engine-sim", vec!["--kv-mem", "gpu:0", "--port", "0"]),
+    ] {
+        let out = std::process::Command::new(tandem_tests::harness::bin_path(bin))
+            .args(&args)
+            .env("TMPDIR", &dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bin}: {stderr}");
+        assert!(
+            stderr.contains("gpu:0") && stderr.contains("no CUDA driver"),
+            "{bin}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{bin}: {stderr}");
+    }
 }

@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::backend::cuda_ipc::CudaIpcBackend;
 use crate::backend::nixl::NixlBackend;
 use crate::backend::tcp::TcpBackend;
 use crate::backend::{Backend, BackendKind, Notification, Op};
 use crate::error::TransferError;
+use crate::gpu::copy::CopyMethod;
 use crate::layout::KvLayout;
-use crate::memory::HostMemory;
+use crate::memory::KvMemory;
 use crate::plan::{plan, PlanKind, PlanOptions, TransferPlan};
 
 /// vLLM frees blocks held for a remote decode after this long
@@ -50,6 +52,8 @@ pub struct AgentConfig {
     /// Requests posted at once per transfer (pipelining).
     pub inflight: usize,
     pub plan_options: PlanOptions,
+    /// cuda-ipc: how a plan's copies are submitted (kernel, memcpy, auto).
+    pub copy_method: CopyMethod,
 }
 
 impl AgentConfig {
@@ -64,6 +68,7 @@ impl AgentConfig {
             hold_timeout: DEFAULT_HOLD_TIMEOUT,
             inflight: 4,
             plan_options: PlanOptions::default(),
+            copy_method: CopyMethod::Auto,
         }
     }
 }
@@ -74,9 +79,10 @@ pub struct PeerMetadata {
     pub agent_name: String,
     pub engine_id: String,
     pub instance_id: String,
-    pub backend: BackendKind,
     pub layout: KvLayout,
-    pub backend_metadata: Vec<u8>,
+    /// The data planes it can be reached through, preferred first, each
+    /// with its backend's metadata blob.
+    pub offers: Vec<(BackendKind, Vec<u8>)>,
 }
 
 /// One transfer asked of this agent.
@@ -109,6 +115,10 @@ pub struct TransferDone {
     pub descriptors: u32,
     pub elapsed: Duration,
     pub rehandshake: bool,
+    /// The data plane that moved the bytes.
+    pub backend: BackendKind,
+    /// Time the GPU spent copying (cuda-ipc), from CUDA events.
+    pub device_time: Option<Duration>,
 }
 
 impl TransferDone {
@@ -164,23 +174,84 @@ struct HoldTable {
     orphans: HashMap<String, (u32, u32, Instant)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct CachedPeer {
     name: String,
     instance_id: String,
     layout: KvLayout,
+    backend: Arc<dyn Backend>,
 }
 
 pub struct Agent {
     cfg: AgentConfig,
     instance_id: String,
     name: String,
-    mem: Arc<HostMemory>,
-    backend: Arc<dyn Backend>,
+    mem: Arc<KvMemory>,
+    /// Data planes in order of preference; a peer uses the first it shares.
+    backends: Vec<Arc<dyn Backend>>,
     peers: tokio::sync::Mutex<HashMap<String, CachedPeer>>,
     holds: Mutex<HoldTable>,
     releases: broadcast::Sender<Released>,
     pub stats: Stats,
+}
+
+/// Starts the data planes `cfg.backend` names for `mem`, preferred first.
+async fn start_backends(
+    cfg: &AgentConfig,
+    name: &str,
+    mem: &Arc<KvMemory>,
+) -> Result<Vec<Arc<dyn Backend>>, TransferError> {
+    let nixl = || async {
+        let name = name.to_string();
+        let mem = mem.clone();
+        Ok::<Arc<dyn Backend>, TransferError>(Arc::new(
+            tokio::task::spawn_blocking(move || NixlBackend::new(&name, mem))
+                .await
+                .map_err(|e| TransferError::backend("nixl", e))??,
+        ))
+    };
+    let cuda_ipc = || -> Result<Arc<dyn Backend>, TransferError> {
+        Ok(Arc::new(CudaIpcBackend::new(
+            name,
+            mem.clone(),
+            cfg.copy_method,
+        )?))
+    };
+    match cfg.backend {
+        BackendKind::Nixl => Ok(vec![nixl().await?]),
+        BackendKind::CudaIpc => Ok(vec![cuda_ipc()?]),
+        BackendKind::Tcp => {
+            let host = mem.host().cloned().ok_or_else(|| {
+                TransferError::BadRequest(format!(
+                    "the tcp backend moves host pools only; a {} pool uses cuda-ipc or nixl",
+                    mem.kind()
+                ))
+            })?;
+            Ok(vec![Arc::new(
+                TcpBackend::start(name, host, cfg.tcp_bind, cfg.tcp_advertise).await?,
+            )])
+        }
+        BackendKind::Auto => {
+            let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+            // cuda-ipc where peers on this host can reach the pool: GPU
+            // memory, or a shared host file.
+            let shareable = mem.gpu().is_some() || mem.host().is_some_and(|h| h.path().is_some());
+            if shareable {
+                match cuda_ipc() {
+                    Ok(b) => out.push(b),
+                    Err(e) => tracing::warn!(error = %e, "cuda-ipc unavailable; NIXL only"),
+                }
+            }
+            match nixl().await {
+                Ok(b) => out.push(b),
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, "NIXL unavailable; peers on other hosts cannot be reached")
+                }
+                Err(e) => return Err(e),
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Parses vLLM's notification `"<request_id>:<tp_size>"`. A message without
@@ -197,10 +268,7 @@ pub fn parse_notification(msg: &str) -> (String, u32) {
 
 impl Agent {
     /// Starts an agent over `mem`, which must hold `cfg.layout`.
-    pub async fn start(
-        cfg: AgentConfig,
-        mem: Arc<HostMemory>,
-    ) -> Result<Arc<Agent>, TransferError> {
+    pub async fn start(cfg: AgentConfig, mem: Arc<KvMemory>) -> Result<Arc<Agent>, TransferError> {
         if (mem.len() as u64) < cfg.layout.total_bytes() {
             return Err(TransferError::LayoutMismatch(format!(
                 "memory has {} bytes, the layout needs {}",
@@ -210,27 +278,20 @@ impl Agent {
         }
         let instance_id = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("{}-{}", cfg.engine_id, &instance_id[..12]);
-        let backend: Arc<dyn Backend> = match cfg.backend {
-            BackendKind::Nixl => {
-                let name = name.clone();
-                let mem = mem.clone();
-                Arc::new(
-                    tokio::task::spawn_blocking(move || NixlBackend::new(&name, mem))
-                        .await
-                        .map_err(|e| TransferError::backend("nixl", e))??,
-                )
-            }
-            BackendKind::Tcp => Arc::new(
-                TcpBackend::start(&name, mem.clone(), cfg.tcp_bind, cfg.tcp_advertise).await?,
-            ),
-        };
+        let backends = start_backends(&cfg, &name, &mem).await?;
+        tracing::debug!(
+            agent = %name,
+            memory = %mem.kind(),
+            backends = ?backends.iter().map(|b| b.kind().to_string()).collect::<Vec<_>>(),
+            "data planes"
+        );
         let (releases, _) = broadcast::channel(1024);
         let agent = Arc::new(Agent {
             cfg,
             instance_id,
             name,
             mem,
-            backend,
+            backends,
             peers: tokio::sync::Mutex::new(HashMap::new()),
             holds: Mutex::new(HoldTable::default()),
             releases,
@@ -261,12 +322,27 @@ impl Agent {
         &self.cfg.layout
     }
 
-    pub fn memory(&self) -> &Arc<HostMemory> {
+    pub fn memory(&self) -> &Arc<KvMemory> {
         &self.mem
     }
 
+    /// The configured backend (`auto` picks per peer).
     pub fn backend_kind(&self) -> BackendKind {
         self.cfg.backend
+    }
+
+    /// The data planes this agent runs, preferred first.
+    pub fn backend_kinds(&self) -> Vec<BackendKind> {
+        self.backends.iter().map(|b| b.kind()).collect()
+    }
+
+    /// The data plane in use with a peer endpoint, once handshaken.
+    pub async fn peer_backend(&self, endpoint: &str) -> Option<BackendKind> {
+        self.peers
+            .lock()
+            .await
+            .get(endpoint)
+            .map(|p| p.backend.kind())
     }
 
     pub fn config(&self) -> &AgentConfig {
@@ -278,9 +354,12 @@ impl Agent {
             agent_name: self.name.clone(),
             engine_id: self.cfg.engine_id.clone(),
             instance_id: self.instance_id.clone(),
-            backend: self.cfg.backend,
             layout: self.cfg.layout.clone(),
-            backend_metadata: self.backend.local_metadata()?,
+            offers: self
+                .backends
+                .iter()
+                .map(|b| Ok((b.kind(), b.local_metadata()?)))
+                .collect::<Result<_, TransferError>>()?,
         })
     }
 
@@ -290,46 +369,70 @@ impl Agent {
     }
 
     /// Loads a peer's metadata under its endpoint, replacing what we had.
+    /// The first of our data planes that the peer offers and that can open
+    /// it wins: cuda-ipc refuses peers on another host, and NIXL takes them.
     pub async fn handshake(&self, endpoint: &str, md: PeerMetadata) -> Result<(), TransferError> {
-        if md.backend != self.cfg.backend {
-            return Err(TransferError::BadMetadata(format!(
-                "peer {endpoint} uses the {} backend, this agent {}",
-                md.backend, self.cfg.backend
-            )));
-        }
         let mut peers = self.peers.lock().await;
         if let Some(old) = peers.remove(endpoint) {
-            self.backend.forget_peer(&old.name);
+            old.backend.forget_peer(&old.name);
         }
-        let backend = self.backend.clone();
-        let blob = md.backend_metadata.clone();
-        let name = tokio::task::spawn_blocking(move || backend.load_peer(&blob))
-            .await
-            .map_err(|e| TransferError::backend("agent", e))??;
-        if name != md.agent_name {
-            self.backend.forget_peer(&name);
+        let mut refusals = Vec::new();
+        for backend in &self.backends {
+            let Some((_, blob)) = md.offers.iter().find(|(k, _)| *k == backend.kind()) else {
+                continue;
+            };
+            let b = backend.clone();
+            let blob = blob.clone();
+            let loaded = tokio::task::spawn_blocking(move || b.load_peer(&blob))
+                .await
+                .map_err(|e| TransferError::backend("agent", e))?;
+            let name = match loaded {
+                Ok(name) => name,
+                Err(e) => {
+                    tracing::debug!(peer = endpoint, backend = %backend.kind(), error = %e, "data plane refused");
+                    refusals.push(format!("{}: {e}", backend.kind()));
+                    continue;
+                }
+            };
+            if name != md.agent_name {
+                backend.forget_peer(&name);
+                return Err(TransferError::BadMetadata(format!(
+                    "backend metadata names {name:?}, the peer says {:?}",
+                    md.agent_name
+                )));
+            }
+            self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = endpoint, agent = %name, instance = %md.instance_id, backend = %backend.kind(), "handshake");
+            peers.insert(
+                endpoint.to_string(),
+                CachedPeer {
+                    name,
+                    instance_id: md.instance_id,
+                    layout: md.layout,
+                    backend: backend.clone(),
+                },
+            );
+            return Ok(());
+        }
+        if refusals.is_empty() {
+            let offered: Vec<String> = md.offers.iter().map(|(k, _)| k.to_string()).collect();
             return Err(TransferError::BadMetadata(format!(
-                "backend metadata names {name:?}, the peer says {:?}",
-                md.agent_name
+                "peer {endpoint} offers the {} backend(s) and this agent runs {}: no data plane in common",
+                offered.join(", "),
+                self.backend_kinds()
+                    .iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
-        self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(peer = endpoint, agent = %name, instance = %md.instance_id, "handshake");
-        peers.insert(
-            endpoint.to_string(),
-            CachedPeer {
-                name,
-                instance_id: md.instance_id,
-                layout: md.layout,
-            },
-        );
-        Ok(())
+        Err(TransferError::BadMetadata(refusals.join("; ")))
     }
 
     /// Forgets a peer endpoint (the next transfer handshakes again).
     pub async fn forget(&self, endpoint: &str) {
         if let Some(old) = self.peers.lock().await.remove(endpoint) {
-            self.backend.forget_peer(&old.name);
+            old.backend.forget_peer(&old.name);
         }
     }
 
@@ -387,15 +490,15 @@ impl Agent {
         let (peer, mut handshaken) = self
             .resolve(&spec.peer, spec.remote_instance_id.as_deref(), false)
             .await?;
-        let mut plan = self.plan_for(&spec, &peer.layout)?;
-        let mut peer_name = peer.name;
+        let mut plan = Arc::new(self.plan_for(&spec, &peer.layout)?);
+        let mut peer = peer;
         let mut retried = false;
         loop {
             let result = self
-                .execute(&spec, &peer_name, &plan, deadline, progress.clone())
+                .execute(&spec, &peer, &plan, deadline, progress.clone())
                 .await;
             match result {
-                Ok(()) => {
+                Ok(device_time) => {
                     self.stats.transfers_ok.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .bytes_moved
@@ -405,6 +508,8 @@ impl Agent {
                         descriptors: plan.descs.len() as u32,
                         elapsed: started.elapsed(),
                         rehandshake: handshaken && retried,
+                        backend: peer.backend.kind(),
+                        device_time,
                     });
                 }
                 Err(e) if !retried && e.may_need_rehandshake() && Instant::now() < deadline => {
@@ -415,8 +520,8 @@ impl Agent {
                     match self.resolve(&spec.peer, None, true).await {
                         Ok((p, _)) => {
                             handshaken = true;
-                            plan = self.plan_for(&spec, &p.layout)?;
-                            peer_name = p.name;
+                            plan = Arc::new(self.plan_for(&spec, &p.layout)?);
+                            peer = p;
                         }
                         Err(_) => {
                             self.stats.transfers_failed.fetch_add(1, Ordering::Relaxed);
@@ -435,17 +540,21 @@ impl Agent {
     async fn execute(
         &self,
         spec: &TransferSpec,
-        peer: &str,
-        plan: &TransferPlan,
+        peer: &CachedPeer,
+        plan: &Arc<TransferPlan>,
         deadline: Instant,
         progress: Arc<Mutex<dyn FnMut(Progress) + Send>>,
-    ) -> Result<(), TransferError> {
-        let backend = self.backend.clone();
-        let peer = peer.to_string();
+    ) -> Result<Option<Duration>, TransferError> {
+        let backend = peer.backend.clone();
+        let peer = peer.name.clone();
         let op = spec.op;
-        let descs = plan.descs.clone();
+        // Shared, not copied: a 32k-token naive plan has 10^5 descriptors.
+        let plan = plan.clone();
         let total_bytes = plan.bytes;
-        let inflight = self.cfg.inflight.max(1);
+        let inflight = match backend.max_posts() {
+            Some(m) => m.min(self.cfg.inflight).max(1),
+            None => self.cfg.inflight.max(1),
+        };
         let notify = spec
             .notify
             .as_ref()
@@ -453,11 +562,7 @@ impl Agent {
         let timeout_ms = deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        tokio::task::spawn_blocking(move || -> Result<(), TransferError> {
-            let plan = TransferPlan {
-                descs,
-                bytes: total_bytes,
-            };
+        tokio::task::spawn_blocking(move || -> Result<Option<Duration>, TransferError> {
             let chunks = plan.chunks(inflight);
             let single = chunks.len() <= 1;
             let mut posted = Vec::with_capacity(chunks.len());
@@ -483,6 +588,7 @@ impl Agent {
                 descs_done: 0,
                 descs_total,
             };
+            let mut device_time: Option<Duration> = None;
             for (mut req, bytes, n) in posted {
                 if !req.wait_until(deadline)? {
                     return Err(TransferError::Deadline {
@@ -490,6 +596,9 @@ impl Agent {
                         done: done.bytes_done,
                         total: total_bytes,
                     });
+                }
+                if let Some(t) = req.device_time() {
+                    *device_time.get_or_insert(Duration::ZERO) += t;
                 }
                 done.bytes_done += bytes;
                 done.descs_done += n;
@@ -500,7 +609,7 @@ impl Agent {
                     backend.notify(&peer, msg)?;
                 }
             }
-            Ok(())
+            Ok(device_time)
         })
         .await
         .map_err(|e| TransferError::backend("agent", e))?
@@ -509,7 +618,7 @@ impl Agent {
     /// Sends a notification to a peer endpoint (handshaking if needed).
     pub async fn notify(&self, endpoint: &str, message: &str) -> Result<(), TransferError> {
         let (peer, _) = self.resolve(endpoint, None, false).await?;
-        let backend = self.backend.clone();
+        let backend = peer.backend.clone();
         let msg = message.as_bytes().to_vec();
         tokio::task::spawn_blocking(move || backend.notify(&peer.name, &msg))
             .await
@@ -595,13 +704,15 @@ impl Agent {
 
     /// Applies incoming notifications and expires old holds.
     fn housekeeping(&self) {
-        let notes = match self.backend.take_notifications() {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading notifications failed");
-                Vec::new()
+        let mut notes = Vec::new();
+        for backend in &self.backends {
+            match backend.take_notifications() {
+                Ok(n) => notes.extend(n),
+                Err(e) => {
+                    tracing::warn!(backend = %backend.kind(), error = %e, "reading notifications failed")
+                }
             }
-        };
+        }
         let now = Instant::now();
         let mut released = Vec::new();
         {

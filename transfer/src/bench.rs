@@ -271,6 +271,30 @@ pub struct CaseResult {
     /// bytes / p50 latency.
     pub gbps_p50: f64,
     pub verified: bool,
+    /// Destination and source memory, "gpu:0 <- host".
+    pub memory: String,
+    /// The copy this row is held against ("d2d", "h2d", "memcpy") and its GB/s.
+    pub ceiling: String,
+    pub ceiling_gbps: f64,
+    /// gbps_p50 / ceiling_gbps.
+    pub of_ceiling: f64,
+    /// bytes / p50 device time (GPU copies: what the GPU spent, without
+    /// planning, submission and completion polling).
+    pub device_gbps: Option<f64>,
+}
+
+impl CaseResult {
+    /// Sets the ceiling columns.
+    pub fn against(mut self, name: &str, gbps: f64) -> Self {
+        self.ceiling = name.to_string();
+        self.ceiling_gbps = gbps;
+        self.of_ceiling = if gbps > 0.0 {
+            self.gbps_p50 / gbps
+        } else {
+            0.0
+        };
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -285,6 +309,10 @@ pub struct Report {
     pub inflight: usize,
     pub max_desc_bytes: u64,
     pub memcpy_gbps: f64,
+    /// GPU runs: device-to-device and pinned host-to-device copy ceilings
+    /// of the same bytes, measured in the same run.
+    pub d2d_gbps: Option<f64>,
+    pub h2d_gbps: Option<f64>,
     pub results: Vec<CaseResult>,
 }
 
@@ -304,8 +332,9 @@ impl Report {
             format_bytes(self.max_desc_bytes)
         ));
         out.push_str(&format!(
-            "{:<8} {:<6} {:<11} {:<10} {:>7} {:>10} {:>10} {:>9} {:>9} {:>8}\n",
+            "{:<15} {:<14} {:<6} {:<11} {:<10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>8}\n",
             "backend",
+            "dst <- src",
             "op",
             "placement",
             "plan",
@@ -313,6 +342,8 @@ impl Report {
             "p50 ms",
             "p99 ms",
             "GB/s",
+            "of ceiling",
+            "dev GB/s",
             "vs naive",
             "verified"
         ));
@@ -329,9 +360,19 @@ impl Report {
                 }
                 _ => "-".to_string(),
             };
+            let ceiling = if r.ceiling_gbps > 0.0 {
+                format!("{:.0}% {}", r.of_ceiling * 100.0, r.ceiling)
+            } else {
+                "-".into()
+            };
+            let device = r
+                .device_gbps
+                .map(|g| format!("{g:.1}"))
+                .unwrap_or_else(|| "-".into());
             out.push_str(&format!(
-                "{:<8} {:<6} {:<11} {:<10} {:>7} {:>10.2} {:>10.2} {:>9.2} {:>9} {:>8}\n",
+                "{:<15} {:<14} {:<6} {:<11} {:<10} {:>7} {:>9.3} {:>9.3} {:>9.2} {:>12} {:>9} {:>9} {:>8}\n",
                 r.backend,
+                r.memory,
                 r.op,
                 r.placement.to_string(),
                 r.plan,
@@ -339,6 +380,8 @@ impl Report {
                 r.latency.p50_us / 1e3,
                 r.latency.p99_us / 1e3,
                 r.gbps_p50,
+                ceiling,
+                device,
                 speedup,
                 if r.verified { "yes" } else { "no" }
             ));
@@ -348,6 +391,14 @@ impl Report {
             format_bytes(self.bytes_per_transfer),
             self.memcpy_gbps
         ));
+        if let (Some(d2d), Some(h2d)) = (self.d2d_gbps, self.h2d_gbps) {
+            out.push_str(&format!(
+                "GPU ceilings ({}): device-to-device {:.1} GB/s (d2d), pinned host-to-device {:.1} GB/s (h2d)\n",
+                format_bytes(self.bytes_per_transfer),
+                d2d,
+                h2d
+            ));
+        }
         out
     }
 
@@ -395,7 +446,10 @@ impl Report {
             y_label: "GB/s".into(),
             groups: groups.iter().map(|p| p.to_string()).collect(),
             series,
-            reference: Some(("host memcpy".into(), self.memcpy_gbps)),
+            reference: Some(match self.d2d_gbps {
+                Some(d2d) => ("device-to-device copy".into(), d2d),
+                None => ("host memcpy".into(), self.memcpy_gbps),
+            }),
         }
     }
 }

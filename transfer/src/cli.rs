@@ -1,7 +1,7 @@
 //! Command-line pieces shared by `kv-agent` and `kvbench`: the KV layout
 //! flags and logging set-up.
 
-use crate::layout::{KvFormat, KvLayout, LayoutParams, ModelShape, RegionKind};
+use crate::layout::{KvFormat, KvLayout, LayoutParams, MemKind, ModelShape, RegionKind};
 use crate::TransferError;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -28,6 +28,10 @@ pub struct LayoutArgs {
     /// per layer with K and V in each block (FlashInfer).
     #[arg(long, env = "TANDEM_KV_REGIONS", default_value = "split")]
     pub regions: RegionKind,
+    /// Where the pool lives: host, or gpu:N (CUDA device N; needs the NVIDIA
+    /// driver at run time, nothing at build time).
+    #[arg(long, env = "TANDEM_KV_MEM", default_value = "host")]
+    pub mem: MemKind,
 }
 
 impl LayoutArgs {
@@ -39,6 +43,7 @@ impl LayoutArgs {
         p.tp_size = self.tp_size;
         p.format = self.kv_format;
         p.regions = self.regions;
+        p.mem = self.mem;
         Ok(KvLayout::new(p)?)
     }
 }
@@ -51,4 +56,31 @@ pub fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Exit code for a start-up failure the user must fix in the environment
+/// (no GPU where GPU memory was asked for).
+pub const EXIT_UNAVAILABLE: i32 = 2;
+
+/// Allocates a pool for `layout` (its `mem` kind), or ends the process with
+/// [`EXIT_UNAVAILABLE`] and a one-line reason when the GPU is unavailable.
+pub fn allocate_or_exit(
+    program: &str,
+    layout: &KvLayout,
+    shm: Option<(&std::path::Path, bool)>,
+) -> anyhow::Result<crate::KvMemory> {
+    let len = usize::try_from(layout.total_bytes())
+        .map_err(|_| anyhow::anyhow!("pool of {} bytes is too large", layout.total_bytes()))?;
+    match crate::KvMemory::allocate(layout.params().mem, len, shm) {
+        Ok(m) => Ok(m),
+        Err(TransferError::GpuUnavailable(why)) => {
+            eprintln!("{program}: --mem {}: {why}", layout.params().mem);
+            std::process::exit(EXIT_UNAVAILABLE);
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "allocating the {} pool of {} bytes: {e}",
+            layout.params().mem,
+            len
+        )),
+    }
 }

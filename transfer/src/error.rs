@@ -9,6 +9,13 @@ pub enum TransferError {
     /// The NIXL runtime libraries are missing or unusable: a setup problem.
     #[error("NIXL runtime unavailable: {0}")]
     NixlUnavailable(String),
+    /// GPU memory was asked for where there is no usable CUDA driver or
+    /// device: a start-up problem (exit code 2).
+    #[error("GPU unavailable: {0}")]
+    GpuUnavailable(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA: {0}")]
+    Gpu(String),
     #[error("{backend} backend error: {message}")]
     Backend {
         backend: &'static str,
@@ -63,8 +70,12 @@ impl TransferError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            TransferError::NixlUnavailable(_) => Code::FailedPrecondition,
-            TransferError::Backend { .. } | TransferError::Io(_) => Code::Internal,
+            TransferError::NixlUnavailable(_) | TransferError::GpuUnavailable(_) => {
+                Code::FailedPrecondition
+            }
+            TransferError::Backend { .. } | TransferError::Gpu(_) | TransferError::Io(_) => {
+                Code::Internal
+            }
             TransferError::UnknownPeer(_) => Code::NotFound,
             TransferError::BadMetadata(_)
             | TransferError::Plan(_)

@@ -89,9 +89,21 @@ impl From<&PeerMetadata> for proto::AgentMetadata {
             agent_name: m.agent_name.clone(),
             engine_id: m.engine_id.clone(),
             instance_id: m.instance_id.clone(),
-            backend: m.backend.to_string(),
+            backend: m
+                .offers
+                .first()
+                .map(|o| o.0.to_string())
+                .unwrap_or_default(),
             layout: Some((&m.layout).into()),
-            backend_metadata: m.backend_metadata.clone(),
+            backend_metadata: m.offers.first().map(|o| o.1.clone()).unwrap_or_default(),
+            offers: m
+                .offers
+                .iter()
+                .map(|(kind, md)| proto::BackendOffer {
+                    backend: kind.to_string(),
+                    metadata: md.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -103,7 +115,15 @@ impl TryFrom<proto::AgentMetadata> for PeerMetadata {
         if m.agent_name.is_empty() || m.instance_id.is_empty() {
             return Err(bad("agent_name and instance_id are required".into()));
         }
-        let backend: BackendKind = m.backend.parse().map_err(bad)?;
+        // Agents before `offers` sent one backend in fields 4 and 6.
+        let offers: Vec<(BackendKind, Vec<u8>)> = if m.offers.is_empty() {
+            vec![(m.backend.parse().map_err(bad)?, m.backend_metadata)]
+        } else {
+            m.offers
+                .into_iter()
+                .map(|o| Ok((o.backend.parse::<BackendKind>().map_err(bad)?, o.metadata)))
+                .collect::<Result<_, TransferError>>()?
+        };
         let layout = m.layout.ok_or_else(|| bad("layout missing".into()))?;
         let parsed: KvLayout =
             serde_json::from_str(&layout.json).map_err(|e| bad(format!("layout: {e}")))?;
@@ -127,9 +147,8 @@ impl TryFrom<proto::AgentMetadata> for PeerMetadata {
             agent_name: m.agent_name,
             engine_id: m.engine_id,
             instance_id: m.instance_id,
-            backend,
             layout: parsed,
-            backend_metadata: m.backend_metadata,
+            offers,
         })
     }
 }
@@ -197,6 +216,8 @@ impl Service {
                         elapsed_us: done.elapsed.as_micros() as u64,
                         gbps: done.gbps(),
                         rehandshake: done.rehandshake,
+                        backend: done.backend.to_string(),
+                        device_us: done.device_time.map_or(0, |d| d.as_micros() as u64),
                     })),
                 }),
                 Err(e) => Err(Status::from(e)),

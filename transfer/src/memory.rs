@@ -1,6 +1,7 @@
-//! Host memory that backs a KV pool: an anonymous mapping owned by this
-//! process, or a shared file mapping (`/dev/shm/...`) that an engine process
-//! maps too. Owns the mapping's lifetime; knows nothing about layouts.
+//! The memory that backs a KV pool ([`KvMemory`]): host memory (an anonymous
+//! mapping owned by this process, or a shared file mapping (`/dev/shm/...`)
+//! that an engine process maps too) or GPU memory (`gpu:N`). Owns the
+//! memory's lifetime; knows nothing about layouts.
 //!
 //! Transfers write into this memory from other threads (and, with NIXL, from
 //! the network) while the engine may read other blocks of it, as RDMA does.
@@ -11,6 +12,132 @@ use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::error::TransferError;
+use crate::gpu::{self, DeviceBuffer, Gpu};
+use crate::layout::MemKind;
+
+/// A KV pool's memory: host or GPU.
+pub enum KvMemory {
+    Host(Arc<HostMemory>),
+    Gpu(DeviceBuffer),
+}
+
+impl std::fmt::Debug for KvMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KvMemory({}, {} bytes)", self.kind(), self.len())
+    }
+}
+
+impl From<HostMemory> for KvMemory {
+    fn from(m: HostMemory) -> Self {
+        KvMemory::Host(Arc::new(m))
+    }
+}
+
+impl KvMemory {
+    /// `len` bytes of `kind`: host memory is anonymous, or the shared file
+    /// `shm` when given (host only: GPU memory is shared by CUDA IPC).
+    pub fn allocate(
+        kind: MemKind,
+        len: usize,
+        shm: Option<(&Path, bool)>,
+    ) -> Result<KvMemory, TransferError> {
+        match (kind, shm) {
+            (MemKind::Host, None) => Ok(HostMemory::anonymous(len)?.into()),
+            (MemKind::Host, Some((path, unlink))) => {
+                Ok(HostMemory::shared(path, len, unlink)?.into())
+            }
+            (MemKind::Gpu(_), Some(_)) => Err(TransferError::BadRequest(
+                "a shared-memory file holds host pools only; GPU pools are shared by CUDA IPC"
+                    .into(),
+            )),
+            (MemKind::Gpu(n), None) => Ok(KvMemory::Gpu(gpu::device(n)?.alloc(len)?)),
+        }
+    }
+
+    pub fn kind(&self) -> MemKind {
+        match self {
+            KvMemory::Host(_) => MemKind::Host,
+            KvMemory::Gpu(b) => MemKind::Gpu(b.gpu().ordinal()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            KvMemory::Host(m) => m.len(),
+            KvMemory::Gpu(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Base address: a host pointer, or a device pointer for GPU memory.
+    pub fn addr(&self) -> u64 {
+        match self {
+            KvMemory::Host(m) => m.addr() as u64,
+            KvMemory::Gpu(b) => b.ptr(),
+        }
+    }
+
+    pub fn host(&self) -> Option<&Arc<HostMemory>> {
+        match self {
+            KvMemory::Host(m) => Some(m),
+            KvMemory::Gpu(_) => None,
+        }
+    }
+
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        match self {
+            KvMemory::Host(_) => None,
+            KvMemory::Gpu(b) => Some(b.gpu()),
+        }
+    }
+
+    pub fn device_buffer(&self) -> Option<&DeviceBuffer> {
+        match self {
+            KvMemory::Host(_) => None,
+            KvMemory::Gpu(b) => Some(b),
+        }
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Result<(), TransferError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.len() as u64 => Ok(()),
+            _ => Err(TransferError::BadRequest(format!(
+                "range {offset}+{len} outside the pool of {} bytes",
+                self.len()
+            ))),
+        }
+    }
+
+    /// Copies `src` into the pool at `offset` (the engine writing KV).
+    pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), TransferError> {
+        self.range(offset, src.len())?;
+        match self {
+            KvMemory::Host(m) => {
+                m.write(offset, src).expect("range checked");
+                Ok(())
+            }
+            KvMemory::Gpu(b) => b.gpu().upload(b.ptr() + offset, src),
+        }
+    }
+
+    /// Copies pool bytes at `offset` into `dst`.
+    pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), TransferError> {
+        self.range(offset, dst.len())?;
+        match self {
+            KvMemory::Host(m) => {
+                m.read(offset, dst).expect("range checked");
+                Ok(())
+            }
+            KvMemory::Gpu(b) => b.gpu().download(dst, b.ptr() + offset),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct HostMemory {

@@ -44,6 +44,10 @@ impl From<ModeArg> for Mode {
 enum KvBackend {
     Nixl,
     Tcp,
+    /// CUDA IPC between the engines' GPU pools (needs --kv-mem gpu:N).
+    CudaIpc,
+    /// cuda-ipc on one host with GPU pools, NIXL otherwise.
+    Auto,
 }
 
 #[derive(Parser, Debug)]
@@ -61,9 +65,13 @@ struct Args {
     /// Simulated users: sessions (chats or one-shots) in flight at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     users: u32,
-    /// KV data plane between the engines: nixl (the NIXL libraries `make setup` unpacks) or tcp.
+    /// KV data plane between the engines: nixl (the NIXL libraries `make setup` unpacks), tcp,
+    /// cuda-ipc or auto (GPU pools).
     #[arg(long, value_enum, default_value_t = KvBackend::Nixl)]
     kv_backend: KvBackend,
+    /// Where the engines' KV pools live (engine-sim --kv-mem): host or gpu:N.
+    #[arg(long, default_value = "host")]
+    kv_mem: String,
     /// Shape of the engines' KV cache (engine-sim --kv-model). The default is 8 KiB per token,
     /// a 16th of Llama-3.1-8B's, so four engines fit a laptop.
     #[arg(long, default_value = "layers=8,kv_heads=4,head_dim=64,dtype=bf16")]
@@ -148,10 +156,13 @@ async fn run(args: Args) -> Result<bool, String> {
     let backend = match args.kv_backend {
         KvBackend::Nixl => "nixl",
         KvBackend::Tcp => "tcp",
+        KvBackend::CudaIpc => "cuda-ipc",
+        KvBackend::Auto => "auto",
     };
     let engine_args: Vec<String> = vec![
         "--timing-model".into(),
         format!("--kv-backend={backend}"),
+        format!("--kv-mem={}", args.kv_mem),
         format!("--kv-model={}", args.kv_model),
         format!("--num-blocks={}", args.num_blocks),
         format!("--block-size={BLOCK_SIZE}"),
@@ -281,6 +292,7 @@ async fn run(args: Args) -> Result<bool, String> {
         },
         "engine_args": engine_args,
         "kv_backend": backend,
+        "kv_mem": args.kv_mem,
         "modes": results.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
         "clusters": topologies,
         "summary": report::narrative(&results),

@@ -85,9 +85,14 @@ pub struct Config {
     #[arg(long, env = "ENGINE_SIM_HOLD_TIMEOUT_S", default_value_t = 480.0, value_parser = parse_seconds)]
     pub hold_timeout_s: f64,
 
-    /// KV data plane between engines: tcp or nixl (real NIXL libraries, see `make setup`).
+    /// KV data plane between engines: tcp, nixl (real NIXL libraries, see `make setup`),
+    /// cuda-ipc (engines on one host with --kv-mem gpu:N) or auto.
     #[arg(long, env = "ENGINE_SIM_KV_BACKEND", default_value = "tcp")]
     pub kv_backend: transfer::BackendKind,
+
+    /// Where the KV pool lives: host or gpu:N (CUDA device N, needs the NVIDIA driver).
+    #[arg(long, env = "ENGINE_SIM_KV_MEM", default_value = "host")]
+    pub kv_mem: transfer::layout::MemKind,
 
     /// Port of this engine's KV-transfer agent (gRPC control plane); 0 picks a free one. It is
     /// what a prefill returns as `remote_port`.

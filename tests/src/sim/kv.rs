@@ -1,5 +1,5 @@
 //! The simulator's paged KV memory and its transfer agent (the `transfer` crate, linked as a
-//! library). Owns the host pool, what the bytes of a block are, the pull a decode-role request
+//! library). Owns the pool (host or GPU memory, `--kv-mem`), what the bytes of a block are, the pull a decode-role request
 //! makes, and the check that every pulled byte is right. Block ids and holds stay in `blocks`.
 //!
 //! The bytes of block `k` of a request are a function of the token prefix up to the end of that
@@ -15,7 +15,7 @@ use anyhow::Context;
 use transfer::agent::ReleaseReason;
 use transfer::bench::{check_pattern, fill_pattern};
 use transfer::layout::{KvLayout, LayoutParams, ModelShape};
-use transfer::{Agent, AgentConfig, HostMemory, Op, PlanKind, TransferError, TransferSpec};
+use transfer::{Agent, AgentConfig, Op, PlanKind, TransferError, TransferSpec};
 
 use super::blocks::{BlockId, BlockPool};
 use super::config::Config;
@@ -76,10 +76,10 @@ impl Kv {
         let shape = ModelShape::parse(&cfg.kv_model).context("--kv-model")?;
         let mut params = LayoutParams::new(shape, cfg.num_blocks);
         params.block_size = u32::try_from(cfg.block_size).context("--block-size")?;
+        params.mem = cfg.kv_mem;
         let layout = KvLayout::new(params).context("KV layout")?;
-        let len = usize::try_from(layout.total_bytes()).context("KV pool too large")?;
-        let mem = HostMemory::anonymous(len)
-            .with_context(|| format!("allocating the KV pool ({layout})"))?;
+        // No GPU where --kv-mem gpu:N asks for one: exit 2 with the reason.
+        let mem = transfer::cli::allocate_or_exit("engine-sim", &layout, None)?;
         let mut acfg = AgentConfig::new(engine_id, layout.clone(), cfg.kv_backend);
         acfg.hold_timeout = Duration::from_secs_f64(cfg.hold_timeout_s.max(0.001));
         acfg.transfer_timeout = Duration::from_millis(cfg.kv_pull_timeout_ms);
@@ -136,17 +136,18 @@ impl Kv {
     /// does).
     pub fn write(&self, hashes: &[u64], blocks: &[BlockId]) {
         let mem = self.agent.memory();
-        let len = self.layout.block_len();
+        let mut buf = vec![0u8; self.layout.block_len() as usize];
         for (&block, &hash) in blocks.iter().zip(hashes) {
             for region in 0..self.layout.num_regions() {
                 let off = self.layout.block_offset(region, block);
-                // SAFETY: the running request owns this block; nobody else touches it now.
-                let Some(buf) = (unsafe { mem.slice_mut(off, len) }) else {
-                    continue;
-                };
-                fill_pattern(buf, 0, region_seed(hash, region));
+                fill_pattern(&mut buf, 0, region_seed(hash, region));
                 if self.corrupt && region == 0 {
-                    buf[buf.len() / 2] ^= 0x5A;
+                    let mid = buf.len() / 2;
+                    buf[mid] ^= 0x5A;
+                }
+                // The running request owns this block; nobody else touches it now.
+                if let Err(e) = mem.write(off, &buf) {
+                    tracing::error!(block, error = %e, "writing KV failed");
                 }
             }
         }
@@ -159,14 +160,14 @@ impl Kv {
     /// byte for byte (the first `from` are this engine's own cached blocks, not pulled).
     pub fn verify(&self, hashes: &[u64], blocks: &[BlockId], from: usize) -> Result<(), String> {
         let mem = self.agent.memory();
-        let len = self.layout.block_len();
+        let mut buf = vec![0u8; self.layout.block_len() as usize];
         for (i, (&block, &hash)) in blocks.iter().zip(hashes).enumerate().skip(from) {
             for region in 0..self.layout.num_regions() {
                 let off = self.layout.block_offset(region, block);
-                // SAFETY: the pull into these blocks has completed.
-                let buf = unsafe { mem.slice(off, len) }
-                    .ok_or_else(|| format!("block {block} is outside the pool"))?;
-                if let Some(at) = check_pattern(buf, 0, region_seed(hash, region)) {
+                // The pull into these blocks has completed.
+                mem.read(off, &mut buf)
+                    .map_err(|e| format!("reading block {block}: {e}"))?;
+                if let Some(at) = check_pattern(&buf, 0, region_seed(hash, region)) {
                     self.stats.integrity_failures.fetch_add(1, Relaxed);
                     return Err(format!(
                         "KV integrity check failed: prompt block {i} (local block {block}), {} byte {at} does not hold this prompt's KV",

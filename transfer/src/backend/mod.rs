@@ -5,6 +5,7 @@
 //! agent plans descriptors and owns held blocks. A raw ibverbs backend plugs
 //! in here later.
 
+pub mod cuda_ipc;
 pub mod nixl;
 pub mod tcp;
 
@@ -48,17 +49,29 @@ impl std::fmt::Display for Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// Peers on the same host: their GPU memory opened by CUDA IPC (or
+    /// their shared host mapping registered with CUDA), one copy
+    /// submission per transfer.
+    #[serde(rename = "cuda-ipc")]
+    CudaIpc,
     Nixl,
     Tcp,
+    /// cuda-ipc for peers on this host when the pool can use it, NIXL
+    /// otherwise: chosen per peer at the handshake.
+    Auto,
 }
 
 impl std::str::FromStr for BackendKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
+            "cuda-ipc" | "cuda_ipc" | "cudaipc" => Ok(BackendKind::CudaIpc),
             "nixl" => Ok(BackendKind::Nixl),
             "tcp" => Ok(BackendKind::Tcp),
-            other => Err(format!("unknown backend {other:?} (nixl|tcp)")),
+            "auto" => Ok(BackendKind::Auto),
+            other => Err(format!(
+                "unknown backend {other:?} (auto|cuda-ipc|nixl|tcp)"
+            )),
         }
     }
 }
@@ -66,8 +79,10 @@ impl std::str::FromStr for BackendKind {
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            BackendKind::CudaIpc => "cuda-ipc",
             BackendKind::Nixl => "nixl",
             BackendKind::Tcp => "tcp",
+            BackendKind::Auto => "auto",
         })
     }
 }
@@ -83,6 +98,11 @@ pub struct Notification {
 pub trait InFlight: Send {
     /// True once every byte has arrived; an error ends the transfer.
     fn poll(&mut self) -> Result<bool, TransferError>;
+
+    /// Time the device spent on it, once done (GPU copies only).
+    fn device_time(&self) -> Option<Duration> {
+        None
+    }
 
     /// Blocks until done or until `deadline`; returns whether it is done.
     /// Backends that progress on their own override this to sleep instead
@@ -140,6 +160,13 @@ pub trait Backend: Send + Sync {
 
     /// Notifications received since the last call.
     fn take_notifications(&self) -> Result<Vec<Notification>, TransferError>;
+
+    /// How many posts one transfer should be split into at most; None lets
+    /// the agent's `inflight` decide. cuda-ipc moves a whole plan in one
+    /// submission.
+    fn max_posts(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Length-prefixed fields for backend metadata blobs.
@@ -149,6 +176,10 @@ pub(crate) mod wire {
     pub fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
         out.extend_from_slice(&(b.len() as u32).to_le_bytes());
         out.extend_from_slice(b);
+    }
+
+    pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+        out.extend_from_slice(&v.to_le_bytes());
     }
 
     pub fn put_u64(out: &mut Vec<u8>, v: u64) {
@@ -179,6 +210,11 @@ pub(crate) mod wire {
         pub fn u64(&mut self) -> Result<u64, TransferError> {
             let b = self.take(8)?;
             Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        }
+
+        pub fn u32(&mut self) -> Result<u32, TransferError> {
+            let b = self.take(4)?;
+            Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
         }
 
         pub fn bytes(&mut self) -> Result<&'a [u8], TransferError> {

@@ -20,10 +20,11 @@ use nixl_sys::{
 
 use super::{check_bounds, wire, Backend, BackendKind, InFlight, Notification, Op};
 use crate::error::TransferError;
-use crate::memory::HostMemory;
+use crate::gpu::Gpu;
+use crate::memory::KvMemory;
 use crate::plan::Desc;
 
-const MAGIC: &[u8] = b"TNDMNIXL1";
+const MAGIC: &[u8] = b"TNDMNIXL2";
 const NAME: &str = "nixl";
 
 /// Where the NIXL runtime was found. Set once per process.
@@ -148,6 +149,16 @@ pub fn load_runtime() -> Result<PathBuf, TransferError> {
 struct Pool {
     addr: usize,
     len: usize,
+    /// CUDA ordinal of a VRAM pool; None for DRAM.
+    device: Option<u32>,
+}
+
+fn mem_type(device: Option<u32>) -> MemType {
+    if device.is_some() {
+        MemType::Vram
+    } else {
+        MemType::Dram
+    }
 }
 
 impl MemoryRegion for Pool {
@@ -161,10 +172,10 @@ impl MemoryRegion for Pool {
 
 impl NixlDescriptor for Pool {
     fn mem_type(&self) -> MemType {
-        MemType::Dram
+        mem_type(self.device)
     }
     fn device_id(&self) -> u64 {
-        0
+        self.device.unwrap_or(0) as u64
     }
 }
 
@@ -172,6 +183,7 @@ impl NixlDescriptor for Pool {
 struct PeerPool {
     addr: u64,
     len: u64,
+    device: Option<u32>,
 }
 
 struct Inner {
@@ -183,7 +195,10 @@ struct Inner {
 
 pub struct NixlBackend {
     name: String,
-    mem: Arc<HostMemory>,
+    mem: Arc<KvMemory>,
+    /// A VRAM pool's GPU: bound on every thread that calls NIXL, as UCX's
+    /// CUDA transports need the context current.
+    gpu: Option<Arc<Gpu>>,
     inner: Arc<Mutex<Inner>>,
     /// vLLM's naive path posts one descriptor per block and NIXL must not
     /// merge them behind our back, or the comparison would be meaningless.
@@ -193,8 +208,12 @@ pub struct NixlBackend {
 impl NixlBackend {
     /// Creates a NIXL agent named `name` with the UCX backend and registers
     /// `mem` with it.
-    pub fn new(name: &str, mem: Arc<HostMemory>) -> Result<NixlBackend, TransferError> {
+    pub fn new(name: &str, mem: Arc<KvMemory>) -> Result<NixlBackend, TransferError> {
         load_runtime()?;
+        let gpu = mem.gpu().cloned();
+        if let Some(g) = &gpu {
+            g.bind()?;
+        }
         let err = |what: &str, e: nixl_sys::NixlError| {
             TransferError::backend(NAME, format!("{what}: {e}"))
         };
@@ -219,8 +238,9 @@ impl NixlBackend {
             .create_backend("UCX", &params)
             .map_err(|e| err("create UCX backend", e))?;
         let pool = Pool {
-            addr: mem.addr(),
+            addr: mem.addr() as usize,
             len: mem.len(),
+            device: gpu.as_ref().map(|g| g.ordinal()),
         };
         let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
         opt.add_backend(&backend).map_err(|e| err("opt args", e))?;
@@ -230,6 +250,7 @@ impl NixlBackend {
         Ok(NixlBackend {
             name: name.to_string(),
             mem,
+            gpu,
             inner: Arc::new(Mutex::new(Inner {
                 agent,
                 backend,
@@ -238,6 +259,13 @@ impl NixlBackend {
             })),
             skip_merge: true,
         })
+    }
+
+    fn bind(&self) -> Result<(), TransferError> {
+        match &self.gpu {
+            Some(g) => g.bind(),
+            None => Ok(()),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -300,8 +328,10 @@ impl Backend for NixlBackend {
         let mut out = Vec::with_capacity(md.len() + 64);
         out.extend_from_slice(MAGIC);
         wire::put_bytes(&mut out, self.name.as_bytes());
-        wire::put_u64(&mut out, self.mem.addr() as u64);
+        wire::put_u64(&mut out, self.mem.addr());
         wire::put_u64(&mut out, self.mem.len() as u64);
+        // 0 = DRAM, N + 1 = VRAM of CUDA device N.
+        wire::put_u32(&mut out, self.gpu.as_ref().map_or(0, |g| g.ordinal() + 1));
         wire::put_bytes(&mut out, &md);
         Ok(out)
     }
@@ -312,6 +342,7 @@ impl Backend for NixlBackend {
         let name = r.string()?;
         let addr = r.u64()?;
         let len = r.u64()?;
+        let device = r.u32()?.checked_sub(1);
         let md = r.bytes()?;
         if name == self.name {
             return Err(TransferError::BadMetadata(
@@ -330,7 +361,9 @@ impl Backend for NixlBackend {
                 "metadata names agent {loaded:?} but the envelope says {name:?}"
             )));
         }
-        inner.peers.insert(name.clone(), PeerPool { addr, len });
+        inner
+            .peers
+            .insert(name.clone(), PeerPool { addr, len, device });
         Ok(name)
     }
 
@@ -348,6 +381,7 @@ impl Backend for NixlBackend {
         descs: &[Desc],
         notify: Option<&[u8]>,
     ) -> Result<Box<dyn InFlight>, TransferError> {
+        self.bind()?;
         let inner = self.lock();
         let remote = *inner
             .peers
@@ -357,14 +391,19 @@ impl Backend for NixlBackend {
         let err = |what: &str, e: nixl_sys::NixlError| {
             TransferError::backend(NAME, format!("{what}: {e}"))
         };
+        let local_dev = self.gpu.as_ref().map(|g| g.ordinal());
         let mut local_list =
-            XferDescList::new(MemType::Dram).map_err(|e| err("descriptor list", e))?;
+            XferDescList::new(mem_type(local_dev)).map_err(|e| err("descriptor list", e))?;
         let mut remote_list =
-            XferDescList::new(MemType::Dram).map_err(|e| err("descriptor list", e))?;
+            XferDescList::new(mem_type(remote.device)).map_err(|e| err("descriptor list", e))?;
         let base = self.mem.addr();
+        let (ldev, rdev) = (
+            local_dev.unwrap_or(0) as u64,
+            remote.device.unwrap_or(0) as u64,
+        );
         for d in descs {
-            local_list.add_desc(base + d.local as usize, d.len as usize, 0);
-            remote_list.add_desc((remote.addr + d.remote) as usize, d.len as usize, 0);
+            local_list.add_desc((base + d.local) as usize, d.len as usize, ldev);
+            remote_list.add_desc((remote.addr + d.remote) as usize, d.len as usize, rdev);
         }
         let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
         opt.add_backend(&inner.backend)

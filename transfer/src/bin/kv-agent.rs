@@ -1,6 +1,7 @@
-//! `kv-agent`: hosts a KV-transfer agent for a process that shares its KV
-//! memory with it (a shared host mapping now; GPU memory later), and serves
-//! the gRPC control plane (`transfer/proto/kv_agent.proto`).
+//! `kv-agent`: hosts a KV-transfer agent over a KV pool (host memory,
+//! optionally a shared mapping an engine process maps too, or GPU memory
+//! with `--mem gpu:N`), and serves the gRPC control plane
+//! (`transfer/proto/kv_agent.proto`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,14 +10,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use transfer::cli::{init_logging, LayoutArgs};
-use transfer::{Agent, AgentConfig, BackendKind, HostMemory};
+use transfer::cli::{allocate_or_exit, init_logging, LayoutArgs};
+use transfer::{Agent, AgentConfig, BackendKind};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "kv-agent",
     version,
-    about = "Tandem KV-transfer agent (NIXL or TCP) with a gRPC control plane"
+    about = "Tandem KV-transfer agent (cuda-ipc, NIXL or TCP) with a gRPC control plane"
 )]
 struct Args {
     /// Control-plane (gRPC) address.
@@ -25,8 +26,10 @@ struct Args {
     /// Stable engine id (vLLM's engine_id); the agent name adds an instance suffix.
     #[arg(long, env = "TANDEM_KV_ENGINE_ID", default_value = "engine")]
     engine_id: String,
-    /// Data plane: nixl (NIXL/UCX) or tcp.
-    #[arg(long, env = "TANDEM_KV_BACKEND", default_value = "nixl")]
+    /// Data plane: auto (cuda-ipc with peers on this host when the pool is
+    /// GPU memory or a --shm file, NIXL otherwise), cuda-ipc, nixl (NIXL/UCX)
+    /// or tcp (host pools).
+    #[arg(long, env = "TANDEM_KV_BACKEND", default_value = "auto")]
     backend: BackendKind,
     /// TCP backend: data-plane address to bind (port 0 = any).
     #[arg(long, env = "TANDEM_KV_TCP_BIND", default_value = "127.0.0.1:0")]
@@ -73,12 +76,8 @@ async fn main() -> anyhow::Result<()> {
         .layout
         .layout()
         .context("--model/--block-size/--num-blocks/--tp-*")?;
-    let len = usize::try_from(layout.total_bytes()).context("pool too large")?;
-    let mem = match &args.shm {
-        Some(path) => HostMemory::shared(path, len, args.shm_unlink)
-            .with_context(|| format!("mapping --shm {}", path.display()))?,
-        None => HostMemory::anonymous(len).context("allocating the pool")?,
-    };
+    let shm = args.shm.as_deref().map(|p| (p, args.shm_unlink));
+    let mem = allocate_or_exit("kv-agent", &layout, shm)?;
     let mut cfg = AgentConfig::new(&args.engine_id, layout.clone(), args.backend);
     cfg.tcp_bind = args.tcp_bind;
     cfg.tcp_advertise = args.tcp_advertise;
@@ -94,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         agent = agent.name(),
         backend = %args.backend,
+        data_planes = ?agent.backend_kinds(),
+        memory = %layout.params().mem,
         layout = %layout,
         "kv-agent ready"
     );

@@ -1,11 +1,13 @@
 //! `kvbench`: the lab benchmark for KV transfers. Moves one prompt's KV
 //! blocks (a vLLM-shaped layout) between two agents, naive per-block plans
-//! against coalesced ones, for several block placements, and prints a table,
-//! writes JSON and a PNG chart. Two agents in one process (`kvbench run`), or
-//! in two (`kvbench serve` on one side, `kvbench run --peer` on the other).
+//! against coalesced ones, for several block placements, in host or GPU
+//! memory (`--mem`, `--peer-mem`), and prints a table (GB/s and the fraction
+//! of the copy ceiling measured in the same run), writes JSON and a PNG
+//! chart. Two agents in one process (`kvbench run`), or in two (`kvbench
+//! serve` on one side, `kvbench run --peer` on the other).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,15 +19,16 @@ use transfer::bench::{
     check_pattern, fill_pattern, memcpy_ceiling, place_blocks, CaseResult, LatencyStats, Placement,
     Report, RunLengths,
 };
-use transfer::cli::{init_logging, LayoutArgs};
-use transfer::layout::KvLayout;
-use transfer::{Agent, AgentConfig, BackendKind, HostMemory, Op, PlanKind, TransferSpec};
+use transfer::cli::{allocate_or_exit, init_logging, LayoutArgs};
+use transfer::gpu::copy::CopyMethod;
+use transfer::layout::{KvLayout, MemKind};
+use transfer::{Agent, AgentConfig, BackendKind, KvMemory, Op, PlanKind, TransferSpec};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "kvbench",
     version,
-    about = "KV-transfer lab benchmark: naive vs coalesced plans over NIXL or TCP"
+    about = "KV-transfer lab benchmark: naive vs coalesced plans over cuda-ipc, NIXL or TCP, host or GPU memory"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the benchmark (against an in-process peer, or --peer).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a filled pool for `kvbench run --peer` in another process.
     Serve(ServeArgs),
 }
@@ -52,6 +55,10 @@ struct ServeArgs {
     /// Pattern seed of the pool; `run --peer-seed` must match to verify.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep a host pool in this shared file, so that a GPU peer on this host
+    /// can read it by cuda-ipc (DRAM -> VRAM). Removed on exit.
+    #[arg(long)]
+    shm: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,11 +70,20 @@ struct RunArgs {
     /// Pattern seed the peer's pool was filled with (`serve --seed`).
     #[arg(long, default_value_t = 1)]
     peer_seed: u64,
-    /// Backends, comma separated (with --peer: the peer's backend).
+    /// Backends, comma separated: cuda-ipc, nixl, tcp, auto (with --peer:
+    /// ones the peer offers).
     #[arg(long, value_delimiter = ',', default_value = "nixl")]
     backend: Vec<BackendKind>,
     #[command(flatten)]
     layout: LayoutArgs,
+    /// Memory of the in-process peer's pool (host or gpu:N); default: --mem.
+    /// With --peer, the peer's own --mem decides.
+    #[arg(long)]
+    peer_mem: Option<MemKind>,
+    /// cuda-ipc copy methods to compare, comma separated: auto, kernel
+    /// (one gather launch), memcpy (cuMemcpyAsync per descriptor).
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    copy: Vec<CopyMethod>,
     /// Prompt length in tokens: the transfer moves its blocks in every region.
     #[arg(long, default_value_t = 4096)]
     tokens: u64,
@@ -123,21 +139,60 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.cmd {
         Cmd::Serve(a) => rt.block_on(serve(a)),
-        Cmd::Run(a) => rt.block_on(run(a)),
+        Cmd::Run(a) => rt.block_on(run(*a)),
     }
 }
 
-fn filled_pool(layout: &KvLayout, seed: u64) -> anyhow::Result<Arc<HostMemory>> {
-    let len = usize::try_from(layout.total_bytes()).context("pool too large")?;
-    let mem = HostMemory::anonymous(len).context("allocating the pool")?;
-    refill(&mem, seed);
+fn filled_pool(layout: &KvLayout, seed: u64, shm: Option<&Path>) -> anyhow::Result<Arc<KvMemory>> {
+    let mem = allocate_or_exit("kvbench", layout, shm.map(|p| (p, true)))?;
+    refill(&mem, seed)?;
     Ok(Arc::new(mem))
 }
 
-fn refill(mem: &HostMemory, seed: u64) {
-    // SAFETY: no transfer is running while the pool is (re)filled.
-    let all = unsafe { mem.slice_mut(0, mem.len() as u64) }.expect("whole pool");
-    fill_pattern(all, 0, seed);
+/// Fills the whole pool with the pattern of `seed`, on every core: in place
+/// for host memory, through host chunks uploaded for GPU memory.
+fn refill(mem: &KvMemory, seed: u64) -> anyhow::Result<()> {
+    const CHUNK: usize = 64 << 20;
+    let len = mem.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(16);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    let mut buf = Vec::new();
+                    loop {
+                        let off = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
+                        if off >= len {
+                            return Ok(());
+                        }
+                        let n = CHUNK.min(len - off);
+                        match mem.host() {
+                            Some(h) => {
+                                // SAFETY: no transfer runs while the pool is
+                                // (re)filled, and each chunk has one writer.
+                                let dst = unsafe { h.slice_mut(off as u64, n as u64) }
+                                    .context("chunk in range")?;
+                                fill_pattern(dst, off as u64, seed);
+                            }
+                            None => {
+                                buf.resize(n, 0);
+                                fill_pattern(&mut buf, off as u64, seed);
+                                mem.write(off as u64, &buf)?;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("fill thread panicked"))??;
+        }
+        Ok(())
+    })
 }
 
 fn agent_config(
@@ -146,18 +201,27 @@ fn agent_config(
     backend: BackendKind,
     inflight: usize,
     max_desc: u64,
+    copy: CopyMethod,
 ) -> AgentConfig {
     let mut cfg = AgentConfig::new(engine, layout.clone(), backend);
     cfg.inflight = inflight.max(1);
     cfg.plan_options.max_desc_bytes = max_desc;
+    cfg.copy_method = copy;
     cfg
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let layout = a.layout.layout()?;
-    let mem = filled_pool(&layout, a.seed)?;
+    let mem = filled_pool(&layout, a.seed, a.shm.as_deref())?;
     let agent = Agent::start(
-        agent_config("kvbench-serve", &layout, a.backend, 4, 64 << 20),
+        agent_config(
+            "kvbench-serve",
+            &layout,
+            a.backend,
+            4,
+            64 << 20,
+            CopyMethod::Auto,
+        ),
         mem,
     )
     .await?;
@@ -165,9 +229,16 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     println!(
-        "kvbench serve: {} on {} ({layout}), seed {}",
+        "kvbench serve: {} ({}) on {} ({layout}, {}), seed {}",
         a.backend,
+        agent
+            .backend_kinds()
+            .iter()
+            .map(|k| k.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         listener.local_addr()?,
+        layout.params().mem,
         a.seed
     );
     let shutdown = async {
@@ -182,22 +253,34 @@ async fn local_peer(
     layout: &KvLayout,
     backend: BackendKind,
     seed: u64,
-) -> anyhow::Result<(String, Arc<Agent>)> {
-    let mem = filled_pool(layout, seed)?;
+) -> anyhow::Result<(String, Arc<Agent>, tokio::sync::oneshot::Sender<()>)> {
+    let mem = filled_pool(layout, seed, None)?;
     let agent = Agent::start(
-        agent_config("kvbench-peer", layout, backend, 4, 64 << 20),
+        agent_config(
+            "kvbench-peer",
+            layout,
+            backend,
+            4,
+            64 << 20,
+            CopyMethod::Auto,
+        ),
         mem,
     )
     .await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let served = agent.clone();
+    // The peer (and its pool) goes when the returned sender is dropped.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        if let Err(e) = transfer::grpc::serve(served, listener, std::future::pending()).await {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = transfer::grpc::serve(served, listener, shutdown).await {
             eprintln!("kvbench: peer control plane failed: {e}");
         }
     });
-    Ok((addr, agent))
+    Ok((addr, agent, stop))
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -213,133 +296,210 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             layout.num_blocks()
         );
     }
+    if a.peer.is_some() && a.op.contains(&Op::Write) && a.backend.len() * a.copy.len() > 1 {
+        bail!(
+            "with --peer, a WRITE changes the peer's pool and later READs could not be checked: \
+             run writes with one --backend and one --copy"
+        );
+    }
     let bytes = blocks as u64 * layout.bytes_per_block();
-    eprintln!("kvbench: measuring the host memcpy ceiling");
+    let local_kind = layout.params().mem;
+    // The in-process peer's layout: ours, in its own memory.
+    let peer_layout_local = {
+        let mut p = layout.params().clone();
+        p.mem = a.peer_mem.unwrap_or(local_kind);
+        KvLayout::new(p)?
+    };
+    // Allocate our pool first: no GPU is a start-up error (exit 2).
+    let local_mem = filled_pool(&layout, LOCAL_SEED, None)?;
+    eprintln!("kvbench: measuring the copy ceilings");
     let memcpy = memcpy_ceiling(bytes as usize, 5);
+    let (d2d, h2d) = match local_mem.gpu() {
+        Some(gpu) => {
+            let (d, h) = transfer::gpu::copy_ceilings(gpu, bytes as usize, 5)?;
+            eprintln!(
+                "kvbench: {} ({}): device-to-device {d:.1} GB/s, pinned host-to-device {h:.1} GB/s",
+                gpu.name(),
+                gpu.uuid()
+            );
+            (Some(d), Some(h))
+        }
+        None => (None, None),
+    };
     let mut results = Vec::new();
     let mut peer_desc = String::new();
     for &backend in &a.backend {
-        let (endpoint, in_process) = match &a.peer {
-            Some(p) => (p.clone(), None),
-            None => {
-                let (ep, agent) = local_peer(&layout, backend, a.peer_seed).await?;
-                (ep, Some(agent))
-            }
-        };
-        let peer_md = transfer::grpc::fetch_metadata(&endpoint)
-            .await
-            .with_context(|| format!("peer {endpoint}"))?;
-        if peer_md.backend != backend {
-            bail!(
-                "peer {endpoint} runs the {} backend; pass --backend {}",
-                peer_md.backend,
-                peer_md.backend
-            );
-        }
-        let peer_layout = peer_md.layout.clone();
-        if blocks > peer_layout.num_blocks() {
-            bail!(
-                "the peer's pool has {} blocks; {blocks} needed",
-                peer_layout.num_blocks()
-            );
-        }
-        peer_desc = if in_process.is_some() {
-            "in-process".into()
+        // The copy method only matters to cuda-ipc (and auto's cuda-ipc).
+        let copies: Vec<CopyMethod> = if matches!(backend, BackendKind::CudaIpc | BackendKind::Auto)
+        {
+            a.copy.clone()
         } else {
-            endpoint.clone()
+            vec![CopyMethod::Auto]
         };
-        let local_mem = filled_pool(&layout, LOCAL_SEED)?;
-        let agent = Agent::start(
-            agent_config(
-                "kvbench-run",
-                &layout,
-                backend,
-                a.inflight,
-                a.max_desc_bytes,
-            ),
-            local_mem.clone(),
-        )
-        .await?;
-        // Reads first: writes change the peer's bytes, and reads check them.
-        let mut ops = a.op.clone();
-        ops.sort_by_key(|op| matches!(op, Op::Write));
-        let mut refilled = false;
-        for &op in &ops {
-            if op == Op::Write && !refilled {
-                refill(&local_mem, LOCAL_SEED);
-                refilled = true;
+        for copy in copies {
+            // A fresh in-process peer each time: an earlier WRITE changed the last one.
+            let (endpoint, in_process, _stop_peer) = match &a.peer {
+                Some(p) => (p.clone(), None, None),
+                None => {
+                    let (ep, agent, stop) =
+                        local_peer(&peer_layout_local, backend, a.peer_seed).await?;
+                    (ep, Some(agent), Some(stop))
+                }
+            };
+            let peer_md = transfer::grpc::fetch_metadata(&endpoint)
+                .await
+                .with_context(|| format!("peer {endpoint}"))?;
+            let peer_layout = peer_md.layout.clone();
+            if blocks > peer_layout.num_blocks() {
+                bail!(
+                    "the peer's pool has {} blocks; {blocks} needed",
+                    peer_layout.num_blocks()
+                );
             }
-            for &placement in &a.placement {
-                // Both plans move the same block ids, drawn per repetition.
-                let mut rng = StdRng::seed_from_u64(a.seed ^ placement as u64);
-                let maps: Vec<(Vec<u32>, Vec<u32>)> = (0..a.reps + a.warmup)
-                    .map(|_| {
-                        (
-                            place_blocks(placement, blocks, layout.num_blocks(), a.runs, &mut rng),
-                            place_blocks(
-                                placement,
-                                blocks,
-                                peer_layout.num_blocks(),
-                                a.runs,
-                                &mut rng,
-                            ),
-                        )
-                    })
-                    .collect();
-                for &plan in &a.plan {
-                    eprintln!("kvbench: {backend} {op} {placement} {plan}");
-                    let mut samples = Vec::with_capacity(a.reps);
-                    let mut descriptors = 0;
-                    let mut verified = false;
-                    for (i, (local, remote)) in maps.iter().enumerate() {
-                        let spec = TransferSpec {
-                            request_id: format!("kvbench-{i}"),
-                            peer: endpoint.clone(),
-                            op,
-                            local_blocks: local.clone(),
-                            remote_blocks: remote.clone(),
-                            plan,
-                            timeout: Some(Duration::from_secs_f64(a.timeout)),
-                            notify: None,
-                            remote_instance_id: None,
-                        };
-                        let t = Instant::now();
-                        let done = agent
-                            .transfer(spec, |_| {})
-                            .await
-                            .with_context(|| format!("{backend} {op} {placement} {plan}"))?;
-                        let elapsed = t.elapsed();
-                        descriptors = done.descriptors;
-                        if i < a.warmup {
-                            continue;
-                        }
-                        samples.push(elapsed);
-                        if i == a.warmup {
-                            verified = verify(
-                                op,
-                                &layout,
-                                &peer_layout,
-                                &local_mem,
-                                in_process.as_deref(),
-                                local,
-                                remote,
-                                a.peer_seed,
-                            )?;
-                        }
+            peer_desc = if in_process.is_some() {
+                "in-process".into()
+            } else {
+                endpoint.clone()
+            };
+            let peer_kind = peer_layout.params().mem;
+            let agent = Agent::start(
+                agent_config(
+                    "kvbench-run",
+                    &layout,
+                    backend,
+                    a.inflight,
+                    a.max_desc_bytes,
+                    copy,
+                ),
+                local_mem.clone(),
+            )
+            .await?;
+            // Reads first: writes change the peer's bytes, and reads check them.
+            let mut ops = a.op.clone();
+            ops.sort_by_key(|op| matches!(op, Op::Write));
+            let mut refilled = false;
+            for &op in &ops {
+                if op == Op::Write && !refilled {
+                    refill(&local_mem, LOCAL_SEED)?;
+                    refilled = true;
+                }
+                let (dst, src) = match op {
+                    Op::Read => (local_kind, peer_kind),
+                    Op::Write => (peer_kind, local_kind),
+                };
+                let ceiling = match (dst, src) {
+                    (MemKind::Gpu(_), MemKind::Gpu(_)) => d2d.map(|g| ("d2d", g)),
+                    (MemKind::Gpu(_), MemKind::Host) | (MemKind::Host, MemKind::Gpu(_)) => {
+                        h2d.map(|g| ("h2d", g))
                     }
-                    let latency = LatencyStats::of(&samples);
-                    results.push(CaseResult {
-                        backend: backend.to_string(),
-                        op: op.to_string(),
-                        placement,
-                        plan: plan.to_string(),
-                        bytes,
-                        descriptors,
-                        reps: samples.len(),
-                        latency,
-                        gbps_p50: bytes as f64 / (latency.p50_us / 1e6) / 1e9,
-                        verified,
-                    });
+                    (MemKind::Host, MemKind::Host) => Some(("memcpy", memcpy)),
+                };
+                for &placement in &a.placement {
+                    // Both plans move the same block ids, drawn per repetition.
+                    let mut rng = StdRng::seed_from_u64(a.seed ^ placement as u64);
+                    let maps: Vec<(Vec<u32>, Vec<u32>)> = (0..a.reps + a.warmup)
+                        .map(|_| {
+                            (
+                                place_blocks(
+                                    placement,
+                                    blocks,
+                                    layout.num_blocks(),
+                                    a.runs,
+                                    &mut rng,
+                                ),
+                                place_blocks(
+                                    placement,
+                                    blocks,
+                                    peer_layout.num_blocks(),
+                                    a.runs,
+                                    &mut rng,
+                                ),
+                            )
+                        })
+                        .collect();
+                    for &plan in &a.plan {
+                        eprintln!("kvbench: {backend}/{copy} {op} {dst}<-{src} {placement} {plan}");
+                        let mut samples = Vec::with_capacity(a.reps);
+                        let mut device = Vec::with_capacity(a.reps);
+                        let mut descriptors = 0;
+                        let mut verified = false;
+                        let mut used = backend;
+                        for (i, (local, remote)) in maps.iter().enumerate() {
+                            let spec = TransferSpec {
+                                request_id: format!("kvbench-{i}"),
+                                peer: endpoint.clone(),
+                                op,
+                                local_blocks: local.clone(),
+                                remote_blocks: remote.clone(),
+                                plan,
+                                timeout: Some(Duration::from_secs_f64(a.timeout)),
+                                notify: None,
+                                remote_instance_id: None,
+                            };
+                            let t = Instant::now();
+                            let done = agent
+                                .transfer(spec, |_| {})
+                                .await
+                                .with_context(|| format!("{backend} {op} {placement} {plan}"))?;
+                            let elapsed = t.elapsed();
+                            descriptors = done.descriptors;
+                            used = done.backend;
+                            if i < a.warmup {
+                                continue;
+                            }
+                            samples.push(elapsed);
+                            if let Some(d) = done.device_time {
+                                device.push(d);
+                            }
+                            if i == a.warmup && op == Op::Write && in_process.is_none() {
+                                verified = verify_write_by_readback(
+                                    &agent, &endpoint, &layout, &local_mem, local, remote, plan,
+                                    a.timeout,
+                                )
+                                .await?;
+                            } else if i == a.warmup {
+                                verified = verify(
+                                    op,
+                                    &layout,
+                                    &peer_layout,
+                                    &local_mem,
+                                    in_process.as_deref(),
+                                    local,
+                                    remote,
+                                    a.peer_seed,
+                                )?;
+                            }
+                        }
+                        let latency = LatencyStats::of(&samples);
+                        let device_gbps = (!device.is_empty())
+                            .then(|| bytes as f64 / (LatencyStats::of(&device).p50_us / 1e6) / 1e9);
+                        let name = if used == BackendKind::CudaIpc {
+                            format!("{used}/{copy}")
+                        } else {
+                            used.to_string()
+                        };
+                        let row = CaseResult {
+                            backend: name,
+                            op: op.to_string(),
+                            placement,
+                            plan: plan.to_string(),
+                            bytes,
+                            descriptors,
+                            reps: samples.len(),
+                            latency,
+                            gbps_p50: bytes as f64 / (latency.p50_us / 1e6) / 1e9,
+                            verified,
+                            memory: format!("{dst} <- {src}"),
+                            ceiling: String::new(),
+                            ceiling_gbps: 0.0,
+                            of_ceiling: 0.0,
+                            device_gbps,
+                        };
+                        results.push(match ceiling {
+                            Some((n, g)) => row.against(n, g),
+                            None => row,
+                        });
+                    }
                 }
             }
         }
@@ -355,6 +515,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         inflight: a.inflight,
         max_desc_bytes: a.max_desc_bytes,
         memcpy_gbps: memcpy,
+        d2d_gbps: d2d,
+        h2d_gbps: h2d,
         results,
     };
     print!("{}", report.table());
@@ -377,15 +539,65 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Checks every destination byte of one transfer. READ: our blocks must hold
-/// the peer's pattern at the remote offsets. WRITE: the peer's blocks must
-/// hold ours (only when the peer is in this process).
+/// A WRITE into another process's pool is checked by reading it back: our
+/// source blocks are cleared, the peer's blocks read back into them, and
+/// every byte must be our pattern again (which checks a READ too).
+#[allow(clippy::too_many_arguments)]
+async fn verify_write_by_readback(
+    agent: &Agent,
+    endpoint: &str,
+    layout: &KvLayout,
+    local_mem: &KvMemory,
+    local: &[u32],
+    remote: &[u32],
+    plan: PlanKind,
+    timeout: f64,
+) -> anyhow::Result<bool> {
+    let zero = vec![0u8; layout.block_len() as usize];
+    for region in 0..layout.num_regions() {
+        for &b in local {
+            local_mem.write(layout.block_offset(region, b), &zero)?;
+        }
+    }
+    let spec = TransferSpec {
+        request_id: "kvbench-readback".into(),
+        peer: endpoint.to_string(),
+        op: Op::Read,
+        local_blocks: local.to_vec(),
+        remote_blocks: remote.to_vec(),
+        plan,
+        timeout: Some(Duration::from_secs_f64(timeout)),
+        notify: None,
+        remote_instance_id: None,
+    };
+    agent
+        .transfer(spec, |_| {})
+        .await
+        .context("reading the written blocks back")?;
+    // Our blocks now hold what we wrote: our own pattern at our own offsets.
+    verify(
+        Op::Read,
+        layout,
+        layout,
+        local_mem,
+        None,
+        local,
+        local,
+        LOCAL_SEED,
+    )
+    .context("after a WRITE and a READ back")
+}
+
+/// Checks every destination byte of one transfer, reading the destination
+/// pool back (host or GPU) region by region on every core. READ: our blocks
+/// must hold the peer's pattern at the remote offsets. WRITE: the peer's
+/// blocks must hold ours (only when the peer is in this process).
 #[allow(clippy::too_many_arguments)]
 fn verify(
     op: Op,
     layout: &KvLayout,
     peer_layout: &KvLayout,
-    local_mem: &HostMemory,
+    local_mem: &KvMemory,
     peer: Option<&Agent>,
     local: &[u32],
     remote: &[u32],
@@ -403,20 +615,43 @@ fn verify(
         ),
         (Op::Write, None) => return Ok(false),
     };
-    let len = layout.block_len();
-    for region in 0..layout.num_regions() {
-        for (&d, &s) in dst_ids.iter().zip(src_ids) {
-            // SAFETY: the transfer has completed; nothing writes these blocks now.
-            let got = unsafe { dst_mem.slice(dst_layout.block_offset(region, d), len) }
-                .context("block out of range")?;
-            if let Some(at) = check_pattern(got, src_layout.block_offset(region, s), seed) {
-                bail!(
-                    "verification failed: {op} region {} block {d} (from {s}) differs at byte {at}{}",
-                    layout.region_name(region),
-                    if op == Op::Read { "; does --peer-seed match the peer's --seed?" } else { "" }
-                );
-            }
+    let len = layout.block_len() as usize;
+    let regions = layout.num_regions();
+    let next = std::sync::atomic::AtomicU32::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(16);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    let mut buf = vec![0u8; len];
+                    loop {
+                        let region = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if region >= regions {
+                            return Ok(());
+                        }
+                        for (&d, &s) in dst_ids.iter().zip(src_ids) {
+                            dst_mem.read(dst_layout.block_offset(region, d), &mut buf)?;
+                            if let Some(at) =
+                                check_pattern(&buf, src_layout.block_offset(region, s), seed)
+                            {
+                                bail!(
+                                    "verification failed: {op} region {} block {d} (from {s}) differs at byte {at}{}",
+                                    layout.region_name(region),
+                                    if op == Op::Read { "; does --peer-seed match the peer's --seed?" } else { "" }
+                                );
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("verify thread panicked"))??;
         }
-    }
+        Ok(())
+    })?;
     Ok(true)
 }

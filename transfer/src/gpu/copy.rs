@@ -1,0 +1,466 @@
+//! One transfer's copies as ONE submission on a stream: either the gather
+//! kernel over a packed item list (many descriptors: per-block plans,
+//! fragmented placements) or `cuMemcpyAsync` per descriptor (a few long
+//! runs, where the copy engines do as well and no SM is taken from the
+//! engine). Completion is a CUDA event.
+//!
+//! The packing is pure and tested on CI; the rest needs a GPU.
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use super::{DeviceBuffer, Event, Gpu, PinnedBuffer, Stream};
+use crate::error::TransferError;
+
+/// Threads of one CTA of `tandem_gather` (16 bytes each per pass).
+pub const THREADS_PER_CTA: u32 = 256;
+/// CTAs per SM in a launch: enough resident warps to hide memory latency.
+pub const CTAS_PER_SM: u32 = 8;
+/// Items are cut at this length so one long run spreads over many CTAs.
+pub const MAX_ITEM_BYTES: u64 = 64 << 10;
+
+/// Which entry of `gather.ptx` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatherKernel {
+    /// Four 16-byte loads in flight per thread.
+    Four = 0,
+    /// The same through the read-only (non-coherent) load path.
+    ReadOnly = 1,
+    /// Eight 16-byte loads in flight per thread.
+    Eight = 2,
+}
+
+/// The kernel's launch shape, fixed per process. Defaults are what measured
+/// best on an H200 (hw-tests/results); `TANDEM_GATHER_KERNEL` (`4|nc|8`),
+/// `TANDEM_GATHER_THREADS`, `TANDEM_GATHER_CTAS_PER_SM` and
+/// `TANDEM_GATHER_ITEM_BYTES` override them for tuning on other GPUs.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub kernel: GatherKernel,
+    pub threads: u32,
+    pub ctas_per_sm: u32,
+    /// The shortest item; items grow with the transfer unless `fixed_item`.
+    pub item_bytes: u64,
+    pub fixed_item: bool,
+}
+
+pub fn tuning() -> &'static Tuning {
+    static T: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let num = |var: &str, default: u64, lo: u64, hi: u64| -> u64 {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|v| v.clamp(lo, hi))
+                .unwrap_or(default)
+        };
+        let kernel = match std::env::var("TANDEM_GATHER_KERNEL").as_deref() {
+            Ok("nc") => GatherKernel::ReadOnly,
+            Ok("8") => GatherKernel::Eight,
+            _ => GatherKernel::Four,
+        };
+        Tuning {
+            kernel,
+            threads: num("TANDEM_GATHER_THREADS", THREADS_PER_CTA as u64, 32, 1024) as u32 / 32
+                * 32,
+            ctas_per_sm: num("TANDEM_GATHER_CTAS_PER_SM", CTAS_PER_SM as u64, 1, 64) as u32,
+            item_bytes: num("TANDEM_GATHER_ITEM_BYTES", MAX_ITEM_BYTES, ALIGN, 1 << 30) / ALIGN
+                * ALIGN,
+            fixed_item: std::env::var_os("TANDEM_GATHER_ITEM_BYTES").is_some(),
+        }
+    })
+}
+/// The kernel moves 16-byte words: addresses and lengths must be multiples.
+pub const ALIGN: u64 = 16;
+
+/// `auto` picks per plan: `memcpy` for at most this many descriptors of at
+/// least [`MEMCPY_MIN_DESC`] bytes each, the kernel otherwise.
+pub const MEMCPY_MAX_DESCS: usize = 16;
+pub const MEMCPY_MIN_DESC: u64 = 4 << 20;
+
+/// How a plan's copies are submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMethod {
+    /// Chosen per plan ([`choose`]).
+    Auto,
+    /// One `tandem_gather` launch over all descriptors.
+    Kernel,
+    /// One `cuMemcpyAsync` per descriptor on one stream.
+    Memcpy,
+}
+
+impl FromStr for CopyMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(CopyMethod::Auto),
+            "kernel" => Ok(CopyMethod::Kernel),
+            "memcpy" => Ok(CopyMethod::Memcpy),
+            other => Err(format!(
+                "unknown copy method {other:?} (auto|kernel|memcpy)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CopyMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CopyMethod::Auto => "auto",
+            CopyMethod::Kernel => "kernel",
+            CopyMethod::Memcpy => "memcpy",
+        })
+    }
+}
+
+/// One copy between absolute addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOp {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+}
+
+/// The method for these copies: `want` unless it is `Auto`; the kernel only
+/// when every copy is 16-byte aligned.
+pub fn choose(want: CopyMethod, copies: &[CopyOp]) -> CopyMethod {
+    let aligned = copies.iter().all(|c| (c.src | c.dst | c.len) % ALIGN == 0);
+    let all_long = copies.iter().all(|c| c.len >= MEMCPY_MIN_DESC);
+    choose_by(want, copies.len(), aligned, all_long)
+}
+
+fn choose_by(want: CopyMethod, count: usize, aligned: bool, all_long: bool) -> CopyMethod {
+    match want {
+        CopyMethod::Kernel if aligned => CopyMethod::Kernel,
+        CopyMethod::Kernel | CopyMethod::Memcpy => CopyMethod::Memcpy,
+        CopyMethod::Auto => {
+            if (count <= MEMCPY_MAX_DESCS && all_long) || !aligned {
+                CopyMethod::Memcpy
+            } else {
+                CopyMethod::Kernel
+            }
+        }
+    }
+}
+
+/// The item length for a transfer of `total` bytes: at least the tuned
+/// minimum, and long enough that a big transfer is not cut into far more
+/// items than the launch has CTAs (each item costs a CTA a descriptor
+/// fetch, and the host 24 bytes to pack): about four items per CTA.
+pub fn item_bytes(total: u64, sm_count: u32) -> u64 {
+    let t = tuning();
+    if t.fixed_item {
+        return t.item_bytes;
+    }
+    let ctas = u64::from(sm_count.max(1)) * u64::from(t.ctas_per_sm);
+    let per = (total / (ctas * 4)).clamp(t.item_bytes, 16 << 20);
+    (per / ALIGN).max(1) * ALIGN
+}
+
+/// Packs copies into the kernel's item records (`{src, dst, len}` as three
+/// little-endian u64), cutting each at `max_item` bytes (a multiple of
+/// [`ALIGN`]). None when a copy is not 16-byte aligned. Empty copies are
+/// dropped.
+pub fn pack_items(copies: &[CopyOp], max_item: u64) -> Option<Vec<u64>> {
+    let max_item = (max_item / ALIGN).max(1) * ALIGN;
+    let mut out = Vec::with_capacity(copies.len() * 3);
+    for c in copies {
+        if (c.src | c.dst | c.len) % ALIGN != 0 {
+            return None;
+        }
+        let mut off = 0;
+        while off < c.len {
+            let len = (c.len - off).min(max_item);
+            out.extend_from_slice(&[c.src + off, c.dst + off, len]);
+            off += len;
+        }
+    }
+    Some(out)
+}
+
+/// A pinned host buffer and a device buffer for one launch's items.
+struct Staging {
+    host: PinnedBuffer,
+    dev: DeviceBuffer,
+}
+
+/// Submits transfers on one stream of one GPU. Staging buffers are reused
+/// once the launch that read them has completed.
+pub struct Copier {
+    gpu: Arc<Gpu>,
+    stream: Stream,
+    spare: Mutex<Vec<Staging>>,
+    /// (start, end) timing events of finished submissions, reused: creating
+    /// two events per transfer costs more than recording them.
+    events: Mutex<Vec<(Event, Event)>>,
+}
+
+impl Copier {
+    pub fn new(gpu: &Arc<Gpu>) -> Result<Arc<Copier>, TransferError> {
+        Ok(Arc::new(Copier {
+            stream: gpu.stream()?,
+            gpu: gpu.clone(),
+            spare: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
+        }))
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn staging(&self, bytes: usize) -> Result<Staging, TransferError> {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = spare.iter().position(|s| s.host.len() >= bytes) {
+            return Ok(spare.swap_remove(i));
+        }
+        drop(spare);
+        // Round up so that slightly larger plans reuse the buffer.
+        let cap = bytes.next_power_of_two().max(64 << 10);
+        Ok(Staging {
+            host: self.gpu.alloc_pinned(cap)?,
+            dev: self.gpu.alloc(cap)?,
+        })
+    }
+
+    /// Submits all `copies` with `method` and returns at once; the copies
+    /// are done when the returned handle says so. `copies` is walked twice
+    /// (to choose and size, then to pack straight into pinned memory), so
+    /// a plan of 10^5 descriptors costs no allocation here.
+    pub fn submit<I>(
+        self: &Arc<Self>,
+        copies: I,
+        method: CopyMethod,
+    ) -> Result<Submitted, TransferError>
+    where
+        I: Iterator<Item = CopyOp> + Clone,
+    {
+        let gpu = &self.gpu;
+        gpu.bind()?;
+        let (count, total, aligned, all_long) =
+            copies
+                .clone()
+                .fold((0usize, 0u64, true, true), |(n, t, a, l), c| {
+                    (
+                        n + 1,
+                        t + c.len,
+                        a && (c.src | c.dst | c.len) % ALIGN == 0,
+                        l && c.len >= MEMCPY_MIN_DESC,
+                    )
+                });
+        let method = choose_by(method, count, aligned, all_long);
+        let mut staging = None;
+        let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (start, event) = match reused {
+            Some(pair) => pair,
+            None => (gpu.event(true)?, gpu.event(true)?),
+        };
+        start.record(&self.stream)?;
+        match method {
+            CopyMethod::Kernel => {
+                let item = item_bytes(total, gpu.sm_count());
+                let n: usize = copies.clone().map(|c| c.len.div_ceil(item) as usize).sum();
+                if n > 0 {
+                    let bytes = n * 24;
+                    let mut s = self.staging(bytes)?;
+                    let out = s.host.as_mut_slice();
+                    let mut at = 0;
+                    for c in copies {
+                        let mut off = 0;
+                        while off < c.len {
+                            let len = (c.len - off).min(item);
+                            for w in [c.src + off, c.dst + off, len] {
+                                out[at..at + 8].copy_from_slice(&w.to_le_bytes());
+                                at += 8;
+                            }
+                            off += len;
+                        }
+                    }
+                    // SAFETY of the async upload: `s.host` is pinned and kept
+                    // (in the handle) until the event after the kernel completes.
+                    let host = unsafe { std::slice::from_raw_parts(s.host.as_ptr(), bytes) };
+                    self.stream.upload(s.dev.ptr(), host)?;
+                    let n = u32::try_from(n).map_err(|_| {
+                        TransferError::BadRequest(format!("{n} copy items in one transfer"))
+                    })?;
+                    gpu.launch_gather(&self.stream, s.dev.ptr(), n)?;
+                    staging = Some(s);
+                }
+            }
+            CopyMethod::Memcpy | CopyMethod::Auto => {
+                for c in copies.filter(|c| c.len > 0) {
+                    self.stream.copy(c.dst, c.src, c.len as usize)?;
+                }
+            }
+        }
+        event.record(&self.stream)?;
+        Ok(Submitted {
+            copier: self.clone(),
+            start: Some(start),
+            event: Some(event),
+            staging,
+            method,
+            done: false,
+        })
+    }
+}
+
+/// One submitted transfer.
+pub struct Submitted {
+    copier: Arc<Copier>,
+    /// Always Some until drop hands them back to the copier.
+    start: Option<Event>,
+    event: Option<Event>,
+    staging: Option<Staging>,
+    method: CopyMethod,
+    done: bool,
+}
+
+impl Submitted {
+    pub fn method(&self) -> CopyMethod {
+        self.method
+    }
+
+    /// True once every copy has landed; errors are the device's (a bad
+    /// address faults the kernel).
+    pub fn poll(&mut self) -> Result<bool, TransferError> {
+        if !self.done && self.end().done()? {
+            self.done = true;
+            if let Some(s) = self.staging.take() {
+                self.copier
+                    .spare
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(s);
+            }
+        }
+        Ok(self.done)
+    }
+
+    /// Device time from the first copy to the last, once done.
+    pub fn device_time(&self) -> Option<std::time::Duration> {
+        if !self.done {
+            return None;
+        }
+        let ms = self.end().elapsed_ms(self.start.as_ref()?).ok()?;
+        Some(std::time::Duration::from_secs_f64(
+            f64::from(ms.max(0.0)) / 1e3,
+        ))
+    }
+
+    pub fn wait(&mut self) -> Result<(), TransferError> {
+        self.end().synchronize()?;
+        self.poll().map(|_| ())
+    }
+
+    fn end(&self) -> &Event {
+        self.event.as_ref().expect("events live until drop")
+    }
+}
+
+impl Drop for Submitted {
+    fn drop(&mut self) {
+        // The device may still read the staging buffers: let it finish
+        // before they are freed (bounded by one transfer's copy time).
+        if !self.done && self.end().synchronize().is_err() {
+            // A device error: keep nothing that the device may still touch.
+            std::mem::forget(self.staging.take());
+            return;
+        }
+        if let Some(s) = self.staging.take() {
+            self.copier
+                .spare
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s);
+        }
+        if let (Some(a), Some(b)) = (self.start.take(), self.event.take()) {
+            self.copier
+                .events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((a, b));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(src: u64, dst: u64, len: u64) -> CopyOp {
+        CopyOp { src, dst, len }
+    }
+
+    #[test]
+    fn packing_cuts_long_runs_and_keeps_order() {
+        let items = pack_items(&[c(0x1000, 0x9000, 160), c(0x4000, 0x100, 32)], 64).unwrap();
+        assert_eq!(
+            items,
+            vec![
+                0x1000, 0x9000, 64, //
+                0x1040, 0x9040, 64, //
+                0x1080, 0x9080, 32, //
+                0x4000, 0x100, 32,
+            ]
+        );
+    }
+
+    #[test]
+    fn packing_covers_every_byte_exactly_once() {
+        let copies = [
+            c(16, 4096, 32768),
+            c(65536, 0, 48),
+            c(1 << 20, 1 << 30, 5 << 20),
+        ];
+        let items = pack_items(&copies, MAX_ITEM_BYTES).unwrap();
+        let total: u64 = items.chunks(3).map(|i| i[2]).sum();
+        assert_eq!(total, 32768 + 48 + (5 << 20));
+        for i in items.chunks(3) {
+            assert!(i[2] > 0 && i[2] <= MAX_ITEM_BYTES);
+            assert_eq!((i[0] | i[1] | i[2]) % ALIGN, 0);
+        }
+        // Items of one copy are adjacent and contiguous on both sides.
+        let third: Vec<_> = items.chunks(3).filter(|i| i[0] >= 1 << 20).collect();
+        for w in third.windows(2) {
+            assert_eq!(w[0][0] + w[0][2], w[1][0]);
+            assert_eq!(w[0][1] + w[0][2], w[1][1]);
+        }
+    }
+
+    #[test]
+    fn unaligned_copies_are_not_packed_and_go_to_memcpy() {
+        assert!(pack_items(&[c(8, 0, 16)], 64).is_none());
+        assert!(pack_items(&[c(0, 0, 20)], 64).is_none());
+        assert!(pack_items(&[c(0, 0, 0)], 64).unwrap().is_empty());
+        let odd = [c(0, 0, 24)];
+        assert_eq!(choose(CopyMethod::Kernel, &odd), CopyMethod::Memcpy);
+        assert_eq!(choose(CopyMethod::Auto, &odd), CopyMethod::Memcpy);
+    }
+
+    #[test]
+    fn auto_takes_the_kernel_for_many_blocks_and_memcpy_for_few_long_runs() {
+        let per_block: Vec<_> = (0..4096).map(|i| c(i * 32768, i * 32768, 32768)).collect();
+        assert_eq!(choose(CopyMethod::Auto, &per_block), CopyMethod::Kernel);
+        let runs: Vec<_> = (0..4).map(|i| c(i << 26, i << 26, 64 << 20)).collect();
+        assert_eq!(choose(CopyMethod::Auto, &runs), CopyMethod::Memcpy);
+        assert_eq!(choose(CopyMethod::Kernel, &runs), CopyMethod::Kernel);
+        assert_eq!(choose(CopyMethod::Memcpy, &per_block), CopyMethod::Memcpy);
+        assert_eq!("KERNEL".parse::<CopyMethod>().unwrap(), CopyMethod::Kernel);
+        assert!("dma".parse::<CopyMethod>().is_err());
+    }
+
+    #[test]
+    fn items_grow_with_the_transfer_so_big_ones_are_not_cut_into_millions() {
+        // Defaults: 64 KiB minimum, 8 CTAs per SM, about four items per CTA.
+        let sms = 132;
+        assert_eq!(item_bytes(1 << 20, sms), MAX_ITEM_BYTES);
+        let mid = item_bytes(512 << 20, sms);
+        assert!(mid > MAX_ITEM_BYTES && mid < 256 << 10, "{mid}");
+        assert_eq!(mid % ALIGN, 0);
+        let ten_gib = item_bytes(10 << 30, sms);
+        assert!((10u64 << 30).div_ceil(ten_gib) <= 132 * 8 * 4 + 1);
+        assert_eq!(item_bytes(1 << 40, sms), 16 << 20);
+    }
+}

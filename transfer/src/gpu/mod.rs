@@ -1,0 +1,684 @@
+//! CUDA through the driver API, loaded at run time (`cudarc` with dynamic
+//! loading): nothing of CUDA is needed to build, and a machine without a
+//! driver only fails when GPU memory is asked for, with
+//! [`TransferError::GpuUnavailable`].
+//!
+//! Owns the per-device primary context, device and pinned allocations, CUDA
+//! IPC handles, host registrations, streams and events, and the copy kernel
+//! (`gather.ptx`). Knows nothing about layouts or peers: `copy` packs and
+//! runs a plan's copies, the `cuda-ipc` backend decides whose memory.
+//!
+//! Every call binds the device's primary context to the calling thread
+//! first: the agent calls from tokio's blocking pool, whose threads come and
+//! go.
+
+pub mod copy;
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys;
+
+use crate::error::TransferError;
+
+/// A driver call's result as our error, naming the call.
+fn check(what: &str, r: sys::CUresult) -> Result<(), TransferError> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a static string pointer or leaves null.
+    unsafe { sys::cuGetErrorName(r, &mut name) };
+    let name = if name.is_null() {
+        format!("{r:?}")
+    } else {
+        // SAFETY: a static NUL-terminated string from the driver.
+        unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    Err(TransferError::Gpu(format!("{what}: {name}")))
+}
+
+/// Whether a CUDA driver library can be loaded at all.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda.
+    unsafe { sys::is_culib_present() }
+}
+
+static INIT: OnceLock<Result<i32, String>> = OnceLock::new();
+
+/// Loads and initialises the driver once; returns the device count.
+pub fn init() -> Result<u32, TransferError> {
+    INIT.get_or_init(|| {
+        if !driver_present() {
+            return Err(
+                "no CUDA driver (libcuda.so.1 not found: is this a GPU machine, \
+                        with the NVIDIA driver mounted?)"
+                    .into(),
+            );
+        }
+        // SAFETY: cuInit may be called any number of times.
+        let r = unsafe { sys::cuInit(0) };
+        check("cuInit", r).map_err(|e| e.to_string())?;
+        let mut n = 0;
+        // SAFETY: writes the count.
+        let r = unsafe { sys::cuDeviceGetCount(&mut n) };
+        check("cuDeviceGetCount", r).map_err(|e| e.to_string())?;
+        Ok(n)
+    })
+    .clone()
+    .map(|n| n as u32)
+    .map_err(TransferError::GpuUnavailable)
+}
+
+/// One GPU: its primary context, identity and the loaded copy kernel.
+pub struct Gpu {
+    ordinal: u32,
+    ctx: sys::CUcontext,
+    name: String,
+    uuid: [u8; 16],
+    sm_count: u32,
+    kernel: OnceLock<Result<Kernel, String>>,
+}
+
+// SAFETY: a CUcontext is usable from any thread once bound to it; the
+// driver serialises what needs it.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+struct Kernel {
+    _module: sys::CUmodule,
+    /// `tandem_gather`, `tandem_gather_nc`, `tandem_gather8`.
+    gather: [sys::CUfunction; 3],
+}
+
+static DEVICES: OnceLock<Mutex<HashMap<u32, Arc<Gpu>>>> = OnceLock::new();
+
+/// The GPU with CUDA ordinal `ordinal`, opened once per process.
+pub fn device(ordinal: u32) -> Result<Arc<Gpu>, TransferError> {
+    let count = init()?;
+    if ordinal >= count {
+        return Err(TransferError::GpuUnavailable(format!(
+            "gpu:{ordinal} asked for, but the driver sees {count} GPU(s)"
+        )));
+    }
+    let mut devices = DEVICES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(g) = devices.get(&ordinal) {
+        return Ok(g.clone());
+    }
+    let mut dev = 0;
+    // SAFETY: plain driver queries into local out-parameters.
+    unsafe {
+        check("cuDeviceGet", sys::cuDeviceGet(&mut dev, ordinal as i32))?;
+    }
+    let mut ctx = std::ptr::null_mut();
+    unsafe {
+        check(
+            "cuDevicePrimaryCtxRetain",
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+        )?
+    };
+    let mut name = [0 as std::ffi::c_char; 128];
+    unsafe {
+        check(
+            "cuDeviceGetName",
+            sys::cuDeviceGetName(name.as_mut_ptr(), 128, dev),
+        )?
+    };
+    // SAFETY: the driver NUL-terminates within the buffer.
+    let name = unsafe { CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let mut uuid = sys::CUuuid { bytes: [0; 16] };
+    unsafe { check("cuDeviceGetUuid", sys::cuDeviceGetUuid(&mut uuid, dev))? };
+    let mut sms = 0;
+    unsafe {
+        check(
+            "cuDeviceGetAttribute",
+            sys::cuDeviceGetAttribute(
+                &mut sms,
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                dev,
+            ),
+        )?
+    };
+    let gpu = Arc::new(Gpu {
+        ordinal,
+        ctx,
+        name,
+        uuid: uuid.bytes.map(|b| b as u8),
+        sm_count: sms.max(1) as u32,
+        kernel: OnceLock::new(),
+    });
+    devices.insert(ordinal, gpu.clone());
+    Ok(gpu)
+}
+
+impl Gpu {
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device's UUID, as `nvidia-smi -L` prints it (`GPU-…`).
+    pub fn uuid(&self) -> String {
+        let h: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "GPU-{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<(), TransferError> {
+        // SAFETY: the context is retained for the life of the process.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })
+    }
+
+    /// Device memory (`cuMemAlloc`: legacy-IPC capable), zeroed.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Result<DeviceBuffer, TransferError> {
+        if len == 0 {
+            return Err(TransferError::BadRequest("empty GPU allocation".into()));
+        }
+        self.bind()?;
+        let mut ptr = 0;
+        // SAFETY: out-parameter; freed in Drop.
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut ptr, len) }).map_err(|e| {
+            TransferError::Gpu(format!("{e} ({len} bytes on gpu:{})", self.ordinal))
+        })?;
+        let buf = DeviceBuffer {
+            gpu: self.clone(),
+            ptr,
+            len,
+        };
+        // SAFETY: our own fresh allocation of `len` bytes.
+        check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, len) })?;
+        Ok(buf)
+    }
+
+    /// Page-locked host memory, mapped for the device.
+    pub fn alloc_pinned(self: &Arc<Self>, len: usize) -> Result<PinnedBuffer, TransferError> {
+        self.bind()?;
+        let mut p = std::ptr::null_mut();
+        // SAFETY: out-parameter; freed in Drop.
+        check("cuMemHostAlloc", unsafe {
+            sys::cuMemHostAlloc(&mut p, len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE)
+        })?;
+        Ok(PinnedBuffer {
+            gpu: self.clone(),
+            ptr: p.cast(),
+            len,
+        })
+    }
+
+    pub fn stream(self: &Arc<Self>) -> Result<Stream, TransferError> {
+        self.bind()?;
+        let mut s = std::ptr::null_mut();
+        // SAFETY: out-parameter; destroyed in Drop.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        })?;
+        Ok(Stream {
+            gpu: self.clone(),
+            raw: s,
+        })
+    }
+
+    /// An event; `timing` events can be read with [`Event::elapsed_ms`].
+    pub fn event(self: &Arc<Self>, timing: bool) -> Result<Event, TransferError> {
+        self.bind()?;
+        let flags = if timing {
+            sys::CUevent_flags::CU_EVENT_DEFAULT as u32
+        } else {
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+        };
+        let mut e = std::ptr::null_mut();
+        // SAFETY: out-parameter; destroyed in Drop.
+        check("cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut e, flags)
+        })?;
+        Ok(Event {
+            gpu: self.clone(),
+            raw: e,
+        })
+    }
+
+    /// Copies host bytes to device address `dst` (synchronous).
+    pub fn upload(&self, dst: u64, src: &[u8]) -> Result<(), TransferError> {
+        self.bind()?;
+        // SAFETY: the caller passes a device range of at least src.len() bytes.
+        check("cuMemcpyHtoD", unsafe {
+            sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len())
+        })
+    }
+
+    /// Copies device bytes at `src` into `dst` (synchronous).
+    pub fn download(&self, dst: &mut [u8], src: u64) -> Result<(), TransferError> {
+        self.bind()?;
+        // SAFETY: the caller passes a device range of at least dst.len() bytes.
+        check("cuMemcpyDtoH", unsafe {
+            sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src, dst.len())
+        })
+    }
+
+    /// The copy kernel, compiled from PTX by the driver on first use.
+    fn kernel(&self) -> Result<&Kernel, TransferError> {
+        self.kernel
+            .get_or_init(|| {
+                self.bind().map_err(|e| e.to_string())?;
+                load_kernel().map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| TransferError::Gpu(e.clone()))
+    }
+
+    /// Launches `tandem_gather` over `n` packed items at device address `items`.
+    pub fn launch_gather(&self, stream: &Stream, items: u64, n: u32) -> Result<(), TransferError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let k = self.kernel()?;
+        let t = copy::tuning();
+        // Enough CTAs to fill every SM several times over, never more than items.
+        let grid = n.min(self.sm_count * t.ctas_per_sm);
+        let mut items = items;
+        let mut n = n;
+        let mut params: [*mut c_void; 2] =
+            [(&mut items as *mut u64).cast(), (&mut n as *mut u32).cast()];
+        self.bind()?;
+        // SAFETY: the kernel's parameters are (u64, u32), matching `params`;
+        // the items buffer outlives the launch (the caller keeps it until the
+        // stream's event completes).
+        check("cuLaunchKernel(tandem_gather)", unsafe {
+            sys::cuLaunchKernel(
+                k.gather[t.kernel as usize],
+                grid,
+                1,
+                1,
+                t.threads,
+                1,
+                1,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+fn load_kernel() -> Result<Kernel, TransferError> {
+    const PTX: &str = concat!(include_str!("gather.ptx"), "\0");
+    let mut log = vec![0u8; 8192];
+    let mut opts = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+    ];
+    let mut vals: [*mut c_void; 2] = [log.as_mut_ptr().cast(), log.len() as *mut c_void];
+    let mut module = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated PTX image and a log buffer of the size given.
+    let r = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut module,
+            PTX.as_ptr().cast(),
+            opts.len() as u32,
+            opts.as_mut_ptr(),
+            vals.as_mut_ptr(),
+        )
+    };
+    if let Err(e) = check("cuModuleLoadDataEx(gather.ptx)", r) {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        return Err(TransferError::Gpu(format!(
+            "{e}: {}",
+            String::from_utf8_lossy(&log[..end]).trim()
+        )));
+    }
+    let mut gather = [std::ptr::null_mut(); 3];
+    for (f, name) in
+        gather
+            .iter_mut()
+            .zip([c"tandem_gather", c"tandem_gather_nc", c"tandem_gather8"])
+    {
+        // SAFETY: a loaded module and a NUL-terminated name.
+        check("cuModuleGetFunction", unsafe {
+            sys::cuModuleGetFunction(f, module, name.as_ptr())
+        })?;
+    }
+    Ok(Kernel {
+        _module: module,
+        gather,
+    })
+}
+
+/// Device memory owned by this process.
+pub struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    ptr: u64,
+    len: usize,
+}
+
+impl DeviceBuffer {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// A legacy CUDA IPC handle for the whole allocation: another process of
+    /// the same PID namespace opens it with [`IpcMapping::open`].
+    pub fn ipc_handle(&self) -> Result<[u8; 64], TransferError> {
+        self.gpu.bind()?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: a live allocation from cuMemAlloc.
+        check("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(&mut h, self.ptr)
+        })?;
+        Ok(h.reserved.map(|b| b as u8))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: freeing our own allocation once.
+            unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory.
+pub struct PinnedBuffer {
+    gpu: Arc<Gpu>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory; users follow the same ownership rules as HostMemory.
+unsafe impl Send for PinnedBuffer {}
+unsafe impl Sync for PinnedBuffer {}
+
+impl PinnedBuffer {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: our allocation of `len` bytes, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedBuffer {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: freeing our own allocation once.
+            unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+        }
+    }
+}
+
+/// A peer process's device memory opened from its IPC handle.
+pub struct IpcMapping {
+    gpu: Arc<Gpu>,
+    ptr: u64,
+}
+
+impl IpcMapping {
+    pub fn open(gpu: &Arc<Gpu>, handle: &[u8; 64]) -> Result<IpcMapping, TransferError> {
+        gpu.bind()?;
+        let h = sys::CUipcMemHandle_st {
+            reserved: handle.map(|b| b as std::ffi::c_char),
+        };
+        let mut ptr = 0;
+        // SAFETY: out-parameter; closed in Drop.
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        })?;
+        Ok(IpcMapping {
+            gpu: gpu.clone(),
+            ptr,
+        })
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: closing our own mapping once.
+            unsafe { sys::cuIpcCloseMemHandle(self.ptr) };
+        }
+    }
+}
+
+/// Host memory (ours, or a peer's shared mapping) made reachable from the
+/// device: page-locked and mapped into the device's address space.
+pub struct HostRegistration {
+    gpu: Arc<Gpu>,
+    host: *mut u8,
+    device_ptr: u64,
+}
+
+// SAFETY: only addresses are kept; the memory is owned elsewhere.
+unsafe impl Send for HostRegistration {}
+unsafe impl Sync for HostRegistration {}
+
+impl HostRegistration {
+    /// # Safety
+    /// `[ptr, ptr + len)` must stay mapped until the registration drops.
+    pub unsafe fn new(gpu: &Arc<Gpu>, ptr: *mut u8, len: usize) -> Result<Self, TransferError> {
+        gpu.bind()?;
+        check(
+            "cuMemHostRegister",
+            sys::cuMemHostRegister_v2(
+                ptr.cast(),
+                len,
+                sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP,
+            ),
+        )?;
+        let mut dptr = 0;
+        let r = sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr.cast(), 0);
+        if let Err(e) = check("cuMemHostGetDevicePointer", r) {
+            sys::cuMemHostUnregister(ptr.cast());
+            return Err(e);
+        }
+        Ok(HostRegistration {
+            gpu: gpu.clone(),
+            host: ptr,
+            device_ptr: dptr,
+        })
+    }
+
+    pub fn device_ptr(&self) -> u64 {
+        self.device_ptr
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: unregistering our own registration once.
+            unsafe { sys::cuMemHostUnregister(self.host.cast()) };
+        }
+    }
+}
+
+pub struct Stream {
+    gpu: Arc<Gpu>,
+    raw: sys::CUstream,
+}
+
+// SAFETY: a stream handle may be used from any thread bound to its context.
+unsafe impl Send for Stream {}
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    /// `cuMemcpyAsync` on this stream (addresses in the unified space).
+    pub fn copy(&self, dst: u64, src: u64, len: usize) -> Result<(), TransferError> {
+        // SAFETY: the caller guarantees both ranges are valid device-reachable memory.
+        check("cuMemcpyAsync", unsafe {
+            sys::cuMemcpyAsync(dst, src, len, self.raw)
+        })
+    }
+
+    /// Host-to-device copy on this stream; `src` must stay valid until the
+    /// stream reaches this point (pinned memory for a true async copy).
+    pub fn upload(&self, dst: u64, src: &[u8]) -> Result<(), TransferError> {
+        // SAFETY: see above.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.raw)
+        })
+    }
+
+    pub fn synchronize(&self) -> Result<(), TransferError> {
+        self.gpu.bind()?;
+        // SAFETY: a live stream.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(self.raw)
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: destroying our own stream once.
+            unsafe { sys::cuStreamDestroy_v2(self.raw) };
+        }
+    }
+}
+
+pub struct Event {
+    gpu: Arc<Gpu>,
+    raw: sys::CUevent,
+}
+
+// SAFETY: an event handle may be used from any thread bound to its context.
+unsafe impl Send for Event {}
+unsafe impl Sync for Event {}
+
+impl Event {
+    pub fn record(&self, stream: &Stream) -> Result<(), TransferError> {
+        // SAFETY: live event and stream of the same context.
+        check("cuEventRecord", unsafe {
+            sys::cuEventRecord(self.raw, stream.raw)
+        })
+    }
+
+    /// True once the work before the record point has finished.
+    pub fn done(&self) -> Result<bool, TransferError> {
+        self.gpu.bind()?;
+        // SAFETY: a live event.
+        match unsafe { sys::cuEventQuery(self.raw) } {
+            sys::CUresult::CUDA_SUCCESS => Ok(true),
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => check("cuEventQuery", r).map(|_| false),
+        }
+    }
+
+    pub fn synchronize(&self) -> Result<(), TransferError> {
+        self.gpu.bind()?;
+        // SAFETY: a live event.
+        check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.raw)
+        })
+    }
+
+    /// Milliseconds from `start` to this event (both recorded with timing).
+    pub fn elapsed_ms(&self, start: &Event) -> Result<f32, TransferError> {
+        let mut ms = 0.0f32;
+        // SAFETY: two completed timing events.
+        check("cuEventElapsedTime", unsafe {
+            sys::cuEventElapsedTime(&mut ms, start.raw, self.raw)
+        })?;
+        Ok(ms)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: destroying our own event once.
+            unsafe { sys::cuEventDestroy_v2(self.raw) };
+        }
+    }
+}
+
+/// The copy ceilings a transfer into this GPU is measured against: a
+/// device-to-device copy and a pinned host-to-device copy of `bytes`, each
+/// the median GB/s of `reps` timed with CUDA events.
+pub fn copy_ceilings(
+    gpu: &Arc<Gpu>,
+    bytes: usize,
+    reps: usize,
+) -> Result<(f64, f64), TransferError> {
+    let a = gpu.alloc(bytes)?;
+    let b = gpu.alloc(bytes)?;
+    let mut pinned = gpu.alloc_pinned(bytes)?;
+    pinned.as_mut_slice().fill(0x5A);
+    let stream = gpu.stream()?;
+    let time = |f: &dyn Fn() -> Result<(), TransferError>| -> Result<f64, TransferError> {
+        let mut gbps = Vec::with_capacity(reps.max(1) + 1);
+        for i in 0..=reps.max(1) {
+            let start = gpu.event(true)?;
+            let end = gpu.event(true)?;
+            start.record(&stream)?;
+            f()?;
+            end.record(&stream)?;
+            end.synchronize()?;
+            let s = f64::from(end.elapsed_ms(&start)?) / 1e3;
+            // The first run warms up (module load, page mapping).
+            if i > 0 && s > 0.0 {
+                gbps.push(bytes as f64 / s / 1e9);
+            }
+        }
+        gbps.sort_by(|x, y| x.total_cmp(y));
+        Ok(gbps.get(gbps.len() / 2).copied().unwrap_or(0.0))
+    };
+    let d2d = time(&|| stream.copy(b.ptr(), a.ptr(), bytes))?;
+    // SAFETY: `pinned` outlives the synchronous timing loop.
+    let host = unsafe { std::slice::from_raw_parts(pinned.as_ptr(), bytes) };
+    let h2d = time(&|| stream.upload(a.ptr(), host))?;
+    Ok((d2d, h2d))
+}
