@@ -119,6 +119,11 @@ pub struct TransferDone {
     pub backend: BackendKind,
     /// Time the GPU spent copying (cuda-ipc), from CUDA events.
     pub device_time: Option<Duration>,
+    /// Host time planning the descriptors, and from then until the last
+    /// post returned (thread hand-off and the backend's submission): with
+    /// `elapsed` and `device_time`, where a transfer's time goes.
+    pub plan_time: Duration,
+    pub submit_time: Duration,
 }
 
 impl TransferDone {
@@ -490,7 +495,9 @@ impl Agent {
         let (peer, mut handshaken) = self
             .resolve(&spec.peer, spec.remote_instance_id.as_deref(), false)
             .await?;
+        let planning = Instant::now();
         let mut plan = Arc::new(self.plan_for(&spec, &peer.layout)?);
+        let mut plan_time = planning.elapsed();
         let mut peer = peer;
         let mut retried = false;
         loop {
@@ -498,7 +505,7 @@ impl Agent {
                 .execute(&spec, &peer, &plan, deadline, progress.clone())
                 .await;
             match result {
-                Ok(device_time) => {
+                Ok((device_time, submit_time)) => {
                     self.stats.transfers_ok.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .bytes_moved
@@ -510,6 +517,8 @@ impl Agent {
                         rehandshake: handshaken && retried,
                         backend: peer.backend.kind(),
                         device_time,
+                        plan_time,
+                        submit_time,
                     });
                 }
                 Err(e) if !retried && e.may_need_rehandshake() && Instant::now() < deadline => {
@@ -520,7 +529,9 @@ impl Agent {
                     match self.resolve(&spec.peer, None, true).await {
                         Ok((p, _)) => {
                             handshaken = true;
+                            let planning = Instant::now();
                             plan = Arc::new(self.plan_for(&spec, &p.layout)?);
+                            plan_time = planning.elapsed();
                             peer = p;
                         }
                         Err(_) => {
@@ -544,7 +555,8 @@ impl Agent {
         plan: &Arc<TransferPlan>,
         deadline: Instant,
         progress: Arc<Mutex<dyn FnMut(Progress) + Send>>,
-    ) -> Result<Option<Duration>, TransferError> {
+    ) -> Result<(Option<Duration>, Duration), TransferError> {
+        let entered = Instant::now();
         let backend = peer.backend.clone();
         let peer = peer.name.clone();
         let op = spec.op;
@@ -562,55 +574,58 @@ impl Agent {
         let timeout_ms = deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        tokio::task::spawn_blocking(move || -> Result<Option<Duration>, TransferError> {
-            let chunks = plan.chunks(inflight);
-            let single = chunks.len() <= 1;
-            let mut posted = Vec::with_capacity(chunks.len());
-            for (i, chunk) in chunks.iter().enumerate() {
-                // With one request the notification rides on it; with several
-                // it goes out after the last one lands (order is not kept).
-                let note = if single && i == 0 {
-                    notify.as_deref()
-                } else {
-                    None
+        tokio::task::spawn_blocking(
+            move || -> Result<(Option<Duration>, Duration), TransferError> {
+                let chunks = plan.chunks(inflight);
+                let single = chunks.len() <= 1;
+                let mut posted = Vec::with_capacity(chunks.len());
+                for (i, chunk) in chunks.iter().enumerate() {
+                    // With one request the notification rides on it; with several
+                    // it goes out after the last one lands (order is not kept).
+                    let note = if single && i == 0 {
+                        notify.as_deref()
+                    } else {
+                        None
+                    };
+                    let bytes: u64 = chunk.iter().map(|d| d.len).sum();
+                    posted.push((
+                        backend.post(op, &peer, chunk, note)?,
+                        bytes,
+                        chunk.len() as u32,
+                    ));
+                }
+                let submit_time = entered.elapsed();
+                let descs_total = plan.descs.len() as u32;
+                let mut done = Progress {
+                    bytes_done: 0,
+                    bytes_total: total_bytes,
+                    descs_done: 0,
+                    descs_total,
                 };
-                let bytes: u64 = chunk.iter().map(|d| d.len).sum();
-                posted.push((
-                    backend.post(op, &peer, chunk, note)?,
-                    bytes,
-                    chunk.len() as u32,
-                ));
-            }
-            let descs_total = plan.descs.len() as u32;
-            let mut done = Progress {
-                bytes_done: 0,
-                bytes_total: total_bytes,
-                descs_done: 0,
-                descs_total,
-            };
-            let mut device_time: Option<Duration> = None;
-            for (mut req, bytes, n) in posted {
-                if !req.wait_until(deadline)? {
-                    return Err(TransferError::Deadline {
-                        deadline_ms: timeout_ms,
-                        done: done.bytes_done,
-                        total: total_bytes,
-                    });
+                let mut device_time: Option<Duration> = None;
+                for (mut req, bytes, n) in posted {
+                    if !req.wait_until(deadline)? {
+                        return Err(TransferError::Deadline {
+                            deadline_ms: timeout_ms,
+                            done: done.bytes_done,
+                            total: total_bytes,
+                        });
+                    }
+                    if let Some(t) = req.device_time() {
+                        *device_time.get_or_insert(Duration::ZERO) += t;
+                    }
+                    done.bytes_done += bytes;
+                    done.descs_done += n;
+                    (progress.lock().unwrap_or_else(|p| p.into_inner()))(done);
                 }
-                if let Some(t) = req.device_time() {
-                    *device_time.get_or_insert(Duration::ZERO) += t;
+                if plan.descs.is_empty() || !single {
+                    if let Some(msg) = &notify {
+                        backend.notify(&peer, msg)?;
+                    }
                 }
-                done.bytes_done += bytes;
-                done.descs_done += n;
-                (progress.lock().unwrap_or_else(|p| p.into_inner()))(done);
-            }
-            if plan.descs.is_empty() || !single {
-                if let Some(msg) = &notify {
-                    backend.notify(&peer, msg)?;
-                }
-            }
-            Ok(device_time)
-        })
+                Ok((device_time, submit_time))
+            },
+        )
         .await
         .map_err(|e| TransferError::backend("agent", e))?
     }

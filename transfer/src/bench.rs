@@ -281,6 +281,9 @@ pub struct CaseResult {
     /// bytes / p50 device time (GPU copies: what the GPU spent, without
     /// planning, submission and completion polling).
     pub device_gbps: Option<f64>,
+    /// Median host time planning, and handing off and submitting (us).
+    pub plan_us: f64,
+    pub submit_us: f64,
 }
 
 impl CaseResult {
@@ -332,7 +335,7 @@ impl Report {
             format_bytes(self.max_desc_bytes)
         ));
         out.push_str(&format!(
-            "{:<15} {:<14} {:<6} {:<11} {:<10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>9} {:>9} {:>8}\n",
+            "{:<15} {:<14} {:<6} {:<11} {:<10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>9} {:>11} {:>9} {:>8}\n",
             "backend",
             "dst <- src",
             "op",
@@ -344,6 +347,7 @@ impl Report {
             "GB/s",
             "of ceiling",
             "dev GB/s",
+            "plan+post",
             "vs naive",
             "verified"
         ));
@@ -370,7 +374,7 @@ impl Report {
                 .map(|g| format!("{g:.1}"))
                 .unwrap_or_else(|| "-".into());
             out.push_str(&format!(
-                "{:<15} {:<14} {:<6} {:<11} {:<10} {:>7} {:>9.3} {:>9.3} {:>9.2} {:>12} {:>9} {:>9} {:>8}\n",
+                "{:<15} {:<14} {:<6} {:<11} {:<10} {:>7} {:>9.3} {:>9.3} {:>9.2} {:>12} {:>9} {:>11} {:>9} {:>8}\n",
                 r.backend,
                 r.memory,
                 r.op,
@@ -382,6 +386,7 @@ impl Report {
                 r.gbps_p50,
                 ceiling,
                 device,
+                format!("{:.0}+{:.0}us", r.plan_us, r.submit_us),
                 speedup,
                 if r.verified { "yes" } else { "no" }
             ));

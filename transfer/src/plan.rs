@@ -317,7 +317,7 @@ pub fn plan_coalesced(
     let cap = (opts.max_desc_bytes / block_len).max(1) * block_len;
     let runs = runs(local_blocks, remote_blocks);
 
-    let mut descs = Vec::new();
+    let mut descs = Vec::with_capacity(runs.len() * local.num_regions() as usize);
     // The descriptor being grown; it is only split by the cap once complete,
     // so merges across regions see the whole contiguous span.
     let mut pending: Option<Desc> = None;

@@ -375,11 +375,11 @@ impl InFlight for IpcInFlight {
         self.sub.device_time()
     }
 
-    /// A GPU copy takes microseconds to a few milliseconds: poll without
-    /// sleeping at first (a 50 us sleep would be a sixth of a 4,096-token
-    /// transfer), then back off for long ones.
+    /// A GPU copy takes microseconds to tens of milliseconds: poll without
+    /// sleeping (a 50 us sleep would be a sixth of a 4,096-token transfer,
+    /// and Linux rounds short sleeps up), then back off for long ones.
     fn wait_until(&mut self, deadline: std::time::Instant) -> Result<bool, TransferError> {
-        let spin_until = std::time::Instant::now() + std::time::Duration::from_millis(2);
+        let spin_until = std::time::Instant::now() + std::time::Duration::from_millis(50);
         loop {
             if self.poll()? {
                 return Ok(true);

@@ -421,6 +421,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                         eprintln!("kvbench: {backend}/{copy} {op} {dst}<-{src} {placement} {plan}");
                         let mut samples = Vec::with_capacity(a.reps);
                         let mut device = Vec::with_capacity(a.reps);
+                        let mut planning = Vec::with_capacity(a.reps);
+                        let mut submitting = Vec::with_capacity(a.reps);
                         let mut descriptors = 0;
                         let mut verified = false;
                         let mut used = backend;
@@ -448,6 +450,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                                 continue;
                             }
                             samples.push(elapsed);
+                            planning.push(done.plan_time);
+                            submitting.push(done.submit_time);
                             if let Some(d) = done.device_time {
                                 device.push(d);
                             }
@@ -494,6 +498,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             ceiling_gbps: 0.0,
                             of_ceiling: 0.0,
                             device_gbps,
+                            plan_us: LatencyStats::of(&planning).p50_us,
+                            submit_us: LatencyStats::of(&submitting).p50_us,
                         };
                         results.push(match ceiling {
                             Some((n, g)) => row.against(n, g),

@@ -259,12 +259,20 @@ impl Gpu {
         })
     }
 
-    /// Copies host bytes to device address `dst` (synchronous).
+    /// Copies host bytes to device address `dst`; the bytes are on the
+    /// device when this returns. (`cuMemcpyHtoD` from pageable memory
+    /// returns once the bytes are staged, before the DMA lands: a peer
+    /// process reading the block right after would see old bytes, as
+    /// pd-demo on GPU pools did.)
     pub fn upload(&self, dst: u64, src: &[u8]) -> Result<(), TransferError> {
         self.bind()?;
         // SAFETY: the caller passes a device range of at least src.len() bytes.
         check("cuMemcpyHtoD", unsafe {
             sys::cuMemcpyHtoD_v2(dst, src.as_ptr().cast(), src.len())
+        })?;
+        // SAFETY: waits for the legacy default stream, where that copy ran.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(std::ptr::null_mut())
         })
     }
 
