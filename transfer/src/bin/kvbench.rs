@@ -446,22 +446,16 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             let elapsed = t.elapsed();
                             descriptors = done.descriptors;
                             used = done.backend;
-                            if i < a.warmup {
-                                continue;
-                            }
-                            samples.push(elapsed);
-                            planning.push(done.plan_time);
-                            submitting.push(done.submit_time);
-                            if let Some(d) = done.device_time {
-                                device.push(d);
-                            }
-                            if i == a.warmup && op == Op::Write && in_process.is_none() {
+                            // The very first transfer of a case is checked: it
+                            // takes the cold paths (handshake, fresh staging
+                            // buffers, kernel load) where ordering bugs hide.
+                            if i == 0 && op == Op::Write && in_process.is_none() {
                                 verified = verify_write_by_readback(
                                     &agent, &endpoint, &layout, &local_mem, local, remote, plan,
                                     a.timeout,
                                 )
                                 .await?;
-                            } else if i == a.warmup {
+                            } else if i == 0 {
                                 verified = verify(
                                     op,
                                     &layout,
@@ -472,6 +466,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                                     remote,
                                     a.peer_seed,
                                 )?;
+                            }
+                            if i < a.warmup {
+                                continue;
+                            }
+                            samples.push(elapsed);
+                            planning.push(done.plan_time);
+                            submitting.push(done.submit_time);
+                            if let Some(d) = done.device_time {
+                                device.push(d);
                             }
                         }
                         let latency = LatencyStats::of(&samples);

@@ -209,6 +209,14 @@ impl Gpu {
         };
         // SAFETY: our own fresh allocation of `len` bytes.
         check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, len) })?;
+        // The memset runs on the legacy default stream, which the copier's
+        // non-blocking stream does not wait for: a staging buffer's first
+        // items, uploaded there, were zeroed after the fact and its first
+        // transfer moved nothing (pd-demo on GPU pools). Finish it here.
+        // SAFETY: waits for the legacy default stream.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(std::ptr::null_mut())
+        })?;
         Ok(buf)
     }
 
