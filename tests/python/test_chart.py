@@ -31,6 +31,7 @@ CASES = {
             "proxy": {"secure": True, "certPath": "/etc/tandem/tls", "certSecretName": "tandem-sidecar-tls"}
         }
     },
+    "cuda-ipc": {"kvTransfer": {"cudaIpc": {"enabled": True}}},
 }
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
@@ -456,3 +457,35 @@ def test_pd_sidecar_accepts_llm_d_modelservice_args(args):
     assert res.returncode == 0, res.stderr
     for line in ["port: 8000,", "decode_port: 8200,", "connector: Nixlv2,", "secure_proxy: false,"]:
         assert line in res.stdout
+
+
+def test_cuda_ipc_mounts_one_node_folder_in_every_model_container():
+    """kvTransfer.cudaIpc: prefill and decode pods on a node share a hostPath folder for the
+    agent's descriptor and notification sockets, and the agent is told where it is."""
+    objs, _ = objects("cuda-ipc")
+    for role in ("decode", "prefill"):
+        spec = pod(objs, role)["spec"]
+        vols = [v for v in spec["volumes"] if v["name"] == "tandem-kv-ipc"]
+        assert vols == [
+            {"name": "tandem-kv-ipc", "hostPath": {"path": "/var/run/tandem-kv", "type": "DirectoryOrCreate"}}
+        ]
+        c = vllm(objs, role)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["TANDEM_CUDA_IPC_DIR"] == "/var/run/tandem-kv"
+        assert env["TANDEM_CUDA_SHARE"] == "fd"
+        assert env["TANDEM_KV_BACKEND"] == "auto"
+        assert {"name": "tandem-kv-ipc", "mountPath": "/var/run/tandem-kv"} in c["volumeMounts"]
+    # Off by default: nothing of it rendered.
+    objs, _ = objects("defaults")
+    for role in ("decode", "prefill"):
+        spec = pod(objs, role)["spec"]
+        assert all(v["name"] != "tandem-kv-ipc" for v in spec.get("volumes", []))
+        names = {e["name"] for e in vllm(objs, role)["env"]}
+        assert not any(n.startswith("TANDEM_") for n in names)
+
+
+def test_cuda_ipc_values_are_checked_by_the_schema():
+    with pytest.raises(Exception, match="share"):
+        render({"kvTransfer": {"cudaIpc": {"enabled": True, "share": "shm"}}})
+    with pytest.raises(Exception, match="hostPath"):
+        render({"kvTransfer": {"cudaIpc": {"enabled": True, "hostPath": "relative/dir"}}})

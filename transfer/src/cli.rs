@@ -32,6 +32,11 @@ pub struct LayoutArgs {
     /// driver at run time, nothing at build time).
     #[arg(long, env = "TANDEM_KV_MEM", default_value = "host")]
     pub mem: MemKind,
+    /// How a GPU pool is shared with peers on this node: ipc (legacy CUDA IPC
+    /// handle: one pod) or fd (a VMM allocation whose descriptor is passed
+    /// over a Unix socket in TANDEM_CUDA_IPC_DIR: pods that mount it).
+    #[arg(long, env = "TANDEM_CUDA_SHARE", default_value = "ipc")]
+    pub gpu_share: crate::gpu::GpuShare,
 }
 
 impl LayoutArgs {
@@ -68,10 +73,11 @@ pub fn allocate_or_exit(
     program: &str,
     layout: &KvLayout,
     shm: Option<(&std::path::Path, bool)>,
+    share: crate::gpu::GpuShare,
 ) -> anyhow::Result<crate::KvMemory> {
     let len = usize::try_from(layout.total_bytes())
         .map_err(|_| anyhow::anyhow!("pool of {} bytes is too large", layout.total_bytes()))?;
-    match crate::KvMemory::allocate(layout.params().mem, len, shm) {
+    match crate::KvMemory::allocate(layout.params().mem, len, shm, share) {
         Ok(m) => Ok(m),
         Err(TransferError::GpuUnavailable(why)) => {
             eprintln!("{program}: --mem {}: {why}", layout.params().mem);

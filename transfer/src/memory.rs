@@ -15,7 +15,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::error::TransferError;
-use crate::gpu::{self, DeviceBuffer, Gpu};
+use crate::gpu::{self, DeviceBuffer, Gpu, GpuShare};
 use crate::layout::MemKind;
 
 /// A KV pool's memory: host or GPU.
@@ -38,11 +38,13 @@ impl From<HostMemory> for KvMemory {
 
 impl KvMemory {
     /// `len` bytes of `kind`: host memory is anonymous, or the shared file
-    /// `shm` when given (host only: GPU memory is shared by CUDA IPC).
+    /// `shm` when given (host only: GPU memory is shared by CUDA, as
+    /// `share` says).
     pub fn allocate(
         kind: MemKind,
         len: usize,
         shm: Option<(&Path, bool)>,
+        share: GpuShare,
     ) -> Result<KvMemory, TransferError> {
         match (kind, shm) {
             (MemKind::Host, None) => Ok(HostMemory::anonymous(len)?.into()),
@@ -53,7 +55,13 @@ impl KvMemory {
                 "a shared-memory file holds host pools only; GPU pools are shared by CUDA IPC"
                     .into(),
             )),
-            (MemKind::Gpu(n), None) => Ok(KvMemory::Gpu(gpu::device(n)?.alloc(len)?)),
+            (MemKind::Gpu(n), None) => {
+                let dev = gpu::device(n)?;
+                Ok(KvMemory::Gpu(match share {
+                    GpuShare::Ipc => dev.alloc(len)?,
+                    GpuShare::Fd => dev.alloc_shareable(len)?,
+                }))
+            }
         }
     }
 

@@ -181,6 +181,10 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- with $v.modelArtifacts.authSecretName -}}
 {{- $defaults = append $defaults (dict "name" "HF_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" "HF_TOKEN"))) -}}
 {{- end -}}
+{{- $ipc := $v.kvTransfer.cudaIpc | default dict -}}
+{{- if $ipc.enabled -}}
+{{- $defaults = concat $defaults (list (dict "name" "TANDEM_CUDA_IPC_DIR" "value" (toString $ipc.mountPath)) (dict "name" "TANDEM_CUDA_SHARE" "value" (toString $ipc.share)) (dict "name" "TANDEM_KV_BACKEND" "value" "auto")) -}}
+{{- end -}}
 {{- range $defaults }}{{ if not (hasKey $names .name) }}{{ $env = append $env . }}{{ end }}{{ end -}}
 {{- $_ := set $out "env" $env -}}
 {{- with $c.envFrom }}{{ $_ := set $out "envFrom" . }}{{ end -}}
@@ -220,6 +224,9 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- $m := dict "name" "model-storage" "mountPath" (toString $v.modelArtifacts.mountPath) -}}
 {{- if hasPrefix "pvc://" (toString $v.modelArtifacts.uri) }}{{ $_ := set $m "readOnly" true }}{{ end -}}
 {{- $mounts = append $mounts $m -}}
+{{- end -}}
+{{- if $ipc.enabled -}}
+{{- $mounts = append $mounts (dict "name" "tandem-kv-ipc" "mountPath" (toString $ipc.mountPath)) -}}
 {{- end -}}
 {{- if $mounts }}{{ $_ := set $out "volumeMounts" $mounts }}{{ end -}}
 {{- /* probes: the user's, else readiness on vLLM's /health */ -}}
@@ -449,6 +456,9 @@ spec:
       {{- else -}}
       {{- $volumes = append $volumes (dict "name" "model-storage" "emptyDir" (dict "sizeLimit" (toString ($v.modelArtifacts.size | default "20Gi")))) -}}
       {{- end -}}
+      {{- end -}}
+      {{- if and ($v.kvTransfer.cudaIpc | default dict).enabled (not (hasKey $volumeNames "tandem-kv-ipc")) -}}
+      {{- $volumes = append $volumes (dict "name" "tandem-kv-ipc" "hostPath" (dict "path" (toString $v.kvTransfer.cudaIpc.hostPath) "type" "DirectoryOrCreate")) -}}
       {{- end -}}
       {{- if and $withProxy $v.routing.proxy.secure $v.routing.proxy.certSecretName -}}
       {{- $volumes = append $volumes (dict "name" "routing-proxy-certs" "secret" (dict "secretName" $v.routing.proxy.certSecretName)) -}}

@@ -79,7 +79,12 @@ impl Kv {
         params.mem = cfg.kv_mem;
         let layout = KvLayout::new(params).context("KV layout")?;
         // No GPU where --kv-mem gpu:N asks for one: exit 2 with the reason.
-        let mem = transfer::cli::allocate_or_exit("engine-sim", &layout, None)?;
+        let mem = transfer::cli::allocate_or_exit(
+            "engine-sim",
+            &layout,
+            None,
+            transfer::gpu::GpuShare::from_env(),
+        )?;
         let mut acfg = AgentConfig::new(engine_id, layout.clone(), cfg.kv_backend);
         acfg.hold_timeout = Duration::from_secs_f64(cfg.hold_timeout_s.max(0.001));
         acfg.transfer_timeout = Duration::from_millis(cfg.kv_pull_timeout_ms);

@@ -1,6 +1,7 @@
 //! `cuda-ipc` backend: peers on the same host. A GPU pool is exported as a
-//! legacy CUDA IPC handle; a host pool as its shared-memory file, which the
-//! peer maps and registers with CUDA. The peer opens it once per instance
+//! legacy CUDA IPC handle, or (`--gpu-share fd`, a VMM allocation) as a file
+//! descriptor handed out on a Unix socket (`fd_pass`); a host pool as its
+//! shared-memory file, which the peer maps and registers with CUDA. The peer opens it once per instance
 //! (`load_peer`, cached by the agent like NIXL metadata) and then moves a
 //! whole transfer plan in ONE submission on its own GPU (`gpu::copy`: the
 //! gather kernel, or `cuMemcpyAsync` per long run), completed by a CUDA
@@ -10,7 +11,8 @@
 //! (`/proc/sys/kernel/random/boot_id`), which every container on a node
 //! shares and no two nodes do. Two agents in one process (kvbench, tests)
 //! use each other's addresses directly. Legacy IPC handles do not cross PID
-//! namespaces: two pods on one node need a shared PID namespace (or NIXL).
+//! namespaces: two pods on one node use `--gpu-share fd` with a socket
+//! folder both mount (or a shared PID namespace, or NIXL).
 //!
 //! Notifications (`"<request_id>:<tp_size>"`) travel as Unix datagrams to
 //! the socket each backend binds in its IPC folder (`TANDEM_CUDA_IPC_DIR`,
@@ -21,14 +23,15 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::fd_pass::{fetch_fd, FdServer};
 use super::{check_bounds, wire, Backend, BackendKind, InFlight, Notification, Op};
 use crate::error::TransferError;
 use crate::gpu::copy::{Copier, CopyMethod, CopyOp, Submitted};
-use crate::gpu::{Gpu, HostRegistration, IpcMapping};
+use crate::gpu::{DeviceBuffer, Gpu, HostRegistration, IpcMapping};
 use crate::memory::{HostMemory, KvMemory};
 use crate::plan::Desc;
 
-const MAGIC: &[u8] = b"TNDMCIPC1";
+const MAGIC: &[u8] = b"TNDMCIPC2";
 const NAME: &str = "cuda-ipc";
 
 /// Folder for the notification sockets.
@@ -37,6 +40,7 @@ pub const IPC_DIR_ENV: &str = "TANDEM_CUDA_IPC_DIR";
 const POOL_GPU: u32 = 1;
 const POOL_HOST_SHM: u32 = 2;
 const POOL_HOST_PRIVATE: u32 = 3;
+const POOL_GPU_FD: u32 = 4;
 
 /// This host's identity: the kernel's boot id.
 pub fn host_id() -> String {
@@ -70,8 +74,11 @@ struct Export {
     len: u64,
     /// GPU: the device UUID; host: empty.
     device: String,
-    /// GPU: the IPC handle; shared host pool: the file's path.
+    /// GPU: the IPC handle; GPU by descriptor: the socket handing it out;
+    /// shared host pool: the file's path.
     handle: Vec<u8>,
+    /// GPU by descriptor: the allocation's mapped size (>= len).
+    alloc: u64,
 }
 
 impl Export {
@@ -87,6 +94,7 @@ impl Export {
         wire::put_u64(&mut out, self.len);
         wire::put_bytes(&mut out, self.device.as_bytes());
         wire::put_bytes(&mut out, &self.handle);
+        wire::put_u64(&mut out, self.alloc);
         out
     }
 
@@ -102,9 +110,18 @@ impl Export {
         let len = r.u64()?;
         let device = r.string()?;
         let handle = r.bytes()?.to_vec();
-        if !matches!(pool, POOL_GPU | POOL_HOST_SHM | POOL_HOST_PRIVATE) {
+        let alloc = r.u64()?;
+        if !matches!(
+            pool,
+            POOL_GPU | POOL_HOST_SHM | POOL_HOST_PRIVATE | POOL_GPU_FD
+        ) {
             return Err(TransferError::BadMetadata(format!(
                 "unknown pool kind {pool}"
+            )));
+        }
+        if pool == POOL_GPU_FD && alloc < len {
+            return Err(TransferError::BadMetadata(format!(
+                "pool of {len} bytes in an allocation of {alloc}"
             )));
         }
         if pool == POOL_GPU && handle.len() != 64 {
@@ -123,6 +140,7 @@ impl Export {
             len,
             device,
             handle,
+            alloc,
         })
     }
 }
@@ -158,6 +176,8 @@ enum PeerMapping {
     /// In this process: the address as published.
     Direct,
     Ipc(IpcMapping),
+    /// A peer's VMM allocation imported from its descriptor.
+    Fd(DeviceBuffer),
     /// A peer's shared host file, mapped here; the registration drops
     /// before the mapping (field order).
     Host {
@@ -176,6 +196,8 @@ pub struct CudaIpcBackend {
     method: CopyMethod,
     peers: Mutex<HashMap<String, Arc<PeerPool>>>,
     socket: Arc<UnixDatagram>,
+    /// Hands our VMM allocation's descriptor to peers (`--gpu-share fd`).
+    _fd_server: Option<FdServer>,
 }
 
 fn socket_dir() -> PathBuf {
@@ -192,7 +214,37 @@ impl CudaIpcBackend {
         mem: Arc<KvMemory>,
         method: CopyMethod,
     ) -> Result<CudaIpcBackend, TransferError> {
+        let nonce = process_nonce();
+        let dir = socket_dir();
+        let stem = format!(
+            "tkv-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut fd_server = None;
+        let mut alloc = 0;
         let (pool, device, handle, copier) = match mem.as_ref() {
+            KvMemory::Gpu(buf) if buf.alloc_size().is_some() => {
+                let path = dir.join(format!("{stem}.fd.sock"));
+                let server = FdServer::start(&path, buf.export_fd()?).map_err(|e| {
+                    TransferError::backend(
+                        NAME,
+                        format!(
+                            "serving the pool's descriptor on {}: {e} (set {IPC_DIR_ENV} to a \
+                             writable folder)",
+                            path.display()
+                        ),
+                    )
+                })?;
+                fd_server = Some(server);
+                alloc = buf.alloc_size().unwrap_or(0) as u64;
+                (
+                    POOL_GPU_FD,
+                    buf.gpu().uuid(),
+                    path.as_os_str().as_encoded_bytes().to_vec(),
+                    Some(Copier::new(buf.gpu())?),
+                )
+            }
             KvMemory::Gpu(buf) => (
                 POOL_GPU,
                 buf.gpu().uuid(),
@@ -209,13 +261,7 @@ impl CudaIpcBackend {
                 None => (POOL_HOST_PRIVATE, String::new(), Vec::new(), None),
             },
         };
-        let nonce = process_nonce();
-        let dir = socket_dir();
-        let socket_path = dir.join(format!(
-            "tkv-{}-{}.sock",
-            std::process::id(),
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        ));
+        let socket_path = dir.join(format!("{stem}.sock"));
         let socket = UnixDatagram::bind(&socket_path).map_err(|e| {
             TransferError::backend(
                 NAME,
@@ -237,12 +283,14 @@ impl CudaIpcBackend {
                 len: mem.len() as u64,
                 device,
                 handle,
+                alloc,
             },
             mem,
             copier,
             method,
             peers: Mutex::new(HashMap::new()),
             socket: Arc::new(socket),
+            _fd_server: fd_server,
         })
     }
 
@@ -260,7 +308,23 @@ impl CudaIpcBackend {
         reachable(&self.export, peer).map_err(TransferError::BadMetadata)?;
         let same_process = peer.nonce == self.export.nonce;
         let mapping = match peer.pool {
-            POOL_GPU if same_process => PeerMapping::Direct,
+            POOL_GPU | POOL_GPU_FD if same_process => PeerMapping::Direct,
+            POOL_GPU_FD => {
+                let gpu = self.gpu()?;
+                let path = PathBuf::from(String::from_utf8_lossy(&peer.handle).into_owned());
+                let fd = fetch_fd(&path, std::time::Duration::from_secs(5)).map_err(|e| {
+                    TransferError::backend(
+                        NAME,
+                        format!(
+                            "taking {}'s pool descriptor from {}: {e} (pods on one node need \
+                             a {IPC_DIR_ENV} folder both mount)",
+                            peer.name,
+                            path.display()
+                        ),
+                    )
+                })?;
+                PeerMapping::Fd(gpu.import_fd(fd, peer.alloc as usize, peer.len as usize)?)
+            }
             POOL_GPU => {
                 let gpu = self.gpu()?;
                 let handle: [u8; 64] = peer.handle.as_slice().try_into().expect("checked");
@@ -309,6 +373,7 @@ impl CudaIpcBackend {
         let base = match &mapping {
             PeerMapping::Direct => peer.addr,
             PeerMapping::Ipc(m) => m.ptr(),
+            PeerMapping::Fd(b) => b.ptr(),
             PeerMapping::Host { reg: r, .. } | PeerMapping::Registered(r) => r.device_ptr(),
         };
         Ok(PeerPool {
@@ -541,12 +606,13 @@ mod tests {
             } else {
                 b"/dev/shm/kv".to_vec()
             },
+            alloc: if pool == POOL_GPU_FD { 2 << 20 } else { 0 },
         }
     }
 
     #[test]
     fn metadata_round_trips_and_rejects_garbage() {
-        for pool in [POOL_GPU, POOL_HOST_SHM, POOL_HOST_PRIVATE] {
+        for pool in [POOL_GPU, POOL_HOST_SHM, POOL_HOST_PRIVATE, POOL_GPU_FD] {
             let e = export("boot-a", 9, pool);
             assert_eq!(Export::decode(&e.encode()).unwrap(), e);
         }
@@ -554,6 +620,9 @@ mod tests {
         let mut bad = export("boot-a", 9, POOL_GPU);
         bad.handle = vec![1; 10];
         assert!(Export::decode(&bad.encode()).is_err());
+        let mut small = export("boot-a", 9, POOL_GPU_FD);
+        small.alloc = small.len - 1;
+        assert!(Export::decode(&small.encode()).is_err());
         let enc = export("boot-a", 9, POOL_GPU).encode();
         assert!(Export::decode(&enc[..enc.len() - 3]).is_err());
     }

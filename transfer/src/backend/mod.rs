@@ -6,6 +6,7 @@
 //! in here later.
 
 pub mod cuda_ipc;
+pub mod fd_pass;
 pub mod nixl;
 pub mod tcp;
 

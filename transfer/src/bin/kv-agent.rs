@@ -77,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
         .layout()
         .context("--model/--block-size/--num-blocks/--tp-*")?;
     let shm = args.shm.as_deref().map(|p| (p, args.shm_unlink));
-    let mem = allocate_or_exit("kv-agent", &layout, shm)?;
+    let mem = allocate_or_exit("kv-agent", &layout, shm, args.layout.gpu_share)?;
     let mut cfg = AgentConfig::new(&args.engine_id, layout.clone(), args.backend);
     cfg.tcp_bind = args.tcp_bind;
     cfg.tcp_advertise = args.tcp_advertise;

@@ -21,6 +21,7 @@ use transfer::bench::{
 };
 use transfer::cli::{allocate_or_exit, init_logging, LayoutArgs};
 use transfer::gpu::copy::CopyMethod;
+use transfer::gpu::GpuShare;
 use transfer::layout::{KvLayout, MemKind};
 use transfer::{Agent, AgentConfig, BackendKind, KvMemory, Op, PlanKind, TransferSpec};
 
@@ -143,8 +144,13 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn filled_pool(layout: &KvLayout, seed: u64, shm: Option<&Path>) -> anyhow::Result<Arc<KvMemory>> {
-    let mem = allocate_or_exit("kvbench", layout, shm.map(|p| (p, true)))?;
+fn filled_pool(
+    layout: &KvLayout,
+    seed: u64,
+    shm: Option<&Path>,
+    share: GpuShare,
+) -> anyhow::Result<Arc<KvMemory>> {
+    let mem = allocate_or_exit("kvbench", layout, shm.map(|p| (p, true)), share)?;
     refill(&mem, seed)?;
     Ok(Arc::new(mem))
 }
@@ -212,7 +218,7 @@ fn agent_config(
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let layout = a.layout.layout()?;
-    let mem = filled_pool(&layout, a.seed, a.shm.as_deref())?;
+    let mem = filled_pool(&layout, a.seed, a.shm.as_deref(), a.layout.gpu_share)?;
     let agent = Agent::start(
         agent_config(
             "kvbench-serve",
@@ -253,8 +259,9 @@ async fn local_peer(
     layout: &KvLayout,
     backend: BackendKind,
     seed: u64,
+    share: GpuShare,
 ) -> anyhow::Result<(String, Arc<Agent>, tokio::sync::oneshot::Sender<()>)> {
-    let mem = filled_pool(layout, seed, None)?;
+    let mem = filled_pool(layout, seed, None, share)?;
     let agent = Agent::start(
         agent_config(
             "kvbench-peer",
@@ -311,7 +318,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         KvLayout::new(p)?
     };
     // Allocate our pool first: no GPU is a start-up error (exit 2).
-    let local_mem = filled_pool(&layout, LOCAL_SEED, None)?;
+    let local_mem = filled_pool(&layout, LOCAL_SEED, None, a.layout.gpu_share)?;
     eprintln!("kvbench: measuring the copy ceilings");
     let memcpy = memcpy_ceiling(bytes as usize, 5);
     let (d2d, h2d) = match local_mem.gpu() {
@@ -342,7 +349,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 Some(p) => (p.clone(), None, None),
                 None => {
                     let (ep, agent, stop) =
-                        local_peer(&peer_layout_local, backend, a.peer_seed).await?;
+                        local_peer(&peer_layout_local, backend, a.peer_seed, a.layout.gpu_share)
+                            .await?;
                     (ep, Some(agent), Some(stop))
                 }
             };

@@ -327,15 +327,20 @@ impl Submitted {
     pub fn poll(&mut self) -> Result<bool, TransferError> {
         if !self.done && self.end().done()? {
             self.done = true;
-            if let Some(s) = self.staging.take() {
-                self.copier
-                    .spare
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(s);
-            }
+            self.return_staging();
         }
         Ok(self.done)
+    }
+
+    /// Hands the staging buffers back for the next transfer (once done).
+    fn return_staging(&mut self) {
+        if let Some(s) = self.staging.take() {
+            self.copier
+                .spare
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s);
+        }
     }
 
     /// Device time from the first copy to the last, once done.
@@ -368,13 +373,7 @@ impl Drop for Submitted {
             std::mem::forget(self.staging.take());
             return;
         }
-        if let Some(s) = self.staging.take() {
-            self.copier
-                .spare
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(s);
-        }
+        self.return_staging();
         if let (Some(a), Some(b)) = (self.start.take(), self.event.take()) {
             self.copier
                 .events

@@ -206,16 +206,121 @@ impl Gpu {
             gpu: self.clone(),
             ptr,
             len,
+            vmm: None,
         };
-        // SAFETY: our own fresh allocation of `len` bytes.
-        check("cuMemsetD8", unsafe { sys::cuMemsetD8_v2(ptr, 0, len) })?;
-        // The memset runs on the legacy default stream, which the copier's
-        // non-blocking stream does not wait for: a staging buffer's first
-        // items, uploaded there, were zeroed after the fact and its first
-        // transfer moved nothing (pd-demo on GPU pools). Finish it here.
-        // SAFETY: waits for the legacy default stream.
-        check("cuStreamSynchronize", unsafe {
-            sys::cuStreamSynchronize(std::ptr::null_mut())
+        buf.zero()?;
+        Ok(buf)
+    }
+
+    fn vmm_prop(&self) -> sys::CUmemAllocationProp {
+        // SAFETY: a plain C struct; all-zero is its documented default.
+        let mut prop: sys::CUmemAllocationProp = unsafe { std::mem::zeroed() };
+        prop.type_ = sys::CUmemAllocationType_enum::CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.requestedHandleTypes =
+            sys::CUmemAllocationHandleType_enum::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        prop.location.type_ = sys::CUmemLocationType_enum::CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = self.ordinal as i32;
+        prop
+    }
+
+    /// Device memory another process can open from a file descriptor
+    /// ([`DeviceBuffer::export_fd`], [`Gpu::import_fd`]), zeroed.
+    pub fn alloc_shareable(self: &Arc<Self>, len: usize) -> Result<DeviceBuffer, TransferError> {
+        if len == 0 {
+            return Err(TransferError::BadRequest("empty GPU allocation".into()));
+        }
+        self.bind()?;
+        let prop = self.vmm_prop();
+        let mut gran = 0usize;
+        // SAFETY: out-parameter and a valid property struct.
+        check("cuMemGetAllocationGranularity", unsafe {
+            sys::cuMemGetAllocationGranularity(
+                &mut gran,
+                &prop,
+                sys::CUmemAllocationGranularity_flags_enum::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+            )
+        })?;
+        let size = len.div_ceil(gran.max(1)) * gran.max(1);
+        let mut handle = 0;
+        // SAFETY: out-parameter; released by the buffer (or below on error).
+        check("cuMemCreate", unsafe {
+            sys::cuMemCreate(&mut handle, size, &prop, 0)
+        })
+        .map_err(|e| TransferError::Gpu(format!("{e} ({size} bytes on gpu:{})", self.ordinal)))?;
+        let buf = self.map_vmm(handle, size, len)?;
+        buf.zero()?;
+        Ok(buf)
+    }
+
+    /// Maps a peer's VMM allocation, received as a file descriptor, of
+    /// `size` mapped bytes of which the pool uses `len`.
+    pub fn import_fd(
+        self: &Arc<Self>,
+        fd: std::os::fd::OwnedFd,
+        size: usize,
+        len: usize,
+    ) -> Result<DeviceBuffer, TransferError> {
+        use std::os::fd::AsRawFd;
+        if len > size || size == 0 {
+            return Err(TransferError::BadMetadata(format!(
+                "pool of {len} bytes in an allocation of {size}"
+            )));
+        }
+        self.bind()?;
+        let mut handle = 0;
+        // SAFETY: the driver reads the descriptor number passed as a pointer
+        // (its documented convention for POSIX handles) and dups it.
+        check("cuMemImportFromShareableHandle", unsafe {
+            sys::cuMemImportFromShareableHandle(
+                &mut handle,
+                fd.as_raw_fd() as usize as *mut c_void,
+                sys::CUmemAllocationHandleType_enum::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            )
+        })?;
+        drop(fd);
+        self.map_vmm(handle, size, len)
+    }
+
+    /// Reserves an address range, maps `handle` there and lets this device
+    /// read and write it. Takes ownership of `handle` (released on error).
+    fn map_vmm(
+        self: &Arc<Self>,
+        handle: sys::CUmemGenericAllocationHandle,
+        size: usize,
+        len: usize,
+    ) -> Result<DeviceBuffer, TransferError> {
+        let mut ptr = 0;
+        // SAFETY: out-parameter; freed by the buffer's Drop.
+        let reserved = check("cuMemAddressReserve", unsafe {
+            sys::cuMemAddressReserve(&mut ptr, size, 0, 0, 0)
+        });
+        if let Err(e) = reserved {
+            // SAFETY: releasing the handle we own.
+            unsafe { sys::cuMemRelease(handle) };
+            return Err(e);
+        }
+        // From here the buffer owns the handle and the range: its Drop
+        // unmaps (a no-op error when never mapped), frees and releases.
+        let buf = DeviceBuffer {
+            gpu: self.clone(),
+            ptr,
+            len,
+            vmm: Some(Vmm { handle, size }),
+        };
+        // SAFETY: a fresh reservation of `size` bytes and an allocation of `size`.
+        check("cuMemMap", unsafe {
+            sys::cuMemMap(ptr, size, 0, handle, 0)
+        })?;
+        let access = sys::CUmemAccessDesc {
+            location: sys::CUmemLocation {
+                type_: sys::CUmemLocationType_enum::CU_MEM_LOCATION_TYPE_DEVICE,
+                id: self.ordinal as i32,
+            },
+            flags: sys::CUmemAccess_flags_enum::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the mapped range and one access descriptor.
+        check("cuMemSetAccess", unsafe {
+            sys::cuMemSetAccess(ptr, size, &access, 1)
         })?;
         Ok(buf)
     }
@@ -382,11 +487,63 @@ fn load_kernel() -> Result<Kernel, TransferError> {
     })
 }
 
-/// Device memory owned by this process.
+/// How a GPU pool is allocated, which decides how a peer opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuShare {
+    /// `cuMemAlloc` + a legacy CUDA IPC handle: processes of one PID
+    /// namespace (one pod).
+    #[default]
+    Ipc,
+    /// A VMM allocation (`cuMemCreate`) exported as a POSIX file
+    /// descriptor, passed over a Unix socket: pods on one node that mount
+    /// the socket's folder, whatever their PID namespaces.
+    Fd,
+}
+
+impl GpuShare {
+    /// `TANDEM_CUDA_SHARE` (ipc|fd), ipc when unset or unknown.
+    pub fn from_env() -> GpuShare {
+        std::env::var("TANDEM_CUDA_SHARE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl std::str::FromStr for GpuShare {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ipc" => Ok(GpuShare::Ipc),
+            "fd" => Ok(GpuShare::Fd),
+            other => Err(format!("unknown GPU sharing {other:?} (ipc|fd)")),
+        }
+    }
+}
+
+impl std::fmt::Display for GpuShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GpuShare::Ipc => "ipc",
+            GpuShare::Fd => "fd",
+        })
+    }
+}
+
+/// The physical allocation behind a VMM mapping.
+struct Vmm {
+    handle: sys::CUmemGenericAllocationHandle,
+    /// Mapped bytes: the length rounded up to the allocation granularity.
+    size: usize,
+}
+
+/// Device memory mapped in this process: our own allocation, or a peer's
+/// VMM allocation imported from its descriptor.
 pub struct DeviceBuffer {
     gpu: Arc<Gpu>,
     ptr: u64,
     len: usize,
+    vmm: Option<Vmm>,
 }
 
 impl DeviceBuffer {
@@ -406,9 +563,58 @@ impl DeviceBuffer {
         &self.gpu
     }
 
+    /// Zeroes the buffer and waits: the memset runs on the legacy default
+    /// stream, which the copier's non-blocking stream does not wait for (a
+    /// staging buffer's first items, uploaded there, were once zeroed after
+    /// the fact and its first transfer moved nothing: pd-demo on GPU pools).
+    fn zero(&self) -> Result<(), TransferError> {
+        self.gpu.bind()?;
+        // SAFETY: our own mapped range of `len` bytes.
+        check("cuMemsetD8", unsafe {
+            sys::cuMemsetD8_v2(self.ptr, 0, self.len)
+        })?;
+        // SAFETY: waits for the legacy default stream.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(std::ptr::null_mut())
+        })
+    }
+
+    /// Bytes mapped for a VMM allocation (the length rounded up to the
+    /// allocation granularity); None for a `cuMemAlloc` buffer.
+    pub fn alloc_size(&self) -> Option<usize> {
+        self.vmm.as_ref().map(|v| v.size)
+    }
+
+    /// A file descriptor for a VMM allocation ([`Gpu::alloc_shareable`]),
+    /// which another process maps with [`Gpu::import_fd`].
+    pub fn export_fd(&self) -> Result<std::os::fd::OwnedFd, TransferError> {
+        use std::os::fd::FromRawFd;
+        let vmm = self.vmm.as_ref().ok_or_else(|| {
+            TransferError::Gpu("only VMM allocations (--gpu-share fd) export a descriptor".into())
+        })?;
+        self.gpu.bind()?;
+        let mut fd: std::ffi::c_int = -1;
+        // SAFETY: the driver writes an int descriptor for POSIX handles.
+        check("cuMemExportToShareableHandle", unsafe {
+            sys::cuMemExportToShareableHandle(
+                (&mut fd as *mut std::ffi::c_int).cast(),
+                vmm.handle,
+                sys::CUmemAllocationHandleType_enum::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                0,
+            )
+        })?;
+        // SAFETY: a fresh descriptor the driver handed to us.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
     /// A legacy CUDA IPC handle for the whole allocation: another process of
     /// the same PID namespace opens it with [`IpcMapping::open`].
     pub fn ipc_handle(&self) -> Result<[u8; 64], TransferError> {
+        if self.vmm.is_some() {
+            return Err(TransferError::Gpu(
+                "a VMM allocation has no legacy IPC handle; peers open it by descriptor".into(),
+            ));
+        }
         self.gpu.bind()?;
         let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
         // SAFETY: a live allocation from cuMemAlloc.
@@ -421,9 +627,20 @@ impl DeviceBuffer {
 
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
-        if self.gpu.bind().is_ok() {
+        if self.gpu.bind().is_err() {
+            return;
+        }
+        match &self.vmm {
+            // SAFETY: undoing our own mapping, reservation and handle once.
+            Some(v) => unsafe {
+                sys::cuMemUnmap(self.ptr, v.size);
+                sys::cuMemAddressFree(self.ptr, v.size);
+                sys::cuMemRelease(v.handle);
+            },
             // SAFETY: freeing our own allocation once.
-            unsafe { sys::cuMemFree_v2(self.ptr) };
+            None => unsafe {
+                sys::cuMemFree_v2(self.ptr);
+            },
         }
     }
 }
