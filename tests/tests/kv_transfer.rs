@@ -609,27 +609,37 @@ async fn garbage_backend_metadata_is_rejected_by_the_agent() {
 fn a_missing_nixl_library_is_a_clear_setup_error() {
     let empty = std::env::temp_dir().join(format!("tandem-no-nixl-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&empty).unwrap();
-    let out = std::process::Command::new(tandem_tests::harness::bin_path("kv-agent"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--backend",
-            "nixl",
-            "--model",
-            MODEL,
-            "--num-blocks",
-            "4",
-        ])
-        .env("TANDEM_NIXL_LIB_DIR", &empty)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir(&empty);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("libnixl_capi.so not found") && stderr.contains("make setup"),
-        "{stderr}"
-    );
+    let shm = empty.join("pool");
+    let shm = shm.to_string_lossy().into_owned();
+    // `auto` over a shared host pool offers cuda-ipc too, but a host pool
+    // without NIXL could move nothing: it must fail the same way.
+    for backend in ["nixl", "auto"] {
+        let out = std::process::Command::new(tandem_tests::harness::bin_path("kv-agent"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                backend,
+                "--model",
+                MODEL,
+                "--num-blocks",
+                "4",
+                "--shm",
+                &shm,
+                "--shm-unlink",
+            ])
+            .env("TANDEM_NIXL_LIB_DIR", &empty)
+            .env("TANDEM_CUDA_IPC_DIR", &empty)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{backend}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("libnixl_capi.so not found") && stderr.contains("make setup"),
+            "{backend}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&empty);
 }
 
 fn kvbench_report(path: &std::path::Path) -> serde_json::Value {

@@ -249,7 +249,9 @@ async fn start_backends(
             }
             match nixl().await {
                 Ok(b) => out.push(b),
-                Err(e) if !out.is_empty() => {
+                // A GPU pool still serves peers on this node by cuda-ipc; a
+                // host pool without NIXL could move nothing at all.
+                Err(e) if !out.is_empty() && mem.gpu().is_some() => {
                     tracing::warn!(error = %e, "NIXL unavailable; peers on other hosts cannot be reached")
                 }
                 Err(e) => return Err(e),
