@@ -168,6 +168,8 @@ fn reachable(ours: &Export, peer: &Export) -> Result<(), String> {
 struct PeerPool {
     base: u64,
     len: u64,
+    /// The peer's pool is host memory (its copies cross PCIe).
+    host: bool,
     socket: PathBuf,
     _mapping: PeerMapping,
 }
@@ -379,6 +381,7 @@ impl CudaIpcBackend {
         Ok(PeerPool {
             base,
             len: peer.len,
+            host: matches!(peer.pool, POOL_HOST_SHM | POOL_HOST_PRIVATE),
             socket: peer.socket.clone(),
             _mapping: mapping,
         })
@@ -530,7 +533,7 @@ impl Backend for CudaIpcBackend {
                 len: d.len,
             },
         });
-        let sub = copier.submit(copies, self.method)?;
+        let sub = copier.submit(copies, self.method, pool.host)?;
         Ok(Box::new(IpcInFlight {
             sub,
             note: notify.map(|m| {

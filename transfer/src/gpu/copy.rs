@@ -63,7 +63,8 @@ pub fn tuning() -> &'static Tuning {
             kernel,
             threads: num("TANDEM_GATHER_THREADS", THREADS_PER_CTA as u64, 32, 1024) as u32 / 32
                 * 32,
-            ctas_per_sm: num("TANDEM_GATHER_CTAS_PER_SM", CTAS_PER_SM as u64, 1, 64) as u32,
+            // Up to one CTA per item for big grids: 1024 x 132 SMs.
+            ctas_per_sm: num("TANDEM_GATHER_CTAS_PER_SM", CTAS_PER_SM as u64, 1, 1024) as u32,
             item_bytes: num("TANDEM_GATHER_ITEM_BYTES", MAX_ITEM_BYTES, ALIGN, 1 << 30) / ALIGN
                 * ALIGN,
             fixed_item: std::env::var_os("TANDEM_GATHER_ITEM_BYTES").is_some(),
@@ -73,10 +74,13 @@ pub fn tuning() -> &'static Tuning {
 /// The kernel moves 16-byte words: addresses and lengths must be multiples.
 pub const ALIGN: u64 = 16;
 
-/// `auto` picks per plan: `memcpy` for at most this many descriptors of at
-/// least [`MEMCPY_MIN_DESC`] bytes each, the kernel otherwise.
-pub const MEMCPY_MAX_DESCS: usize = 16;
-pub const MEMCPY_MIN_DESC: u64 = 4 << 20;
+/// `auto` picks per plan: `memcpy` when one side is host memory and the
+/// descriptors average at least this many bytes (the copy engines then run
+/// at the link's rate: 98% of a pinned host-to-device copy on an H200,
+/// against 88% for the kernel reading host memory), the kernel otherwise
+/// (between GPU memories it won at every size measured: 1,382 against
+/// 1,091 GB/s for 64 descriptors of 8 MiB, 40x for 4,224 of ~128 KiB).
+pub const MEMCPY_MIN_AVG_DESC: u64 = 1 << 20;
 
 /// How a plan's copies are submitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -124,18 +128,26 @@ pub struct CopyOp {
 
 /// The method for these copies: `want` unless it is `Auto`; the kernel only
 /// when every copy is 16-byte aligned.
-pub fn choose(want: CopyMethod, copies: &[CopyOp]) -> CopyMethod {
+/// `host_side`: one end of every copy is host memory (DRAM -> VRAM).
+pub fn choose(want: CopyMethod, copies: &[CopyOp], host_side: bool) -> CopyMethod {
     let aligned = copies.iter().all(|c| (c.src | c.dst | c.len) % ALIGN == 0);
-    let all_long = copies.iter().all(|c| c.len >= MEMCPY_MIN_DESC);
-    choose_by(want, copies.len(), aligned, all_long)
+    let total = copies.iter().map(|c| c.len).sum();
+    choose_by(want, copies.len(), total, aligned, host_side)
 }
 
-fn choose_by(want: CopyMethod, count: usize, aligned: bool, all_long: bool) -> CopyMethod {
+fn choose_by(
+    want: CopyMethod,
+    count: usize,
+    total: u64,
+    aligned: bool,
+    host_side: bool,
+) -> CopyMethod {
     match want {
         CopyMethod::Kernel if aligned => CopyMethod::Kernel,
         CopyMethod::Kernel | CopyMethod::Memcpy => CopyMethod::Memcpy,
         CopyMethod::Auto => {
-            if (count <= MEMCPY_MAX_DESCS && all_long) || !aligned {
+            let long = count > 0 && total / count as u64 >= MEMCPY_MIN_AVG_DESC;
+            if !aligned || (host_side && long) {
                 CopyMethod::Memcpy
             } else {
                 CopyMethod::Kernel
@@ -232,24 +244,17 @@ impl Copier {
         self: &Arc<Self>,
         copies: I,
         method: CopyMethod,
+        host_side: bool,
     ) -> Result<Submitted, TransferError>
     where
         I: Iterator<Item = CopyOp> + Clone,
     {
         let gpu = &self.gpu;
         gpu.bind()?;
-        let (count, total, aligned, all_long) =
-            copies
-                .clone()
-                .fold((0usize, 0u64, true, true), |(n, t, a, l), c| {
-                    (
-                        n + 1,
-                        t + c.len,
-                        a && (c.src | c.dst | c.len) % ALIGN == 0,
-                        l && c.len >= MEMCPY_MIN_DESC,
-                    )
-                });
-        let method = choose_by(method, count, aligned, all_long);
+        let (count, total, aligned) = copies.clone().fold((0usize, 0u64, true), |(n, t, a), c| {
+            (n + 1, t + c.len, a && (c.src | c.dst | c.len) % ALIGN == 0)
+        });
+        let method = choose_by(method, count, total, aligned, host_side);
         let mut staging = None;
         let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (start, event) = match reused {
@@ -434,18 +439,33 @@ mod tests {
         assert!(pack_items(&[c(0, 0, 20)], 64).is_none());
         assert!(pack_items(&[c(0, 0, 0)], 64).unwrap().is_empty());
         let odd = [c(0, 0, 24)];
-        assert_eq!(choose(CopyMethod::Kernel, &odd), CopyMethod::Memcpy);
-        assert_eq!(choose(CopyMethod::Auto, &odd), CopyMethod::Memcpy);
+        assert_eq!(choose(CopyMethod::Kernel, &odd, false), CopyMethod::Memcpy);
+        assert_eq!(choose(CopyMethod::Auto, &odd, false), CopyMethod::Memcpy);
     }
 
     #[test]
-    fn auto_takes_the_kernel_for_many_blocks_and_memcpy_for_few_long_runs() {
+    fn auto_takes_the_kernel_between_gpus_and_memcpy_for_long_host_runs() {
         let per_block: Vec<_> = (0..4096).map(|i| c(i * 32768, i * 32768, 32768)).collect();
-        assert_eq!(choose(CopyMethod::Auto, &per_block), CopyMethod::Kernel);
-        let runs: Vec<_> = (0..4).map(|i| c(i << 26, i << 26, 64 << 20)).collect();
-        assert_eq!(choose(CopyMethod::Auto, &runs), CopyMethod::Memcpy);
-        assert_eq!(choose(CopyMethod::Kernel, &runs), CopyMethod::Kernel);
-        assert_eq!(choose(CopyMethod::Memcpy, &per_block), CopyMethod::Memcpy);
+        let runs: Vec<_> = (0..64).map(|i| c(i << 23, i << 23, 8 << 20)).collect();
+        // GPU <-> GPU: the kernel, whatever the descriptors.
+        assert_eq!(
+            choose(CopyMethod::Auto, &per_block, false),
+            CopyMethod::Kernel
+        );
+        assert_eq!(choose(CopyMethod::Auto, &runs, false), CopyMethod::Kernel);
+        // Host memory on one side: the copy engines for long runs only.
+        assert_eq!(choose(CopyMethod::Auto, &runs, true), CopyMethod::Memcpy);
+        assert_eq!(
+            choose(CopyMethod::Auto, &per_block, true),
+            CopyMethod::Kernel
+        );
+        assert_eq!(choose(CopyMethod::Auto, &[], true), CopyMethod::Kernel);
+        // Asked for explicitly: as asked (the kernel when aligned).
+        assert_eq!(choose(CopyMethod::Kernel, &runs, true), CopyMethod::Kernel);
+        assert_eq!(
+            choose(CopyMethod::Memcpy, &per_block, false),
+            CopyMethod::Memcpy
+        );
         assert_eq!("KERNEL".parse::<CopyMethod>().unwrap(), CopyMethod::Kernel);
         assert!("dma".parse::<CopyMethod>().is_err());
     }
