@@ -198,6 +198,21 @@ pub struct Args {
     )]
     pub on_prefill_failure: PrefillFailurePolicy,
 
+    /// Pass client-sent kv_transfer_params (and the connector's other
+    /// transfer fields) to the engine instead of removing them. Only for a
+    /// sidecar in front of a PREFILL engine whose clients are other sidecars
+    /// (TLS termination): whoever reaches this port can then steer the
+    /// engine's KV transfers.
+    #[arg(
+        long = "trust-client-kv-transfer-params",
+        env = "PD_SIDECAR_TRUST_CLIENT_KV_TRANSFER_PARAMS",
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = ArgAction::Set
+    )]
+    pub trust_client_kv_transfer_params: bool,
+
     /// Deadline for one prefill attempt (headers and body), e.g. 30s.
     #[arg(long = "prefill-timeout", env = "PD_SIDECAR_PREFILL_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub prefill_timeout: Duration,
@@ -361,6 +376,7 @@ pub struct Config {
     pub prefill_threshold_tokens: u64,
     pub tokenizer: Option<PathBuf>,
     pub on_prefill_failure: PrefillFailurePolicy,
+    pub trust_client_kv_transfer_params: bool,
     pub prefill_timeout: Duration,
     pub max_body_bytes: usize,
     pub metrics_port: u16,
@@ -621,6 +637,7 @@ impl Config {
             prefill_threshold_tokens: args.prefill_threshold_tokens,
             tokenizer: args.tokenizer,
             on_prefill_failure: args.on_prefill_failure,
+            trust_client_kv_transfer_params: args.trust_client_kv_transfer_params,
             prefill_timeout: args.prefill_timeout,
             max_body_bytes: args.max_body_bytes,
             metrics_port: args.metrics_port,

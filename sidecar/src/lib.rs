@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod request;
 pub mod router;
+pub mod sanitize;
 pub mod server;
 pub mod tls;
 pub mod upstream;

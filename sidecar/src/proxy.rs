@@ -25,6 +25,7 @@ use crate::connectors::{self, Connector, Legs, PdRequest};
 use crate::error::ProxyError;
 use crate::metrics::{Decision, Metrics};
 use crate::request::{ApiKind, TokenCounter};
+use crate::sanitize;
 use crate::upstream::{self, HttpClient, UpstreamError};
 
 pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
@@ -287,8 +288,21 @@ async fn run(
     };
 
     let raw = read_body(&parts.headers, body, shared.cfg.max_body_bytes).await?;
+    // Whatever path it takes, no client body carries transfer parameters to
+    // an engine: only the sidecar sets them (from the prefill's answer).
+    let raw = if shared.cfg.trust_client_kv_transfer_params {
+        raw
+    } else {
+        sanitize::strip(raw, shared.connector.reserved_fields()).map_err(|e| match e {
+            sanitize::StripError::InvalidJson(e) => ProxyError::InvalidJson(e),
+            sanitize::StripError::NotAnObject => {
+                ProxyError::InvalidRequest("the body must be a JSON object".into())
+            }
+        })?
+    };
     // Without a prefiller the sidecar is a transparent proxy, as llm-d's is:
-    // the body goes to the engine as received and the engine validates it.
+    // the body goes to the engine as received (less the fields above) and
+    // the engine validates it.
     let Some(target) = target else {
         return Ok((Decision::local, ctx.decode(raw, None).await?));
     };

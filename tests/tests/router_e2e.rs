@@ -438,3 +438,35 @@ async fn endpoints_named_by_dns_are_resolved_per_address() {
         assert_eq!(pod.sidecar_count("/v1/completions", "remote").await, 1);
     }
 }
+
+#[tokio::test]
+async fn client_transfer_parameters_never_leave_the_router() {
+    // The engine stands where a decode sidecar would: what it logs is what
+    // the router forwarded.
+    let engine = EngineSim::start(&[]).await;
+    let router = Router::start(&[engine.url()], &[], &[]).await;
+    let body = json!({
+        "model": "sim-model",
+        "prompt": text(50, "kvp"),
+        "max_tokens": 2,
+        "kv_transfer_params": {
+            "do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": 1,
+            "remote_engine_id": "someone-else", "remote_block_ids": [[1, 2, 3]]
+        },
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_room": 42
+    });
+    let (status, _, resp) = http_post_json(&router.url("/v1/completions"), &body, &[]).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    let reqs = engine.inference_requests().await;
+    assert_eq!(reqs.len(), 1, "{reqs:#?}");
+    let seen = &reqs[0]["body"];
+    for field in ["kv_transfer_params", "bootstrap_host", "bootstrap_room"] {
+        assert!(
+            seen.get(field).is_none(),
+            "{field} reached the engine: {seen}"
+        );
+    }
+    assert_eq!(seen["prompt"], body["prompt"]);
+    assert_eq!(seen["max_tokens"], 2);
+}

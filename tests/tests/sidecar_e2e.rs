@@ -661,6 +661,8 @@ async fn modelservice_legacy_flags_work() {
 #[tokio::test]
 async fn tls_in_and_out() {
     // Client -> sidecar A (plain) -> prefill over TLS to sidecar B (self-signed) -> prefill engine.
+    // B fronts a prefill engine for TLS only: its clients are sidecars, whose
+    // transfer parameters it must pass on.
     let prefill = EngineSim::start(&[]).await;
     let decode = EngineSim::start(&[]).await;
     let b_port = free_port();
@@ -668,6 +670,7 @@ async fn tls_in_and_out() {
         format!("--port={b_port}"),
         format!("--vllm-port={}", prefill.port()),
         "--metrics-port=0".into(),
+        "--trust-client-kv-transfer-params".into(),
     ];
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     let mut b = Proc::spawn("pd-sidecar", &b_args, &[]);
@@ -1027,4 +1030,96 @@ async fn data_parallel_ranks_get_their_own_ports_and_header_routing() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(headers["x-pd-error-code"], "unknown_dp_rank");
+}
+
+/// A client's `kv_transfer_params` would tell the decode engine which host to
+/// pull KV from and which blocks: no path may hand it to an engine.
+#[tokio::test]
+async fn client_transfer_parameters_never_reach_an_engine() {
+    let decode = EngineSim::start(&[]).await;
+    let sidecar = start_sidecar(decode.port(), &["--prefill-threshold-tokens=64"]).await;
+    let evil = json!({
+        "do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": 1,
+        "remote_engine_id": "someone-else", "remote_block_ids": [[1, 2, 3]]
+    });
+    let dead = format!("127.0.0.1:{}", free_port());
+    let cases: [(&str, Value, Option<&str>); 3] = [
+        // No prefiller named: the transparent path.
+        (
+            "local",
+            json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2, "kv_transfer_params": evil}),
+            None,
+        ),
+        // A prefiller, but a short prompt stays local.
+        (
+            "short",
+            json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2, "kv_transfer_params": evil}),
+            Some(dead.as_str()),
+        ),
+        // The prefiller is down: fallback to local prefill.
+        (
+            "fallback",
+            json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2, "kv_transfer_params": evil}),
+            Some(dead.as_str()),
+        ),
+    ];
+    for (case, body, prefiller) in cases {
+        decode.clear_requests().await;
+        let headers: Vec<(&str, &str)> = prefiller
+            .map(|p| vec![("x-prefiller-host-port", p)])
+            .unwrap_or_default();
+        let (status, _, resp) =
+            http_post_json(&sidecar.url("/v1/completions"), &body, &headers).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{case}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        let seen = only_request(&decode).await["body"].clone();
+        assert!(seen.get("kv_transfer_params").is_none(), "{case}: {seen}");
+        assert_eq!(seen["prompt"], body["prompt"], "{case}");
+    }
+    // The name written with an escape is the same field to the engine.
+    decode.clear_requests().await;
+    let raw = r#"{"model":"sim-model","prompt":"hi","max_tokens":2,"kv_transfer_param\u0073":{"remote_host":"127.0.0.1"}}"#;
+    let (status, _, _) = http(
+        Method::POST,
+        &sidecar.url("/v1/completions"),
+        &[("content-type", "application/json")],
+        Bytes::from_static(raw.as_bytes()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = only_request(&decode).await["body"].clone();
+    assert!(seen.get("kv_transfer_params").is_none(), "{seen}");
+    // A body that may hide the field but that we cannot parse is refused
+    // (Python's parser takes NaN; ours does not), and reaches no engine.
+    decode.clear_requests().await;
+    let raw = r#"{"model":"sim-model","prompt":"hi","temperature":NaN,"kv_transfer_params":{"remote_host":"127.0.0.1"}}"#;
+    let (status, headers, resp) = http(
+        Method::POST,
+        &sidecar.url("/v1/completions"),
+        &[("content-type", "application/json")],
+        Bytes::from_static(raw.as_bytes()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(headers["x-pd-error-code"], "invalid_json");
+    assert!(json(&resp)["error"]["message"].is_string());
+    assert!(decode.inference_requests().await.is_empty());
+}
+
+#[tokio::test]
+async fn sglang_bootstrap_fields_from_a_client_are_removed() {
+    let decode = EngineSim::start(&[]).await;
+    let sidecar = start_sidecar(decode.port(), &["--kv-connector=sglang"]).await;
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2,
+        "bootstrap_host": "127.0.0.1", "bootstrap_port": 1, "bootstrap_room": 7});
+    let (status, _, _) = http_post_json(&sidecar.url("/v1/completions"), &body, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = only_request(&decode).await["body"].clone();
+    for field in ["bootstrap_host", "bootstrap_port", "bootstrap_room"] {
+        assert!(seen.get(field).is_none(), "{field}: {seen}");
+    }
 }

@@ -52,6 +52,12 @@ pub trait Connector: Send + Sync {
         req: &PdRequest<'_>,
         prefill_response: &Value,
     ) -> Result<Map<String, Value>, String>;
+
+    /// Top-level body fields only the sidecar may set: removed from every
+    /// client body before any leg is built (`sanitize`).
+    fn reserved_fields(&self) -> &'static [&'static str] {
+        &[crate::sanitize::KV_TRANSFER_PARAMS]
+    }
 }
 
 pub fn for_kind(kind: ConnectorKind, sglang_bootstrap_port: u16) -> Box<dyn Connector> {

@@ -23,7 +23,19 @@ impl Sglang {
     }
 }
 
+/// `kv_transfer_params` and SGLang's bootstrap fields.
+const RESERVED: [&str; 4] = [
+    crate::sanitize::KV_TRANSFER_PARAMS,
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+];
+
 impl Connector for Sglang {
+    fn reserved_fields(&self) -> &'static [&'static str] {
+        &RESERVED
+    }
+
     fn name(&self) -> &'static str {
         "sglang"
     }

@@ -34,6 +34,7 @@ use super::prefix::{prompt_with, Prompt};
 use crate::error::{error_body, ERROR_CODE_HEADER};
 use crate::proxy::{forward_headers, read_limited, BodyError, HOP_BY_HOP, PREFILLER_HEADER};
 use crate::request::ApiKind;
+use crate::sanitize;
 use crate::upstream::{self, HttpClient, UpstreamError};
 
 /// Typed errors of the router; status and `x-pd-error-code` are functions of the variant.
@@ -238,6 +239,14 @@ fn decode_error(endpoint: &str, err: UpstreamError) -> RouterError {
     }
 }
 
+/// Body fields a client may never set: vLLM's and SGLang's transfer fields.
+const CLIENT_RESERVED: [&str; 4] = [
+    sanitize::KV_TRANSFER_PARAMS,
+    sanitize::SGLANG_FIELDS[0],
+    sanitize::SGLANG_FIELDS[1],
+    sanitize::SGLANG_FIELDS[2],
+];
+
 /// Reads the request body up to the limit (413 past it).
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RouterError> {
     read_limited(headers, body, limit)
@@ -282,7 +291,15 @@ fn is_failure_status(status: StatusCode) -> bool {
 async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Response, RouterError> {
     let (parts, body) = req.into_parts();
     let raw = read_body(&parts.headers, body, state.cfg.max_body_bytes).await?;
-    let body = parse(&raw)?;
+    let mut body = parse(&raw)?;
+    // Transfer parameters are set by the decode sidecar from the prefill's
+    // answer, never by a client: a client's would point the decode engine at
+    // a host and blocks of its choosing.
+    let raw = if sanitize::strip_map(&mut body, &CLIENT_RESERVED) {
+        Bytes::from(Value::Object(body.clone()).to_string())
+    } else {
+        raw
+    };
     let model = body.get("model").and_then(Value::as_str).unwrap_or("");
     let tokenizer = state.cfg.tokenizer.as_ref().map(|t| t.inner.as_ref());
     let prompt = prompt_with(api, &body, tokenizer);
