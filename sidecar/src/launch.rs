@@ -47,6 +47,7 @@ where
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs())
         .with_writer(std::io::stderr);
     if launch.log_json {
         subscriber.json().init();
@@ -106,3 +107,10 @@ fn raise_open_files_limit() {
 
 #[cfg(not(unix))]
 fn raise_open_files_limit() {}
+
+/// Colour only for a person at a terminal: log files and collectors get no
+/// escape codes. `NO_COLOR` (no-color.org) turns it off there too.
+pub fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}

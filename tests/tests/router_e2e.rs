@@ -470,3 +470,25 @@ async fn client_transfer_parameters_never_leave_the_router() {
     assert_eq!(seen["prompt"], body["prompt"]);
     assert_eq!(seen["max_tokens"], 2);
 }
+
+#[tokio::test]
+async fn logs_written_to_a_file_carry_no_colour_codes() {
+    let engine = EngineSim::start(&[]).await;
+    let router = Router::start(&[engine.url()], &[], &["--log-json=false"]).await;
+    let (status, _, _) = http_post_json(
+        &router.url("/v1/completions"),
+        &json!({"model": "sim-model", "prompt": "hi", "max_tokens": 1}),
+        &[],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let log = poll_until(WAIT, "the router to log", || async {
+        let log = std::fs::read_to_string(router.log_path()).unwrap_or_default();
+        log.contains("INFO").then_some(log)
+    })
+    .await;
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file:\n{log}"
+    );
+}
