@@ -110,6 +110,39 @@ impl ProxyError {
     }
 }
 
+/// Longest part of a prefill engine's message relayed to the client.
+pub const RELAYED_MESSAGE_CHARS: usize = 200;
+
+/// What a client is told of a prefill engine's non-2xx answer: its status
+/// and at most [`RELAYED_MESSAGE_CHARS`] printable characters of its message
+/// (OpenAI's `error.message`, FastAPI's `detail`, or the text).
+pub fn relayed_message(status: u16, body: &[u8]) -> String {
+    let parsed = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let detail = parsed
+        .as_ref()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("message"))
+                .or_else(|| v.get("detail"))
+        })
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let clean: String = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let clean = clean.trim();
+    if clean.is_empty() {
+        return format!("the prefill engine answered {status}");
+    }
+    let mut out: String = clean.chars().take(RELAYED_MESSAGE_CHARS).collect();
+    if clean.chars().count() > RELAYED_MESSAGE_CHARS {
+        out.push_str("...");
+    }
+    format!("the prefill engine answered {status}: {out}")
+}
+
 /// OpenAI-style error body.
 pub fn error_body(message: &str, kind: &str, code: u16) -> Bytes {
     Bytes::from(
@@ -123,9 +156,17 @@ pub fn error_body(message: &str, kind: &str, code: u16) -> Bytes {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let status = self.status();
-        // A prefill error relayed in `fail` mode keeps the engine's own JSON body.
+        // A prefill error relayed in `fail` mode keeps the engine's status and
+        // a bounded, cleaned message: never its body verbatim (an internal
+        // service's answer is not the client's to read), nor its address.
         let body = match &self {
-            ProxyError::PrefillStatus { body, .. } if !body.is_empty() => body.clone(),
+            ProxyError::PrefillStatus {
+                status: s, body, ..
+            } => error_body(
+                &relayed_message(*s, body),
+                self.openai_type(),
+                status.as_u16(),
+            ),
             _ => error_body(&self.to_string(), self.openai_type(), status.as_u16()),
         };
         let mut response = Response::new(axum::body::Body::from(body));
@@ -171,6 +212,35 @@ mod tests {
             body: Bytes::new(),
         };
         assert!(!s.is_retryable());
+    }
+
+    #[test]
+    fn relayed_prefill_errors_are_bounded_and_cleaned() {
+        let long = "x".repeat(5000);
+        let body = format!(r#"{{"error":{{"message":"denied\n{long}","type":"auth"}}}}"#);
+        let m = relayed_message(401, body.as_bytes());
+        assert!(
+            m.starts_with("the prefill engine answered 401: denied x"),
+            "{m}"
+        );
+        assert!(m.len() < RELAYED_MESSAGE_CHARS + 64, "{}", m.len());
+        assert!(!m.contains('\n'));
+        assert_eq!(
+            relayed_message(422, br#"{"detail":"bad field"}"#),
+            "the prefill engine answered 422: bad field"
+        );
+        assert_eq!(relayed_message(500, b""), "the prefill engine answered 500");
+        assert_eq!(
+            relayed_message(503, b"upstream \x1b[31mdown"),
+            "the prefill engine answered 503: upstream  [31mdown"
+        );
+        let resp = ProxyError::PrefillStatus {
+            target: "10.1.2.3:8000".into(),
+            status: 401,
+            body: Bytes::from_static(br#"{"error":{"message":"no"}}"#),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 401);
     }
 
     #[test]

@@ -1123,3 +1123,59 @@ async fn sglang_bootstrap_fields_from_a_client_are_removed() {
         assert!(seen.get(field).is_none(), "{field}: {seen}");
     }
 }
+
+/// A prefill target that answers every request with `status` and `body`
+/// (an internal service behind the prefill address, say).
+async fn fixed_answer_server(status: u16, body: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn fail_mode_relays_the_status_and_a_bounded_message_not_the_body() {
+    const SECRET: &str = r#"{"error":{"message":"invalid credentials","type":"auth","internal":{"token":"s3cr3t-admin-token","upstream":"10.20.30.40:9000"}}}"#;
+    let target = fixed_answer_server(401, SECRET).await;
+    let decode = EngineSim::start(&[]).await;
+    let sidecar = start_sidecar(
+        decode.port(),
+        &["--on-prefill-failure=fail", "--prefill-max-retries=0"],
+    )
+    .await;
+    let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
+    let (status, headers, resp) = pd_post(&sidecar, "/v1/completions", &body, &target).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["x-pd-error-code"], "prefill_status");
+    let text = String::from_utf8_lossy(&resp);
+    assert!(
+        !text.contains("s3cr3t"),
+        "the engine's body was relayed: {text}"
+    );
+    assert!(
+        !text.contains(&target),
+        "the prefill address was relayed: {text}"
+    );
+    let err = &json(&resp)["error"];
+    assert_eq!(
+        err["message"],
+        "the prefill engine answered 401: invalid credentials"
+    );
+    assert_eq!(err["code"], 401);
+    assert!(decode.inference_requests().await.is_empty());
+}
