@@ -22,3 +22,4 @@ pub mod sanitize;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+pub mod validate;

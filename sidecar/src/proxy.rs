@@ -27,6 +27,7 @@ use crate::metrics::{Decision, Metrics};
 use crate::request::{ApiKind, TokenCounter};
 use crate::sanitize;
 use crate::upstream::{self, HttpClient, UpstreamError};
+use crate::validate;
 
 pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
 pub const DATA_PARALLEL_HEADER: &str = "x-data-parallel-host-port";
@@ -315,6 +316,9 @@ async fn run(
         }
         Err(e) => return Err(ProxyError::InvalidJson(e.to_string())),
     };
+    // The fields the prefill leg reads or rewrites are checked before any
+    // leg: a malformed request must not cost a prefill engine its compute.
+    validate::check(api, &body).map_err(ProxyError::InvalidRequest)?;
     let route = decide(DecideInput {
         target: Some(&target),
         prompt_tokens: shared.tokens.count(api, &body),

@@ -1179,3 +1179,43 @@ async fn fail_mode_relays_the_status_and_a_bounded_message_not_the_body() {
     assert_eq!(err["code"], 401);
     assert!(decode.inference_requests().await.is_empty());
 }
+
+#[tokio::test]
+async fn invalid_requests_are_refused_before_any_leg() {
+    let (prefill, decode, sidecar) = cluster(&[], &[]).await;
+    let hp = prefill.host_port();
+    let long = long_prompt();
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"model": "sim-model", "prompt": long, "max_tokens": "lots"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "sim-model", "prompt": {"text": long}, "max_tokens": 2}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "sim-model", "prompt": long, "max_tokens": 2, "stream": "yes"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "sim-model", "messages": long, "max_tokens": 2}),
+        ),
+    ] {
+        let (status, headers, resp) = pd_post(&sidecar, path, &body, &hp).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        assert_eq!(headers["x-pd-error-code"], "invalid_request");
+        assert!(json(&resp)["error"]["message"].is_string());
+    }
+    assert!(
+        prefill.inference_requests().await.is_empty(),
+        "a malformed request reached the prefill engine"
+    );
+    assert!(decode.inference_requests().await.is_empty());
+}
