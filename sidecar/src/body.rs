@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use serde_json::Value;
 
 type OnFirst = Box<dyn FnOnce() + Send>;
+type OnError = Box<dyn FnOnce(&str) + Send>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Ends the stream with an error when a concurrently running prefill fails.
@@ -24,6 +25,7 @@ struct Abort {
 pub struct Observed<B> {
     inner: B,
     on_first: Option<OnFirst>,
+    on_error: Option<OnError>,
     sse: Option<SseRewrite>,
     abort: Option<Abort>,
 }
@@ -33,12 +35,20 @@ impl<B> Observed<B> {
         Observed {
             inner,
             on_first: Some(on_first),
+            on_error: None,
             sse: cached_tokens.map(|cached| SseRewrite {
                 cached,
                 pending: BytesMut::new(),
             }),
             abort: None,
         }
+    }
+
+    /// Calls `f` once with the reason if the upstream body breaks before its
+    /// end (an engine that died mid-stream).
+    pub fn on_error(mut self, f: OnError) -> Self {
+        self.on_error = Some(f);
+        self
     }
 
     /// Keeps `watch` (the prefill task) alive with the stream and fails the
@@ -90,7 +100,13 @@ where
             let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
             let frame = match frame {
                 Some(Ok(frame)) => frame,
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Err(e)) => {
+                    let e: BoxError = e.into();
+                    if let Some(f) = this.on_error.take() {
+                        f(&e.to_string());
+                    }
+                    return Poll::Ready(Some(Err(e)));
+                }
                 None => {
                     this.ended();
                     // Whatever is left of an unterminated last event.

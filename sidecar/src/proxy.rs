@@ -569,7 +569,8 @@ impl Ctx<'_> {
             metrics.ttft.observe(start.elapsed().as_secs_f64());
         });
         let (parts, body) = resp.into_parts();
-        let mut observed = Observed::new(body, on_first, cached_tokens);
+        let mut observed = Observed::new(body, on_first, cached_tokens)
+            .on_error(stream_broken(&self.shared().metrics));
         if let Some((failed, watch)) = prefill {
             observed = observed.abort_on(failed, watch);
         }
@@ -703,6 +704,19 @@ async fn prefill_once(
     })
 }
 
+/// Counts and logs an engine answer that broke off before its end: the client
+/// got a truncated answer, which is an error even though its head said 200.
+fn stream_broken(metrics: &Arc<Metrics>) -> Box<dyn FnOnce(&str) + Send> {
+    let metrics = metrics.clone();
+    Box::new(move |reason| {
+        metrics.error(DECODE_STREAM_BROKEN);
+        tracing::warn!(error = reason, "the engine's answer broke off mid-stream");
+    })
+}
+
+/// Error class of an answer that broke off mid-stream.
+pub const DECODE_STREAM_BROKEN: &str = "decode_stream_broken";
+
 fn decode_error(err: UpstreamError) -> ProxyError {
     match err {
         UpstreamError::Connect(d) => ProxyError::DecodeUnavailable(d),
@@ -742,7 +756,12 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
                     .observe(start.elapsed().as_secs_f64())
             });
             let (parts, body) = resp.into_parts();
-            client_response(parts, Body::new(Observed::new(body, on_first, None)))
+            client_response(
+                parts,
+                Body::new(
+                    Observed::new(body, on_first, None).on_error(stream_broken(&shared.metrics)),
+                ),
+            )
         }
         Err(err) => {
             let err = decode_error(err);

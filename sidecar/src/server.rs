@@ -48,22 +48,54 @@ async fn request_context(
     let id = ensure_request_id(&mut req);
     let span = tracing::debug_span!("request", id = ?id, path = %req.uri().path());
     metrics.in_flight.inc();
-    let _in_flight = scopeguard(|| {
-        metrics.in_flight.dec();
-    });
-    let mut resp = tracing::Instrument::instrument(next.run(req), span).await;
-    resp.headers_mut().insert(REQUEST_ID_HEADER, id);
-    resp
+    // Dropped with the response body: when its last byte is sent or the
+    // client goes, not when the head is (a stream is in flight until then).
+    let in_flight = InFlight(metrics.clone());
+    let resp = tracing::Instrument::instrument(next.run(req), span).await;
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.insert(REQUEST_ID_HEADER, id);
+    Response::from_parts(
+        parts,
+        axum::body::Body::new(Tracked {
+            inner: body,
+            _in_flight: in_flight,
+        }),
+    )
 }
 
-struct Guard<F: FnMut()>(F);
-impl<F: FnMut()> Drop for Guard<F> {
+/// One request counted in `in_flight_requests` until dropped.
+struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        (self.0)()
+        self.0.in_flight.dec();
     }
 }
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
+
+/// A response body that keeps its request counted in flight.
+struct Tracked {
+    inner: axum::body::Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 pub fn router(state: AppState) -> Router {

@@ -1219,3 +1219,78 @@ async fn invalid_requests_are_refused_before_any_leg() {
     );
     assert!(decode.inference_requests().await.is_empty());
 }
+
+/// The value of an unlabelled gauge or counter in Prometheus text.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_stream_counts_in_flight_until_its_last_byte() {
+    let decode = EngineSim::start(&["--itl-ms", "150"]).await;
+    let sidecar = start_sidecar(decode.port(), &[]).await;
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 6, "stream": true});
+    let mut stream = http_post_stream(&sidecar.url("/v1/completions"), &body, &[]).await;
+    assert_eq!(stream.status, StatusCode::OK);
+    // The head and a first event are here; the rest takes ~0.8 s more.
+    assert!(stream.next_event().await.is_some());
+    let m = metrics(&sidecar).await;
+    assert_eq!(
+        gauge(&m, "pd_sidecar_in_flight_requests"),
+        Some(1.0),
+        "a stream still being sent is in flight:\n{m}"
+    );
+    while stream.next_event().await.is_some() {}
+    poll_until(Duration::from_secs(10), "in-flight back to 0", || async {
+        let m = metrics(&sidecar).await;
+        (gauge(&m, "pd_sidecar_in_flight_requests") == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_decode_answer_that_breaks_mid_stream_is_counted_and_logged() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A decode engine that sends a 200 head and one event, then dies.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = s.read(&mut buf).await;
+                let event = "data: {\"choices\":[{\"text\":\"a\"}]}\n\n";
+                let msg = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{event}\r\n",
+                    event.len()
+                );
+                let _ = s.write_all(msg.as_bytes()).await;
+                let _ = s.flush().await;
+                // Dropped without the last chunk: the engine went away.
+            });
+        }
+    });
+    let sidecar = start_sidecar(port, &[]).await;
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 6, "stream": true});
+    let mut stream = http_post_stream(&sidecar.url("/v1/completions"), &body, &[]).await;
+    assert_eq!(stream.status, StatusCode::OK);
+    // The client sees the body break (the harness reader panics on that).
+    let read = tokio::spawn(async move { while stream.next_event().await.is_some() {} });
+    assert!(read.await.is_err(), "the truncated body read as complete");
+    poll_until(
+        Duration::from_secs(10),
+        "the broken stream counted",
+        || async {
+            let m = metrics(&sidecar).await;
+            m.contains(r#"pd_sidecar_errors_total{class="decode_stream_broken"} 1"#)
+                .then_some(())
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(sidecar.log_path()).unwrap_or_default();
+    assert!(
+        log.contains("broke off mid-stream") && log.contains("WARN"),
+        "not logged as a warning:\n{log}"
+    );
+}
