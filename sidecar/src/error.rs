@@ -17,6 +17,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body stalled: no bytes for {0} ms")]
+    BodyTimeout(u64),
     #[error("prefill target {0:?} is not allowed (SSRF protection)")]
     PrefillForbidden(String),
     #[error("invalid prefill target {0:?}")]
@@ -52,6 +54,7 @@ impl ProxyError {
             | ProxyError::UnknownDataParallelRank(_)
             | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::PrefillForbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::PrefillUnreachable { .. } | ProxyError::PrefillBadResponse { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -74,6 +77,7 @@ impl ProxyError {
             ProxyError::InvalidRequest(_) => "invalid_request",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyRead(_) => "body_read",
+            ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::PrefillForbidden(_) => "prefill_forbidden",
             ProxyError::BadPrefillTarget(_) => "bad_prefill_target",
             ProxyError::PrefillUnreachable { .. } => "prefill_unreachable",

@@ -69,6 +69,11 @@ impl Metrics {
         );
         registry.register("errors", "Errors by class", m.errors.clone());
         registry.register(
+            "accept_errors",
+            "Connections the listener failed to accept (EMFILE and the like)",
+            crate::server::ACCEPT_ERRORS.clone(),
+        );
+        registry.register(
             "prefill_duration_seconds",
             "Prefill leg latency, all attempts included",
             m.prefill_duration.clone(),

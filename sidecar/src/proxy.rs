@@ -372,8 +372,22 @@ async fn run(
 /// Why a request body could not be read.
 #[derive(Debug)]
 pub enum BodyError {
-    TooLarge { limit: usize },
+    TooLarge {
+        limit: usize,
+    },
     Read(String),
+    /// No bytes arrived for this long (slowloris).
+    Stalled {
+        ms: u64,
+    },
+}
+
+/// How long a request body may go without a byte before the request is
+/// answered 408 (`TANDEM_BODY_IDLE_TIMEOUT_MS`, default 30 s): a body that
+/// stalls must not hold a task, a socket and an in-flight slot for ever.
+pub fn body_idle_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| crate::server::env_duration_ms("TANDEM_BODY_IDLE_TIMEOUT_MS", 30_000))
 }
 
 /// Reads a request body up to `limit` bytes, refusing early when Content-Length says more.
@@ -389,10 +403,27 @@ pub async fn read_limited(
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge { limit }),
-        Err(e) => Err(BodyError::Read(e.to_string())),
+    let idle = body_idle_timeout();
+    let mut body = Limited::new(body, limit);
+    let mut out = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(BodyError::Stalled {
+                    ms: idle.as_millis() as u64,
+                })
+            }
+            Ok(None) => return Ok(out.freeze()),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    out.extend_from_slice(&data);
+                }
+            }
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(BodyError::TooLarge { limit })
+            }
+            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+        }
     }
 }
 
@@ -403,6 +434,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         .map_err(|e| match e {
             BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
             BodyError::Read(msg) => ProxyError::BodyRead(msg),
+            BodyError::Stalled { ms } => ProxyError::BodyTimeout(ms),
         })
 }
 

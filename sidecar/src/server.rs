@@ -139,13 +139,22 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff.reset();
+                    conn
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
+                    // Out of descriptors (EMFILE) the same error comes back at
+                    // once: retrying at once would spin a core and flood the log.
+                    let pause = backoff.failed(&e);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => continue,
+                        _ = shutdown.changed() => break,
+                    }
                 }
             },
             _ = shutdown.changed() => break,
@@ -165,17 +174,27 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30));
             let result = match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls_stream) => {
-                        watcher
-                            .watch(builder.serve_connection(TokioIo::new(tls_stream), service))
-                            .await
+                // A handshake that never completes (idle or half-sent
+                // ClientHello) must not hold the socket for ever.
+                Some(acceptor) => {
+                    match tokio::time::timeout(tls_handshake_timeout(), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls_stream)) => {
+                            watcher
+                                .watch(builder.serve_connection(TokioIo::new(tls_stream), service))
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                        return;
-                    }
-                },
+                }
                 None => {
                     watcher
                         .watch(builder.serve_connection(TokioIo::new(stream), service))
@@ -308,5 +327,81 @@ pub async fn drain_on_signal(
     let _ = stop.send(true);
     for server in servers {
         let _ = server.await;
+    }
+}
+
+/// `var` in milliseconds, or `default_ms` when unset or not a number.
+pub fn env_duration_ms(var: &str, default_ms: u64) -> Duration {
+    let ms = std::env::var(var)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .unwrap_or(default_ms);
+    Duration::from_millis(ms)
+}
+
+/// How long a TLS client has to finish its handshake
+/// (`TANDEM_TLS_HANDSHAKE_TIMEOUT_MS`, default 10 s).
+pub fn tls_handshake_timeout() -> Duration {
+    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *T.get_or_init(|| env_duration_ms("TANDEM_TLS_HANDSHAKE_TIMEOUT_MS", 10_000))
+}
+
+/// Accept failures of every listener of this process, for both binaries'
+/// `accept_errors_total`.
+pub static ACCEPT_ERRORS: std::sync::LazyLock<prometheus_client::metrics::counter::Counter> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Pauses after failed accepts, doubling from 5 ms to 1 s, and logs at most
+/// one warning every 5 s with the count of those it held back.
+#[derive(Default)]
+struct AcceptBackoff {
+    pause: Duration,
+    last_log: Option<std::time::Instant>,
+    held_back: u64,
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        ACCEPT_ERRORS.inc();
+        self.pause = (self.pause * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        if self
+            .last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            tracing::warn!(
+                error = %e,
+                held_back = self.held_back,
+                pause_ms = self.pause.as_millis() as u64,
+                "accept failed; pausing before the next"
+            );
+            self.last_log = Some(std::time::Instant::now());
+            self.held_back = 0;
+        } else {
+            self.held_back += 1;
+        }
+        self.pause
+    }
+
+    fn reset(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_and_log_rarely() {
+        let mut b = AcceptBackoff::default();
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let before = ACCEPT_ERRORS.get();
+        let pauses: Vec<u64> = (0..10).map(|_| b.failed(&e).as_millis() as u64).collect();
+        assert_eq!(pauses, [5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(b.held_back, 9, "one warning, nine held back");
+        assert!(ACCEPT_ERRORS.get() >= before + 10);
+        b.reset();
+        assert_eq!(b.failed(&e), Duration::from_millis(5));
     }
 }

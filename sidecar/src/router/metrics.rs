@@ -102,6 +102,11 @@ impl RouterMetrics {
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register("requests", "Requests by prefill decision", requests.clone());
         registry.register(
+            "accept_errors",
+            "Connections the listener failed to accept (EMFILE and the like)",
+            crate::server::ACCEPT_ERRORS.clone(),
+        );
+        registry.register(
             "picks",
             "Endpoints picked, by scheduling profile",
             picks.clone(),

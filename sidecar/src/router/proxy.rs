@@ -48,6 +48,8 @@ pub enum RouterError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body stalled: no bytes for {0} ms")]
+    BodyTimeout(u64),
     #[error("decode endpoint {endpoint} unavailable: {detail}")]
     DecodeUnavailable { endpoint: String, detail: String },
     #[error("decode endpoint {endpoint} failed: {detail}")]
@@ -63,6 +65,7 @@ impl RouterError {
             | RouterError::InvalidRequest(_)
             | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::DecodeUnavailable { .. } | RouterError::NoHealthyDecode => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -77,6 +80,7 @@ impl RouterError {
             RouterError::InvalidRequest(_) => "invalid_request",
             RouterError::BodyTooLarge { .. } => "body_too_large",
             RouterError::BodyRead(_) => "body_read",
+            RouterError::BodyTimeout(_) => "body_timeout",
             RouterError::DecodeUnavailable { .. } => "decode_unavailable",
             RouterError::DecodeFailed { .. } => "decode_failed",
             RouterError::NoHealthyDecode => "no_healthy_decode",
@@ -254,6 +258,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
         .map_err(|e| match e {
             BodyError::TooLarge { limit } => RouterError::BodyTooLarge { limit },
             BodyError::Read(msg) => RouterError::BodyRead(msg),
+            BodyError::Stalled { ms } => RouterError::BodyTimeout(ms),
         })
 }
 
