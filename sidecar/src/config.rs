@@ -109,7 +109,9 @@ pub struct Args {
           value_parser = BoolishValueParser::new())]
     pub secure_proxy: bool,
 
-    /// Directory with tls.crt and tls.key; without it a self-signed certificate is generated.
+    /// Directory with tls.crt and tls.key, watched for new files (a renewed
+    /// Secret); without it, or until the files appear, a self-signed
+    /// certificate is served.
     #[arg(long = "cert-path", env = "PD_SIDECAR_CERT_PATH")]
     pub cert_path: Option<PathBuf>,
 
@@ -567,14 +569,12 @@ impl Config {
                 ));
             }
         }
+        // A --cert-path without its files is not an error: the Secret may be
+        // mounted after start (KServe); a self-signed certificate serves until
+        // the files appear (tls::CertStore).
         if let Some(dir) = &args.cert_path {
-            for file in ["tls.crt", "tls.key"] {
-                if !dir.join(file).is_file() {
-                    return Err(format!(
-                        "--cert-path={}: {file} not found there",
-                        dir.display()
-                    ));
-                }
+            if dir.exists() && !dir.is_dir() {
+                return Err(format!("--cert-path={}: not a directory", dir.display()));
             }
         }
         if let Some(path) = &args.tokenizer {

@@ -241,8 +241,12 @@ pub async fn termination_signal() {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let tls = if cfg.secure_proxy {
-        let server_cfg =
-            crate::tls::server_config(cfg.cert_path.as_deref()).map_err(anyhow::Error::msg)?;
+        // Watched: a renewed Secret is served to new connections without a
+        // restart, and one mounted after start replaces the self-signed one.
+        let store =
+            crate::tls::CertStore::load(cfg.cert_path.as_deref()).map_err(anyhow::Error::msg)?;
+        store.watch(crate::tls::cert_reload_interval());
+        let server_cfg = crate::tls::server_config_with(store).map_err(anyhow::Error::msg)?;
         Some(TlsAcceptor::from(server_cfg))
     } else {
         None

@@ -1466,3 +1466,100 @@ async fn running_out_of_descriptors_backs_off_instead_of_spinning() {
     let _ = child.wait();
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// A certificate and key as PEM, and the certificate's DER.
+fn cert_pem(name: &str) -> (String, String, Vec<u8>) {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    (
+        c.cert.pem(),
+        c.key_pair.serialize_pem(),
+        c.cert.der().to_vec(),
+    )
+}
+
+/// Writes a Kubernetes-style Secret volume update: the files in a new
+/// timestamped folder, then `..data` swapped to it in one rename.
+fn secret_update(dir: &std::path::Path, version: &str, crt: &str, key: &str) {
+    let target = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("tls.crt"), crt).unwrap();
+    std::fs::write(target.join("tls.key"), key).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for f in ["tls.crt", "tls.key"] {
+        let link = dir.join(f);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &link).unwrap();
+        }
+    }
+}
+
+type TlsConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `port` and the certificate the server presented.
+async fn tls_connect(port: u16) -> (TlsConn, Vec<u8>) {
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(sidecar::tls::client_config(true)));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (tls, der)
+}
+
+async fn health_over(conn: &mut TlsConn) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("an answer on the open connection")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn certificates_under_cert_path_are_reloaded_without_dropping_connections() {
+    let dir = std::env::temp_dir().join(format!("tandem-secret-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    // The Secret is not mounted yet at start (KServe): the sidecar still starts.
+    let _sidecar = sidecar_proc(
+        &[
+            format!("--port={port}"),
+            format!("--vllm-port={}", free_port()),
+            "--metrics-port=0".into(),
+            format!("--cert-path={}", dir.display()),
+        ],
+        &[("TANDEM_CERT_RELOAD_INTERVAL_MS", "100")],
+        port,
+    )
+    .await;
+    let (_, self_signed) = tls_connect(port).await;
+
+    let (crt_a, key_a, der_a) = cert_pem("a.test");
+    secret_update(&dir, "v1", &crt_a, &key_a);
+    poll_until(Duration::from_secs(10), "certificate A served", || async {
+        (tls_connect(port).await.1 == der_a).then_some(())
+    })
+    .await;
+    assert_ne!(self_signed, der_a);
+    let (mut open, _) = tls_connect(port).await;
+    assert!(health_over(&mut open).await.starts_with("HTTP/1.1 200"));
+
+    let (crt_b, key_b, der_b) = cert_pem("b.test");
+    secret_update(&dir, "v2", &crt_b, &key_b);
+    poll_until(Duration::from_secs(10), "certificate B served", || async {
+        (tls_connect(port).await.1 == der_b).then_some(())
+    })
+    .await;
+    // The connection made under A is still served.
+    assert!(health_over(&mut open).await.starts_with("HTTP/1.1 200"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
