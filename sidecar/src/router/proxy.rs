@@ -297,6 +297,9 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     let (parts, body) = req.into_parts();
     let raw = read_body(&parts.headers, body, state.cfg.max_body_bytes).await?;
     let mut body = parse(&raw)?;
+    // What the legs read or rewrite is checked here too: a malformed request
+    // is answered by the router and reaches no pod.
+    crate::validate::check(api, &body).map_err(RouterError::InvalidRequest)?;
     // Transfer parameters are set by the decode sidecar from the prefill's
     // answer, never by a client: a client's would point the decode engine at
     // a host and blocks of its choosing.
