@@ -2,6 +2,10 @@
 //! starts a prefill leg, checked first: a malformed request must cost no
 //! prefill engine its compute or its KV blocks. What the sidecar does not
 //! touch is left to the engine, which validates everything.
+//!
+//! The checks accept what vLLM's request models (pydantic, lax mode) accept:
+//! an integer may come as `5`, `5.0` or `"5"`, a boolean as `true`, `1` or
+//! `"yes"`. Only what vLLM would refuse anyway is refused here.
 
 use serde_json::{Map, Value};
 
@@ -13,7 +17,7 @@ pub fn check(api: ApiKind, body: &Map<String, Value>) -> Result<(), String> {
         limit(body.get(*field), field)?;
     }
     if let Some(v) = present(body.get("stream")) {
-        if !v.is_boolean() {
+        if !is_boolish(v) {
             return Err("'stream' must be a boolean".into());
         }
     }
@@ -68,12 +72,36 @@ fn present(v: Option<&Value>) -> Option<&Value> {
     v.filter(|v| !v.is_null())
 }
 
-/// A token limit: absent, null, or a non-negative integer.
+/// A token limit: absent, null, or a non-negative integer (as pydantic
+/// reads one: `5`, `5.0`, `"5"`).
 fn limit(v: Option<&Value>, name: &str) -> Result<(), String> {
-    match present(v) {
-        None => Ok(()),
-        Some(n) if n.as_u64().is_some() => Ok(()),
-        Some(_) => Err(format!("'{name}' must be a non-negative integer")),
+    let ok = match present(v) {
+        None => true,
+        Some(Value::Number(n)) => {
+            n.as_u64().is_some()
+                || n.as_f64()
+                    .is_some_and(|f| f.is_finite() && f >= 0.0 && f.fract() == 0.0)
+        }
+        Some(Value::String(s)) => s.trim().parse::<u64>().is_ok(),
+        Some(_) => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("'{name}' must be a non-negative integer"))
+    }
+}
+
+/// A boolean as pydantic's lax mode reads one.
+fn is_boolish(v: &Value) -> bool {
+    match v {
+        Value::Bool(_) => true,
+        Value::Number(n) => matches!(n.as_u64(), Some(0 | 1)),
+        Value::String(s) => matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "0" | "off" | "f" | "false" | "n" | "no" | "1" | "on" | "t" | "true" | "y" | "yes"
+        ),
+        _ => false,
     }
 }
 
@@ -108,6 +136,15 @@ mod tests {
             (
                 ApiKind::Completions,
                 json!({"prompt": "hi", "max_tokens": 5, "stream": true}),
+            ),
+            // What pydantic's lax mode takes, vLLM takes.
+            (
+                ApiKind::Completions,
+                json!({"prompt": "hi", "max_tokens": 5.0, "stream": "yes"}),
+            ),
+            (
+                ApiKind::Completions,
+                json!({"prompt": "hi", "max_tokens": "7", "stream": 0}),
             ),
             (
                 ApiKind::Completions,
@@ -167,8 +204,18 @@ mod tests {
             (ApiKind::Completions, json!({"max_tokens": 3}), "prompt"),
             (
                 ApiKind::Completions,
-                json!({"prompt": "hi", "stream": "yes"}),
+                json!({"prompt": "hi", "stream": "sometimes"}),
                 "stream",
+            ),
+            (
+                ApiKind::Completions,
+                json!({"prompt": "hi", "max_tokens": 2.5}),
+                "max_tokens",
+            ),
+            (
+                ApiKind::Completions,
+                json!({"prompt": "hi", "max_tokens": "-3"}),
+                "max_tokens",
             ),
             (
                 ApiKind::Completions,

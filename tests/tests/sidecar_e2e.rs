@@ -1196,7 +1196,7 @@ async fn invalid_requests_are_refused_before_any_leg() {
         ),
         (
             "/v1/completions",
-            json!({"model": "sim-model", "prompt": long, "max_tokens": 2, "stream": "yes"}),
+            json!({"model": "sim-model", "prompt": long, "max_tokens": 2, "stream": "sometimes"}),
         ),
         (
             "/v1/chat/completions",
