@@ -14,8 +14,10 @@ use serde_json::{Map, Value};
 
 /// Always removed: vLLM's transfer parameters.
 pub const KV_TRANSFER_PARAMS: &str = "kv_transfer_params";
-/// NIXL v1 (`--kv-connector nixl`): the transfer fields at the top level.
-pub const NIXL_V1_FIELDS: [&str; 8] = [
+/// NIXL v1 (`--kv-connector nixl`): `kv_transfer_params` and the transfer
+/// fields v1 reads at the top level.
+pub const NIXL_V1_RESERVED: [&str; 9] = [
+    KV_TRANSFER_PARAMS,
     "do_remote_prefill",
     "do_remote_decode",
     "remote_engine_id",
@@ -25,8 +27,14 @@ pub const NIXL_V1_FIELDS: [&str; 8] = [
     "remote_request_id",
     "tp_size",
 ];
-/// SGLang's disaggregation fields.
-pub const SGLANG_FIELDS: [&str; 3] = ["bootstrap_host", "bootstrap_port", "bootstrap_room"];
+/// SGLang: `kv_transfer_params` and SGLang's disaggregation fields; also what
+/// pd-router removes from every client body.
+pub const SGLANG_RESERVED: [&str; 4] = [
+    KV_TRANSFER_PARAMS,
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+];
 
 /// Why a body that may carry a reserved field could not be cleaned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +98,7 @@ mod tests {
         assert_eq!(got, json!({"model": "m", "prompt": "p", "max_tokens": 3}));
         let got = run(
             r#"{"prompt":"p","bootstrap_host":"evil","bootstrap_port":1,"bootstrap_room":7}"#,
-            &SGLANG_FIELDS,
+            &SGLANG_RESERVED,
         )
         .unwrap();
         assert_eq!(got, json!({"prompt": "p"}));

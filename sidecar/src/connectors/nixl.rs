@@ -16,26 +16,13 @@ const TRANSFER_FIELDS: [&str; 6] = [
     "tp_size",
 ];
 
-/// `kv_transfer_params` and the v1 fields.
-const RESERVED: [&str; 9] = [
-    crate::sanitize::KV_TRANSFER_PARAMS,
-    "do_remote_prefill",
-    "do_remote_decode",
-    "remote_engine_id",
-    "remote_block_ids",
-    "remote_host",
-    "remote_port",
-    "remote_request_id",
-    "tp_size",
-];
-
 impl Connector for NixlV1 {
     fn name(&self) -> &'static str {
         "nixl"
     }
 
     fn reserved_fields(&self) -> &'static [&'static str] {
-        &RESERVED
+        &crate::sanitize::NIXL_V1_RESERVED
     }
 
     fn legs(&self, req: &PdRequest<'_>) -> Legs {

@@ -23,17 +23,9 @@ impl Sglang {
     }
 }
 
-/// `kv_transfer_params` and SGLang's bootstrap fields.
-const RESERVED: [&str; 4] = [
-    crate::sanitize::KV_TRANSFER_PARAMS,
-    "bootstrap_host",
-    "bootstrap_port",
-    "bootstrap_room",
-];
-
 impl Connector for Sglang {
     fn reserved_fields(&self) -> &'static [&'static str] {
-        &RESERVED
+        &crate::sanitize::SGLANG_RESERVED
     }
 
     fn name(&self) -> &'static str {

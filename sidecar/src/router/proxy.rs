@@ -243,14 +243,6 @@ fn decode_error(endpoint: &str, err: UpstreamError) -> RouterError {
     }
 }
 
-/// Body fields a client may never set: vLLM's and SGLang's transfer fields.
-const CLIENT_RESERVED: [&str; 4] = [
-    sanitize::KV_TRANSFER_PARAMS,
-    sanitize::SGLANG_FIELDS[0],
-    sanitize::SGLANG_FIELDS[1],
-    sanitize::SGLANG_FIELDS[2],
-];
-
 /// Reads the request body up to the limit (413 past it).
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RouterError> {
     read_limited(headers, body, limit)
@@ -303,7 +295,7 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     // Transfer parameters are set by the decode sidecar from the prefill's
     // answer, never by a client: a client's would point the decode engine at
     // a host and blocks of its choosing.
-    let raw = if sanitize::strip_map(&mut body, &CLIENT_RESERVED) {
+    let raw = if sanitize::strip_map(&mut body, &sanitize::SGLANG_RESERVED) {
         Bytes::from(Value::Object(body.clone()).to_string())
     } else {
         raw
