@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack soak clean
 
 all: build
 
@@ -52,6 +52,12 @@ bench-kv: setup build-release
 ## The same between two processes: `kvbench serve` as the prefill side, `kvbench run --peer` as the decode side.
 bench-kv-2proc: setup build-release
 	bash scripts/kvbench-2proc
+
+## Minutes of load on a local P/D cluster with faults (prefill 5xx and hangs, clients leaving
+## mid-stream, a prefill and a decode engine killed and restarted); prints a table, writes
+## bench-out/soak.json, fails when a check does not hold. A 15 s version runs in `make test`.
+soak: setup build-release
+	./target/release/soak --duration 300 --concurrency 64
 
 ## GPU hardware tests (never in CI): pack the release binaries and the nixl-cu13 libraries into
 ## hw-tests/bundle/, then run the kvbench GPU matrix and pd-demo on GPU pools where a GPU is

@@ -420,6 +420,16 @@ async fn forward(
     let sent =
         upstream::send_buffered(&state.client, &parts.method, &uri, &headers, raw.clone()).await;
     match sent {
+        // The sidecar says its engine is down (it reached none): nothing was
+        // generated, so another decode endpoint can take the request.
+        Ok(resp) if engine_behind_is_down(&resp) => {
+            routed.outcome.report(false);
+            Err(RouterError::DecodeUnavailable {
+                endpoint: routed.decode.label.clone(),
+                detail: "its engine is unavailable (pd-sidecar answered 503 decode_unavailable)"
+                    .into(),
+            })
+        }
         Ok(resp) => {
             routed.outcome.report(!is_failure_status(resp.status()));
             Ok(client_response(resp, routed.guards))
@@ -429,6 +439,16 @@ async fn forward(
             Err(decode_error(&routed.decode.label, e))
         }
     }
+}
+
+/// A decode sidecar's answer that its engine refused the connection: 503
+/// with `x-pd-error-code: decode_unavailable`.
+fn engine_behind_is_down(resp: &http::Response<hyper::body::Incoming>) -> bool {
+    resp.status() == StatusCode::SERVICE_UNAVAILABLE
+        && resp
+            .headers()
+            .get(ERROR_CODE_HEADER)
+            .is_some_and(|v| v.as_bytes() == b"decode_unavailable")
 }
 
 /// Every other path: to the least loaded decode endpoint, bodies streamed both ways.
