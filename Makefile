@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack soak clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack soak fuzz clean
 
 all: build
 
@@ -58,6 +58,18 @@ bench-kv-2proc: setup build-release
 ## bench-out/soak.json, fails when a check does not hold. A 15 s version runs in `make test`.
 soak: setup build-release
 	./target/release/soak --duration 300 --concurrency 64
+
+## cargo fuzz over the request-body rewriting (every connector), routing headers and allow-list
+## entries, and pd-router's config and endpoints files; FUZZ_SECONDS each (default 60).
+## RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags cargo fuzz passes.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := body_rewrite headers router_config
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t; \
+	  RUSTC_BOOTSTRAP=1 cargo fuzz run -O $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done
 
 ## GPU hardware tests (never in CI): pack the release binaries and the nixl-cu13 libraries into
 ## hw-tests/bundle/, then run the kvbench GPU matrix and pd-demo on GPU pools where a GPU is
