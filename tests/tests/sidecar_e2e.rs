@@ -1228,12 +1228,14 @@ fn gauge(text: &str, name: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn a_stream_counts_in_flight_until_its_last_byte() {
-    let decode = EngineSim::start(&["--itl-ms", "150"]).await;
+    // ~3 s of stream: time enough to look while it is still being sent,
+    // even on a loaded machine.
+    let decode = EngineSim::start(&["--itl-ms", "300"]).await;
     let sidecar = start_sidecar(decode.port(), &[]).await;
-    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 6, "stream": true});
+    let body = json!({"model": "sim-model", "prompt": "hi", "max_tokens": 10, "stream": true});
     let mut stream = http_post_stream(&sidecar.url("/v1/completions"), &body, &[]).await;
     assert_eq!(stream.status, StatusCode::OK);
-    // The head and a first event are here; the rest takes ~0.8 s more.
+    // The head and a first event are here; the rest takes ~2.7 s more.
     assert!(stream.next_event().await.is_some());
     let m = metrics(&sidecar).await;
     assert_eq!(
