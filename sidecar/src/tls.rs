@@ -186,12 +186,6 @@ pub fn server_config_with(store: Arc<CertStore>) -> Result<Arc<rustls::ServerCon
     Ok(Arc::new(config))
 }
 
-/// Serving config from `dir/tls.crt` + `dir/tls.key`, or a fresh
-/// self-signed certificate; not watched.
-pub fn server_config(cert_dir: Option<&Path>) -> Result<Arc<rustls::ServerConfig>, String> {
-    server_config_with(CertStore::load(cert_dir)?)
-}
-
 /// Client config for one upstream stage; `insecure` skips certificate checks
 /// (in-cluster engines commonly serve self-signed certificates).
 pub fn client_config(insecure: bool) -> rustls::ClientConfig {
@@ -266,7 +260,7 @@ mod tests {
 
     #[test]
     fn self_signed_config_builds() {
-        assert!(server_config(None).is_ok());
+        assert!(server_config_with(CertStore::load(None).unwrap()).is_ok());
     }
 
     fn write_pair(dir: &Path, name: &str) -> Vec<u8> {

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tandem_tests::harness::{
-    free_port, http, http_get, http_post_json, http_post_stream, json, poll_until, try_http,
-    EngineSim, Proc, Sidecar, READY_TIMEOUT,
+    free_port, http, http_get, http_post_json, http_post_stream, json, poll_until, prom_sample,
+    try_http, EngineSim, Proc, Sidecar, READY_TIMEOUT,
 };
 
 /// Flags every test sidecar gets unless it overrides them.
@@ -1220,12 +1220,6 @@ async fn invalid_requests_are_refused_before_any_leg() {
     assert!(decode.inference_requests().await.is_empty());
 }
 
-/// The value of an unlabelled gauge or counter in Prometheus text.
-fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test]
 async fn a_stream_counts_in_flight_until_its_last_byte() {
     // ~3 s of stream: time enough to look while it is still being sent,
@@ -1239,14 +1233,14 @@ async fn a_stream_counts_in_flight_until_its_last_byte() {
     assert!(stream.next_event().await.is_some());
     let m = metrics(&sidecar).await;
     assert_eq!(
-        gauge(&m, "pd_sidecar_in_flight_requests"),
+        prom_sample(&m, "pd_sidecar_in_flight_requests"),
         Some(1.0),
         "a stream still being sent is in flight:\n{m}"
     );
     while stream.next_event().await.is_some() {}
     poll_until(Duration::from_secs(10), "in-flight back to 0", || async {
         let m = metrics(&sidecar).await;
-        (gauge(&m, "pd_sidecar_in_flight_requests") == Some(0.0)).then_some(())
+        (prom_sample(&m, "pd_sidecar_in_flight_requests") == Some(0.0)).then_some(())
     })
     .await;
 }
@@ -1462,7 +1456,7 @@ async fn running_out_of_descriptors_backs_off_instead_of_spinning() {
         },
     )
     .await;
-    let errors = gauge(&m, "pd_sidecar_accept_errors_total").unwrap_or(0.0);
+    let errors = prom_sample(&m, "pd_sidecar_accept_errors_total").unwrap_or(0.0);
     assert!(errors >= 1.0, "{m}");
     let _ = child.kill();
     let _ = child.wait();

@@ -296,7 +296,8 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     // answer, never by a client: a client's would point the decode engine at
     // a host and blocks of its choosing.
     let raw = if sanitize::strip_map(&mut body, &sanitize::SGLANG_RESERVED) {
-        Bytes::from(Value::Object(body.clone()).to_string())
+        // A map of JSON values always serialises.
+        Bytes::from(serde_json::to_vec(&body).expect("a JSON map serialises"))
     } else {
         raw
     };

@@ -17,6 +17,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 use tandem_tests::demo::client::DemoClient;
 use tandem_tests::demo::cluster::Cluster;
+use tandem_tests::demo::prom;
 use tandem_tests::demo::workload::Turn;
 use tandem_tests::demo::Mode;
 use tandem_tests::harness::EngineSim;
@@ -96,30 +97,6 @@ fn turn(i: u64, chat: bool) -> Turn {
         prompt_tokens: 0,
         max_tokens: 8,
     }
-}
-
-/// Errors by class over the sidecars' `pd_sidecar_errors_total`.
-fn error_classes(texts: &[String]) -> BTreeMap<String, u64> {
-    let mut out = BTreeMap::new();
-    for t in texts {
-        for l in t
-            .lines()
-            .filter(|l| l.starts_with("pd_sidecar_errors_total{"))
-        {
-            let class = l
-                .split("class=\"")
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("?");
-            let n = l
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0) as u64;
-            *out.entry(class.to_string()).or_default() += n;
-        }
-    }
-    out
 }
 
 fn main() -> ExitCode {
@@ -303,19 +280,18 @@ async fn run(args: Args) -> Result<bool, String> {
             *failed.entry(class).or_default() += 1;
         }
     }
-    let mut sidecar_texts = Vec::new();
+    let mut samples = Vec::new();
     for s in &cluster.sidecars {
-        sidecar_texts.push(s.metrics().await.unwrap_or_default());
+        samples.extend(prom::parse(&s.metrics().await.unwrap_or_default()));
     }
-    let classes = error_classes(&sidecar_texts);
-    let fallbacks: u64 = sidecar_texts
-        .iter()
-        .flat_map(|t| t.lines())
-        .filter(|l| {
-            l.starts_with("pd_sidecar_requests_total{") && l.contains("decision=\"fallback\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64;
+    let classes: BTreeMap<String, u64> = prom::sum_by(&samples, "pd_sidecar_errors_total", "class")
+        .into_iter()
+        .map(|(class, n)| (class, n as u64))
+        .collect();
+    let fallbacks = prom::sum_by(&samples, "pd_sidecar_requests_total", "decision")
+        .get("fallback")
+        .copied()
+        .unwrap_or(0.0) as u64;
 
     // Checks. A stream can break only when its decode engine was killed under it: at most
     // the streams in flight then, one per client.

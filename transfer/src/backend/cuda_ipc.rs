@@ -296,14 +296,19 @@ impl CudaIpcBackend {
         })
     }
 
-    fn gpu(&self) -> Result<&Arc<Gpu>, TransferError> {
-        self.copier.as_ref().map(|c| c.gpu()).ok_or_else(|| {
+    /// This side's copier: only a GPU pool has one.
+    fn copier(&self) -> Result<&Arc<Copier>, TransferError> {
+        self.copier.as_ref().ok_or_else(|| {
             TransferError::backend(
                 NAME,
                 "this side's pool is host memory: cuda-ipc transfers are run by the side with \
                  the GPU pool",
             )
         })
+    }
+
+    fn gpu(&self) -> Result<&Arc<Gpu>, TransferError> {
+        self.copier().map(|c| c.gpu())
     }
 
     fn open(&self, peer: &Export) -> Result<PeerPool, TransferError> {
@@ -515,10 +520,7 @@ impl Backend for CudaIpcBackend {
             .cloned()
             .ok_or_else(|| TransferError::UnknownPeer(peer.to_string()))?;
         check_bounds(descs, self.mem.len() as u64, pool.len)?;
-        let copier = self
-            .copier
-            .as_ref()
-            .ok_or_else(|| self.gpu().err().expect("no copier means no GPU"))?;
+        let copier = self.copier()?;
         let local = self.local_base();
         let base = pool.base;
         let copies = descs.iter().map(move |d| match op {

@@ -176,19 +176,25 @@ pub fn item_bytes(total: u64, sm_count: u32) -> u64 {
 /// dropped.
 pub fn pack_items(copies: &[CopyOp], max_item: u64) -> Option<Vec<u64>> {
     let max_item = (max_item / ALIGN).max(1) * ALIGN;
-    let mut out = Vec::with_capacity(copies.len() * 3);
-    for c in copies {
-        if (c.src | c.dst | c.len) % ALIGN != 0 {
-            return None;
-        }
-        let mut off = 0;
-        while off < c.len {
-            let len = (c.len - off).min(max_item);
-            out.extend_from_slice(&[c.src + off, c.dst + off, len]);
-            off += len;
-        }
+    if copies.iter().any(|c| (c.src | c.dst | c.len) % ALIGN != 0) {
+        return None;
     }
-    Some(out)
+    Some(
+        copies
+            .iter()
+            .flat_map(|c| items_of(*c, max_item))
+            .flatten()
+            .collect(),
+    )
+}
+
+/// One copy cut into `{src, dst, len}` items of at most `item` bytes, in
+/// order; `len.div_ceil(item)` of them.
+fn items_of(c: CopyOp, item: u64) -> impl Iterator<Item = [u64; 3]> {
+    (0..c.len.div_ceil(item)).map(move |k| {
+        let off = k * item;
+        [c.src + off, c.dst + off, (c.len - off).min(item)]
+    })
 }
 
 /// A pinned host buffer and a device buffer for one launch's items.
@@ -269,18 +275,9 @@ impl Copier {
                 if n > 0 {
                     let bytes = n * 24;
                     let mut s = self.staging(bytes)?;
-                    let out = s.host.as_mut_slice();
-                    let mut at = 0;
-                    for c in copies {
-                        let mut off = 0;
-                        while off < c.len {
-                            let len = (c.len - off).min(item);
-                            for w in [c.src + off, c.dst + off, len] {
-                                out[at..at + 8].copy_from_slice(&w.to_le_bytes());
-                                at += 8;
-                            }
-                            off += len;
-                        }
+                    let words = copies.flat_map(|c| items_of(c, item)).flatten();
+                    for (dst, w) in s.host.as_mut_slice().chunks_exact_mut(8).zip(words) {
+                        dst.copy_from_slice(&w.to_le_bytes());
                     }
                     // SAFETY of the async upload: `s.host` is pinned and kept
                     // (in the handle) until the event after the kernel completes.
