@@ -27,7 +27,7 @@ use crate::error::TransferError;
 use crate::gpu::copy::CopyMethod;
 use crate::layout::KvLayout;
 use crate::memory::KvMemory;
-use crate::plan::{plan, PlanKind, PlanOptions, TransferPlan};
+use crate::plan::{plan, plan_blocks, PlanKind, PlanOptions, TransferPlan};
 
 /// vLLM frees blocks held for a remote decode after this long
 /// (`VLLM_NIXL_ABORT_REQUEST_TIMEOUT`).
@@ -467,16 +467,25 @@ impl Agent {
         Ok((p, true))
     }
 
-    /// Plans a transfer against a peer's layout.
-    pub fn plan_for(
+    /// Plans a transfer against a peer's layout: a block list when asked
+    /// for and the peer's backend runs them, descriptors otherwise.
+    fn plan_for(
         &self,
         spec: &TransferSpec,
-        peer_layout: &KvLayout,
+        peer: &CachedPeer,
     ) -> Result<TransferPlan, TransferError> {
+        if spec.plan == PlanKind::Blocks && peer.backend.runs_block_lists(&peer.name) {
+            return Ok(plan_blocks(
+                &self.cfg.layout,
+                &peer.layout,
+                &spec.local_blocks,
+                &spec.remote_blocks,
+            )?);
+        }
         let p = plan(
             spec.plan,
             &self.cfg.layout,
-            peer_layout,
+            &peer.layout,
             &spec.local_blocks,
             &spec.remote_blocks,
             &self.cfg.plan_options,
@@ -498,7 +507,7 @@ impl Agent {
             .resolve(&spec.peer, spec.remote_instance_id.as_deref(), false)
             .await?;
         let planning = Instant::now();
-        let mut plan = Arc::new(self.plan_for(&spec, &peer.layout)?);
+        let mut plan = Arc::new(self.plan_for(&spec, &peer)?);
         let mut plan_time = planning.elapsed();
         let mut peer = peer;
         let mut retried = false;
@@ -514,7 +523,7 @@ impl Agent {
                         .fetch_add(plan.bytes, Ordering::Relaxed);
                     return Ok(TransferDone {
                         bytes: plan.bytes,
-                        descriptors: plan.descs.len() as u32,
+                        descriptors: plan.len() as u32,
                         elapsed: started.elapsed(),
                         rehandshake: handshaken && retried,
                         backend: peer.backend.kind(),
@@ -532,7 +541,7 @@ impl Agent {
                         Ok((p, _)) => {
                             handshaken = true;
                             let planning = Instant::now();
-                            plan = Arc::new(self.plan_for(&spec, &p.layout)?);
+                            plan = Arc::new(self.plan_for(&spec, &p)?);
                             plan_time = planning.elapsed();
                             peer = p;
                         }
@@ -576,6 +585,38 @@ impl Agent {
         let timeout_ms = deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
+        if let Some(blocks) = plan.blocks.as_ref().filter(|_| !plan.is_empty()) {
+            // A block list is posted on this task: the post is a few driver
+            // calls (the ids' upload, one launch), and a hand-off to a
+            // blocking thread and back costs as much as they do. Completion
+            // is polled cooperatively: spinning through the scheduler for a
+            // copy's usual length, then with timer sleeps.
+            let mut req = backend.post_blocks(op, &peer, blocks, notify.as_deref())?;
+            let submit_time = entered.elapsed();
+            let spin_until = Instant::now() + Duration::from_millis(20);
+            while !req.poll()? {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(TransferError::Deadline {
+                        deadline_ms: timeout_ms,
+                        done: 0,
+                        total: total_bytes,
+                    });
+                }
+                if now < spin_until {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+            (progress.lock().unwrap_or_else(|p| p.into_inner()))(Progress {
+                bytes_done: total_bytes,
+                bytes_total: total_bytes,
+                descs_done: plan.len() as u32,
+                descs_total: plan.len() as u32,
+            });
+            return Ok((req.device_time(), submit_time));
+        }
         tokio::task::spawn_blocking(
             move || -> Result<(Option<Duration>, Duration), TransferError> {
                 let chunks = plan.chunks(inflight);
@@ -597,7 +638,7 @@ impl Agent {
                     ));
                 }
                 let submit_time = entered.elapsed();
-                let descs_total = plan.descs.len() as u32;
+                let descs_total = plan.len() as u32;
                 let mut done = Progress {
                     bytes_done: 0,
                     bytes_total: total_bytes,
@@ -620,7 +661,7 @@ impl Agent {
                     done.descs_done += n;
                     (progress.lock().unwrap_or_else(|p| p.into_inner()))(done);
                 }
-                if plan.descs.is_empty() || !single {
+                if plan.is_empty() || !single {
                     if let Some(msg) = &notify {
                         backend.notify(&peer, msg)?;
                     }

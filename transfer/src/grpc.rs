@@ -170,6 +170,7 @@ impl Service {
         let plan = match proto::Plan::try_from(r.plan) {
             Ok(proto::Plan::Naive) => PlanKind::Naive,
             Ok(proto::Plan::Coalesced) => PlanKind::Coalesced,
+            Ok(proto::Plan::Blocks) => PlanKind::Blocks,
             Err(_) => return Err(Status::invalid_argument(format!("unknown plan {}", r.plan))),
         };
         Ok(TransferSpec {

@@ -6,7 +6,10 @@
 //! vLLM's NIXL connector issues (one descriptor per region and block pair);
 //! [`plan_coalesced`] merges runs of consecutive blocks, and whole regions
 //! when both pools are contiguous, into as few descriptors as a size cap
-//! allows. Offsets are relative to each side's pool base.
+//! allows; [`plan_blocks`] checks the mapping and hands the block ids
+//! themselves to a backend that computes addresses on the device (cuda-ipc's
+//! block kernel), so nothing is planned on the host. Offsets are relative
+//! to each side's pool base.
 
 use std::fmt;
 use std::str::FromStr;
@@ -30,6 +33,9 @@ pub struct Desc {
 pub enum PlanKind {
     Naive,
     Coalesced,
+    /// Block ids to the device when the backend can ([`plan_blocks`]),
+    /// coalesced descriptors otherwise.
+    Blocks,
 }
 
 impl FromStr for PlanKind {
@@ -39,6 +45,7 @@ impl FromStr for PlanKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "naive" => Ok(PlanKind::Naive),
             "coalesced" => Ok(PlanKind::Coalesced),
+            "blocks" => Ok(PlanKind::Blocks),
             _ => Err(PlanError::UnknownKind(s.to_string())),
         }
     }
@@ -49,6 +56,7 @@ impl fmt::Display for PlanKind {
         f.write_str(match self {
             PlanKind::Naive => "naive",
             PlanKind::Coalesced => "coalesced",
+            PlanKind::Blocks => "blocks",
         })
     }
 }
@@ -74,11 +82,62 @@ impl Default for PlanOptions {
     }
 }
 
-/// The descriptors of one transfer, in issue order, and their total bytes.
+/// The descriptors of one transfer, in issue order, and their total bytes;
+/// or, from [`plan_blocks`], no descriptors and the block list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransferPlan {
     pub descs: Vec<Desc>,
     pub bytes: u64,
+    pub blocks: Option<BlockList>,
+}
+
+/// A checked block mapping with the byte arithmetic both pools share:
+/// block `local[i]` of region `r` is at `r * local_region_len + local[i] *
+/// block_len` of the local pool, and likewise for `remote`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockList {
+    pub local: Vec<u32>,
+    pub remote: Vec<u32>,
+    pub block_len: u64,
+    pub regions: u32,
+    pub local_region_len: u64,
+    pub remote_region_len: u64,
+}
+
+impl BlockList {
+    /// One (region, block pair) copy each: what the device iterates over.
+    pub fn units(&self) -> u64 {
+        self.local.len() as u64 * u64::from(self.regions)
+    }
+
+    /// The same copies as descriptors, region-major: what [`plan_naive`]
+    /// gives for this mapping.
+    pub fn descs(&self) -> impl Iterator<Item = Desc> + Clone + '_ {
+        (0..u64::from(self.regions)).flat_map(move |r| {
+            self.local
+                .iter()
+                .zip(&self.remote)
+                .map(move |(&l, &m)| Desc {
+                    local: r * self.local_region_len + u64::from(l) * self.block_len,
+                    remote: r * self.remote_region_len + u64::from(m) * self.block_len,
+                    len: self.block_len,
+                })
+        })
+    }
+
+    /// The last byte (exclusive) touched in the local and the remote pool.
+    pub fn extents(&self) -> (u64, u64) {
+        let end = |ids: &[u32], region_len: u64| match ids.iter().max() {
+            Some(&b) if self.regions > 0 => u64::from(self.regions - 1)
+                .saturating_mul(region_len)
+                .saturating_add((u64::from(b) + 1).saturating_mul(self.block_len)),
+            _ => 0,
+        };
+        (
+            end(&self.local, self.local_region_len),
+            end(&self.remote, self.remote_region_len),
+        )
+    }
 }
 
 /// Why a block mapping cannot be planned. Empty block lists are not an
@@ -107,15 +166,23 @@ pub enum PlanError {
 impl TransferPlan {
     fn from_descs(descs: Vec<Desc>) -> Self {
         let bytes = descs.iter().map(|d| d.len).sum();
-        TransferPlan { descs, bytes }
+        TransferPlan {
+            descs,
+            bytes,
+            blocks: None,
+        }
     }
 
+    /// Descriptors, or block units for a block list.
     pub fn len(&self) -> usize {
-        self.descs.len()
+        match &self.blocks {
+            Some(b) => b.units() as usize,
+            None => self.descs.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.descs.is_empty()
+        self.len() == 0
     }
 
     /// Splits the descriptors, in order, into at most `n` non-empty
@@ -223,12 +290,16 @@ fn check_ids(side: &'static str, ids: &[u32], num_blocks: u32) -> Result<(), Pla
             num_blocks,
         });
     }
-    let mut sorted = ids.to_vec();
-    sorted.sort_unstable();
-    match sorted.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(PlanError::DuplicateBlock { side, block: w[0] }),
-        None => Ok(()),
+    // One bit per block of the pool: linear, and no sort of shuffled ids.
+    let mut seen = vec![0u64; (num_blocks as usize).div_ceil(64)];
+    for &block in ids {
+        let (word, bit) = ((block / 64) as usize, 1u64 << (block % 64));
+        if seen[word] & bit != 0 {
+            return Err(PlanError::DuplicateBlock { side, block });
+        }
+        seen[word] |= bit;
     }
+    Ok(())
 }
 
 /// One descriptor per (region, block pair), region-major and in the given
@@ -355,7 +426,33 @@ pub fn plan_coalesced(
     Ok(TransferPlan::from_descs(descs))
 }
 
+/// Checks the mapping as the other planners do and keeps it as block ids
+/// (no descriptors): for a backend that computes addresses on the device.
+pub fn plan_blocks(
+    local: &KvLayout,
+    remote: &KvLayout,
+    local_blocks: &[u32],
+    remote_blocks: &[u32],
+) -> Result<TransferPlan, PlanError> {
+    validate(local, remote, local_blocks, remote_blocks)?;
+    let blocks = BlockList {
+        local: local_blocks.to_vec(),
+        remote: remote_blocks.to_vec(),
+        block_len: local.block_len(),
+        regions: local.num_regions(),
+        local_region_len: local.region_len(),
+        remote_region_len: remote.region_len(),
+    };
+    Ok(TransferPlan {
+        descs: Vec::new(),
+        bytes: blocks.units() * blocks.block_len,
+        blocks: Some(blocks),
+    })
+}
+
 /// Plans with the planner `kind` names; `opts` only affects coalescing.
+/// [`PlanKind::Blocks`] plans coalesced here: the agent calls
+/// [`plan_blocks`] itself when the peer's backend runs block lists.
 pub fn plan(
     kind: PlanKind,
     local: &KvLayout,
@@ -366,7 +463,9 @@ pub fn plan(
 ) -> Result<TransferPlan, PlanError> {
     match kind {
         PlanKind::Naive => plan_naive(local, remote, local_blocks, remote_blocks),
-        PlanKind::Coalesced => plan_coalesced(local, remote, local_blocks, remote_blocks, opts),
+        PlanKind::Coalesced | PlanKind::Blocks => {
+            plan_coalesced(local, remote, local_blocks, remote_blocks, opts)
+        }
     }
 }
 
@@ -835,5 +934,45 @@ mod tests {
                 prop_assert_eq!(parts.concat(), plan.descs.clone());
             }
         }
+
+        #[test]
+        fn a_block_list_is_the_naive_plan_without_descriptors(c in case()) {
+            let (l, r) = (&c.local, &c.remote);
+            let naive = plan_naive(l, r, &c.local_blocks, &c.remote_blocks).unwrap();
+            let plan = plan_blocks(l, r, &c.local_blocks, &c.remote_blocks).unwrap();
+            let blocks = plan.blocks.as_ref().unwrap();
+            prop_assert!(plan.descs.is_empty());
+            prop_assert_eq!(plan.bytes, naive.bytes);
+            prop_assert_eq!(plan.len(), naive.len());
+            // The device's arithmetic gives exactly the naive descriptors.
+            prop_assert_eq!(blocks.descs().collect::<Vec<_>>(), naive.descs.clone());
+            // Extents bound every byte and are reached.
+            let (le, re) = blocks.extents();
+            prop_assert_eq!(le, naive.descs.iter().map(|d| d.local + d.len).max().unwrap_or(0));
+            prop_assert_eq!(re, naive.descs.iter().map(|d| d.remote + d.len).max().unwrap_or(0));
+            prop_assert!(le <= l.total_bytes() && re <= r.total_bytes());
+        }
+    }
+
+    #[test]
+    fn block_lists_are_checked_like_plans() {
+        let l = llama(64);
+        let r = llama(32);
+        assert!(matches!(
+            plan_blocks(&l, &r, &[0, 1], &[40, 2]),
+            Err(PlanError::BlockOutOfRange { side: "remote", .. })
+        ));
+        assert!(matches!(
+            plan_blocks(&l, &r, &[3, 3], &[1, 2]),
+            Err(PlanError::DuplicateBlock { side: "local", .. })
+        ));
+        assert!(plan_blocks(&l, &r, &[], &[]).unwrap().is_empty());
+        assert_eq!("blocks".parse::<PlanKind>().unwrap(), PlanKind::Blocks);
+        // Without a device to run it, a block list plans coalesced.
+        let opts = PlanOptions::default();
+        assert_eq!(
+            plan(PlanKind::Blocks, &l, &r, &[0, 1], &[4, 5], &opts).unwrap(),
+            plan_coalesced(&l, &r, &[0, 1], &[4, 5], &opts).unwrap()
+        );
     }
 }

@@ -210,7 +210,7 @@ impl Kv {
             op: Op::Read,
             local_blocks: local[skip.min(local.len())..].to_vec(),
             remote_blocks: remote,
-            plan: PlanKind::Coalesced,
+            plan: PlanKind::Blocks,
             timeout: Some(self.pull_timeout),
             notify: Some((
                 p.remote_request_id.clone(),

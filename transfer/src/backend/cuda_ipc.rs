@@ -26,10 +26,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::fd_pass::{fetch_fd, FdServer};
 use super::{check_bounds, wire, Backend, BackendKind, InFlight, Notification, Op};
 use crate::error::TransferError;
-use crate::gpu::copy::{Copier, CopyMethod, CopyOp, Submitted};
+use crate::gpu::copy::{BlockCopy, Copier, CopyMethod, CopyOp, Submitted};
 use crate::gpu::{DeviceBuffer, Gpu, HostRegistration, IpcMapping};
 use crate::memory::{HostMemory, KvMemory};
-use crate::plan::Desc;
+use crate::plan::{BlockList, Desc};
 
 const MAGIC: &[u8] = b"TNDMCIPC2";
 const NAME: &str = "cuda-ipc";
@@ -263,6 +263,10 @@ impl CudaIpcBackend {
                 None => (POOL_HOST_PRIVATE, String::new(), Vec::new(), None),
             },
         };
+        if let Some(c) = &copier {
+            // Compile the block-list kernel now rather than on a first pull.
+            c.gpu().has_block_kernel();
+        }
         let socket_path = dir.join(format!("{stem}.sock"));
         let socket = UnixDatagram::bind(&socket_path).map_err(|e| {
             TransferError::backend(
@@ -392,6 +396,37 @@ impl CudaIpcBackend {
         })
     }
 
+    fn peer(&self, peer: &str) -> Result<Arc<PeerPool>, TransferError> {
+        self.peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+            .cloned()
+            .ok_or_else(|| TransferError::UnknownPeer(peer.to_string()))
+    }
+
+    /// The handle of a submitted copy; `notify` goes to the peer once it
+    /// has landed.
+    fn in_flight(
+        &self,
+        sub: Submitted,
+        pool: Arc<PeerPool>,
+        notify: Option<&[u8]>,
+    ) -> Box<dyn InFlight> {
+        Box::new(IpcInFlight {
+            sub,
+            note: notify.map(|m| {
+                (
+                    self.socket.clone(),
+                    self.export.name.clone(),
+                    pool.socket.clone(),
+                    m.to_vec(),
+                )
+            }),
+            _peer: pool,
+        })
+    }
+
     /// Device address of our own pool for this side's copies.
     fn local_base(&self) -> u64 {
         // GPU pools only: a host pool never runs copies (see `gpu`).
@@ -512,13 +547,7 @@ impl Backend for CudaIpcBackend {
         descs: &[Desc],
         notify: Option<&[u8]>,
     ) -> Result<Box<dyn InFlight>, TransferError> {
-        let pool = self
-            .peers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(peer)
-            .cloned()
-            .ok_or_else(|| TransferError::UnknownPeer(peer.to_string()))?;
+        let pool = self.peer(peer)?;
         check_bounds(descs, self.mem.len() as u64, pool.len)?;
         let copier = self.copier()?;
         let local = self.local_base();
@@ -536,18 +565,70 @@ impl Backend for CudaIpcBackend {
             },
         });
         let sub = copier.submit(copies, self.method, pool.host)?;
-        Ok(Box::new(IpcInFlight {
-            sub,
-            note: notify.map(|m| {
-                (
-                    self.socket.clone(),
-                    self.export.name.clone(),
-                    pool.socket.clone(),
-                    m.to_vec(),
-                )
-            }),
-            _peer: pool,
-        }))
+        Ok(self.in_flight(sub, pool, notify))
+    }
+
+    /// Between two GPU pools: the block-list kernel. A host peer keeps the
+    /// descriptor path, where long runs go to the copy engines.
+    fn runs_block_lists(&self, peer: &str) -> bool {
+        self.copier
+            .as_ref()
+            .is_some_and(|c| c.gpu().has_block_kernel())
+            && self
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(peer)
+                .is_some_and(|p| !p.host)
+    }
+
+    fn post_blocks(
+        &self,
+        op: Op,
+        peer: &str,
+        blocks: &BlockList,
+        notify: Option<&[u8]>,
+    ) -> Result<Box<dyn InFlight>, TransferError> {
+        let pool = self.peer(peer)?;
+        let (local_end, remote_end) = blocks.extents();
+        let local_len = self.mem.len() as u64;
+        if local_end > local_len || remote_end > pool.len {
+            return Err(TransferError::BadRequest(format!(
+                "block list reaches byte {local_end} of the local pool ({local_len}) and \
+                 {remote_end} of the peer's ({})",
+                pool.len
+            )));
+        }
+        let copier = self.copier()?;
+        let (local, remote) = (self.local_base(), pool.base);
+        let (b, src_ids, dst_ids) = match op {
+            Op::Read => (
+                BlockCopy {
+                    src: remote,
+                    dst: local,
+                    src_region: blocks.remote_region_len,
+                    dst_region: blocks.local_region_len,
+                    block: blocks.block_len,
+                    regions: blocks.regions,
+                },
+                &blocks.remote,
+                &blocks.local,
+            ),
+            Op::Write => (
+                BlockCopy {
+                    src: local,
+                    dst: remote,
+                    src_region: blocks.local_region_len,
+                    dst_region: blocks.remote_region_len,
+                    block: blocks.block_len,
+                    regions: blocks.regions,
+                },
+                &blocks.local,
+                &blocks.remote,
+            ),
+        };
+        let sub = copier.submit_blocks(&b, src_ids, dst_ids, self.method)?;
+        Ok(self.in_flight(sub, pool, notify))
     }
 
     fn notify(&self, peer: &str, message: &[u8]) -> Result<(), TransferError> {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TransferError;
-use crate::plan::Desc;
+use crate::plan::{BlockList, Desc};
 
 /// Direction of a transfer, from the point of view of the agent posting it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +155,28 @@ pub trait Backend: Send + Sync {
         descs: &[Desc],
         notify: Option<&[u8]>,
     ) -> Result<Box<dyn InFlight>, TransferError>;
+
+    /// Whether [`Backend::post_blocks`] runs block lists to this peer
+    /// (addresses computed on the device, nothing planned on the host).
+    fn runs_block_lists(&self, _peer: &str) -> bool {
+        false
+    }
+
+    /// Posts one transfer given as block ids (a [`BlockList`] from
+    /// `plan::plan_blocks`); only called when [`Backend::runs_block_lists`]
+    /// said yes.
+    fn post_blocks(
+        &self,
+        _op: Op,
+        peer: &str,
+        _blocks: &BlockList,
+        _notify: Option<&[u8]>,
+    ) -> Result<Box<dyn InFlight>, TransferError> {
+        Err(TransferError::backend(
+            "agent",
+            format!("{} runs no block lists (peer {peer})", self.kind()),
+        ))
+    }
 
     /// Sends a notification on its own.
     fn notify(&self, peer: &str, message: &[u8]) -> Result<(), TransferError>;

@@ -102,8 +102,10 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_value = "read")]
     op: Vec<Op>,
     /// Plans, comma separated: naive (one descriptor per region and block, as
-    /// vLLM's NixlConnector) and coalesced.
-    #[arg(long, value_delimiter = ',', default_value = "naive,coalesced")]
+    /// vLLM's NixlConnector), coalesced, and blocks (block ids to the
+    /// device: cuda-ipc between GPU pools; coalesced elsewhere). Default:
+    /// naive,coalesced, plus blocks with a GPU pool.
+    #[arg(long, value_delimiter = ',')]
     plan: Vec<PlanKind>,
     /// Measured transfers per case (after the warm-up).
     #[arg(long, default_value_t = 10)]
@@ -311,6 +313,11 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let bytes = blocks as u64 * layout.bytes_per_block();
     let local_kind = layout.params().mem;
+    let plans = match (a.plan.is_empty(), local_kind) {
+        (false, _) => a.plan.clone(),
+        (true, MemKind::Gpu(_)) => vec![PlanKind::Naive, PlanKind::Coalesced, PlanKind::Blocks],
+        (true, MemKind::Host) => vec![PlanKind::Naive, PlanKind::Coalesced],
+    };
     // The in-process peer's layout: ours, in its own memory.
     let peer_layout_local = {
         let mut p = layout.params().clone();
@@ -427,7 +434,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                             )
                         })
                         .collect();
-                    for &plan in &a.plan {
+                    for &plan in &plans {
                         eprintln!("kvbench: {backend}/{copy} {op} {dst}<-{src} {placement} {plan}");
                         let mut samples = Vec::with_capacity(a.reps);
                         let mut device = Vec::with_capacity(a.reps);

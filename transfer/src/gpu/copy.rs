@@ -9,7 +9,7 @@
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use super::{DeviceBuffer, Event, Gpu, PinnedBuffer, Stream};
+use super::{BlockLaunch, DeviceBuffer, Event, Gpu, PinnedBuffer, Stream};
 use crate::error::TransferError;
 
 /// Threads of one CTA of `tandem_gather` (16 bytes each per pass).
@@ -73,6 +73,94 @@ pub fn tuning() -> &'static Tuning {
 }
 /// The kernel moves 16-byte words: addresses and lengths must be multiples.
 pub const ALIGN: u64 = 16;
+
+/// Which entry of `blocks.ptx` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKernel {
+    /// Four 16-byte loads in flight per thread.
+    Four = 0,
+    /// Eight.
+    Eight = 1,
+    /// Four, with streaming (evict-first) cache hints on loads and stores.
+    Streaming = 2,
+}
+
+/// The block-list kernel's launch shape, fixed per process:
+/// `TANDEM_BLOCKS_KERNEL` (`4|8|cs`), `TANDEM_BLOCKS_THREADS` and
+/// `TANDEM_BLOCKS_CTAS_PER_SM` (0, the default: one CTA per block copy;
+/// otherwise a grid of that many CTAs per SM looping over the copies).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockTuning {
+    pub kernel: BlockKernel,
+    pub threads: u32,
+    pub ctas_per_sm: u32,
+}
+
+pub fn block_tuning() -> &'static BlockTuning {
+    static T: std::sync::OnceLock<BlockTuning> = std::sync::OnceLock::new();
+    T.get_or_init(|| {
+        let num = |var: &str, default: u32, lo: u32, hi: u32| -> u32 {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .map(|v| v.clamp(lo, hi))
+                .unwrap_or(default)
+        };
+        BlockTuning {
+            kernel: match std::env::var("TANDEM_BLOCKS_KERNEL").as_deref() {
+                Ok("8") => BlockKernel::Eight,
+                Ok("cs") => BlockKernel::Streaming,
+                _ => BlockKernel::Four,
+            },
+            threads: num("TANDEM_BLOCKS_THREADS", THREADS_PER_CTA, 32, 1024) / 32 * 32,
+            ctas_per_sm: num("TANDEM_BLOCKS_CTAS_PER_SM", 0, 0, 1024),
+        }
+    })
+}
+
+/// One transfer as block ids between two pools of `regions` regions: block
+/// `b` of region `r` is at `base + r * region + b * block` on either side
+/// (absolute device addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCopy {
+    pub src: u64,
+    pub dst: u64,
+    pub src_region: u64,
+    pub dst_region: u64,
+    pub block: u64,
+    pub regions: u32,
+}
+
+impl BlockCopy {
+    /// Whether the kernel can move it (16-byte words).
+    pub fn aligned(&self) -> bool {
+        (self.src | self.dst | self.src_region | self.dst_region | self.block).is_multiple_of(ALIGN)
+    }
+
+    /// The same copies one per (region, block pair), region-major.
+    pub fn copies<'a>(
+        &'a self,
+        src_ids: &'a [u32],
+        dst_ids: &'a [u32],
+    ) -> impl Iterator<Item = CopyOp> + Clone + 'a {
+        (0..u64::from(self.regions)).flat_map(move |r| {
+            src_ids.iter().zip(dst_ids).map(move |(&s, &d)| CopyOp {
+                src: self.src + r * self.src_region + u64::from(s) * self.block,
+                dst: self.dst + r * self.dst_region + u64::from(d) * self.block,
+                len: self.block,
+            })
+        })
+    }
+}
+
+/// The kernel's id records: `{u32 src_block, u32 dst_block}` little-endian,
+/// written into `out` (8 bytes a pair).
+pub fn pack_ids(src_ids: &[u32], dst_ids: &[u32], out: &mut [u8]) {
+    for ((rec, s), d) in out.chunks_exact_mut(8).zip(src_ids).zip(dst_ids) {
+        rec[..4].copy_from_slice(&s.to_le_bytes());
+        rec[4..].copy_from_slice(&d.to_le_bytes());
+    }
+}
 
 /// `auto` picks per plan: `memcpy` when one side is host memory and the
 /// descriptors average at least this many bytes (the copy engines then run
@@ -306,6 +394,69 @@ impl Copier {
             done: false,
         })
     }
+
+    /// Submits one transfer given as block ids with the block-list kernel:
+    /// the host only writes the id pairs (8 bytes each) and launches. Falls
+    /// back to [`Copier::submit`] with one copy per block when `method` is
+    /// `Memcpy`, the pools are not 16-byte aligned, or the kernel did not
+    /// load.
+    pub fn submit_blocks(
+        self: &Arc<Self>,
+        b: &BlockCopy,
+        src_ids: &[u32],
+        dst_ids: &[u32],
+        method: CopyMethod,
+    ) -> Result<Submitted, TransferError> {
+        let pairs = src_ids.len().min(dst_ids.len());
+        let (src_ids, dst_ids) = (&src_ids[..pairs], &dst_ids[..pairs]);
+        if method == CopyMethod::Memcpy || !b.aligned() || !self.gpu.has_block_kernel() {
+            return self.submit(b.copies(src_ids, dst_ids), method, false);
+        }
+        let gpu = &self.gpu;
+        gpu.bind()?;
+        let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (start, event) = match reused {
+            Some(pair) => pair,
+            None => (gpu.event(true)?, gpu.event(true)?),
+        };
+        start.record(&self.stream)?;
+        let mut staging = None;
+        if pairs > 0 && b.regions > 0 {
+            let bytes = pairs * 8;
+            let mut s = self.staging(bytes)?;
+            pack_ids(src_ids, dst_ids, &mut s.host.as_mut_slice()[..bytes]);
+            // SAFETY of the async upload: `s.host` is pinned and kept (in the
+            // handle) until the event after the kernel completes.
+            let host = unsafe { std::slice::from_raw_parts(s.host.as_ptr(), bytes) };
+            self.stream.upload(s.dev.ptr(), host)?;
+            let pairs = u32::try_from(pairs).map_err(|_| {
+                TransferError::BadRequest(format!("{pairs} blocks in one transfer"))
+            })?;
+            gpu.launch_blocks(
+                &self.stream,
+                &BlockLaunch {
+                    ids: s.dev.ptr(),
+                    src: b.src,
+                    dst: b.dst,
+                    src_region: b.src_region,
+                    dst_region: b.dst_region,
+                    block: b.block,
+                    pairs,
+                    regions: b.regions,
+                },
+            )?;
+            staging = Some(s);
+        }
+        event.record(&self.stream)?;
+        Ok(Submitted {
+            copier: self.clone(),
+            start: Some(start),
+            event: Some(event),
+            staging,
+            method: CopyMethod::Kernel,
+            done: false,
+        })
+    }
 }
 
 /// One submitted transfer.
@@ -465,6 +616,35 @@ mod tests {
         );
         assert_eq!("KERNEL".parse::<CopyMethod>().unwrap(), CopyMethod::Kernel);
         assert!("dma".parse::<CopyMethod>().is_err());
+    }
+
+    #[test]
+    fn block_ids_pack_as_pairs_and_copies_follow_the_layout() {
+        let mut out = vec![0u8; 24];
+        pack_ids(&[1, 2, 0x0102_0304], &[7, 8, 9], &mut out);
+        assert_eq!(&out[..8], &[1, 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(&out[16..], &[4, 3, 2, 1, 9, 0, 0, 0]);
+        let b = BlockCopy {
+            src: 0x10_0000,
+            dst: 0x80_0000,
+            src_region: 0x1000,
+            dst_region: 0x4000,
+            block: 0x100,
+            regions: 2,
+        };
+        assert!(b.aligned());
+        let copies: Vec<_> = b.copies(&[3, 0], &[1, 5]).collect();
+        assert_eq!(
+            copies,
+            vec![
+                c(0x10_0300, 0x80_0100, 0x100),
+                c(0x10_0000, 0x80_0500, 0x100),
+                c(0x10_1300, 0x80_4100, 0x100),
+                c(0x10_1000, 0x80_4500, 0x100),
+            ]
+        );
+        assert!(!BlockCopy { block: 24, ..b }.aligned());
+        assert!(!BlockCopy { dst: 8, ..b }.aligned());
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub struct Gpu {
     uuid: [u8; 16],
     sm_count: u32,
     kernel: OnceLock<Result<Kernel, String>>,
+    blocks: OnceLock<Result<Kernel, String>>,
 }
 
 // SAFETY: a CUcontext is usable from any thread once bound to it; the
@@ -88,10 +89,30 @@ pub struct Gpu {
 unsafe impl Send for Gpu {}
 unsafe impl Sync for Gpu {}
 
+/// A loaded PTX module and its entry points, in the order they were asked for.
 struct Kernel {
     _module: sys::CUmodule,
-    /// `tandem_gather`, `tandem_gather_nc`, `tandem_gather8`.
-    gather: [sys::CUfunction; 3],
+    funcs: Vec<sys::CUfunction>,
+}
+
+const GATHER_PTX: &str = concat!(include_str!("gather.ptx"), "\0");
+const GATHER_NAMES: [&CStr; 3] = [c"tandem_gather", c"tandem_gather_nc", c"tandem_gather8"];
+const BLOCKS_PTX: &str = concat!(include_str!("blocks.ptx"), "\0");
+const BLOCKS_NAMES: [&CStr; 3] = [c"tandem_blocks", c"tandem_blocks8", c"tandem_blocks_cs"];
+
+/// One block-list launch ([`Gpu::launch_blocks`]): `pairs` records `{u32
+/// src_block, u32 dst_block}` at device address `ids`, copied in each of
+/// `regions` regions. Addresses and `block` are multiples of 16.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockLaunch {
+    pub ids: u64,
+    pub src: u64,
+    pub dst: u64,
+    pub src_region: u64,
+    pub dst_region: u64,
+    pub block: u64,
+    pub pairs: u32,
+    pub regions: u32,
 }
 
 static DEVICES: OnceLock<Mutex<HashMap<u32, Arc<Gpu>>>> = OnceLock::new();
@@ -154,6 +175,7 @@ pub fn device(ordinal: u32) -> Result<Arc<Gpu>, TransferError> {
         uuid: uuid.bytes.map(|b| b as u8),
         sm_count: sms.max(1) as u32,
         kernel: OnceLock::new(),
+        blocks: OnceLock::new(),
     });
     devices.insert(ordinal, gpu.clone());
     Ok(gpu)
@@ -400,13 +422,82 @@ impl Gpu {
 
     /// The copy kernel, compiled from PTX by the driver on first use.
     fn kernel(&self) -> Result<&Kernel, TransferError> {
-        self.kernel
-            .get_or_init(|| {
-                self.bind().map_err(|e| e.to_string())?;
-                load_kernel().map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| TransferError::Gpu(e.clone()))
+        self.module(&self.kernel, GATHER_PTX, &GATHER_NAMES)
+    }
+
+    fn module<'a>(
+        &self,
+        cell: &'a OnceLock<Result<Kernel, String>>,
+        ptx: &str,
+        names: &[&CStr],
+    ) -> Result<&'a Kernel, TransferError> {
+        cell.get_or_init(|| {
+            self.bind().map_err(|e| e.to_string())?;
+            load_module(ptx, names).map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| TransferError::Gpu(e.clone()))
+    }
+
+    /// Whether the block-list kernel loaded here (it is loaded on first
+    /// call; a driver that cannot compile it leaves block lists to the
+    /// descriptor path, with the reason logged once).
+    pub fn has_block_kernel(&self) -> bool {
+        let r = self.module(&self.blocks, BLOCKS_PTX, &BLOCKS_NAMES);
+        static LOGGED: std::sync::Once = std::sync::Once::new();
+        if let Err(e) = &r {
+            LOGGED.call_once(|| tracing::warn!(error = %e, "block-list kernel unavailable"));
+        }
+        r.is_ok()
+    }
+
+    /// Launches the block-list kernel (`blocks.ptx`) for one transfer.
+    pub fn launch_blocks(&self, stream: &Stream, b: &BlockLaunch) -> Result<(), TransferError> {
+        let units = u64::from(b.pairs) * u64::from(b.regions);
+        if units == 0 {
+            return Ok(());
+        }
+        let mut units = u32::try_from(units).map_err(|_| {
+            TransferError::BadRequest(format!("{units} block copies in one transfer"))
+        })?;
+        let k = self.module(&self.blocks, BLOCKS_PTX, &BLOCKS_NAMES)?;
+        let t = copy::block_tuning();
+        // One CTA per (region, block) unless a persistent grid is asked for.
+        let grid = match t.ctas_per_sm {
+            0 => units,
+            n => units.min(self.sm_count * n),
+        };
+        let (mut ids, mut src, mut dst) = (b.ids, b.src, b.dst);
+        let (mut src_region, mut dst_region, mut block) = (b.src_region, b.dst_region, b.block);
+        let mut pairs = b.pairs;
+        let mut params: [*mut c_void; 8] = [
+            (&mut ids as *mut u64).cast(),
+            (&mut src as *mut u64).cast(),
+            (&mut dst as *mut u64).cast(),
+            (&mut src_region as *mut u64).cast(),
+            (&mut dst_region as *mut u64).cast(),
+            (&mut block as *mut u64).cast(),
+            (&mut pairs as *mut u32).cast(),
+            (&mut units as *mut u32).cast(),
+        ];
+        self.bind()?;
+        // SAFETY: the parameters match `tandem_blocks*` (six u64, two u32);
+        // the ids buffer outlives the launch (kept until the stream's event).
+        check("cuLaunchKernel(tandem_blocks)", unsafe {
+            sys::cuLaunchKernel(
+                k.funcs[t.kernel as usize],
+                grid,
+                1,
+                1,
+                t.threads,
+                1,
+                1,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
     }
 
     /// Launches `tandem_gather` over `n` packed items at device address `items`.
@@ -428,7 +519,7 @@ impl Gpu {
         // stream's event completes).
         check("cuLaunchKernel(tandem_gather)", unsafe {
             sys::cuLaunchKernel(
-                k.gather[t.kernel as usize],
+                k.funcs[t.kernel as usize],
                 grid,
                 1,
                 1,
@@ -444,8 +535,8 @@ impl Gpu {
     }
 }
 
-fn load_kernel() -> Result<Kernel, TransferError> {
-    const PTX: &str = concat!(include_str!("gather.ptx"), "\0");
+/// Compiles a NUL-terminated PTX image for the current context's device.
+fn load_module(ptx: &str, names: &[&CStr]) -> Result<Kernel, TransferError> {
     let mut log = vec![0u8; 8192];
     let mut opts = [
         sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
@@ -457,25 +548,21 @@ fn load_kernel() -> Result<Kernel, TransferError> {
     let r = unsafe {
         sys::cuModuleLoadDataEx(
             &mut module,
-            PTX.as_ptr().cast(),
+            ptx.as_ptr().cast(),
             opts.len() as u32,
             opts.as_mut_ptr(),
             vals.as_mut_ptr(),
         )
     };
-    if let Err(e) = check("cuModuleLoadDataEx(gather.ptx)", r) {
+    if let Err(e) = check("cuModuleLoadDataEx", r) {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         return Err(TransferError::Gpu(format!(
             "{e}: {}",
             String::from_utf8_lossy(&log[..end]).trim()
         )));
     }
-    let mut gather = [std::ptr::null_mut(); 3];
-    for (f, name) in
-        gather
-            .iter_mut()
-            .zip([c"tandem_gather", c"tandem_gather_nc", c"tandem_gather8"])
-    {
+    let mut funcs = vec![std::ptr::null_mut(); names.len()];
+    for (f, name) in funcs.iter_mut().zip(names) {
         // SAFETY: a loaded module and a NUL-terminated name.
         check("cuModuleGetFunction", unsafe {
             sys::cuModuleGetFunction(f, module, name.as_ptr())
@@ -483,7 +570,7 @@ fn load_kernel() -> Result<Kernel, TransferError> {
     }
     Ok(Kernel {
         _module: module,
-        gather,
+        funcs,
     })
 }
 
