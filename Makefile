@@ -60,10 +60,11 @@ soak: setup build-release
 	./target/release/soak --duration 300 --concurrency 64
 
 ## cargo fuzz over the request-body rewriting (every connector), routing headers and allow-list
-## entries, and pd-router's config and endpoints files; FUZZ_SECONDS each (default 60).
+## entries, pd-router's config and endpoints files, SSE response rewriting and KV-transfer control
+## messages (gRPC metadata and requests, notifications, plans); FUZZ_SECONDS each (default 60).
 ## RUSTC_BOOTSTRAP lets the stable toolchain take the sanitizer flags cargo fuzz passes.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := body_rewrite headers router_config
+FUZZ_TARGETS := body_rewrite headers router_config sse_rewrite kv_control
 fuzz:
 	@command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

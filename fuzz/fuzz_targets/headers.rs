@@ -21,7 +21,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let (entries, probe) = text.split_once('\n').unwrap_or((text, "10.0.0.1:8000"));
-    let list = Allowlist::new(entries.split(','));
-    let _ = list.allows(probe);
+    if let Ok(list) = Allowlist::parse(entries.split(',')) {
+        let _ = list.allows(probe);
+    }
     let _ = sidecar::config::parse_duration(probe);
 });

@@ -129,6 +129,20 @@ pub struct Args {
     )]
     pub prefill_allowlist: Vec<String>,
 
+    /// With SSRF protection: prefill pods allowed by label selector
+    /// (`k=v,k2=v2`) in the pod's namespace, without an InferencePool (e.g.
+    /// the prefill Service's selector); their ready IPs on --prefill-pod-ports.
+    #[arg(long = "prefill-pod-selector", env = "PD_SIDECAR_PREFILL_POD_SELECTOR")]
+    pub prefill_pod_selector: Option<String>,
+
+    /// Ports of the pods --prefill-pod-selector picks, comma separated.
+    #[arg(
+        long = "prefill-pod-ports",
+        env = "PD_SIDECAR_PREFILL_POD_PORTS",
+        value_delimiter = ','
+    )]
+    pub prefill_pod_ports: Vec<u16>,
+
     /// InferencePool as namespace/name or name (llm-d compatibility).
     #[arg(long = "inference-pool", env = "INFERENCE_POOL")]
     pub inference_pool: Option<String>,
@@ -370,7 +384,7 @@ pub struct Config {
     pub connector: ConnectorKind,
     pub secure_proxy: bool,
     pub cert_path: Option<PathBuf>,
-    pub ssrf_allowlist: Option<Allowlist>,
+    pub ssrf: Option<Ssrf>,
     pub prefiller_sampling: bool,
     pub data_parallel_size: u16,
     pub prefill_max_retries: u32,
@@ -395,46 +409,14 @@ pub struct Config {
     pub check_config: bool,
 }
 
-/// Prefill targets the sidecar may send to when SSRF protection is on.
-#[derive(Clone, Debug, Default)]
-pub struct Allowlist {
-    host_ports: HashSet<String>,
-    hosts: HashSet<String>,
-}
+pub use crate::allow::Allowlist;
 
-impl Allowlist {
-    pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(entries: I) -> Self {
-        let mut list = Allowlist::default();
-        for entry in entries {
-            let entry = entry.as_ref().trim();
-            if entry.is_empty() {
-                continue;
-            }
-            if split_host_port(entry).is_some() {
-                list.host_ports.insert(entry.to_ascii_lowercase());
-            } else {
-                list.hosts
-                    .insert(entry.trim_matches(['[', ']']).to_ascii_lowercase());
-            }
-        }
-        list
-    }
-
-    /// Unlike llm-d's allow-list, the port counts: `10.0.0.5:8000` does not allow `10.0.0.5:22`.
-    pub fn allows(&self, host_port: &str) -> bool {
-        let lower = host_port.to_ascii_lowercase();
-        if self.host_ports.contains(&lower) {
-            return true;
-        }
-        match split_host_port(&lower) {
-            Some((host, _)) => self.hosts.contains(host.trim_matches(['[', ']'])),
-            None => false,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.host_ports.is_empty() && self.hosts.is_empty()
-    }
+/// SSRF protection (`--enable-ssrf-protection`): static entries and the
+/// InferencePool whose ready pods are allowed.
+#[derive(Clone, Debug)]
+pub struct Ssrf {
+    pub static_list: Allowlist,
+    pub pool: Option<crate::pool::PoolSource>,
 }
 
 /// Splits `host:port` (IPv6 in brackets) and checks the port is a number.
@@ -600,16 +582,45 @@ impl Config {
             enabled: tls.contains(stage),
             insecure_skip_verify: skip.contains(stage),
         };
-        let ssrf_allowlist = if args.enable_ssrf_protection {
-            let list = Allowlist::new(&args.prefill_allowlist);
-            if list.is_empty() {
+        let ssrf = if args.enable_ssrf_protection {
+            let static_list = Allowlist::parse(&args.prefill_allowlist)?;
+            // --inference-pool, or the deprecated name + namespace pair.
+            let pool_arg = args.inference_pool.clone().or_else(|| {
+                args.inference_pool_name
+                    .as_ref()
+                    .map(|n| match &args.inference_pool_namespace {
+                        Some(ns) => format!("{ns}/{n}"),
+                        None => n.clone(),
+                    })
+            });
+            let pool = match (pool_arg, &args.prefill_pod_selector) {
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "--inference-pool and --prefill-pod-selector: give one of them".into(),
+                    )
+                }
+                (Some(p), None) => {
+                    Some(crate::pool::PoolSource::Pool(crate::pool::PoolRef::parse(
+                        &p,
+                        args.inference_pool_namespace.as_deref(),
+                        &args.pool_group,
+                    )?))
+                }
+                (None, Some(sel)) => Some(crate::pool::PoolSource::selector(
+                    sel,
+                    &args.prefill_pod_ports,
+                    args.inference_pool_namespace.as_deref(),
+                )?),
+                (None, None) => None,
+            };
+            if static_list.is_empty() && pool.is_none() {
                 return Err(
-                    "--enable-ssrf-protection needs --prefill-allowlist (host or host:port entries); \
-                     pd-sidecar does not watch InferencePools from inside the pod"
+                    "--enable-ssrf-protection needs --inference-pool (its ready pods are allowed), \
+                     --prefill-pod-selector or --prefill-allowlist (host, host:port, CIDR, port ranges)"
                         .into(),
                 );
             }
-            Some(list)
+            Some(Ssrf { static_list, pool })
         } else {
             None
         };
@@ -629,7 +640,7 @@ impl Config {
             connector,
             secure_proxy: args.secure_proxy,
             cert_path: args.cert_path,
-            ssrf_allowlist,
+            ssrf,
             prefiller_sampling: args.enable_prefiller_sampling,
             data_parallel_size: args.data_parallel_size,
             prefill_max_retries: args.prefill_max_retries,
@@ -779,15 +790,67 @@ mod tests {
     }
 
     #[test]
-    fn allowlist_checks_ports() {
-        let list = Allowlist::new(["10.0.0.5:8000", "prefill-0.svc"]);
-        assert!(list.allows("10.0.0.5:8000"));
-        assert!(!list.allows("10.0.0.5:22"));
-        assert!(list.allows("prefill-0.svc:9999"));
-        assert!(!list.allows("evil.example:8000"));
-        assert!(parse(&["--enable-ssrf-protection"])
-            .unwrap_err()
-            .contains("--prefill-allowlist"));
+    fn ssrf_protection_needs_a_pool_or_a_list() {
+        let err = parse(&["--enable-ssrf-protection"]).unwrap_err();
+        assert!(
+            err.contains("--inference-pool") && err.contains("--prefill-allowlist"),
+            "{err}"
+        );
+        assert!(parse(&[
+            "--enable-ssrf-protection",
+            "--prefill-allowlist=10.0.0.0/33"
+        ])
+        .unwrap_err()
+        .contains("10.0.0.0/33"));
+        let cfg = parse(&[
+            "--enable-ssrf-protection=true",
+            "--pool-group=inference.networking.x-k8s.io",
+            "--inference-pool=ns/pool",
+        ])
+        .unwrap();
+        let Some(crate::pool::PoolSource::Pool(pool)) = cfg.ssrf.unwrap().pool else {
+            panic!("no pool")
+        };
+        assert_eq!(
+            (pool.namespace.as_str(), pool.version()),
+            ("ns", "v1alpha2")
+        );
+        let cfg = parse(&[
+            "--enable-ssrf-protection",
+            "--prefill-pod-selector=app=x,role=prefill",
+            "--prefill-pod-ports=8000,8001",
+            "--inference-pool-namespace=llm",
+        ])
+        .unwrap();
+        let Some(crate::pool::PoolSource::Selector { namespace, spec }) = cfg.ssrf.unwrap().pool
+        else {
+            panic!("no selector")
+        };
+        assert_eq!(namespace, "llm");
+        assert_eq!(spec.ports, vec![8000, 8001]);
+        assert_eq!(spec.label_selector().unwrap(), "app=x,role=prefill");
+        for bad in [
+            &["--prefill-pod-selector=app=x"][..],
+            &["--prefill-pod-selector=app", "--prefill-pod-ports=1"],
+            &[
+                "--prefill-pod-selector=app=x",
+                "--prefill-pod-ports=1",
+                "--inference-pool=a/b",
+            ],
+        ] {
+            let mut args = vec!["--enable-ssrf-protection", "--inference-pool-namespace=llm"];
+            args.extend_from_slice(bad);
+            assert!(parse(&args).is_err(), "{bad:?}");
+        }
+        assert!(parse(&[
+            "--enable-ssrf-protection",
+            "--pool-group=example.com",
+            "--inference-pool=ns/p"
+        ])
+        .unwrap_err()
+        .contains("--pool-group"));
+        // Without protection the pool flags are accepted and unused, as llm-d does.
+        assert!(parse(&["--inference-pool=ns/p"]).unwrap().ssrf.is_none());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum ProxyError {
     BodyTimeout(u64),
     #[error("prefill target {0:?} is not allowed (SSRF protection)")]
     PrefillForbidden(String),
+    #[error("prefill target {0:?} is not allowed yet: the InferencePool's pods have not been listed (SSRF protection)")]
+    PrefillPoolNotSynced(String),
     #[error("invalid prefill target {0:?}")]
     BadPrefillTarget(String),
     #[error("prefill engine {target} unreachable: {detail}")]
@@ -55,7 +57,9 @@ impl ProxyError {
             | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::PrefillForbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::PrefillForbidden(_) | ProxyError::PrefillPoolNotSynced(_) => {
+                StatusCode::FORBIDDEN
+            }
             ProxyError::PrefillUnreachable { .. } | ProxyError::PrefillBadResponse { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -79,6 +83,7 @@ impl ProxyError {
             ProxyError::BodyRead(_) => "body_read",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::PrefillForbidden(_) => "prefill_forbidden",
+            ProxyError::PrefillPoolNotSynced(_) => "prefill_pool_not_synced",
             ProxyError::BadPrefillTarget(_) => "bad_prefill_target",
             ProxyError::PrefillUnreachable { .. } => "prefill_unreachable",
             ProxyError::PrefillTimeout { .. } => "prefill_timeout",

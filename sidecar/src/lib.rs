@@ -9,12 +9,14 @@
 //! `pd-router` lives in [`router`]: it picks the prefill/decode pair per request
 //! and forwards to a decode pod's sidecar, reusing [`upstream`] and [`error`].
 
+pub mod allow;
 pub mod body;
 pub mod config;
 pub mod connectors;
 pub mod error;
 pub mod launch;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod request;
 pub mod router;

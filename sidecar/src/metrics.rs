@@ -42,6 +42,11 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub in_flight: Gauge,
     pub prefill_retries: Counter,
+    /// 1 once the InferencePool's pods have been listed (SSRF protection
+    /// with --inference-pool), 0 before.
+    pub allowlist_synced: Gauge,
+    /// Prefill endpoints the InferencePool allows (ready pod IPs x ports).
+    pub allowlist_endpoints: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -60,6 +65,8 @@ impl Metrics {
             ttft: latency_histogram(),
             in_flight: Gauge::default(),
             prefill_retries: Counter::default(),
+            allowlist_synced: Gauge::default(),
+            allowlist_endpoints: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -97,6 +104,16 @@ impl Metrics {
             "prefill_retries",
             "Prefill attempts retried",
             m.prefill_retries.clone(),
+        );
+        registry.register(
+            "prefill_allowlist_synced",
+            "1 once the InferencePool's pods have been listed (--inference-pool), else 0",
+            m.allowlist_synced.clone(),
+        );
+        registry.register(
+            "prefill_allowlist_endpoints",
+            "Prefill endpoints the InferencePool allows: ready pod IPs x target ports",
+            m.allowlist_endpoints.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use rand::Rng;
 use serde_json::{Map, Value};
 
+use crate::allow::{Denied, PoolEndpoints, PrefillGuard};
 use crate::body::{rewrite_usage, Observed};
 use crate::config::{split_host_port, Config, PrefillFailurePolicy};
 use crate::connectors::{self, Connector, Legs, PdRequest};
@@ -59,6 +60,8 @@ pub struct Shared {
     pub prefill_client: HttpClient,
     pub decode_client: HttpClient,
     pub metrics: Arc<Metrics>,
+    /// SSRF protection: None when it is off.
+    pub guard: Option<Arc<PrefillGuard>>,
 }
 
 impl Shared {
@@ -68,12 +71,24 @@ impl Shared {
         let client = |tls| {
             upstream::build_client(tls, cfg.upstream_idle_timeout, cfg.max_idle_conns_per_host)
         };
+        let guard = cfg.ssrf.as_ref().map(|s| {
+            Arc::new(PrefillGuard {
+                static_list: s.static_list.clone(),
+                pool: s.pool.as_ref().map(|_| {
+                    Arc::new(PoolEndpoints::with_gauges(
+                        metrics.allowlist_synced.clone(),
+                        metrics.allowlist_endpoints.clone(),
+                    ))
+                }),
+            })
+        });
         Ok(Shared {
             prefill_client: client(cfg.prefiller_tls),
             decode_client: client(cfg.decoder_tls),
             connector,
             tokens,
             metrics,
+            guard,
             cfg,
         })
     }
@@ -119,7 +134,7 @@ pub struct DecideInput<'a> {
     pub target: Option<&'a str>,
     pub prompt_tokens: u64,
     pub threshold: u64,
-    pub allowlist: Option<&'a crate::config::Allowlist>,
+    pub guard: Option<&'a crate::allow::PrefillGuard>,
 }
 
 /// Selective P/D: no prefiller named or a short prompt stays local.
@@ -130,9 +145,15 @@ pub fn decide(input: DecideInput<'_>) -> Route {
     if split_host_port(target).is_none() {
         return Route::Refused(ProxyError::BadPrefillTarget(target.to_string()));
     }
-    if let Some(list) = input.allowlist {
-        if !list.allows(target) {
-            return Route::Refused(ProxyError::PrefillForbidden(target.to_string()));
+    if let Some(guard) = input.guard {
+        match guard.check(target) {
+            Ok(()) => {}
+            Err(Denied::NotAllowed) => {
+                return Route::Refused(ProxyError::PrefillForbidden(target.to_string()))
+            }
+            Err(Denied::PoolNotSynced) => {
+                return Route::Refused(ProxyError::PrefillPoolNotSynced(target.to_string()))
+            }
         }
     }
     if input.prompt_tokens < input.threshold {
@@ -323,7 +344,7 @@ async fn run(
         target: Some(&target),
         prompt_tokens: shared.tokens.count(api, &body),
         threshold: shared.cfg.prefill_threshold_tokens,
-        allowlist: shared.cfg.ssrf_allowlist.as_ref(),
+        guard: shared.guard.as_deref(),
     });
     tracing::debug!(?route, route_path = api.route(), "prefill decision");
     match route {
@@ -875,7 +896,7 @@ pub(crate) mod tests {
             target,
             prompt_tokens: tokens,
             threshold,
-            allowlist: None,
+            guard: None,
         };
         assert!(matches!(
             decide(input(None, 1000, 0)),
@@ -891,15 +912,28 @@ pub(crate) mod tests {
             decide(input(Some("nonsense"), 999, 0)),
             Route::Refused(ProxyError::BadPrefillTarget(_))
         ));
-        let list = Allowlist::new(["ok:1"]);
-        let denied = decide(DecideInput {
-            target: Some("evil:1"),
-            prompt_tokens: 999,
-            threshold: 0,
-            allowlist: Some(&list),
-        });
+        let pool = Arc::new(PoolEndpoints::default());
+        let guard = PrefillGuard {
+            static_list: Allowlist::parse(["ok:1"]).unwrap(),
+            pool: Some(pool.clone()),
+        };
+        let with_guard = |target| {
+            decide(DecideInput {
+                target: Some(target),
+                prompt_tokens: 999,
+                threshold: 0,
+                guard: Some(&guard),
+            })
+        };
         assert!(matches!(
-            denied,
+            with_guard("evil:1"),
+            Route::Refused(ProxyError::PrefillPoolNotSynced(_))
+        ));
+        assert!(matches!(with_guard("ok:1"), Route::Remote(_)));
+        pool.set(["10.0.0.9:8000".parse().unwrap()].into_iter().collect());
+        assert!(matches!(with_guard("10.0.0.9:8000"), Route::Remote(_)));
+        assert!(matches!(
+            with_guard("evil:1"),
             Route::Refused(ProxyError::PrefillForbidden(_))
         ));
     }

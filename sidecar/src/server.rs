@@ -253,6 +253,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let grace = cfg.shutdown_grace_period;
     let shared = Arc::new(Shared::new(cfg.clone(), metrics.clone()).map_err(anyhow::Error::msg)?);
+    // SSRF protection from an InferencePool: watch it and its pods; until
+    // their first lists arrive no pool target is allowed.
+    if let (Some(pool), Some(endpoints)) = (
+        cfg.ssrf.as_ref().and_then(|s| s.pool.clone()),
+        shared.guard.as_ref().and_then(|g| g.pool.clone()),
+    ) {
+        let client = crate::pool::client().await.map_err(anyhow::Error::msg)?;
+        tracing::info!(pool = %pool, "SSRF protection: watching the InferencePool's ready pods");
+        crate::pool::spawn(client, pool, endpoints);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Data parallelism: rank r's sidecar port is port+r and its engine model-server-port+r.

@@ -32,6 +32,17 @@ CASES = {
         }
     },
     "cuda-ipc": {"kvTransfer": {"cudaIpc": {"enabled": True}}},
+    "ssrf-pool": {
+        "routing": {
+            "proxy": {
+                "ssrfProtection": {
+                    "inferencePool": "qwen-prefill",
+                    "poolGroup": "inference.networking.x-k8s.io",
+                    "allowlist": ["10.20.0.0/16:8000-8001", "prefill.example:8000"],
+                }
+            }
+        }
+    },
 }
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
@@ -107,8 +118,15 @@ def router_args(objs):
     return objs[("Deployment", f"{FULL}-router")]["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-def run(name, args):
-    return subprocess.run([str(binary(name)), *args], capture_output=True, text=True, timeout=20)
+def run(name, args, env=None):
+    import os
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(binary(name)), *args], capture_output=True, text=True, timeout=20, env=full_env)
+
+
+def container_env(c):
+    return {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
 
 
 # ---------------------------------------------------------------------------
@@ -187,6 +205,9 @@ def test_every_object_is_valid_kubernetes(case):
     expected = ["ConfigMap", "Deployment", "Deployment", "Deployment", "Service", "Service", "Service", "ServiceAccount"]
     if case == "ms-pd":
         expected += ["PodMonitor"] * 3
+    if case != "no-proxy":
+        # pd-sidecar's read access to the prefill pods (SSRF protection, on by default).
+        expected += ["ServiceAccount", "Role", "RoleBinding"]
     assert kinds == sorted(expected)
 
 
@@ -400,13 +421,13 @@ def cert_dir(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("case", ["defaults", "ms-pd", "tls"])
+@pytest.mark.parametrize("case", ["defaults", "ms-pd", "tls", "ssrf-pool"])
 def test_pd_sidecar_accepts_the_rendered_args(case, tmp_path):
     objs, _ = objects(case)
     args = proxy(objs)["args"]
     # The Secret is mounted in the pod; here the files the check looks for stand in for it.
     args = [f"--cert-path={cert_dir(tmp_path)}" if a.startswith("--cert-path=") else a for a in args]
-    res = run("pd-sidecar", ["--check-config", *args])
+    res = run("pd-sidecar", ["--check-config", *args], env=container_env(proxy(objs)))
     assert res.returncode == 0, res.stderr
     values = merged(CASES[case])
     assert f"port: {values['routing']['servicePort']}," in res.stdout
@@ -489,3 +510,63 @@ def test_cuda_ipc_values_are_checked_by_the_schema():
         render({"kvTransfer": {"cudaIpc": {"enabled": True, "share": "shm"}}})
     with pytest.raises(Exception, match="hostPath"):
         render({"kvTransfer": {"cudaIpc": {"enabled": True, "hostPath": "relative/dir"}}})
+
+
+def rbac(objs):
+    return {k: v for k, v in objs.items() if k[0] in ("ServiceAccount", "Role", "RoleBinding")}
+
+
+def test_ssrf_protection_is_on_by_default_for_the_prefill_pods():
+    """pd-sidecar only sends prefill requests to the prefill Deployment's ready pods: it watches
+    them with the prefill pods' own labels, on the port they serve, under a ServiceAccount that may
+    read pods and nothing else."""
+    objs, _ = objects("defaults")
+    c = proxy(objs)
+    args = c["args"]
+    assert flag_value(args, "--enable-ssrf-protection") == "true"
+    selector = dict(kv.split("=", 1) for kv in flag_value(args, "--prefill-pod-selector").split(","))
+    prefill_labels = pod(objs, "prefill")["metadata"]["labels"]
+    decode_labels = pod(objs, "decode")["metadata"]["labels"]
+    assert all(prefill_labels.get(k) == v for k, v in selector.items()), (selector, prefill_labels)
+    assert not all(decode_labels.get(k) == v for k, v in selector.items())
+    assert flag_value(args, "--prefill-pod-ports") == str(DEFAULTS["routing"]["servicePort"])
+    assert container_env(c)["INFERENCE_POOL_NAMESPACE"] == NAMESPACE
+    assert pod(objs, "decode")["spec"]["serviceAccountName"] == f"{FULL}-decode"
+    assert "serviceAccountName" not in pod(objs, "prefill")["spec"]
+    r = rbac(objs)
+    role = r[("Role", f"{FULL}-decode-prefill-reader")]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    binding = r[("RoleBinding", f"{FULL}-decode-prefill-reader")]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULL}-decode", "namespace": NAMESPACE}]
+    assert ("ServiceAccount", f"{FULL}-decode") in r
+
+
+def test_ssrf_protection_from_an_inference_pool():
+    objs, _ = objects("ssrf-pool")
+    args = proxy(objs)["args"]
+    assert flag_value(args, "--inference-pool") == "qwen-prefill"
+    assert flag_value(args, "--pool-group") == "inference.networking.x-k8s.io"
+    assert count_flag(args, "--prefill-pod-selector") == 0
+    assert flag_value(args, "--prefill-allowlist") == "10.20.0.0/16:8000-8001,prefill.example:8000"
+    rules = rbac(objs)[("Role", f"{FULL}-decode-prefill-reader")]["rules"]
+    assert {"apiGroups": ["inference.networking.x-k8s.io"], "resources": ["inferencepools"],
+            "verbs": ["get", "list", "watch"]} in rules
+
+
+def test_ssrf_protection_off_and_misconfigured():
+    out = render({"routing": {"proxy": {"ssrfProtection": {"enabled": False}}}})
+    assert "decode-rbac" not in "".join(p for p, t in out.items() if t.strip())
+    d = yaml.safe_load(out["tandem/templates/decode-deployment.yaml"])["spec"]["template"]["spec"]
+    assert count_flag(d["initContainers"][0]["args"], "--enable-ssrf-protection") == 0
+    assert "serviceAccountName" not in d
+    # No prefill pods here and nothing named: refuse to render rather than allow everything.
+    with pytest.raises(Exception, match="ssrfProtection"):
+        render({"prefill": {"create": False}})
+    out = render({"prefill": {"create": False}, "routing": {"proxy": {"ssrfProtection": {"allowlist": ["10.0.0.0/8:8000"]}}}})
+    d = yaml.safe_load(out["tandem/templates/decode-deployment.yaml"])["spec"]["template"]["spec"]
+    args = d["initContainers"][0]["args"]
+    assert flag_value(args, "--prefill-allowlist") == "10.0.0.0/8:8000"
+    assert "serviceAccountName" not in d
+    with pytest.raises(Exception, match="poolGroup"):
+        render({"routing": {"proxy": {"ssrfProtection": {"poolGroup": "example.com"}}}})

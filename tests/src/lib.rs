@@ -2,5 +2,6 @@
 //! binary) and the end-to-end test harness (`harness`) that starts real processes on loopback.
 
 pub mod demo;
+pub mod fake_kube;
 pub mod harness;
 pub mod sim;

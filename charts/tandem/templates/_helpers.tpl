@@ -266,9 +266,41 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- range $key, $flag := dict "zapDevel" "--zap-devel" "zapEncoder" "--zap-encoder" "zapLogLevel" "--zap-log-level" "zapStacktraceLevel" "--zap-stacktrace-level" "zapTimeEncoding" "--zap-time-encoding" -}}
 {{- if hasKey $x $key }}{{ $args = append $args (printf "%s=%v" $flag (index $x $key)) }}{{ end -}}
 {{- end -}}
+{{- $ssrf := $x.ssrfProtection | default dict -}}
+{{- if $ssrf.enabled -}}
+{{- $args = append $args "--enable-ssrf-protection=true" -}}
+{{- if $ssrf.inferencePool -}}
+{{- $args = append $args (printf "--inference-pool=%s" $ssrf.inferencePool) -}}
+{{- $args = append $args (printf "--pool-group=%s" ($ssrf.poolGroup | default "inference.networking.k8s.io")) -}}
+{{- else if .Values.prefill.create -}}
+{{- $sel := list -}}
+{{- range $k, $val := fromYaml (include "tandem.selectorLabels" (dict "root" . "component" "prefill")) -}}
+{{- $sel = append $sel (printf "%s=%s" $k $val) -}}
+{{- end -}}
+{{- $sel = append $sel "llm-d.ai/role=prefill" -}}
+{{- $args = append $args (printf "--prefill-pod-selector=%s" (join "," $sel)) -}}
+{{- $args = append $args (printf "--prefill-pod-ports=%d" ($r.servicePort | int)) -}}
+{{- else if not $ssrf.allowlist -}}
+{{- fail "routing.proxy.ssrfProtection: with prefill.create false, name the allowed prefill targets (inferencePool or allowlist) or set enabled: false" -}}
+{{- end -}}
+{{- with $ssrf.allowlist }}{{ $args = append $args (printf "--prefill-allowlist=%s" (join "," .)) }}{{ end -}}
+{{- end -}}
 {{- range ($x.args | default list) }}{{ $args = append $args (toString .) }}{{ end -}}
 {{- range ($x.extraArgs | default list) }}{{ $args = append $args (toString .) }}{{ end -}}
 {{- toYaml $args -}}
+{{- end }}
+
+{{/* Whether pd-sidecar watches the API (SSRF protection from pods or an InferencePool). */}}
+{{- define "tandem.proxyWatches" -}}
+{{- $x := .Values.routing.proxy -}}
+{{- $ssrf := $x.ssrfProtection | default dict -}}
+{{- if and $x.enabled .Values.decode.create $ssrf.enabled (or $ssrf.inferencePool .Values.prefill.create) -}}true{{- end -}}
+{{- end }}
+
+{{/* The decode pods' ServiceAccount when the chart creates one for pd-sidecar's watch. */}}
+{{- define "tandem.decodeServiceAccountName" -}}
+{{- $sa := (.Values.routing.proxy.ssrfProtection | default dict).serviceAccount | default dict -}}
+{{- $sa.name | default (printf "%s-decode" (include "tandem.fullname" .)) -}}
 {{- end }}
 
 {{/* The routing-proxy native sidecar (decode pods only), as YAML. */}}
@@ -288,6 +320,10 @@ command:
 {{- end }}
 args:
   {{- include "tandem.proxyArgs" . | nindent 2 }}
+env:
+  # Where the InferencePool and the prefill pods are looked up.
+  - name: INFERENCE_POOL_NAMESPACE
+    value: {{ .Release.Namespace | quote }}
 # A native sidecar: starts before vLLM, runs for the pod's life, stops after it.
 restartPolicy: Always
 ports:
@@ -417,7 +453,11 @@ spec:
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with ($spec.serviceAccountName | default $v.serviceAccountOverride) }}
+      {{- $sa := $spec.serviceAccountName | default $v.serviceAccountOverride -}}
+      {{- if and (not $sa) $withProxy (include "tandem.proxyWatches" $root) -}}
+      {{- $sa = include "tandem.decodeServiceAccountName" $root -}}
+      {{- end }}
+      {{- with $sa }}
       serviceAccountName: {{ . }}
       {{- end }}
       {{- with $spec.schedulerName }}
