@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack soak fuzz clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack soak fuzz image image-test clean
 
 all: build
 
@@ -19,6 +19,17 @@ build-release:
 test: setup lint build
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(VENV_PY) -m pytest -q tests/python
+
+## The OCI image, built without a container engine (umoci): bench-out/image/oci, tagged with the
+## chart's appVersion. IMAGE_PUSH=docker://<registry>/tandem:<tag> copies it there (skopeo).
+image: setup
+	$(CARGO) build --release -p sidecar -p transfer --bins
+	bash scripts/image
+
+## Builds the image and checks it: OCI layout and config, the binaries started from its rootfs
+## with only its libraries, NIXL from the image moving KV. .ci/run runs it after make test.
+image-test: image
+	$(VENV_PY) -m pytest -q tests/image
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -570,3 +570,20 @@ def test_ssrf_protection_off_and_misconfigured():
     assert "serviceAccountName" not in d
     with pytest.raises(Exception, match="poolGroup"):
         render({"routing": {"proxy": {"ssrfProtection": {"poolGroup": "example.com"}}}})
+
+
+def test_one_image_value_names_the_sidecar_and_the_router():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    objs, _ = objects("defaults")
+    want = f"tandem:{chart['appVersion']}"
+    assert proxy(objs)["image"] == want
+    assert objs[("Deployment", f"{FULL}-router")]["spec"]["template"]["spec"]["containers"][0]["image"] == want
+    out = render({"image": {"repository": "ghcr.io/me/tandem", "tag": "9.9"}})
+    dec = yaml.safe_load(out["tandem/templates/decode-deployment.yaml"])
+    rou = yaml.safe_load(out["tandem/templates/router-deployment.yaml"])
+    assert dec["spec"]["template"]["spec"]["initContainers"][0]["image"] == "ghcr.io/me/tandem:9.9"
+    assert rou["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/me/tandem:9.9"
+    # llm-d's key still wins for the sidecar.
+    out = render({"routing": {"proxy": {"image": "ghcr.io/llm-d/llm-d-routing-sidecar:v0.3"}}})
+    dec = yaml.safe_load(out["tandem/templates/decode-deployment.yaml"])
+    assert dec["spec"]["template"]["spec"]["initContainers"][0]["image"] == "ghcr.io/llm-d/llm-d-routing-sidecar:v0.3"

@@ -312,7 +312,7 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- fail "routing.proxy.certSecretName needs routing.proxy.certPath (where to mount it)" -}}
 {{- end -}}
 name: routing-proxy
-image: {{ required "routing.proxy.image is required" $x.image | quote }}
+image: {{ include "tandem.image" (dict "root" . "image" $x.image) | quote }}
 imagePullPolicy: {{ $x.imagePullPolicy | default "IfNotPresent" }}
 {{- with $x.command }}
 command:
@@ -371,6 +371,17 @@ volumeMounts:
     mountPath: {{ $x.certPath }}
     readOnly: true
 {{- end }}
+{{- end }}
+
+{{/* An image value, or Tandem's image (image.repository:image.tag, tag defaulting to the chart's
+appVersion) when it is empty; context: dict root, image. */}}
+{{- define "tandem.image" -}}
+{{- if .image -}}
+{{- .image -}}
+{{- else -}}
+{{- $i := .root.Values.image | default dict -}}
+{{- printf "%s:%s" (required "image.repository is required" $i.repository) ($i.tag | default .root.Chart.AppVersion) -}}
+{{- end -}}
 {{- end }}
 
 {{/* Decode endpoint for pd-router: the decode headless Service. */}}
