@@ -237,16 +237,15 @@ fn set_cached(usage: &mut serde_json::Map<String, Value>, cached: u64) -> bool {
     } else {
         "prompt_tokens_details"
     };
-    let details = usage
-        .entry(key)
-        .or_insert_with(|| Value::Object(Default::default()));
-    if !details.is_object() {
-        *details = Value::Object(Default::default());
+    // vLLM reports `prompt_tokens_details: null` unless it runs with
+    // --enable-prompt-tokens-details: null (or absent) stays as the engine sent it.
+    match usage.get_mut(key).and_then(Value::as_object_mut) {
+        Some(d) => {
+            d.insert("cached_tokens".into(), Value::from(cached));
+            true
+        }
+        None => false,
     }
-    if let Some(d) = details.as_object_mut() {
-        d.insert("cached_tokens".into(), Value::from(cached));
-    }
-    true
 }
 
 #[cfg(test)]
@@ -269,7 +268,7 @@ mod tests {
         );
         let second = s
             .push(Bytes::from_static(
-                b"age\":{\"prompt_tokens\":5,\"prompt_tokens_details\":null}}\n\ndata: [DONE]\n\n",
+                b"age\":{\"prompt_tokens\":5,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\ndata: [DONE]\n\n",
             ))
             .unwrap();
         let text = std::str::from_utf8(&second).unwrap();
@@ -296,9 +295,17 @@ mod tests {
             json!({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}}});
         assert!(rewrite_usage(&mut chat, 7));
         assert_eq!(chat["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
-        let mut resp = json!({"usage": {"input_tokens": 9}});
+        let mut resp =
+            json!({"usage": {"input_tokens": 9, "input_tokens_details": {"cached_tokens": 0}}});
         rewrite_usage(&mut resp, 3);
         assert_eq!(resp["usage"]["input_tokens_details"]["cached_tokens"], 3);
+        // Null details (vLLM without --enable-prompt-tokens-details) stay null, absent stays absent.
+        let mut null = json!({"usage": {"prompt_tokens": 9, "prompt_tokens_details": null}});
+        assert!(!rewrite_usage(&mut null, 7));
+        assert_eq!(null["usage"]["prompt_tokens_details"], Value::Null);
+        let mut absent = json!({"usage": {"prompt_tokens": 9}});
+        assert!(!rewrite_usage(&mut absent, 7));
+        assert!(absent["usage"].get("prompt_tokens_details").is_none());
         let mut none = json!({"choices": []});
         assert!(!rewrite_usage(&mut none, 3));
     }

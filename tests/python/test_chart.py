@@ -202,7 +202,8 @@ def test_every_object_is_valid_kubernetes(case):
             # Raises ValidationError (with the path) on any unknown or mistyped field.
             kubernetes_validate.validate(obj, K8S, strict=True)
     kinds = sorted(kind for kind, _ in objs)
-    expected = ["ConfigMap", "Deployment", "Deployment", "Deployment", "Service", "Service", "Service", "ServiceAccount"]
+    # The router's config and the Grafana dashboard (on by default) are the ConfigMaps.
+    expected = ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "Deployment", "Service", "Service", "Service", "ServiceAccount"]
     if case == "ms-pd":
         expected += ["PodMonitor"] * 3
     if case != "no-proxy":
@@ -276,7 +277,15 @@ def test_model_pods_follow_the_values(case, role):
     assert flag_value(args, "--served-model-name") == values["modelArtifacts"]["name"]
     assert flag_value(args, "--tensor-parallel-size") == str(tp)
     assert count_flag(args, "--kv-transfer-config") == 1, "added only when the user gave none"
-    assert json.loads(flag_value(args, "--kv-transfer-config"))["kv_connector"] == "NixlConnector"
+    kv = json.loads(flag_value(args, "--kv-transfer-config"))
+    assert kv["kv_connector"] == "NixlConnector"
+    # vLLM 0.26: producer for prefill, consumer for decode, unless the values name a role.
+    default_role = {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+    given = [str(a) for a in spec["containers"][0].get("args", [])]
+    if "--kv-transfer-config" in given:  # the user's own, as written (llm-d's guide: kv_both)
+        assert kv == json.loads(given[given.index("--kv-transfer-config") + 1])
+    else:
+        assert kv["kv_role"] == (json.loads(values["kvTransfer"]["config"]).get("kv_role") or default_role)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(tp * spec["parallelism"].get("dataLocal", 1))
     user_args = [str(a) for a in spec["containers"][0].get("args", [])]
     if user_args:
@@ -587,3 +596,17 @@ def test_one_image_value_names_the_sidecar_and_the_router():
     out = render({"routing": {"proxy": {"image": "ghcr.io/llm-d/llm-d-routing-sidecar:v0.3"}}})
     dec = yaml.safe_load(out["tandem/templates/decode-deployment.yaml"])
     assert dec["spec"]["template"]["spec"]["initContainers"][0]["image"] == "ghcr.io/llm-d/llm-d-routing-sidecar:v0.3"
+
+
+def test_kv_roles_follow_the_values():
+    out = render({"kvTransfer": {"roles": {"prefill": "kv_both", "decode": "kv_both"}}})
+    for role in ("prefill", "decode"):
+        d = yaml.safe_load(out[f"tandem/templates/{role}-deployment.yaml"])
+        args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert json.loads(flag_value(args, "--kv-transfer-config"))["kv_role"] == "kv_both"
+    out = render({"kvTransfer": {"config": '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cuda"}'}})
+    d = yaml.safe_load(out["tandem/templates/prefill-deployment.yaml"])
+    kv = json.loads(flag_value(d["spec"]["template"]["spec"]["containers"][0]["args"], "--kv-transfer-config"))
+    assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"}
+    with pytest.raises(Exception, match="not a JSON object"):
+        render({"kvTransfer": {"config": "NixlConnector"}})

@@ -248,7 +248,21 @@ async fn prefill_role_holds_blocks_and_returns_handle() {
     let kv = &body["kv_transfer_params"];
     assert_eq!(kv["do_remote_prefill"], true);
     assert_eq!(kv["do_remote_decode"], false);
-    assert_eq!(kv["remote_block_ids"].as_array().unwrap().len(), 3, "{kv}");
+    // vLLM 0.26's shape: one list of block ids per KV-cache group, the token count and when
+    // the held blocks expire.
+    let groups = kv["remote_block_ids"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{kv}");
+    assert_eq!(groups[0].as_array().unwrap().len(), 3, "{kv}");
+    assert_eq!(kv["remote_num_tokens"], 40, "{kv}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = kv["remote_blocks_expiry_time"].as_f64().unwrap();
+    assert!(
+        expiry > now + 400.0 && expiry < now + 500.0,
+        "{expiry} vs {now}"
+    );
     assert_eq!(kv["remote_engine_id"], "prefill-0");
     assert_eq!(kv["remote_host"], "127.0.0.1");
     assert_eq!(kv["remote_port"], sim.kv_port().await);
@@ -774,4 +788,15 @@ async fn answers_report_the_engines_own_time() {
     let (_, _, bytes) = http_post_json(&url, &stream, &[]).await;
     let text = String::from_utf8(bytes.to_vec()).unwrap();
     assert!(!text.contains("server-timing"), "only when asked: {text}");
+}
+
+#[tokio::test]
+async fn older_vllm_params_shape_by_flag_and_a_decode_takes_either() {
+    let flat = EngineSim::start(&["--block-size", "16", "--kv-params", "flat"]).await;
+    let (status, body) = post(&flat, "/v1/completions", prefill_body(&prompt_of(40))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let kv = &body["kv_transfer_params"];
+    assert_eq!(kv["remote_block_ids"].as_array().unwrap().len(), 3, "{kv}");
+    assert!(kv["remote_block_ids"][0].is_u64(), "{kv}");
+    assert!(kv.get("remote_num_tokens").is_none(), "{kv}");
 }

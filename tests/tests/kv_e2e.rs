@@ -286,7 +286,7 @@ async fn a_failed_pull_falls_back_and_still_frees_the_prefill_blocks() {
     let mut params = json(&resp)["kv_transfer_params"].clone();
     let held = prefill.state().await["held_blocks"].as_u64().unwrap();
     assert!(held > 0);
-    let ids = params["remote_block_ids"].as_array_mut().unwrap();
+    let ids = params["remote_block_ids"][0].as_array_mut().unwrap();
     *ids.last_mut().unwrap() = json!(1u64 << 30);
     let (status, _, resp) = http_post_json(
         &format!("{}/v1/completions", decode.url()),

@@ -157,7 +157,15 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- $args = concat $args (list "--data-parallel-size-local" (toString $dpl)) -}}
 {{- end -}}
 {{- if and $v.kvTransfer.config (not (include "tandem.hasFlag" (dict "args" $userArgs "flag" "--kv-transfer-config"))) -}}
-{{- $args = concat $args (list "--kv-transfer-config" (toString $v.kvTransfer.config)) -}}
+{{- $kv := fromJson (toString $v.kvTransfer.config) -}}
+{{- if hasKey $kv "Error" -}}
+{{- fail (printf "kvTransfer.config is not a JSON object: %s" (toString $v.kvTransfer.config)) -}}
+{{- end -}}
+{{- /* vLLM 0.26 deprecates kv_both: producer for prefill, consumer for decode, unless the config names a role */ -}}
+{{- if not (hasKey $kv "kv_role") -}}
+{{- $_ := set $kv "kv_role" (index ($v.kvTransfer.roles | default dict) .role | default "kv_both") -}}
+{{- end -}}
+{{- $args = concat $args (list "--kv-transfer-config" (toJson $kv)) -}}
 {{- end -}}
 {{- $_ := set $out "args" (concat $args $userArgs) -}}
 {{- else if eq $mode "custom" -}}

@@ -4,6 +4,7 @@
 use clap::Parser;
 
 use super::faults::{FaultConfig, FaultScope};
+use super::pd::KvParamsShape;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -98,6 +99,12 @@ pub struct Config {
     /// what a prefill returns as `remote_port`.
     #[arg(long, env = "ENGINE_SIM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
+
+    /// Shape of the `kv_transfer_params` a prefill answers with: `grouped` (vLLM 0.26:
+    /// `remote_block_ids` as one list per KV-cache group, plus `remote_num_tokens` and
+    /// `remote_blocks_expiry_time`) or `flat` (older vLLM: one list of ids). A decode accepts both.
+    #[arg(long, env = "ENGINE_SIM_KV_PARAMS", value_enum, default_value_t = KvParamsShape::Grouped)]
+    pub kv_params: KvParamsShape,
 
     /// Shape of the KV cache: a preset (llama-3.1-8b, ...) or
     /// "layers=N,kv_heads=N,head_dim=N,dtype=bf16". The default is small, so that many

@@ -76,6 +76,7 @@ pub struct HoldSpec {
     pub ttl: Duration,
     /// v1 form: the handle also goes at the top level of the response.
     pub legacy: bool,
+    pub shape: super::pd::KvParamsShape,
     /// The agent that frees the blocks on the decode's notification.
     pub kv: Arc<super::kv::Kv>,
 }
@@ -211,6 +212,12 @@ impl Generation {
                 request_id: &h.request_id,
                 host: &h.host,
                 port: h.port,
+                shape: h.shape,
+                num_tokens: self.reply.usage.prompt_tokens,
+                expiry_unix_s: (std::time::SystemTime::now() + h.ttl)
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
             };
             self.reply.kv_transfer_params = handle.kv_transfer_params();
             if h.legacy {

@@ -9,6 +9,16 @@ use serde_json::{json, Map, Value};
 use super::blocks::BlockId;
 use super::error::SimError;
 
+/// The `kv_transfer_params` shape a prefill answers with (`--kv-params`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvParamsShape {
+    /// vLLM 0.26: `remote_block_ids` as one list per KV-cache group (one here), with
+    /// `remote_num_tokens` and `remote_blocks_expiry_time`.
+    Grouped,
+    /// Older vLLM: one flat list of block ids.
+    Flat,
+}
+
 /// What the decode engine was handed by the prefill engine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeParams {
@@ -75,16 +85,30 @@ fn decode_params(
     prefix: &str,
     fallback_request_id: Option<&str>,
 ) -> Result<DecodeParams, SimError> {
-    let block_ids = match src.get("remote_block_ids") {
-        Some(Value::Array(ids)) => ids
-            .iter()
+    let ints = |ids: &[Value]| {
+        ids.iter()
             .map(Value::as_u64)
             .collect::<Option<Vec<u64>>>()
             .ok_or_else(|| {
                 bad(format!(
                     "`{prefix}remote_block_ids` must hold non-negative integers"
                 ))
-            })?,
+            })
+    };
+    let block_ids = match src.get("remote_block_ids") {
+        // vLLM 0.26: one list per KV-cache group; the simulator has one group.
+        Some(Value::Array(groups)) if groups.first().is_some_and(Value::is_array) => {
+            match groups.as_slice() {
+                [Value::Array(ids)] => ints(ids)?,
+                _ => {
+                    return Err(bad(format!(
+                        "`{prefix}remote_block_ids` has {} KV-cache groups; engine-sim has one",
+                        groups.len()
+                    )))
+                }
+            }
+        }
+        Some(Value::Array(ids)) => ints(ids)?,
         _ => {
             return Err(bad(format!(
                 "do_remote_prefill is set but `{prefix}remote_block_ids` is missing or not a list"
@@ -165,12 +189,17 @@ pub struct PrefillHandle<'a> {
     pub request_id: &'a str,
     pub host: &'a str,
     pub port: u16,
+    pub shape: KvParamsShape,
+    /// Prompt tokens the blocks hold (vLLM 0.26's `remote_num_tokens`).
+    pub num_tokens: u64,
+    /// When the blocks are freed without a notification, Unix seconds.
+    pub expiry_unix_s: f64,
 }
 
 impl PrefillHandle<'_> {
     /// The `kv_transfer_params` a prefill answers with.
     pub fn kv_transfer_params(&self) -> Value {
-        json!({
+        let mut v = json!({
             "do_remote_prefill": true,
             "do_remote_decode": false,
             "remote_block_ids": self.block_ids,
@@ -179,7 +208,13 @@ impl PrefillHandle<'_> {
             "remote_host": self.host,
             "remote_port": self.port,
             "tp_size": 1,
-        })
+        });
+        if self.shape == KvParamsShape::Grouped {
+            v["remote_block_ids"] = json!([self.block_ids]);
+            v["remote_num_tokens"] = json!(self.num_tokens);
+            v["remote_blocks_expiry_time"] = json!(self.expiry_unix_s);
+        }
+        v
     }
 
     /// The v1 form's top-level fields.
@@ -250,6 +285,42 @@ mod tests {
         );
         assert!(detect_role(&both, None).is_err());
         assert!(detect_role(&obj(json!({"kv_transfer_params": 3})), None).is_err());
+    }
+
+    #[test]
+    fn vllm_0_26_grouped_params_round_trip_and_flat_ones_still_read() {
+        let ids: [BlockId; 2] = [7, 8];
+        let mut handle = PrefillHandle {
+            block_ids: &ids,
+            engine_id: "e",
+            request_id: "r",
+            host: "127.0.0.1",
+            port: 9000,
+            shape: KvParamsShape::Grouped,
+            num_tokens: 20,
+            expiry_unix_s: 1_800_000_000.5,
+        };
+        let grouped = handle.kv_transfer_params();
+        assert_eq!(grouped["remote_block_ids"], json!([[7, 8]]));
+        assert_eq!(grouped["remote_num_tokens"], 20);
+        assert_eq!(grouped["remote_blocks_expiry_time"], 1_800_000_000.5);
+        handle.shape = KvParamsShape::Flat;
+        let flat = handle.kv_transfer_params();
+        assert_eq!(flat["remote_block_ids"], json!([7, 8]));
+        assert!(flat.get("remote_num_tokens").is_none());
+        for params in [grouped, flat] {
+            let mut p = params.clone();
+            p["do_remote_prefill"] = json!(true);
+            let Role::Decode(d) =
+                detect_role(&obj(json!({"kv_transfer_params": p})), None).unwrap()
+            else {
+                panic!("not decode")
+            };
+            assert_eq!(d.block_ids, vec![7, 8]);
+        }
+        let two_groups = obj(json!({"kv_transfer_params": {"do_remote_prefill": true,
+            "remote_block_ids": [[1], [2]], "remote_host": "h", "remote_port": 1, "remote_request_id": "r"}}));
+        assert!(detect_role(&two_groups, None).is_err());
     }
 
     #[test]

@@ -268,6 +268,7 @@ async fn generate(
             port: st.kv.port,
             ttl: st.hold_ttl(),
             legacy,
+            shape: st.cfg.kv_params,
             kv: Arc::clone(&st.kv),
         }),
         _ => None,
