@@ -427,9 +427,28 @@ pub fn write_chart(results: &[ModeResult], path: &Path) -> Result<(), String> {
         ],
         reference: None,
     };
-    chart
-        .write_png(path, 900, 480)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+    let moved = BarChart {
+        title: "KV moved between engines, and prompt tokens computed".into(),
+        y_label: "MiB / thousand tokens".into(),
+        groups: results.iter().map(|r| r.mode.name().to_string()).collect(),
+        series: vec![
+            series("KV moved (MiB)", &|r| {
+                r.kv_bytes as f64 / (1u64 << 20) as f64
+            }),
+            series("prompt tokens computed (thousands)", &|r| {
+                r.prompt_tokens_computed as f64 / 1000.0
+            }),
+        ],
+        reference: None,
+    };
+    match transfer::chart::write_png_row(&[&chart, &moved], path, 1500, 500) {
+        // The chart is the one optional output: say why it is missing and go on.
+        Err(transfer::chart::ChartError::NoFont(why)) => {
+            eprintln!("pd-demo: no chart ({why})");
+            Ok(())
+        }
+        other => other.map_err(|e| format!("writing {}: {e}", path.display())),
+    }
 }
 
 #[cfg(test)]

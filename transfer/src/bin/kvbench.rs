@@ -556,11 +556,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         if let Some(dir) = a.png.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        report
-            .chart()
-            .write_png(&a.png, 960, 540)
-            .with_context(|| format!("writing {}", a.png.display()))?;
-        println!("wrote {}", a.png.display());
+        match report.chart().write_png(&a.png, 960, 540) {
+            Ok(()) => println!("wrote {}", a.png.display()),
+            // The chart is optional: a machine without a font still gets the table and JSON.
+            Err(transfer::chart::ChartError::NoFont(why)) => eprintln!("kvbench: no chart ({why})"),
+            Err(e) => return Err(e).with_context(|| format!("writing {}", a.png.display())),
+        }
     }
     Ok(())
 }
