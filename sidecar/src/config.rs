@@ -668,6 +668,8 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        let argv = argv.into_iter().map(Into::into).collect();
+        let argv = crate::configuration::expand(argv)?;
         let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
         Config::from_args(args)
     }

@@ -12,6 +12,7 @@
 pub mod allow;
 pub mod body;
 pub mod config;
+pub mod configuration;
 pub mod connectors;
 pub mod error;
 pub mod launch;

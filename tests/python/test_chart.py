@@ -479,8 +479,10 @@ def test_check_config_fails_on_an_unknown_flag():
         ["--port=8000", "--vllm-port=8200", "--connector=nixlv2", "-v=5", "--secure-proxy=false"],
         # Its newer spelling.
         ["--port=8000", "--kv-connector=nixlv2", "--zap-log-level=1", "--secure-proxy=false"],
+        # llm-d-router's YAML configuration, inline (flags given beside it win).
+        ["--configuration={port: 8000, vllm-port: 8200, kv-connector: nixlv2, secure-proxy: false}"],
     ],
-    ids=["legacy", "current"],
+    ids=["legacy", "current", "configuration"],
 )
 def test_pd_sidecar_accepts_llm_d_modelservice_args(args):
     res = run("pd-sidecar", ["--check-config", *args])

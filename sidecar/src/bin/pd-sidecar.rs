@@ -5,7 +5,15 @@ use sidecar::config::{Args, Config};
 use sidecar::launch::Launch;
 
 fn main() -> std::process::ExitCode {
-    let args = match Args::try_parse() {
+    // llm-d's --configuration / --configuration-file become flags first.
+    let argv = match sidecar::configuration::expand(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("pd-sidecar: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let args = match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) => e.exit(),
     };
