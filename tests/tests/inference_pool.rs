@@ -50,6 +50,21 @@ async fn wait_endpoints(sidecar: &Sidecar, endpoints: f64) {
     .await
 }
 
+/// A sidecar in front of `decode` that reads the API through `kubeconfig`,
+/// with `flags` beside the test defaults and INFERENCE_POOL_NAMESPACE set.
+async fn sidecar(decode: &EngineSim, kubeconfig: &std::path::Path, flags: &[String]) -> Sidecar {
+    let mut args = vec!["--prefill-threshold-tokens=0".to_string()];
+    args.extend_from_slice(flags);
+    let kubeconfig = kubeconfig.to_str().unwrap();
+    Sidecar::try_start(
+        decode.port(),
+        &args,
+        &[("KUBECONFIG", kubeconfig), ("INFERENCE_POOL_NAMESPACE", NS)],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn pool_spec(port: u16) -> serde_json::Value {
     json!({
         "selector": {"matchLabels": {"llm-d.ai/role": "prefill", "app": "qwen"}},
@@ -69,20 +84,17 @@ async fn ssrf_allow_list_follows_the_inference_pool() {
     let allowed = EngineSim::start(&[]).await;
     let other = EngineSim::start(&[]).await;
     let decode = EngineSim::start(&[]).await;
-    let kubeconfig = kubeconfig.to_str().unwrap().to_string();
-    let sidecar = Sidecar::try_start(
-        decode.port(),
+    let sidecar = sidecar(
+        &decode,
+        &kubeconfig,
         &[
-            "--prefill-threshold-tokens=0".into(),
             "--on-prefill-failure=fail".into(),
             "--enable-ssrf-protection=true".into(),
             "--pool-group=inference.networking.k8s.io".into(),
             format!("--inference-pool={NS}/{POOL}"),
         ],
-        &[("KUBECONFIG", kubeconfig.as_str())],
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
     let a = allowed.host_port();
     let b = other.host_port();
 
@@ -206,23 +218,17 @@ async fn v1alpha2_pools_and_static_entries() {
     kube.apply_pod(NS, "p", &[("app", "qwen")], "127.0.0.1", true);
     // Same name and namespace in the v1 group: not the pool asked for.
     kube.apply_pool(NS, POOL, "inference.networking.k8s.io/v1", pool_spec(1));
-    let kubeconfig = kubeconfig.to_str().unwrap().to_string();
-    let sidecar = Sidecar::try_start(
-        decode.port(),
+    let sidecar = sidecar(
+        &decode,
+        &kubeconfig,
         &[
-            "--prefill-threshold-tokens=0".into(),
             "--enable-ssrf-protection".into(),
             "--pool-group=inference.networking.x-k8s.io".into(),
             format!("--inference-pool={POOL}"),
             format!("--prefill-allowlist=127.0.0.0/8:{}", listed.port()),
         ],
-        &[
-            ("KUBECONFIG", kubeconfig.as_str()),
-            ("INFERENCE_POOL_NAMESPACE", NS),
-        ],
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
     wait_endpoints(&sidecar, 1.0).await;
     assert_eq!(post(&sidecar, &pooled.host_port()).await.0, StatusCode::OK);
     assert_eq!(pooled.inference_requests().await.len(), 1);
@@ -253,23 +259,17 @@ async fn a_pod_selector_without_a_pool() {
     let decode = EngineSim::start(&[]).await;
     kube.apply_pod(NS, "p", LABELS, "127.0.0.1", true);
     kube.apply_pod(NS, "q", &[("app", "qwen")], "127.0.0.2", true);
-    let kubeconfig = kubeconfig.to_str().unwrap().to_string();
-    let sidecar = Sidecar::try_start(
-        decode.port(),
+    let sidecar = sidecar(
+        &decode,
+        &kubeconfig,
         &[
-            "--prefill-threshold-tokens=0".into(),
             "--on-prefill-failure=fail".into(),
             "--enable-ssrf-protection".into(),
             "--prefill-pod-selector=llm-d.ai/role=prefill,app=qwen".into(),
             format!("--prefill-pod-ports={}", prefill.port()),
         ],
-        &[
-            ("KUBECONFIG", kubeconfig.as_str()),
-            ("INFERENCE_POOL_NAMESPACE", NS),
-        ],
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    .await;
     wait_endpoints(&sidecar, 1.0).await;
     assert_eq!(post(&sidecar, &prefill.host_port()).await.0, StatusCode::OK);
     let other = format!("127.0.0.2:{}", prefill.port());

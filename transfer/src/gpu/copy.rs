@@ -44,16 +44,19 @@ pub struct Tuning {
     pub fixed_item: bool,
 }
 
+/// A tuning variable: its number clamped to `lo..=hi`, or `default`.
+fn env_num(var: &str, default: u64, lo: u64, hi: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|v| v.clamp(lo, hi))
+        .unwrap_or(default)
+}
+
 pub fn tuning() -> &'static Tuning {
     static T: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
     T.get_or_init(|| {
-        let num = |var: &str, default: u64, lo: u64, hi: u64| -> u64 {
-            std::env::var(var)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|v| v.clamp(lo, hi))
-                .unwrap_or(default)
-        };
+        let num = env_num;
         let kernel = match std::env::var("TANDEM_GATHER_KERNEL").as_deref() {
             Ok("nc") => GatherKernel::ReadOnly,
             Ok("8") => GatherKernel::Eight,
@@ -99,12 +102,8 @@ pub struct BlockTuning {
 pub fn block_tuning() -> &'static BlockTuning {
     static T: std::sync::OnceLock<BlockTuning> = std::sync::OnceLock::new();
     T.get_or_init(|| {
-        let num = |var: &str, default: u32, lo: u32, hi: u32| -> u32 {
-            std::env::var(var)
-                .ok()
-                .and_then(|v| v.trim().parse::<u32>().ok())
-                .map(|v| v.clamp(lo, hi))
-                .unwrap_or(default)
+        let num = |var: &str, default: u32, lo: u32, hi: u32| {
+            env_num(var, default.into(), lo.into(), hi.into()) as u32
         };
         BlockTuning {
             kernel: match std::env::var("TANDEM_BLOCKS_KERNEL").as_deref() {

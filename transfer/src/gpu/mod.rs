@@ -480,16 +480,42 @@ impl Gpu {
             (&mut pairs as *mut u32).cast(),
             (&mut units as *mut u32).cast(),
         ];
-        self.bind()?;
         // SAFETY: the parameters match `tandem_blocks*` (six u64, two u32);
         // the ids buffer outlives the launch (kept until the stream's event).
-        check("cuLaunchKernel(tandem_blocks)", unsafe {
-            sys::cuLaunchKernel(
+        unsafe {
+            self.launch(
+                "cuLaunchKernel(tandem_blocks)",
                 k.funcs[t.kernel as usize],
+                grid,
+                t.threads,
+                stream,
+                &mut params,
+            )
+        }
+    }
+
+    /// One 1-D launch on `stream`.
+    ///
+    /// # Safety
+    /// `params` must point at values matching `func`'s parameters, and what
+    /// they address must outlive the launch.
+    unsafe fn launch(
+        &self,
+        what: &str,
+        func: sys::CUfunction,
+        grid: u32,
+        threads: u32,
+        stream: &Stream,
+        params: &mut [*mut c_void],
+    ) -> Result<(), TransferError> {
+        self.bind()?;
+        check(what, unsafe {
+            sys::cuLaunchKernel(
+                func,
                 grid,
                 1,
                 1,
-                t.threads,
+                threads,
                 1,
                 1,
                 0,
@@ -513,25 +539,19 @@ impl Gpu {
         let mut n = n;
         let mut params: [*mut c_void; 2] =
             [(&mut items as *mut u64).cast(), (&mut n as *mut u32).cast()];
-        self.bind()?;
         // SAFETY: the kernel's parameters are (u64, u32), matching `params`;
         // the items buffer outlives the launch (the caller keeps it until the
         // stream's event completes).
-        check("cuLaunchKernel(tandem_gather)", unsafe {
-            sys::cuLaunchKernel(
+        unsafe {
+            self.launch(
+                "cuLaunchKernel(tandem_gather)",
                 k.funcs[t.kernel as usize],
                 grid,
-                1,
-                1,
                 t.threads,
-                1,
-                1,
-                0,
-                stream.raw,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
+                stream,
+                &mut params,
             )
-        })
+        }
     }
 }
 
