@@ -187,13 +187,18 @@ impl PoolEndpoints {
         }
     }
 
-    /// Replaces the endpoint set (a full recomputation) and marks it synced.
-    pub fn set(&self, endpoints: HashSet<SocketAddr>) {
+    /// Replaces the endpoint set (a full recomputation) and marks it synced;
+    /// returns whether anything changed.
+    pub fn set(&self, endpoints: HashSet<SocketAddr>) -> bool {
         let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if s.synced && *s.endpoints == endpoints {
+            return false;
+        }
         s.synced = true;
         self.synced_gauge.set(1);
         self.endpoints_gauge.set(endpoints.len() as i64);
         s.endpoints = Arc::new(endpoints);
+        true
     }
 
     /// Back to "not synced" (the pool's selector changed and its pods are
@@ -208,14 +213,6 @@ impl PoolEndpoints {
 
     pub fn synced(&self) -> bool {
         self.state.read().unwrap_or_else(|p| p.into_inner()).synced
-    }
-
-    pub fn len(&self) -> usize {
-        self.snapshot().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn snapshot(&self) -> Arc<HashSet<SocketAddr>> {

@@ -6,7 +6,7 @@
 //! ports, recomputed on every change and published to [`PoolEndpoints`];
 //! nothing of the pool is allowed before its first complete list.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use serde_json::Value;
@@ -248,10 +249,28 @@ pub fn endpoints<'a>(pods: impl Iterator<Item = &'a Pod>, ports: &[u16]) -> Hash
 type PodEvents = BoxStream<'static, Result<Event<Pod>, watcher::Error>>;
 type PoolEvents = BoxStream<'static, Result<Event<DynamicObject>, watcher::Error>>;
 
-fn pod_watch(api: &Api<Pod>, selector: &str) -> PodEvents {
-    watcher(api.clone(), watcher::Config::default().labels(selector))
-        .default_backoff()
-        .boxed()
+/// The pods of one selector, kept by kube-runtime's reflector (a re-list
+/// replaces the store whole at its `InitDone`).
+struct PodWatch {
+    store: Store<Pod>,
+    events: PodEvents,
+    /// The first complete list has arrived.
+    synced: bool,
+}
+
+impl PodWatch {
+    fn start(api: &Api<Pod>, selector: &str) -> PodWatch {
+        let (store, writer) = reflector::store();
+        let events = watcher(api.clone(), watcher::Config::default().labels(selector))
+            .default_backoff()
+            .reflect(writer)
+            .boxed();
+        PodWatch {
+            store,
+            events,
+            synced: false,
+        }
+    }
 }
 
 /// Watches the pool (or only the pods of a fixed selector) for as long as
@@ -262,7 +281,6 @@ pub async fn watch(client: kube::Client, source: PoolSource, out: Arc<PoolEndpoi
     let pool = source.to_string();
     let mut spec: Option<PoolSpec> = None;
     let mut seen_in_list = false;
-    let mut pod_events: Option<PodEvents> = None;
     let (namespace, mut pool_events): (String, Option<PoolEvents>) = match &source {
         PoolSource::Pool(p) => {
             let gvk = GroupVersionKind::gvk(&p.group, p.version(), "InferencePool");
@@ -280,24 +298,27 @@ pub async fn watch(client: kube::Client, source: PoolSource, out: Arc<PoolEndpoi
         PoolSource::Selector { namespace, .. } => (namespace.clone(), None),
     };
     let pod_api: Api<Pod> = Api::namespaced(client, &namespace);
+    let mut pods: Option<PodWatch> = None;
     if let PoolSource::Selector { spec: fixed, .. } = &source {
         spec = Some(fixed.clone());
-        pod_events = fixed.label_selector().map(|sel| pod_watch(&pod_api, &sel));
+        pods = fixed
+            .label_selector()
+            .map(|sel| PodWatch::start(&pod_api, &sel));
     }
-    let mut pods: HashMap<String, Pod> = HashMap::new();
-    let mut listing: Option<HashMap<String, Pod>> = None;
-    let mut pods_synced = false;
-    let publish = |spec: &Option<PoolSpec>, pods: &HashMap<String, Pod>| {
-        let set = match spec {
-            Some(s) => endpoints(pods.values(), &s.ports),
-            None => HashSet::new(),
+    // The ready endpoints of the current spec and pods; nothing without a spec.
+    let publish = |spec: &Option<PoolSpec>, pods: &Option<PodWatch>| {
+        let set = match (spec, pods) {
+            (Some(s), Some(w)) => endpoints(w.store.state().iter().map(|p| p.as_ref()), &s.ports),
+            _ => HashSet::new(),
         };
-        tracing::info!(pool = %pool, endpoints = set.len(), "prefill allow-list updated from the InferencePool");
-        out.set(set);
+        let n = set.len();
+        if out.set(set) {
+            tracing::info!(pool = %pool, endpoints = n, "prefill allow-list updated from the InferencePool");
+        }
     };
     loop {
         tokio::select! {
-            ev = next_event(&mut pool_events) => {
+            ev = next_event(pool_events.as_mut()) => {
                 let Some(ev) = ev else {
                     pool_events = None;
                     continue;
@@ -328,58 +349,40 @@ pub async fn watch(client: kube::Client, source: PoolSource, out: Arc<PoolEndpoi
                 spec = new_spec;
                 if !selector_changed {
                     // Only the ports changed: same pods.
-                    if pods_synced || spec.is_none() {
+                    if pods.as_ref().is_some_and(|w| w.synced) || spec.is_none() {
                         publish(&spec, &pods);
                     }
                     continue;
                 }
-                pods.clear();
-                listing = None;
-                pods_synced = false;
                 match spec.as_ref().and_then(PoolSpec::label_selector) {
                     Some(sel) => {
                         tracing::info!(pool = %pool, selector = %sel, ports = ?spec.as_ref().map(|s| &s.ports), "watching the InferencePool's pods");
                         out.unsync();
-                        pod_events = Some(pod_watch(&pod_api, &sel));
+                        pods = Some(PodWatch::start(&pod_api, &sel));
                     }
                     None => {
-                        pod_events = None;
+                        pods = None;
                         publish(&spec, &pods);
                     }
                 }
             }
-            ev = next_event(&mut pod_events) => {
+            ev = next_event(pods.as_mut().map(|w| &mut w.events)) => {
                 let Some(ev) = ev else {
-                    pod_events = None;
+                    pods = None;
                     continue;
                 };
+                let Some(w) = pods.as_mut() else { continue };
                 match ev {
                     Err(e) => {
                         tracing::warn!(pool = %pool, error = %e, "watching the pool's pods failed; retrying");
                     }
-                    Ok(Event::Init) => listing = Some(HashMap::new()),
-                    Ok(Event::InitApply(p)) => {
-                        if let Some(l) = listing.as_mut() {
-                            l.insert(pod_key(&p), p);
-                        }
-                    }
+                    // The store now holds the whole list.
                     Ok(Event::InitDone) => {
-                        pods = listing.take().unwrap_or_default();
-                        pods_synced = true;
+                        w.synced = true;
                         publish(&spec, &pods);
                     }
-                    Ok(Event::Apply(p)) => {
-                        pods.insert(pod_key(&p), p);
-                        if pods_synced {
-                            publish(&spec, &pods);
-                        }
-                    }
-                    Ok(Event::Delete(p)) => {
-                        pods.remove(&pod_key(&p));
-                        if pods_synced {
-                            publish(&spec, &pods);
-                        }
-                    }
+                    Ok(Event::Apply(_) | Event::Delete(_)) if w.synced => publish(&spec, &pods),
+                    Ok(_) => {}
                 }
             }
         }
@@ -387,19 +390,11 @@ pub async fn watch(client: kube::Client, source: PoolSource, out: Arc<PoolEndpoi
 }
 
 /// The next event of a watch, or pending for ever while there is none.
-async fn next_event<T>(events: &mut Option<BoxStream<'static, T>>) -> Option<T> {
+async fn next_event<T>(events: Option<&mut BoxStream<'static, T>>) -> Option<T> {
     match events {
         Some(s) => s.next().await,
         None => std::future::pending().await,
     }
-}
-
-fn pod_key(p: &Pod) -> String {
-    p.metadata
-        .uid
-        .clone()
-        .or_else(|| p.metadata.name.clone())
-        .unwrap_or_default()
 }
 
 /// A client from the in-cluster service account, or from `KUBECONFIG` /

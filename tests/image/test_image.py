@@ -5,6 +5,7 @@ the binaries starting from the unpacked root filesystem with only the image's ow
 (the image's dynamic loader, no host library path), KServe's rendered sidecar command line
 included. Run by `make image-test` (which builds the image first); `.ci/run` runs it."""
 
+import gzip
 import hashlib
 import json
 import os
@@ -72,8 +73,6 @@ def rootfs(image, tmp_path_factory):
         assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
         data = blob(layer["digest"])
         assert len(data) == layer["size"]
-        import gzip
-
         raw = gzip.decompress(data)
         assert "sha256:" + hashlib.sha256(raw).hexdigest() == diff_id, "diff_id is not the uncompressed layer"
         path = root.parent / (root.name + ".tar")

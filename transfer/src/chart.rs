@@ -85,13 +85,9 @@ pub enum ChartError {
     BadValue { what: String, value: f64 },
     #[error("no font for chart text: {0}")]
     NoFont(String),
+    /// Drawing or writing the file failed (plotters reports both).
     #[error("drawing the chart: {0}")]
     Draw(String),
-    #[error("writing {path:?}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// Registers DejaVu Sans (or `TANDEM_CHART_FONT`) with plotters, once.
@@ -280,20 +276,9 @@ impl BarChart {
         Ok(out)
     }
 
-    pub fn write_svg(&self, path: &Path, width: u32, height: u32) -> Result<(), ChartError> {
-        let svg = self.svg(width, height)?;
-        std::fs::write(path, svg).map_err(|source| ChartError::Io {
-            path: path.to_path_buf(),
-            source,
-        })
-    }
-
     /// Renders a PNG to `path` (RGB, `width` x `height`).
     pub fn write_png(&self, path: &Path, width: u32, height: u32) -> Result<(), ChartError> {
-        Self::check_size(width, height)?;
-        font()?;
-        self.y_top()?;
-        self.draw(BitMapBackend::new(path, (width, height)).into_drawing_area())
+        write_png_row(&[self], path, width, height)
     }
 }
 

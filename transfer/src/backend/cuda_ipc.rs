@@ -600,34 +600,22 @@ impl Backend for CudaIpcBackend {
             )));
         }
         let copier = self.copier()?;
-        let (local, remote) = (self.local_base(), pool.base);
-        let (b, src_ids, dst_ids) = match op {
-            Op::Read => (
-                BlockCopy {
-                    src: remote,
-                    dst: local,
-                    src_region: blocks.remote_region_len,
-                    dst_region: blocks.local_region_len,
-                    block: blocks.block_len,
-                    regions: blocks.regions,
-                },
-                &blocks.remote,
-                &blocks.local,
-            ),
-            Op::Write => (
-                BlockCopy {
-                    src: local,
-                    dst: remote,
-                    src_region: blocks.local_region_len,
-                    dst_region: blocks.remote_region_len,
-                    block: blocks.block_len,
-                    regions: blocks.regions,
-                },
-                &blocks.local,
-                &blocks.remote,
-            ),
+        // (base, region length, block ids) of each side; READ copies theirs into ours.
+        let ours = (self.local_base(), blocks.local_region_len, &blocks.local);
+        let theirs = (pool.base, blocks.remote_region_len, &blocks.remote);
+        let (from, to) = match op {
+            Op::Read => (theirs, ours),
+            Op::Write => (ours, theirs),
         };
-        let sub = copier.submit_blocks(&b, src_ids, dst_ids, self.method)?;
+        let b = BlockCopy {
+            src: from.0,
+            dst: to.0,
+            src_region: from.1,
+            dst_region: to.1,
+            block: blocks.block_len,
+            regions: blocks.regions,
+        };
+        let sub = copier.submit_blocks(&b, from.2, to.2, self.method)?;
         Ok(self.in_flight(sub, pool, notify))
     }
 

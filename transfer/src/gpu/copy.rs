@@ -342,47 +342,53 @@ impl Copier {
     where
         I: Iterator<Item = CopyOp> + Clone,
     {
-        let gpu = &self.gpu;
-        gpu.bind()?;
+        self.gpu.bind()?;
         let (count, total, aligned) = copies.clone().fold((0usize, 0u64, true), |(n, t, a), c| {
             (n + 1, t + c.len, a && (c.src | c.dst | c.len) % ALIGN == 0)
         });
         let method = choose_by(method, count, total, aligned, host_side);
-        let mut staging = None;
-        let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let (start, event) = match reused {
-            Some(pair) => pair,
-            None => (gpu.event(true)?, gpu.event(true)?),
-        };
-        start.record(&self.stream)?;
-        match method {
+        self.timed(method, || match method {
             CopyMethod::Kernel => {
-                let item = item_bytes(total, gpu.sm_count());
+                let item = item_bytes(total, self.gpu.sm_count());
                 let n: usize = copies.clone().map(|c| c.len.div_ceil(item) as usize).sum();
-                if n > 0 {
-                    let bytes = n * 24;
-                    let mut s = self.staging(bytes)?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                let s = self.staged(n * 24, |buf| {
                     let words = copies.flat_map(|c| items_of(c, item)).flatten();
-                    for (dst, w) in s.host.as_mut_slice().chunks_exact_mut(8).zip(words) {
+                    for (dst, w) in buf.chunks_exact_mut(8).zip(words) {
                         dst.copy_from_slice(&w.to_le_bytes());
                     }
-                    // SAFETY of the async upload: `s.host` is pinned and kept
-                    // (in the handle) until the event after the kernel completes.
-                    let host = unsafe { std::slice::from_raw_parts(s.host.as_ptr(), bytes) };
-                    self.stream.upload(s.dev.ptr(), host)?;
-                    let n = u32::try_from(n).map_err(|_| {
-                        TransferError::BadRequest(format!("{n} copy items in one transfer"))
-                    })?;
-                    gpu.launch_gather(&self.stream, s.dev.ptr(), n)?;
-                    staging = Some(s);
-                }
+                })?;
+                let n = u32::try_from(n).map_err(|_| {
+                    TransferError::BadRequest(format!("{n} copy items in one transfer"))
+                })?;
+                self.gpu.launch_gather(&self.stream, s.dev.ptr(), n)?;
+                Ok(Some(s))
             }
             CopyMethod::Memcpy | CopyMethod::Auto => {
                 for c in copies.filter(|c| c.len > 0) {
                     self.stream.copy(c.dst, c.src, c.len as usize)?;
                 }
+                Ok(None)
             }
-        }
+        })
+    }
+
+    /// Runs `enqueue` between a start and an end event on the stream and
+    /// returns the handle that owns what it staged. Event pairs are reused.
+    fn timed(
+        self: &Arc<Self>,
+        method: CopyMethod,
+        enqueue: impl FnOnce() -> Result<Option<Staging>, TransferError>,
+    ) -> Result<Submitted, TransferError> {
+        let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (start, event) = match reused {
+            Some(pair) => pair,
+            None => (self.gpu.event(true)?, self.gpu.event(true)?),
+        };
+        start.record(&self.stream)?;
+        let staging = enqueue()?;
         event.record(&self.stream)?;
         Ok(Submitted {
             copier: self.clone(),
@@ -392,6 +398,18 @@ impl Copier {
             method,
             done: false,
         })
+    }
+
+    /// A staging pair whose first `bytes` host bytes `fill` writes, uploaded
+    /// to its device half on the stream.
+    fn staged(&self, bytes: usize, fill: impl FnOnce(&mut [u8])) -> Result<Staging, TransferError> {
+        let mut s = self.staging(bytes)?;
+        fill(&mut s.host.as_mut_slice()[..bytes]);
+        // SAFETY of the async upload: `s.host` is pinned and kept (in the
+        // handle) until the event after the kernel completes.
+        let host = unsafe { std::slice::from_raw_parts(s.host.as_ptr(), bytes) };
+        self.stream.upload(s.dev.ptr(), host)?;
+        Ok(s)
     }
 
     /// Submits one transfer given as block ids with the block-list kernel:
@@ -411,27 +429,16 @@ impl Copier {
         if method == CopyMethod::Memcpy || !b.aligned() || !self.gpu.has_block_kernel() {
             return self.submit(b.copies(src_ids, dst_ids), method, false);
         }
-        let gpu = &self.gpu;
-        gpu.bind()?;
-        let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let (start, event) = match reused {
-            Some(pair) => pair,
-            None => (gpu.event(true)?, gpu.event(true)?),
-        };
-        start.record(&self.stream)?;
-        let mut staging = None;
-        if pairs > 0 && b.regions > 0 {
-            let bytes = pairs * 8;
-            let mut s = self.staging(bytes)?;
-            pack_ids(src_ids, dst_ids, &mut s.host.as_mut_slice()[..bytes]);
-            // SAFETY of the async upload: `s.host` is pinned and kept (in the
-            // handle) until the event after the kernel completes.
-            let host = unsafe { std::slice::from_raw_parts(s.host.as_ptr(), bytes) };
-            self.stream.upload(s.dev.ptr(), host)?;
+        self.gpu.bind()?;
+        self.timed(CopyMethod::Kernel, || {
+            if pairs == 0 || b.regions == 0 {
+                return Ok(None);
+            }
+            let s = self.staged(pairs * 8, |buf| pack_ids(src_ids, dst_ids, buf))?;
             let pairs = u32::try_from(pairs).map_err(|_| {
                 TransferError::BadRequest(format!("{pairs} blocks in one transfer"))
             })?;
-            gpu.launch_blocks(
+            self.gpu.launch_blocks(
                 &self.stream,
                 &BlockLaunch {
                     ids: s.dev.ptr(),
@@ -444,16 +451,7 @@ impl Copier {
                     regions: b.regions,
                 },
             )?;
-            staging = Some(s);
-        }
-        event.record(&self.stream)?;
-        Ok(Submitted {
-            copier: self.clone(),
-            start: Some(start),
-            event: Some(event),
-            staging,
-            method: CopyMethod::Kernel,
-            done: false,
+            Ok(Some(s))
         })
     }
 }
