@@ -9,9 +9,17 @@ use std::ffi::OsString;
 use serde_norway::Value;
 
 /// The keys llm-d-router's sidecar configuration takes, and their types.
-const KEYS: [(&str, Kind); 20] = [
+const KEYS: [(&str, Kind); 28] = [
     ("port", Kind::Int),
     ("vllm-port", Kind::Int),
+    ("model-server-port", Kind::Int),
+    ("mooncake-bootstrap-port", Kind::Int),
+    ("p2p-connector-port", Kind::Int),
+    ("enable-p2p-pull", Kind::Bool),
+    ("prefill-max-retries", Kind::Int),
+    ("prefill-retry-backoff", Kind::Str),
+    ("tracing", Kind::Bool),
+    ("metrics-port", Kind::Int),
     ("data-parallel-size", Kind::Int),
     ("kv-connector", Kind::Str),
     ("connector", Kind::Str),
@@ -182,6 +190,20 @@ mod tests {
                 "--enable-tls=decoder",
                 "--secure-proxy=false",
                 "--port=9000"
+            ]
+        );
+        let out = expand_strs(&[
+            "--configuration={kv-connector: mooncake, mooncake-bootstrap-port: 9001, enable-p2p-pull: false, p2p-connector-port: 7000, tracing: true}",
+        ])
+        .unwrap();
+        assert_eq!(
+            out[1..],
+            [
+                "--kv-connector=mooncake",
+                "--mooncake-bootstrap-port=9001",
+                "--enable-p2p-pull=false",
+                "--p2p-connector-port=7000",
+                "--tracing=true"
             ]
         );
         // Nothing to expand: argv as given.

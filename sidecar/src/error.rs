@@ -37,6 +37,8 @@ pub enum ProxyError {
     },
     #[error("prefill engine {target} sent an invalid response: {detail}")]
     PrefillBadResponse { target: String, detail: String },
+    #[error("prefill engine {target}: its KV bootstrap server did not answer usefully: {detail}")]
+    PrefillBootstrap { target: String, detail: String },
     #[error("decode engine unavailable: {0}")]
     DecodeUnavailable(String),
     #[error("decode engine error: {0}")]
@@ -60,9 +62,9 @@ impl ProxyError {
             ProxyError::PrefillForbidden(_) | ProxyError::PrefillPoolNotSynced(_) => {
                 StatusCode::FORBIDDEN
             }
-            ProxyError::PrefillUnreachable { .. } | ProxyError::PrefillBadResponse { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::PrefillUnreachable { .. }
+            | ProxyError::PrefillBadResponse { .. }
+            | ProxyError::PrefillBootstrap { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::PrefillTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PrefillStatus { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
@@ -89,6 +91,7 @@ impl ProxyError {
             ProxyError::PrefillTimeout { .. } => "prefill_timeout",
             ProxyError::PrefillStatus { .. } => "prefill_status",
             ProxyError::PrefillBadResponse { .. } => "prefill_bad_response",
+            ProxyError::PrefillBootstrap { .. } => "prefill_bootstrap_failed",
             ProxyError::DecodeUnavailable(_) => "decode_unavailable",
             ProxyError::DecodeFailed(_) => "decode_failed",
             ProxyError::UnknownDataParallelRank(_) => "unknown_dp_rank",

@@ -492,3 +492,46 @@ async fn logs_written_to_a_file_carry_no_colour_codes() {
         "escape codes in a log file:\n{log}"
     );
 }
+
+/// llm-d's conditional decode: with `Prefer: if-available` a request goes
+/// only to a decode endpoint that already holds part of its prefix, else 412
+/// (and nothing is sent, and the prompt is not recorded as cached).
+#[tokio::test]
+async fn prefer_if_available_is_412_until_a_decode_holds_the_prefix() {
+    let decode = DecodePod::start(&[]).await;
+    let router = Router::start(&[decode.url()], &[], &[]).await;
+    let prompt = text(400, "conditional");
+    let body = json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2});
+    let url = router.url("/v1/completions");
+    let (status, headers, resp) = http_post_json(
+        &url,
+        &body,
+        &[("prefer", "respond-async, If-Available; x=1")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(headers["x-pd-error-code"], "no_cached_prefix");
+    assert_eq!(
+        json(&resp)["error"]["code"],
+        412,
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    assert!(decode.engine.inference_requests().await.is_empty());
+    // Refused twice: the first refusal did not teach the index the prompt.
+    let (status, _, _) = http_post_json(&url, &body, &[("prefer", "if-available")]).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+
+    complete(&router, &prompt, &[]).await;
+    let (status, _, resp) = http_post_json(&url, &body, &[("prefer", "if-available")]).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    assert_eq!(decode.engine.inference_requests().await.len(), 2);
+    assert_eq!(
+        router_metric(
+            &router,
+            r#"pd_router_errors_total{class="no_cached_prefix"}"#
+        )
+        .await,
+        2
+    );
+}

@@ -4,18 +4,24 @@
 //! orchestration (sending, retries, fallback) lives in `proxy` and must not be
 //! duplicated in a connector.
 
+pub mod mooncake;
 mod nixl;
 mod nixlv2;
+mod offloading;
+mod p2p;
 mod sglang;
 mod shared_storage;
 
 use serde_json::{Map, Value};
 
-use crate::config::{split_host_port, ConnectorKind};
+use crate::config::{split_host_port, Config, ConnectorKind};
 use crate::request::ApiKind;
 
+pub use mooncake::{Mooncake, RemoteEngine};
 pub use nixl::NixlV1;
 pub use nixlv2::NixlV2;
+pub use offloading::Offloading;
+pub use p2p::{same_endpoint, P2pTier, REMOTE_KV_SOURCE};
 pub use sglang::Sglang;
 pub use shared_storage::SharedStorage;
 
@@ -26,6 +32,23 @@ pub struct PdRequest<'a> {
     pub body: &'a Map<String, Value>,
     /// `host:port` of the chosen prefill engine.
     pub prefill_target: &'a str,
+    /// A peer holding more of the prompt's prefix (`x-kv-cache-source-host-port`,
+    /// already checked), for connectors with a P2P tier.
+    pub kv_source: Option<&'a str>,
+    /// Mooncake: the prefill engine as its bootstrap server describes it.
+    pub remote_engine: Option<&'a RemoteEngine>,
+}
+
+impl<'a> PdRequest<'a> {
+    pub fn new(api: ApiKind, body: &'a Map<String, Value>, prefill_target: &'a str) -> Self {
+        PdRequest {
+            api,
+            body,
+            prefill_target,
+            kv_source: None,
+            remote_engine: None,
+        }
+    }
 }
 
 /// The bodies a connector wants sent.
@@ -37,13 +60,23 @@ pub enum Legs {
     Concurrent {
         prefill: Map<String, Value>,
         decode: Map<String, Value>,
+        /// Extra headers of the prefill leg (name, value).
+        prefill_headers: Vec<(&'static str, String)>,
     },
 }
 
 pub trait Connector: Send + Sync {
     fn name(&self) -> &'static str;
 
-    fn legs(&self, req: &PdRequest<'_>) -> Legs;
+    /// The legs' bodies. `Err` names what is missing to build them; the
+    /// caller treats it as a prefill failure.
+    fn legs(&self, req: &PdRequest<'_>) -> Result<Legs, String>;
+
+    /// Mooncake: the port of the prefill pods' bootstrap server, which the
+    /// caller asks for [`PdRequest::remote_engine`] before [`Connector::legs`].
+    fn bootstrap_port(&self) -> Option<u16> {
+        None
+    }
 
     /// The decode body after a successful sequential prefill. `Err` names what
     /// the prefill response lacks; the caller treats it as a prefill failure.
@@ -60,14 +93,25 @@ pub trait Connector: Send + Sync {
     }
 }
 
-pub fn for_kind(kind: ConnectorKind, sglang_bootstrap_port: u16) -> Box<dyn Connector> {
-    match kind {
-        ConnectorKind::Nixlv2 => Box::new(NixlV2),
+pub fn for_config(cfg: &Config) -> Box<dyn Connector> {
+    let p2p = P2pTier {
+        base_port: cfg.p2p_connector_port,
+        dp_size: cfg.data_parallel_size,
+        dp_base_port: cfg.port,
+    };
+    match cfg.connector {
+        ConnectorKind::Nixlv2 => Box::new(NixlV2 {
+            p2p: cfg.enable_p2p_pull.then_some(p2p),
+        }),
         ConnectorKind::Nixl => Box::new(NixlV1),
         ConnectorKind::SharedStorage => Box::new(SharedStorage),
         ConnectorKind::Sglang => Box::new(Sglang {
-            bootstrap_port: sglang_bootstrap_port,
+            bootstrap_port: cfg.sglang_bootstrap_port,
         }),
+        ConnectorKind::Mooncake => Box::new(Mooncake {
+            bootstrap_port: cfg.mooncake_bootstrap_port,
+        }),
+        ConnectorKind::Offloading => Box::new(Offloading { p2p }),
     }
 }
 

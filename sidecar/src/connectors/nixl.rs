@@ -25,7 +25,7 @@ impl Connector for NixlV1 {
         &crate::sanitize::NIXL_V1_RESERVED
     }
 
-    fn legs(&self, req: &PdRequest<'_>) -> Legs {
+    fn legs(&self, req: &PdRequest<'_>) -> Result<Legs, String> {
         let mut prefill = req.body.clone();
         prefill.insert("do_remote_decode".into(), Value::Bool(true));
         prefill.insert("do_remote_prefill".into(), Value::Bool(false));
@@ -38,7 +38,7 @@ impl Connector for NixlV1 {
             prefill.insert(field.into(), Value::Null);
         }
         prefill_only(req.api, &mut prefill);
-        Legs::Sequential { prefill }
+        Ok(Legs::Sequential { prefill })
     }
 
     fn decode_body(
@@ -70,12 +70,8 @@ mod tests {
     #[test]
     fn fields_at_top_level_both_ways() {
         let body = obj(json!({"prompt": "x", "stream": true}));
-        let req = PdRequest {
-            api: ApiKind::Completions,
-            body: &body,
-            prefill_target: "p:1",
-        };
-        let Legs::Sequential { prefill } = NixlV1.legs(&req) else {
+        let req = PdRequest::new(ApiKind::Completions, &body, "p:1");
+        let Legs::Sequential { prefill } = NixlV1.legs(&req).unwrap() else {
             panic!()
         };
         assert_eq!(prefill["do_remote_decode"], true);

@@ -2,16 +2,20 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{prefill_only, Connector, Legs, PdRequest};
+use super::{prefill_only, Connector, Legs, P2pTier, PdRequest};
 
-pub struct NixlV2;
+pub struct NixlV2 {
+    /// `--enable-p2p-pull`: the engines run MultiConnector(NixlConnector +
+    /// OffloadingConnector), so the prefill may pull a cached prefix first.
+    pub p2p: Option<P2pTier>,
+}
 
 impl Connector for NixlV2 {
     fn name(&self) -> &'static str {
         "nixlv2"
     }
 
-    fn legs(&self, req: &PdRequest<'_>) -> Legs {
+    fn legs(&self, req: &PdRequest<'_>) -> Result<Legs, String> {
         let mut prefill = req.body.clone();
         prefill.insert(
             "kv_transfer_params".into(),
@@ -24,8 +28,13 @@ impl Connector for NixlV2 {
                 "remote_port": null
             }),
         );
+        if let (Some(p2p), Some(Value::Object(params))) =
+            (&self.p2p, prefill.get_mut("kv_transfer_params"))
+        {
+            p2p.pull_into(params, req.kv_source, req.prefill_target);
+        }
         prefill_only(req.api, &mut prefill);
-        Legs::Sequential { prefill }
+        Ok(Legs::Sequential { prefill })
     }
 
     fn decode_body(
@@ -55,12 +64,8 @@ mod tests {
     fn prefill_leg_is_one_token_no_stream_with_null_params() {
         let body = obj(json!({"model": "m", "prompt": "hi", "stream": true,
             "stream_options": {"include_usage": true}, "max_tokens": 50, "temperature": 0.5}));
-        let req = PdRequest {
-            api: ApiKind::Completions,
-            body: &body,
-            prefill_target: "p:1",
-        };
-        let Legs::Sequential { prefill } = NixlV2.legs(&req) else {
+        let req = PdRequest::new(ApiKind::Completions, &body, "p:1");
+        let Legs::Sequential { prefill } = (NixlV2 { p2p: None }).legs(&req).unwrap() else {
             panic!("sequential")
         };
         assert_eq!(
@@ -73,17 +78,41 @@ mod tests {
     }
 
     #[test]
+    fn with_p2p_pull_the_prefill_pulls_from_the_kv_source() {
+        let body = obj(json!({"model": "m", "prompt": "hi"}));
+        let mut req = PdRequest::new(ApiKind::Completions, &body, "10.0.0.1:8000");
+        req.kv_source = Some("10.0.0.2:8000");
+        let conn = NixlV2 {
+            p2p: Some(P2pTier {
+                base_port: 7777,
+                dp_size: 1,
+                dp_base_port: 8000,
+            }),
+        };
+        let Legs::Sequential { prefill } = conn.legs(&req).unwrap() else {
+            panic!()
+        };
+        let params = &prefill["kv_transfer_params"];
+        assert_eq!(params["do_remote_decode"], true);
+        assert_eq!(params["remote_kv_source"]["remote_host"], "10.0.0.2");
+        assert_eq!(params["remote_kv_source"]["remote_port"], 7777);
+        // Without the flag the source is not passed on.
+        let Legs::Sequential { prefill } = (NixlV2 { p2p: None }).legs(&req).unwrap() else {
+            panic!()
+        };
+        assert!(prefill["kv_transfer_params"]
+            .get("remote_kv_source")
+            .is_none());
+    }
+
+    #[test]
     fn decode_leg_copies_params_and_restores_client_fields() {
         let body =
             obj(json!({"model": "m", "messages": [], "stream": true, "max_completion_tokens": 7}));
-        let req = PdRequest {
-            api: ApiKind::ChatCompletions,
-            body: &body,
-            prefill_target: "p:1",
-        };
+        let req = PdRequest::new(ApiKind::ChatCompletions, &body, "p:1");
         let params = json!({"do_remote_prefill": true, "do_remote_decode": false, "remote_block_ids": [1, 2],
             "remote_engine_id": "e", "remote_request_id": "r", "remote_host": "h", "remote_port": 5, "tp_size": 1});
-        let decode = NixlV2
+        let decode = (NixlV2 { p2p: None })
             .decode_body(&req, &json!({"kv_transfer_params": params.clone()}))
             .unwrap();
         assert_eq!(
@@ -96,12 +125,8 @@ mod tests {
     #[test]
     fn missing_params_is_an_error() {
         let body = obj(json!({"prompt": "x"}));
-        let req = PdRequest {
-            api: ApiKind::Completions,
-            body: &body,
-            prefill_target: "p:1",
-        };
-        assert!(NixlV2
+        let req = PdRequest::new(ApiKind::Completions, &body, "p:1");
+        assert!((NixlV2 { p2p: None })
             .decode_body(&req, &json!({"kv_transfer_params": null}))
             .is_err());
     }
@@ -109,12 +134,8 @@ mod tests {
     #[test]
     fn responses_and_generate_limits() {
         let body = obj(json!({"input": "x", "max_output_tokens": 9}));
-        let req = PdRequest {
-            api: ApiKind::Responses,
-            body: &body,
-            prefill_target: "p:1",
-        };
-        let Legs::Sequential { prefill } = NixlV2.legs(&req) else {
+        let req = PdRequest::new(ApiKind::Responses, &body, "p:1");
+        let Legs::Sequential { prefill } = (NixlV2 { p2p: None }).legs(&req).unwrap() else {
             panic!()
         };
         assert_eq!(prefill["max_output_tokens"], 1);
@@ -123,12 +144,8 @@ mod tests {
         let body = obj(
             json!({"token_ids": [1, 2], "sampling_params": {"max_tokens": 9, "temperature": 0}}),
         );
-        let req = PdRequest {
-            api: ApiKind::Generate,
-            body: &body,
-            prefill_target: "p:1",
-        };
-        let Legs::Sequential { prefill } = NixlV2.legs(&req) else {
+        let req = PdRequest::new(ApiKind::Generate, &body, "p:1");
+        let Legs::Sequential { prefill } = (NixlV2 { p2p: None }).legs(&req).unwrap() else {
             panic!()
         };
         assert_eq!(

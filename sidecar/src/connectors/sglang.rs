@@ -32,13 +32,14 @@ impl Connector for Sglang {
         "sglang"
     }
 
-    fn legs(&self, req: &PdRequest<'_>) -> Legs {
+    fn legs(&self, req: &PdRequest<'_>) -> Result<Legs, String> {
         // SGLang keys rooms by a signed 64-bit integer.
         let room = rand::random::<u64>() >> 1;
-        Legs::Concurrent {
+        Ok(Legs::Concurrent {
             prefill: self.with_bootstrap(req, room),
             decode: self.with_bootstrap(req, room),
-        }
+            prefill_headers: Vec::new(),
+        })
     }
 
     fn decode_body(
@@ -60,27 +61,24 @@ mod tests {
     #[test]
     fn both_legs_share_the_room() {
         let body = obj(json!({"prompt": "x"}));
-        let req = PdRequest {
-            api: ApiKind::Completions,
-            body: &body,
-            prefill_target: "10.1.2.3:8000",
-        };
-        let Legs::Concurrent { prefill, decode } = (Sglang {
+        let req = PdRequest::new(ApiKind::Completions, &body, "10.1.2.3:8000");
+        let Legs::Concurrent {
+            prefill, decode, ..
+        } = (Sglang {
             bootstrap_port: 8998,
         })
-        .legs(&req) else {
+        .legs(&req)
+        .unwrap()
+        else {
             panic!()
         };
         assert_eq!(prefill, decode);
         assert_eq!(prefill["bootstrap_host"], "10.1.2.3");
         assert_eq!(prefill["bootstrap_port"], 8998);
         assert!(prefill["bootstrap_room"].as_i64().is_some());
-        let req6 = PdRequest {
-            api: ApiKind::Completions,
-            body: &body,
-            prefill_target: "[fd00::1]:8000",
-        };
-        let Legs::Concurrent { prefill, .. } = (Sglang { bootstrap_port: 1 }).legs(&req6) else {
+        let req6 = PdRequest::new(ApiKind::Completions, &body, "[fd00::1]:8000");
+        let Legs::Concurrent { prefill, .. } = (Sglang { bootstrap_port: 1 }).legs(&req6).unwrap()
+        else {
             panic!()
         };
         assert_eq!(prefill["bootstrap_host"], "fd00::1");

@@ -12,10 +12,10 @@ impl Connector for SharedStorage {
         "shared-storage"
     }
 
-    fn legs(&self, req: &PdRequest<'_>) -> Legs {
+    fn legs(&self, req: &PdRequest<'_>) -> Result<Legs, String> {
         let mut prefill = req.body.clone();
         prefill_only(req.api, &mut prefill);
-        Legs::Sequential { prefill }
+        Ok(Legs::Sequential { prefill })
     }
 
     fn decode_body(
@@ -37,12 +37,8 @@ mod tests {
     #[test]
     fn prefill_limited_decode_untouched() {
         let body = obj(json!({"messages": [], "max_tokens": 30, "stream": true}));
-        let req = PdRequest {
-            api: ApiKind::ChatCompletions,
-            body: &body,
-            prefill_target: "p:1",
-        };
-        let Legs::Sequential { prefill } = SharedStorage.legs(&req) else {
+        let req = PdRequest::new(ApiKind::ChatCompletions, &body, "p:1");
+        let Legs::Sequential { prefill } = SharedStorage.legs(&req).unwrap() else {
             panic!()
         };
         assert_eq!(

@@ -221,6 +221,8 @@ pub struct Routed {
     pub prefill_unavailable: bool,
     pub prompt_tokens: u64,
     pub uncached_tokens: u64,
+    /// Blocks of the prompt's prefix the decode pick holds, by the index.
+    pub decode_matched_blocks: usize,
     /// The prompt's block-hash chain, for [`Scheduler::record`].
     pub hashes: Vec<u64>,
     /// Position of the prefill pick among the prefill endpoints.
@@ -362,8 +364,9 @@ impl Scheduler {
             .pick(&ScoreInput::new(&candidates, hashes.len()), rng);
         let (decode_index, admission) = admitted_decode[d.index];
         release_others(&self.decode, &admitted_decode, decode_index);
-        let matched_tokens = (candidates[d.index].matched_blocks as u64)
-            .saturating_mul(self.prefix.block_size as u64);
+        let decode_matched_blocks = candidates[d.index].matched_blocks;
+        let matched_tokens =
+            (decode_matched_blocks as u64).saturating_mul(self.prefix.block_size as u64);
         let uncached = prompt.tokens.saturating_sub(matched_tokens);
         let decode = self.decode[decode_index].clone();
         let mut guards = vec![decode.acquire()];
@@ -404,6 +407,7 @@ impl Scheduler {
             prefill_unavailable,
             prompt_tokens: prompt.tokens,
             uncached_tokens: uncached,
+            decode_matched_blocks,
             hashes,
             prefill_index,
             guards,

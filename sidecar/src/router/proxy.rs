@@ -56,6 +56,8 @@ pub enum RouterError {
     DecodeFailed { endpoint: String, detail: String },
     #[error("no healthy decode endpoint")]
     NoHealthyDecode,
+    #[error("no decode endpoint holds any of the prompt's KV cache (Prefer: if-available)")]
+    NoCachedPrefix,
 }
 
 impl RouterError {
@@ -70,6 +72,7 @@ impl RouterError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             RouterError::DecodeFailed { .. } => StatusCode::BAD_GATEWAY,
+            RouterError::NoCachedPrefix => StatusCode::PRECONDITION_FAILED,
         }
     }
 
@@ -84,6 +87,7 @@ impl RouterError {
             RouterError::DecodeUnavailable { .. } => "decode_unavailable",
             RouterError::DecodeFailed { .. } => "decode_failed",
             RouterError::NoHealthyDecode => "no_healthy_decode",
+            RouterError::NoCachedPrefix => "no_cached_prefix",
         }
     }
 
@@ -306,7 +310,8 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     let prompt = prompt_with(api, &body, tokenizer);
 
     let view = state.view();
-    let first = schedule(state, &view, model, &prompt, None)?;
+    let cached_only = prefers_if_available(&parts.headers);
+    let first = schedule(state, &view, model, &prompt, None, cached_only)?;
     let first_index = first.decode_index;
     let first_decision = Decided::of(&first);
     let err = match forward(state, &view, &parts, &raw, first).await {
@@ -318,7 +323,7 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     };
     // No response byte came back, and the body is in memory: another decode
     // endpoint can take it.
-    let Ok(second) = schedule(state, &view, model, &prompt, Some(first_index)) else {
+    let Ok(second) = schedule(state, &view, model, &prompt, Some(first_index), cached_only) else {
         first_decision.count(state);
         return Err(err);
     };
@@ -357,12 +362,29 @@ impl Decided {
 }
 
 /// Picks D (not `exclude`), decides, picks P; counts the picks.
+/// RFC 7240 `Prefer: if-available` (llm-d's conditional decode): the request
+/// is wanted only where a decode endpoint already holds part of its prefix.
+fn prefers_if_available(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|pref| {
+            let token = pref.split(';').next().unwrap_or("").trim();
+            token.eq_ignore_ascii_case("if-available")
+        })
+}
+
+/// Picks the pair for one attempt. `cached_only`: a decode pick that holds
+/// none of the prompt's blocks is refused (412) before anything is recorded.
 fn schedule(
     state: &RouterState,
     view: &View,
     model: &str,
     prompt: &Prompt,
     exclude: Option<usize>,
+    cached_only: bool,
 ) -> Result<Routed, RouterError> {
     let started = Instant::now();
     let routed = view
@@ -373,6 +395,9 @@ fn schedule(
         .pick_duration
         .observe(started.elapsed().as_secs_f64());
     let routed = routed.ok_or(RouterError::NoHealthyDecode)?;
+    if cached_only && routed.decode_matched_blocks == 0 {
+        return Err(RouterError::NoCachedPrefix);
+    }
     view.scheduler.record(&routed);
     let metrics = &state.metrics;
     metrics.pick("decode", &routed.decode.label);
@@ -531,7 +556,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::tests::headers;
+    use crate::proxy::test_headers as headers;
     use crate::proxy::REQUEST_ID_HEADER;
 
     #[test]

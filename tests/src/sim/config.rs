@@ -100,6 +100,13 @@ pub struct Config {
     #[arg(long, env = "ENGINE_SIM_KV_PORT", default_value_t = 0)]
     pub kv_port: u16,
 
+    /// Serve a Mooncake bootstrap server on this port (0: none): `GET /query` answers
+    /// `{"0": {"engine_id": <engine id>}}`, the rank-to-engine map pd-sidecar's
+    /// `--kv-connector=mooncake` asks prefill pods for. engine-sim has no Mooncake
+    /// transfer engine: a request with Mooncake's `transfer_id` is computed locally.
+    #[arg(long, env = "ENGINE_SIM_MOONCAKE_BOOTSTRAP_PORT", default_value_t = 0)]
+    pub mooncake_bootstrap_port: u16,
+
     /// Shape of the `kv_transfer_params` a prefill answers with: `grouped` (vLLM 0.26:
     /// `remote_block_ids` as one list per KV-cache group, plus `remote_num_tokens` and
     /// `remote_blocks_expiry_time`) or `flat` (older vLLM: one list of ids). A decode accepts both.

@@ -28,6 +28,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::IntoFuture;
+
 use anyhow::Context;
 
 pub use config::Config;
@@ -65,6 +67,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         engine_id = %state.engine_id,
         "engine-sim listening"
     );
+    if state.cfg.mooncake_bootstrap_port != 0 {
+        let port = state.cfg.mooncake_bootstrap_port;
+        let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+            .await
+            .with_context(|| format!("binding the Mooncake bootstrap port {host}:{port}"))?;
+        tokio::spawn(
+            axum::serve(listener, server::mooncake_bootstrap(Arc::clone(&state))).into_future(),
+        );
+    }
     let app = router(state);
     tokio::select! {
         // Without TCP_NODELAY each SSE event waits for the peer's delayed ACK (~40 ms).

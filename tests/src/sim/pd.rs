@@ -2,7 +2,8 @@
 //! plays, the `kv_transfer_params` a prefill returns, the decode's checks on what it was handed,
 //! and the release notification a decode sends back to the prefill engine (through the KV agent). Supports vLLM's
 //! NixlConnector form (`kv_transfer_params` object, "nixlv2") and the legacy v1 form ("nixl": the
-//! same fields at the top level of the body). sglang bootstrap fields are only noted.
+//! same fields at the top level of the body). sglang bootstrap fields are only noted;
+//! Mooncake and OffloadingConnector legs are computed locally (no transfer engine for them here).
 
 use serde_json::{json, Map, Value};
 
@@ -67,6 +68,11 @@ pub fn detect_role(
         None | Some(Value::Null) => (body, true, ""),
         Some(_) => return Err(bad("`kv_transfer_params` must be an object")),
     };
+    // Mooncake's legs name a transfer, not blocks: engine-sim has no Mooncake
+    // transfer engine, so both are computed here like an ordinary request.
+    if !legacy && src.contains_key("transfer_id") {
+        return Ok(Role::Local);
+    }
     let remote_decode = flag(src, "do_remote_decode");
     let remote_prefill = flag(src, "do_remote_prefill");
     match (remote_decode, remote_prefill) {

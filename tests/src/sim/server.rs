@@ -81,6 +81,17 @@ fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
+/// A Mooncake bootstrap server: the data-parallel ranks of this engine (one) and their engine ids.
+pub fn mooncake_bootstrap(state: Arc<AppState>) -> Router {
+    Router::new().route(
+        "/query",
+        get(move || {
+            let id = state.engine_id.clone();
+            async move { Json(json!({"0": {"engine_id": id}})) }
+        }),
+    )
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let log = Arc::clone(&state.log);
     Router::new()

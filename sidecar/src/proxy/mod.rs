@@ -1,23 +1,41 @@
 //! The life of a P/D request, as named phases:
 //! `read_body` -> `parse` -> `decide` -> `prefill` (with retries) -> `decode`
-//! -> response rewrite (in `body`). Passthrough, `/health` and `/ready` live
-//! here too. Connectors only build bodies; this module sends them.
+//! -> response rewrite (in `body`). What arrives is read in `inbound`, the
+//! prefill leg's retries live in `prefill`, other paths and the probes in
+//! `passthrough`. Connectors only build bodies; this module sends them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Uri};
-use http_body_util::{BodyExt, Limited};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Uri};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use rand::Rng;
 use serde_json::{Map, Value};
+
+mod bootstrap;
+mod inbound;
+mod passthrough;
+mod prefill;
+
+#[cfg(test)]
+pub(crate) use inbound::tests::headers as test_headers;
+pub use inbound::{
+    body_idle_timeout, forward_headers, prefill_target, read_limited, BodyError,
+    DATA_PARALLEL_HEADER, HOP_BY_HOP, KV_CACHE_SOURCE_HEADER, PREFILLER_HEADER, REQUEST_ID_HEADER,
+    ROUTING_HEADERS,
+};
+pub use passthrough::{health, passthrough, ready};
+pub use prefill::PrefillWatch;
+
+use inbound::read_body;
+use prefill::prefill_with_retries;
 
 use crate::allow::{Denied, PoolEndpoints, PrefillGuard};
 use crate::body::{rewrite_usage, Observed};
@@ -30,28 +48,6 @@ use crate::sanitize;
 use crate::upstream::{self, HttpClient, UpstreamError};
 use crate::validate;
 
-pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
-pub const DATA_PARALLEL_HEADER: &str = "x-data-parallel-host-port";
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-/// Routing headers that only mean something to a sidecar; never forwarded upstream (and set
-/// only by the router: a client's are removed).
-pub const ROUTING_HEADERS: [&str; 4] = [
-    PREFILLER_HEADER,
-    "x-encoder-hosts-ports",
-    DATA_PARALLEL_HEADER,
-    "x-kv-cache-source-host-port",
-];
-pub const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-];
-
 /// Everything shared by all listeners of one sidecar.
 pub struct Shared {
     pub cfg: Config,
@@ -62,12 +58,21 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// SSRF protection: None when it is off.
     pub guard: Option<Arc<PrefillGuard>>,
+    /// Mooncake: the prefill pods' engine ids.
+    engine_ids: Option<bootstrap::EngineIds>,
+    /// This pod's `POD_IP:port`: a KV source naming it is no source.
+    self_endpoint: Option<String>,
 }
 
 impl Shared {
     pub fn new(cfg: Config, metrics: Arc<Metrics>) -> Result<Shared, String> {
         let tokens = TokenCounter::load(cfg.tokenizer.as_deref())?;
-        let connector = connectors::for_kind(cfg.connector, cfg.sglang_bootstrap_port);
+        let connector = connectors::for_config(&cfg);
+        let engine_ids = connector.bootstrap_port().map(bootstrap::EngineIds::new);
+        let self_endpoint = std::env::var("POD_IP")
+            .ok()
+            .filter(|ip| !ip.is_empty())
+            .map(|ip| format!("{ip}:{}", cfg.port));
         let client = |tls| {
             upstream::build_client(tls, cfg.upstream_idle_timeout, cfg.max_idle_conns_per_host)
         };
@@ -86,11 +91,21 @@ impl Shared {
             prefill_client: client(cfg.prefiller_tls),
             decode_client: client(cfg.decoder_tls),
             connector,
+            engine_ids,
+            self_endpoint,
             tokens,
             metrics,
             guard,
             cfg,
         })
+    }
+
+    fn p2p_tier(&self) -> connectors::P2pTier {
+        connectors::P2pTier {
+            base_port: self.cfg.p2p_connector_port,
+            dp_size: self.cfg.data_parallel_size,
+            dp_base_port: self.cfg.port,
+        }
     }
 
     fn prefill_scheme(&self) -> &'static str {
@@ -162,64 +177,6 @@ pub fn decide(input: DecideInput<'_>) -> Route {
     Route::Remote(target.to_string())
 }
 
-/// The prefill target named by the router: the header may repeat or hold a
-/// comma list (first wins, or a random one with sampling) and may carry a
-/// legacy `http://` prefix.
-pub fn prefill_target(headers: &HeaderMap, sampling: bool) -> Option<String> {
-    let candidates: Vec<&str> = headers
-        .get_all(PREFILLER_HEADER)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    if candidates.is_empty() {
-        return None;
-    }
-    let pick = if sampling && candidates.len() > 1 {
-        candidates[rand::rng().random_range(0..candidates.len())]
-    } else {
-        candidates[0]
-    };
-    let pick = pick
-        .strip_prefix("http://")
-        .or_else(|| pick.strip_prefix("https://"))
-        .unwrap_or(pick);
-    Some(pick.trim_end_matches('/').to_string())
-}
-
-/// Headers for an upstream leg: the client's, minus hop-by-hop and routing headers, plus the
-/// client's address in `x-forwarded-for`.
-pub fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
-    let mut out = inbound.clone();
-    let listed: Vec<HeaderName> = inbound
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in listed {
-        out.remove(name);
-    }
-    for name in HOP_BY_HOP.iter().chain(ROUTING_HEADERS.iter()) {
-        out.remove(*name);
-    }
-    out.remove(header::CONTENT_LENGTH);
-    if let Some(peer) = peer {
-        let ip = peer.ip().to_string();
-        let value = match inbound.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
-        };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            out.insert("x-forwarded-for", v);
-        }
-    }
-    out
-}
-
 fn json_headers(mut headers: HeaderMap, len: usize) -> HeaderMap {
     headers.insert(
         header::CONTENT_TYPE,
@@ -287,6 +244,7 @@ async fn run(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0);
     let target = prefill_target(&parts.headers, shared.cfg.prefiller_sampling);
+    let kv_source = kv_source(shared, &parts.headers);
     let decode_authority = match (&state.dp_ranks, parts.headers.get(DATA_PARALLEL_HEADER)) {
         (Some(ranks), Some(v)) => {
             let key = v.to_str().unwrap_or_default().trim().to_string();
@@ -326,6 +284,7 @@ async fn run(
     // the body goes to the engine as received (less the fields above) and
     // the engine validates it.
     let Some(target) = target else {
+        let raw = with_kv_source(shared, raw, kv_source.as_deref());
         return Ok((Decision::local, ctx.decode(raw, None).await?));
     };
     let body = match serde_json::from_slice(&raw) {
@@ -348,15 +307,33 @@ async fn run(
     });
     tracing::debug!(?route, route_path = api.route(), "prefill decision");
     match route {
-        Route::Local(_) => Ok((Decision::local, ctx.decode(raw, None).await?)),
+        Route::Local(_) => {
+            let raw = with_kv_source(shared, raw, kv_source.as_deref());
+            Ok((Decision::local, ctx.decode(raw, None).await?))
+        }
         Route::Refused(err) => ctx.prefill_failed(err, raw).await,
         Route::Remote(target) => {
-            let pd = PdRequest {
-                api,
-                body: &body,
-                prefill_target: &target,
+            let engine = match &shared.engine_ids {
+                Some(ids) => match ids.resolve(&shared.prefill_client, &target).await {
+                    Ok(engine) => Some(engine),
+                    Err(err) => return ctx.prefill_failed(err, raw).await,
+                },
+                None => None,
             };
-            match shared.connector.legs(&pd) {
+            let mut pd = PdRequest::new(api, &body, &target);
+            pd.kv_source = kv_source.as_deref();
+            pd.remote_engine = engine.as_ref();
+            let legs = match shared.connector.legs(&pd) {
+                Ok(legs) => legs,
+                Err(detail) => {
+                    let err = ProxyError::PrefillBootstrap {
+                        target: target.clone(),
+                        detail,
+                    };
+                    return ctx.prefill_failed(err, raw).await;
+                }
+            };
+            match legs {
                 Legs::Sequential { prefill } => {
                     let prefill_start = Instant::now();
                     let outcome = ctx.prefill(&target, prefill).await;
@@ -382,81 +359,76 @@ async fn run(
                         Err(err) => ctx.prefill_failed(err, raw).await,
                     }
                 }
-                Legs::Concurrent { prefill, decode } => {
-                    ctx.concurrent(&target, prefill, decode, raw).await
+                Legs::Concurrent {
+                    prefill,
+                    decode,
+                    prefill_headers,
+                } => {
+                    ctx.concurrent(&target, prefill, &prefill_headers, decode, raw)
+                        .await
                 }
             }
         }
     }
 }
 
-/// Why a request body could not be read.
-#[derive(Debug)]
-pub enum BodyError {
-    TooLarge {
-        limit: usize,
-    },
-    Read(String),
-    /// No bytes arrived for this long (slowloris).
-    Stalled {
-        ms: u64,
-    },
-}
-
-/// How long a request body may go without a byte before the request is
-/// answered 408 (`TANDEM_BODY_IDLE_TIMEOUT_MS`, default 30 s): a body that
-/// stalls must not hold a task, a socket and an in-flight slot for ever.
-pub fn body_idle_timeout() -> Duration {
-    static T: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *T.get_or_init(|| crate::server::env_duration_ms("TANDEM_BODY_IDLE_TIMEOUT_MS", 30_000))
-}
-
-/// Reads a request body up to `limit` bytes, refusing early when Content-Length says more.
-pub async fn read_limited(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Bytes, BodyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(BodyError::TooLarge { limit });
+/// The peer named by `x-kv-cache-source-host-port`, when the engines can
+/// pull from one (an OffloadingConnector P2P tier), the value is `host:port`
+/// and SSRF protection (when on) allows it; otherwise the header is ignored.
+fn kv_source(shared: &Shared, headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(KV_CACHE_SOURCE_HEADER)?.to_str().ok()?.trim();
+    if value.is_empty() {
+        return None;
     }
-    let idle = body_idle_timeout();
-    let mut body = Limited::new(body, limit);
-    let mut out = bytes::BytesMut::new();
-    loop {
-        match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => {
-                return Err(BodyError::Stalled {
-                    ms: idle.as_millis() as u64,
-                })
-            }
-            Ok(None) => return Ok(out.freeze()),
-            Ok(Some(Ok(frame))) => {
-                if let Ok(data) = frame.into_data() {
-                    out.extend_from_slice(&data);
-                }
-            }
-            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(BodyError::TooLarge { limit })
-            }
-            Ok(Some(Err(e))) => return Err(BodyError::Read(e.to_string())),
+    if !shared.cfg.connector.p2p_pull(shared.cfg.enable_p2p_pull) {
+        tracing::debug!(
+            connector = shared.cfg.connector.as_str(),
+            "ignoring {KV_CACHE_SOURCE_HEADER}: the connector has no P2P tier"
+        );
+        return None;
+    }
+    if split_host_port(value).is_none() {
+        tracing::info!(value, "ignoring a malformed {KV_CACHE_SOURCE_HEADER}");
+        return None;
+    }
+    if let Some(guard) = shared.guard.as_deref() {
+        if guard.check(value).is_err() {
+            tracing::info!(
+                value,
+                "SSRF protection: {KV_CACHE_SOURCE_HEADER} not allowed, ignoring it"
+            );
+            return None;
         }
     }
+    Some(value.to_string())
 }
 
-/// Reads the request body up to the limit (413 past it).
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ProxyError> {
-    read_limited(headers, body, limit)
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
-            BodyError::Read(msg) => ProxyError::BodyRead(msg),
-            BodyError::Stalled { ms } => ProxyError::BodyTimeout(ms),
-        })
+/// A request served by the local engine alone, with a KV source: the engine
+/// is told to pull the cached prefix from it (`remote_kv_source`) instead of
+/// recomputing it. A source naming this pod, or a body that is not a JSON
+/// object (the engine answers that), goes as it is.
+fn with_kv_source(shared: &Shared, raw: Bytes, source: Option<&str>) -> Bytes {
+    let Some(source) = source else {
+        return raw;
+    };
+    if shared
+        .self_endpoint
+        .as_deref()
+        .is_some_and(|me| connectors::same_endpoint(me, source))
+    {
+        return raw;
+    }
+    let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&raw) else {
+        return raw;
+    };
+    let mut params = Map::new();
+    params.insert(
+        connectors::REMOTE_KV_SOURCE.into(),
+        shared.p2p_tier().source_params(source),
+    );
+    // The sidecar owns this field: whatever the client sent is replaced.
+    body.insert(sanitize::KV_TRANSFER_PARAMS.into(), Value::Object(params));
+    Bytes::from(Value::Object(body).to_string())
 }
 
 /// The prefill engine's prompt cache hits, for the decode response's usage.
@@ -508,13 +480,19 @@ impl Ctx<'_> {
         &self,
         target: &str,
         prefill: Map<String, Value>,
+        prefill_headers: &[(&'static str, String)],
         decode: Map<String, Value>,
         raw: Bytes,
     ) -> Result<(Decision, Response), ProxyError> {
         let shared = self.state.shared.clone();
         let bytes = Bytes::from(Value::Object(prefill).to_string());
         let uri = upstream_uri(shared.prefill_scheme(), target, &self.path_and_query)?;
-        let headers = json_headers(self.headers.clone(), bytes.len());
+        let mut headers = json_headers(self.headers.clone(), bytes.len());
+        for (name, value) in prefill_headers {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(*name, value);
+            }
+        }
         let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<ProxyError>();
         let owned_target = target.to_string();
         let task = tokio::spawn(async move {
@@ -525,6 +503,10 @@ impl Ctx<'_> {
                 .prefill_duration
                 .observe(start.elapsed().as_secs_f64());
             if let Err(err) = result {
+                // A restarted prefill engine has a new Mooncake engine id.
+                if let Some(ids) = &shared.engine_ids {
+                    ids.forget(&owned_target);
+                }
                 let _ = failed_tx.send(err);
             }
         });
@@ -548,7 +530,7 @@ impl Ctx<'_> {
                     PrefillFailurePolicy::Fail => Err(err),
                     PrefillFailurePolicy::Fallback => {
                         self.shared().metrics.error(err.code());
-                        tracing::warn!(error = %err, "sglang prefill failed; serving without bootstrap");
+                        tracing::warn!(error = %err, "concurrent prefill failed; serving with local prefill");
                         Ok((Decision::fallback, self.decode(raw, None).await?))
                     }
                 }
@@ -664,99 +646,6 @@ impl Ctx<'_> {
     }
 }
 
-/// Aborts the spawned prefill leg when the response it belongs to is dropped
-/// before it ended (the client went away). Once the decode answer has ended,
-/// [`PrefillWatch::detach`] lets the prefill leg finish on its own.
-pub struct PrefillWatch {
-    task: Option<tokio::task::AbortHandle>,
-}
-
-impl PrefillWatch {
-    pub fn new(task: tokio::task::AbortHandle) -> Self {
-        PrefillWatch { task: Some(task) }
-    }
-
-    /// The response ended normally: the prefill leg is no longer ours to cancel.
-    pub fn detach(&mut self) {
-        self.task = None;
-    }
-}
-
-impl Drop for PrefillWatch {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-async fn prefill_with_retries(
-    shared: &Shared,
-    target: &str,
-    uri: &Uri,
-    headers: &HeaderMap,
-    bytes: Bytes,
-) -> Result<Value, ProxyError> {
-    let mut attempt = 0u32;
-    loop {
-        let once = prefill_once(shared, target, uri, headers, bytes.clone());
-        let result = match tokio::time::timeout(shared.cfg.prefill_timeout, once).await {
-            Ok(result) => result,
-            Err(_) => Err(ProxyError::PrefillTimeout {
-                target: target.to_string(),
-                timeout_ms: shared.cfg.prefill_timeout.as_millis() as u64,
-            }),
-        };
-        match result {
-            Err(err) if err.is_retryable() && attempt < shared.cfg.prefill_max_retries => {
-                shared.metrics.prefill_retries.inc();
-                let base = shared
-                    .cfg
-                    .prefill_retry_backoff
-                    .saturating_mul(1 << attempt.min(10));
-                let jitter = rand::rng().random_range(0.5..1.5);
-                tracing::debug!(error = %err, attempt, "prefill attempt failed, retrying");
-                tokio::time::sleep(base.mul_f64(jitter)).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn prefill_once(
-    shared: &Shared,
-    target: &str,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: Bytes,
-) -> Result<Value, ProxyError> {
-    let unreachable = |detail: String| ProxyError::PrefillUnreachable {
-        target: target.to_string(),
-        detail,
-    };
-    let resp = upstream::send_buffered(&shared.prefill_client, &Method::POST, uri, headers, body)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), shared.cfg.max_body_bytes)
-        .collect()
-        .await
-        .map_err(|e| unreachable(e.to_string()))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(ProxyError::PrefillStatus {
-            target: target.to_string(),
-            status: status.as_u16(),
-            body,
-        });
-    }
-    serde_json::from_slice(&body).map_err(|e| ProxyError::PrefillBadResponse {
-        target: target.to_string(),
-        detail: format!("not JSON: {e}"),
-    })
-}
-
 /// Counts and logs an engine answer that broke off before its end: the client
 /// got a truncated answer, which is an error even though its head said 200.
 fn stream_broken(metrics: &Arc<Metrics>) -> Box<dyn FnOnce(&str) + Send> {
@@ -777,118 +666,11 @@ fn decode_error(err: UpstreamError) -> ProxyError {
     }
 }
 
-/// Every other path: to the local engine untouched, bodies streamed both ways.
-pub async fn passthrough(State(state): State<AppState>, req: Request) -> Response {
-    let shared = &state.shared;
-    let (parts, body) = req.into_parts();
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = match upstream_uri(shared.decode_scheme(), &state.decode_authority, path) {
-        Ok(uri) => uri,
-        Err(err) => return err.into_response(),
-    };
-    let mut headers = forward_headers(&parts.headers, peer);
-    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-        headers.insert(header::CONTENT_LENGTH, len.clone());
-    }
-    let mut out = http::Request::new(body);
-    *out.method_mut() = parts.method;
-    *out.uri_mut() = uri;
-    *out.headers_mut() = headers;
-    shared.metrics.count("other", Decision::passthrough);
-    let start = Instant::now();
-    match upstream::send_streaming(&shared.decode_client, out).await {
-        Ok(resp) => {
-            let metrics = shared.metrics.clone();
-            let on_first = Box::new(move || {
-                metrics
-                    .decode_first_byte
-                    .observe(start.elapsed().as_secs_f64())
-            });
-            let (parts, body) = resp.into_parts();
-            client_response(
-                parts,
-                Body::new(
-                    Observed::new(body, on_first, None).on_error(stream_broken(&shared.metrics)),
-                ),
-            )
-        }
-        Err(err) => {
-            let err = decode_error(err);
-            shared.metrics.error(err.code());
-            err.into_response()
-        }
-    }
-}
-
-/// Liveness: the sidecar itself is up.
-pub async fn health() -> StatusCode {
-    StatusCode::OK
-}
-
-/// Readiness: 200 only when the decode engine's `/health` answers 200.
-pub async fn ready(State(state): State<AppState>) -> Response {
-    let shared = &state.shared;
-    let uri = match upstream_uri(shared.decode_scheme(), &state.decode_authority, "/health") {
-        Ok(uri) => uri,
-        Err(err) => return err.into_response(),
-    };
-    let mut req = http::Request::new(Body::empty());
-    *req.uri_mut() = uri;
-    let probe = tokio::time::timeout(
-        Duration::from_secs(2),
-        upstream::send_streaming(&shared.decode_client, req),
-    );
-    match probe.await {
-        Ok(Ok(resp)) if resp.status() == StatusCode::OK => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            r#"{"status":"ready"}"#,
-        )
-            .into_response(),
-        _ => ProxyError::NotReady.into_response(),
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::allow::PoolEndpoints;
     use crate::config::Allowlist;
-
-    /// A header map of `pairs` (repeats kept), for tests here and in `router`.
-    pub(crate) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::try_from(*k).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn target_takes_first_of_comma_list_and_strips_http() {
-        let h = headers(&[(PREFILLER_HEADER, "http://10.0.0.1:8000, 10.0.0.2:8000")]);
-        assert_eq!(prefill_target(&h, false).as_deref(), Some("10.0.0.1:8000"));
-        let h = headers(&[(PREFILLER_HEADER, "a:1"), (PREFILLER_HEADER, "b:2")]);
-        assert_eq!(prefill_target(&h, false).as_deref(), Some("a:1"));
-        assert_eq!(
-            prefill_target(&headers(&[(PREFILLER_HEADER, " ")]), false),
-            None
-        );
-    }
-
-    #[test]
-    fn sampling_picks_among_all() {
-        let h = headers(&[(PREFILLER_HEADER, "a:1,b:2,c:3")]);
-        let seen: std::collections::HashSet<String> =
-            (0..200).filter_map(|_| prefill_target(&h, true)).collect();
-        assert_eq!(seen.len(), 3);
-    }
 
     #[test]
     fn decide_policy() {
@@ -936,36 +718,6 @@ pub(crate) mod tests {
             with_guard("evil:1"),
             Route::Refused(ProxyError::PrefillForbidden(_))
         ));
-    }
-
-    #[test]
-    fn forwarded_headers_drop_routing_and_hop_by_hop() {
-        let h = headers(&[
-            (PREFILLER_HEADER, "p:1"),
-            ("x-encoder-hosts-ports", "e:1"),
-            ("x-data-parallel-host-port", "d:1"),
-            ("x-kv-cache-source-host-port", "k:1"),
-            ("connection", "keep-alive, x-custom-hop"),
-            ("x-custom-hop", "1"),
-            ("authorization", "Bearer t"),
-            ("traceparent", "00-abc-def-01"),
-            ("content-length", "5"),
-        ]);
-        let out = forward_headers(&h, Some("10.1.1.1:5".parse().unwrap()));
-        for gone in [
-            PREFILLER_HEADER,
-            "x-encoder-hosts-ports",
-            "x-data-parallel-host-port",
-            "x-kv-cache-source-host-port",
-            "connection",
-            "x-custom-hop",
-            "content-length",
-        ] {
-            assert!(out.get(gone).is_none(), "{gone} forwarded");
-        }
-        assert_eq!(out["authorization"], "Bearer t");
-        assert_eq!(out["traceparent"], "00-abc-def-01");
-        assert_eq!(out["x-forwarded-for"], "10.1.1.1");
     }
 
     #[test]
