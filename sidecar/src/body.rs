@@ -28,6 +28,8 @@ pub struct Observed<B> {
     on_error: Option<OnError>,
     sse: Option<SseRewrite>,
     abort: Option<Abort>,
+    /// Spans that end when the answer does (dropped with the body).
+    spans: Vec<crate::telemetry::Trace>,
 }
 
 impl<B> Observed<B> {
@@ -41,7 +43,16 @@ impl<B> Observed<B> {
                 pending: BytesMut::new(),
             }),
             abort: None,
+            spans: Vec::new(),
         }
+    }
+
+    /// Holds `span` open until the body is finished or dropped.
+    pub fn keep(mut self, span: crate::telemetry::Trace) -> Self {
+        if span.is_on() {
+            self.spans.push(span);
+        }
+        self
     }
 
     /// Calls `f` once with the reason if the upstream body breaks before its

@@ -13,6 +13,8 @@ pub struct Launch {
     pub log_json: bool,
     /// Runtime worker threads; 0 = one per CPU.
     pub worker_threads: usize,
+    /// Export OpenTelemetry traces (`telemetry.rs`).
+    pub tracing: bool,
     /// Only print the validated configuration and exit.
     pub check_config: bool,
 }
@@ -69,7 +71,23 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cfg)) {
+    let telemetry = if launch.tracing {
+        match runtime.block_on(async { crate::telemetry::init(name) }) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("{name}: error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let result = runtime.block_on(run(cfg));
+    if let Some(t) = telemetry {
+        // The exporter's gRPC channel runs on the runtime: flush from a blocking thread.
+        let _ = runtime.block_on(tokio::task::spawn_blocking(move || t.shutdown()));
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

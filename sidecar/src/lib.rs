@@ -23,6 +23,7 @@ pub mod request;
 pub mod router;
 pub mod sanitize;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod validate;

@@ -612,3 +612,21 @@ def test_kv_roles_follow_the_values():
     assert kv == {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"}
     with pytest.raises(Exception, match="not a JSON object"):
         render({"kvTransfer": {"config": "NixlConnector"}})
+
+
+def test_tracing_turns_on_both_binaries_with_the_collector_and_sampler():
+    objs, _ = objects("defaults")
+    assert "--tracing=true" not in proxy(objs)["args"]
+    out = render({"tracing": {"enabled": True, "otlpEndpoint": "http://otel.obs:4317", "samplerArg": "1"}})
+    dec = yaml.safe_load(out["tandem/templates/decode-deployment.yaml"])
+    rou = yaml.safe_load(out["tandem/templates/router-deployment.yaml"])
+    side = dec["spec"]["template"]["spec"]["initContainers"][0]
+    router = rou["spec"]["template"]["spec"]["containers"][0]
+    for c in (side, router):
+        assert "--tracing=true" in c["args"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel.obs:4317"
+        assert env["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == "1"
+    with pytest.raises(Exception, match="sampler"):
+        render({"tracing": {"enabled": True, "sampler": "sometimes"}})

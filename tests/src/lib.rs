@@ -4,4 +4,5 @@
 pub mod demo;
 pub mod fake_kube;
 pub mod harness;
+pub mod otlp;
 pub mod sim;

@@ -293,6 +293,7 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- end -}}
 {{- with $ssrf.allowlist }}{{ $args = append $args (printf "--prefill-allowlist=%s" (join "," .)) }}{{ end -}}
 {{- end -}}
+{{- if (.Values.tracing | default dict).enabled }}{{ $args = append $args "--tracing=true" }}{{ end -}}
 {{- range ($x.args | default list) }}{{ $args = append $args (toString .) }}{{ end -}}
 {{- range ($x.extraArgs | default list) }}{{ $args = append $args (toString .) }}{{ end -}}
 {{- toYaml $args -}}
@@ -332,6 +333,7 @@ env:
   # Where the InferencePool and the prefill pods are looked up.
   - name: INFERENCE_POOL_NAMESPACE
     value: {{ .Release.Namespace | quote }}
+  {{- include "tandem.otelEnv" . | nindent 2 }}
 # A native sidecar: starts before vLLM, runs for the pod's life, stops after it.
 restartPolicy: Always
 ports:
@@ -429,8 +431,24 @@ appVersion) when it is empty; context: dict root, image. */}}
 {{- /* no pd-sidecar in decode pods: nothing would run a prefill leg */ -}}
 {{- $args = append $args "--threshold-tokens=0" -}}
 {{- end -}}
+{{- if ($v.tracing | default dict).enabled }}{{ $args = append $args "--tracing=true" }}{{ end -}}
 {{- range ($v.router.extraArgs | default list) }}{{ $args = append $args (toString .) }}{{ end -}}
 {{- toYaml $args -}}
+{{- end }}
+
+{{/* OpenTelemetry's variables for pd-sidecar and pd-router (env list items; none when off). */}}
+{{- define "tandem.otelEnv" -}}
+{{- $t := .Values.tracing | default dict -}}
+{{- if $t.enabled }}
+{{- if $t.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $t.otlpEndpoint | quote }}
+{{- end }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $t.sampler | default "parentbased_traceidratio" | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $t.samplerArg | default "0.1" | quote }}
+{{- end }}
 {{- end }}
 
 {{/*

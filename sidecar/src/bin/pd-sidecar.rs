@@ -24,6 +24,7 @@ fn main() -> std::process::ExitCode {
             log_filter: c.log_filter.clone(),
             log_json: c.log_json,
             worker_threads: c.worker_threads,
+            tracing: c.tracing,
             check_config: c.check_config,
         },
         sidecar::server::run,

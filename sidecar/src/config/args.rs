@@ -313,7 +313,8 @@ pub struct Args {
     )]
     pub decode_chunk_size: u32,
 
-    /// OpenTelemetry export (llm-d compatibility); traceparent is always propagated.
+    /// OpenTelemetry traces over OTLP gRPC (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
+    /// OTEL_TRACES_SAMPLER, ...); off, the client's traceparent still goes to both legs.
     #[arg(long = "tracing", env = "PD_SIDECAR_TRACING", default_value_t = false,
           num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]

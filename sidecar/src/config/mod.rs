@@ -109,6 +109,8 @@ pub struct Config {
     pub decoder_tls: UpstreamTls,
     pub log_filter: String,
     pub log_json: bool,
+    /// `--tracing`: OpenTelemetry spans over OTLP gRPC (`telemetry.rs`).
+    pub tracing: bool,
     /// `--check-config`: validate, print this configuration and exit; never serve.
     pub check_config: bool,
 }
@@ -360,6 +362,7 @@ impl Config {
         Ok(Config {
             log_filter: log_filter(&args),
             log_json,
+            tracing: args.tracing,
             check_config: args.check_config,
             bind: args.bind,
             port: args.port,

@@ -45,8 +45,10 @@ use crate::error::ProxyError;
 use crate::metrics::{Decision, Metrics};
 use crate::request::{ApiKind, TokenCounter};
 use crate::sanitize;
+use crate::telemetry::Trace;
 use crate::upstream::{self, HttpClient, UpstreamError};
 use crate::validate;
+use opentelemetry::trace::SpanKind;
 
 /// Everything shared by all listeners of one sidecar.
 pub struct Shared {
@@ -207,6 +209,8 @@ struct Ctx<'a> {
     headers: HeaderMap,
     start: Instant,
     decode_authority: String,
+    /// The request's server span (nothing with tracing off).
+    trace: Trace,
 }
 
 /// Handler of the four P/D routes.
@@ -217,15 +221,31 @@ pub async fn pd_handler(State(state): State<AppState>, req: Request) -> Response
         None => return passthrough(State(state), req).await,
     };
     let shared = state.shared.clone();
-    match run(&state, api, req, start).await {
+    let trace = Trace::server("forward_request", req.headers());
+    trace.set("llm_d.pd_proxy.connector", shared.connector.name());
+    trace.set("llm_d.openai.api", api.route());
+    trace.set("url.path", req.uri().path().to_string());
+    match run(&state, api, req, start, &trace).await {
         Ok((decision, resp)) => {
             shared.metrics.count(api.route(), decision);
+            trace.set("llm_d.pd_proxy.decision", format!("{decision:?}"));
+            trace.set(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            );
             resp
         }
         Err(err) => {
             shared.metrics.error(err.code());
             shared.metrics.count(api.route(), Decision::failed);
             tracing::warn!(error = %err, route = api.route(), "request failed");
+            trace.set("llm_d.pd_proxy.decision", "failed");
+            trace.set("llm_d.pd_proxy.error", err.code());
+            trace.set(
+                "http.response.status_code",
+                i64::from(err.status().as_u16()),
+            );
+            trace.fail(err.to_string());
             err.into_response()
         }
     }
@@ -236,6 +256,7 @@ async fn run(
     api: ApiKind,
     req: Request,
     start: Instant,
+    trace: &Trace,
 ) -> Result<(Decision, Response), ProxyError> {
     let shared = &state.shared;
     let (parts, body) = req.into_parts();
@@ -265,7 +286,15 @@ async fn run(
         headers: forward_headers(&parts.headers, peer),
         start,
         decode_authority,
+        trace: trace.clone(),
     };
+    trace.set("llm_d.pd_proxy.disaggregation_used", target.is_some());
+    if let Some(target) = &target {
+        trace.set("llm_d.pd_proxy.prefill_target", target.clone());
+    }
+    if let Some(source) = &kv_source {
+        trace.set("llm_d.pd_proxy.kv_cache_source", source.clone());
+    }
 
     let raw = read_body(&parts.headers, body, shared.cfg.max_body_bytes).await?;
     // Whatever path it takes, no client body carries transfer parameters to
@@ -468,8 +497,27 @@ impl Ctx<'_> {
     async fn prefill(&self, target: &str, body: Map<String, Value>) -> Result<Value, ProxyError> {
         let bytes = Bytes::from(Value::Object(body).to_string());
         let uri = upstream_uri(self.shared().prefill_scheme(), target, &self.path_and_query)?;
-        let headers = json_headers(self.headers.clone(), bytes.len());
-        prefill_with_retries(self.shared(), target, &uri, &headers, bytes).await
+        let mut headers = json_headers(self.headers.clone(), bytes.len());
+        let span = self.leg_span(PREFILL_SPAN, target);
+        span.inject(&mut headers);
+        let result = prefill_with_retries(self.shared(), target, &uri, &headers, bytes).await;
+        end_prefill_span(&span, &result);
+        result
+    }
+
+    /// A leg's client span, child of the request's.
+    fn leg_span(&self, name: &'static str, target: &str) -> Trace {
+        let span = self.trace.child(name, SpanKind::Client);
+        span.set("llm_d.pd_proxy.connector", self.shared().connector.name());
+        span.set(
+            if name == PREFILL_SPAN {
+                "llm_d.pd_proxy.prefill_target"
+            } else {
+                "llm_d.pd_proxy.decode.target"
+            },
+            target.to_string(),
+        );
+        span
     }
 
     /// SGLang: both legs at once. The prefill runs as its own task; if it fails
@@ -493,11 +541,15 @@ impl Ctx<'_> {
                 headers.insert(*name, value);
             }
         }
+        let span = self.leg_span(PREFILL_SPAN, target);
+        span.set("llm_d.pd_proxy.prefill.async", true);
+        span.inject(&mut headers);
         let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<ProxyError>();
         let owned_target = target.to_string();
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let result = prefill_with_retries(&shared, &owned_target, &uri, &headers, bytes).await;
+            end_prefill_span(&span, &result);
             shared
                 .metrics
                 .prefill_duration
@@ -516,7 +568,7 @@ impl Ctx<'_> {
         tokio::pin!(decode_fut);
         enum First {
             Prefill(Result<ProxyError, tokio::sync::oneshot::error::RecvError>),
-            Decode(Result<(http::Response<Incoming>, Instant), ProxyError>),
+            Decode(Result<(http::Response<Incoming>, DecodeLeg), ProxyError>),
         }
         let first = tokio::select! {
             biased;
@@ -537,14 +589,14 @@ impl Ctx<'_> {
             }
             // The prefill succeeded (its sender is gone): nothing left to watch.
             First::Prefill(Err(_)) => {
-                let (resp, sent) = decode_fut.await?;
-                Ok((Decision::remote, self.stream_back(resp, None, sent, None)))
+                let (resp, leg) = decode_fut.await?;
+                Ok((Decision::remote, self.stream_back(resp, None, leg, None)))
             }
             First::Decode(sent) => {
-                let (resp, sent) = sent?;
+                let (resp, leg) = sent?;
                 Ok((
                     Decision::remote,
-                    self.stream_back(resp, None, sent, Some((failed_rx, watch))),
+                    self.stream_back(resp, None, leg, Some((failed_rx, watch))),
                 ))
             }
         }
@@ -556,56 +608,82 @@ impl Ctx<'_> {
         body: Bytes,
         cached_tokens: Option<u64>,
     ) -> Result<Response, ProxyError> {
-        let (resp, sent) = self.send_decode(body).await?;
+        let (resp, leg) = self.send_decode(body).await?;
         let is_json = resp
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
         if let (Some(cached), true, true) = (cached_tokens, is_json, resp.status().is_success()) {
-            return self.rewrite_json(resp, cached, sent).await;
+            return self.rewrite_json(resp, cached, leg).await;
         }
-        Ok(self.stream_back(resp, cached_tokens, sent, None))
+        Ok(self.stream_back(resp, cached_tokens, leg, None))
     }
 
-    /// Sends the decode request; returns the engine's response head and when it was sent.
+    /// Sends the decode request; returns the engine's response head, when it
+    /// was sent and its span.
     async fn send_decode(
         &self,
         body: Bytes,
-    ) -> Result<(http::Response<Incoming>, Instant), ProxyError> {
+    ) -> Result<(http::Response<Incoming>, DecodeLeg), ProxyError> {
         let shared = self.shared();
         let uri = upstream_uri(
             shared.decode_scheme(),
             &self.decode_authority,
             &self.path_and_query,
         )?;
-        let headers = json_headers(self.headers.clone(), body.len());
+        let mut headers = json_headers(self.headers.clone(), body.len());
+        let span = self.leg_span(DECODE_SPAN, &self.decode_authority);
+        span.inject(&mut headers);
         let sent = Instant::now();
         let resp =
             upstream::send_buffered(&shared.decode_client, &Method::POST, &uri, &headers, body)
                 .await
-                .map_err(decode_error)?;
-        Ok((resp, sent))
+                .map_err(decode_error)
+                .inspect_err(|e| span.fail(e.to_string()))?;
+        span.set(
+            "http.response.status_code",
+            i64::from(resp.status().as_u16()),
+        );
+        Ok((resp, DecodeLeg { sent, span }))
+    }
+
+    /// The span of the time to the first byte, from the request's arrival.
+    fn ttft_span(&self) -> Trace {
+        self.trace
+            .child_since("llm_d.pd_proxy.ttft", SpanKind::Internal, self.start)
     }
 
     fn stream_back(
         &self,
         resp: http::Response<Incoming>,
         cached_tokens: Option<u64>,
-        sent: Instant,
+        leg: DecodeLeg,
         prefill: Option<(tokio::sync::oneshot::Receiver<ProxyError>, PrefillWatch)>,
     ) -> Response {
         let metrics = self.shared().metrics.clone();
         let start = self.start;
+        let sent = leg.sent;
+        let ttft = self.ttft_span();
         let on_first = Box::new(move || {
             metrics
                 .decode_first_byte
                 .observe(sent.elapsed().as_secs_f64());
             metrics.ttft.observe(start.elapsed().as_secs_f64());
+            ttft.end();
+        });
+        let broken = stream_broken(&self.shared().metrics);
+        let decode_span = leg.span.clone();
+        let on_error = Box::new(move |reason: &str| {
+            decode_span.fail(reason.to_string());
+            broken(reason);
         });
         let (parts, body) = resp.into_parts();
+        // The spans end with the answer's last byte (or when the client goes).
         let mut observed = Observed::new(body, on_first, cached_tokens)
-            .on_error(stream_broken(&self.shared().metrics));
+            .on_error(on_error)
+            .keep(leg.span)
+            .keep(self.trace.clone());
         if let Some((failed, watch)) = prefill {
             observed = observed.abort_on(failed, watch);
         }
@@ -616,8 +694,10 @@ impl Ctx<'_> {
         &self,
         resp: http::Response<Incoming>,
         cached: u64,
-        sent: Instant,
+        leg: DecodeLeg,
     ) -> Result<Response, ProxyError> {
+        let sent = leg.sent;
+        let ttft = self.ttft_span();
         let (mut parts, body) = resp.into_parts();
         let bytes = body
             .collect()
@@ -642,8 +722,33 @@ impl Ctx<'_> {
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         metrics.ttft.observe(self.start.elapsed().as_secs_f64());
+        ttft.end();
         Ok(client_response(parts, Body::from(bytes)))
     }
+}
+
+/// Span names, as llm-d's sidecar names its legs.
+const PREFILL_SPAN: &str = "llm_d.pd_proxy.prefill";
+const DECODE_SPAN: &str = "llm_d.pd_proxy.decode";
+
+/// The decode leg once sent: when, and its span.
+struct DecodeLeg {
+    sent: Instant,
+    span: Trace,
+}
+
+/// Ends a prefill leg's span with its outcome.
+fn end_prefill_span(span: &Trace, result: &Result<Value, ProxyError>) {
+    match result {
+        Ok(_) => span.set("llm_d.pd_proxy.prefill.status_code", 200i64),
+        Err(err) => {
+            if let ProxyError::PrefillStatus { status, .. } = err {
+                span.set("llm_d.pd_proxy.prefill.status_code", i64::from(*status));
+            }
+            span.fail(err.to_string());
+        }
+    }
+    span.end();
 }
 
 /// Counts and logs an engine answer that broke off before its end: the client

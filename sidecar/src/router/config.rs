@@ -185,6 +185,13 @@ pub struct Args {
     )]
     pub log_level: String,
 
+    /// OpenTelemetry traces over OTLP gRPC (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME,
+    /// OTEL_TRACES_SAMPLER, ...): a span per request with the pick, the decode leg and TTFT.
+    #[arg(long = "tracing", env = "TANDEM_ROUTER_TRACING", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub tracing: bool,
+
     /// Log as JSON lines instead of text.
     #[arg(long = "log-json", env = "TANDEM_ROUTER_LOG_JSON", default_value_t = false,
           num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set,
@@ -458,6 +465,7 @@ pub struct RouterConfig {
     pub worker_threads: usize,
     pub log_filter: String,
     pub log_json: bool,
+    pub tracing: bool,
     /// `--check-config`: validate, print this configuration and exit; never serve.
     pub check_config: bool,
 }
@@ -775,6 +783,7 @@ impl RouterConfig {
             worker_threads: args.worker_threads,
             log_filter,
             log_json: args.log_json,
+            tracing: args.tracing,
             check_config: args.check_config,
         })
     }

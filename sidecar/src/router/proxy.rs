@@ -35,7 +35,9 @@ use crate::error::{error_body, ERROR_CODE_HEADER};
 use crate::proxy::{forward_headers, read_limited, BodyError, HOP_BY_HOP, PREFILLER_HEADER};
 use crate::request::ApiKind;
 use crate::sanitize;
+use crate::telemetry::Trace;
 use crate::upstream::{self, HttpClient, UpstreamError};
+use opentelemetry::trace::SpanKind;
 
 /// Typed errors of the router; status and `x-pd-error-code` are functions of the variant.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +181,11 @@ pub type AppState = Arc<RouterState>;
 
 /// The client's response: the upstream's head minus hop-by-hop headers, its
 /// body streamed frame by frame with the in-flight counts attached.
-fn client_response(resp: http::Response<Incoming>, guards: Vec<InflightGuard>) -> Response {
+fn client_response(
+    resp: http::Response<Incoming>,
+    guards: Vec<InflightGuard>,
+    spans: Spans,
+) -> Response {
     let (mut parts, body) = resp.into_parts();
     for name in HOP_BY_HOP {
         parts.headers.remove(name);
@@ -189,8 +195,17 @@ fn client_response(resp: http::Response<Incoming>, guards: Vec<InflightGuard>) -
         Body::new(Guarded {
             inner: body,
             guards: Some(guards),
+            spans,
         }),
     )
+}
+
+/// The spans an answer holds open: the request's and its decode leg's end
+/// with the body; time to first token ends at the first data frame.
+#[derive(Default)]
+struct Spans {
+    open: Vec<Trace>,
+    ttft: Option<Trace>,
 }
 
 /// A response body that releases its endpoints' in-flight counts when it ends
@@ -198,6 +213,7 @@ fn client_response(resp: http::Response<Incoming>, guards: Vec<InflightGuard>) -
 struct Guarded<B> {
     inner: B,
     guards: Option<Vec<InflightGuard>>,
+    spans: Spans,
 }
 
 impl<B> http_body::Body for Guarded<B>
@@ -213,8 +229,20 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.guards = None;
+        match &polled {
+            Poll::Ready(None) => this.guards = None,
+            Poll::Ready(Some(Err(_))) => {
+                this.guards = None;
+                for span in &this.spans.open {
+                    span.fail("the answer broke off");
+                }
+            }
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                if let Some(ttft) = this.spans.ttft.take() {
+                    ttft.end();
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -273,11 +301,25 @@ pub async fn routed(State(state): State<AppState>, req: Request) -> Response {
     let Some(api) = ApiKind::from_path(req.uri().path()) else {
         return passthrough(State(state), req).await;
     };
-    match route(&state, api, req).await {
-        Ok(resp) => resp,
+    let trace = Trace::server("pd_router.request", req.headers());
+    trace.set("llm_d.openai.api", api.route());
+    match route(&state, api, req, &trace).await {
+        Ok(resp) => {
+            trace.set(
+                "http.response.status_code",
+                i64::from(resp.status().as_u16()),
+            );
+            resp
+        }
         Err(err) => {
             state.metrics.error(err.code());
             tracing::warn!(error = %err, route = api.route(), "request failed");
+            trace.set(
+                "http.response.status_code",
+                i64::from(err.status().as_u16()),
+            );
+            trace.set("pd_router.error", err.code());
+            trace.fail(err.to_string());
             err.into_response()
         }
     }
@@ -289,7 +331,13 @@ fn is_failure_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 502..=504)
 }
 
-async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Response, RouterError> {
+async fn route(
+    state: &RouterState,
+    api: ApiKind,
+    req: Request,
+    trace: &Trace,
+) -> Result<Response, RouterError> {
+    let start = Instant::now();
     let (parts, body) = req.into_parts();
     let raw = read_body(&parts.headers, body, state.cfg.max_body_bytes).await?;
     let mut body = parse(&raw)?;
@@ -311,10 +359,11 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
 
     let view = state.view();
     let cached_only = prefers_if_available(&parts.headers);
-    let first = schedule(state, &view, model, &prompt, None, cached_only)?;
+    let leg = Leg { trace, start };
+    let first = schedule(state, &view, model, &prompt, None, cached_only, trace)?;
     let first_index = first.decode_index;
     let first_decision = Decided::of(&first);
-    let err = match forward(state, &view, &parts, &raw, first).await {
+    let err = match forward(state, &view, &parts, &raw, first, &leg).await {
         Err(err @ RouterError::DecodeUnavailable { .. }) => err,
         other => {
             first_decision.count(state);
@@ -323,16 +372,31 @@ async fn route(state: &RouterState, api: ApiKind, req: Request) -> Result<Respon
     };
     // No response byte came back, and the body is in memory: another decode
     // endpoint can take it.
-    let Ok(second) = schedule(state, &view, model, &prompt, Some(first_index), cached_only) else {
+    let Ok(second) = schedule(
+        state,
+        &view,
+        model,
+        &prompt,
+        Some(first_index),
+        cached_only,
+        trace,
+    ) else {
         first_decision.count(state);
         return Err(err);
     };
     state.metrics.retries.inc();
     tracing::info!(failed = %err, retry = %second.decode.label, "retrying on another decode endpoint");
     let decision = Decided::of(&second);
-    let result = forward(state, &view, &parts, &raw, second).await;
+    let result = forward(state, &view, &parts, &raw, second, &leg).await;
     decision.count(state);
     result
+}
+
+/// What a forwarded attempt hangs its spans on.
+struct Leg<'a> {
+    trace: &'a Trace,
+    /// When the request arrived (time to first token counts from here).
+    start: Instant,
 }
 
 /// The prefill decision of the attempt that answers a request, counted once per request.
@@ -385,7 +449,9 @@ fn schedule(
     prompt: &Prompt,
     exclude: Option<usize>,
     cached_only: bool,
+    trace: &Trace,
 ) -> Result<Routed, RouterError> {
+    let span = trace.child("pd_router.pick", SpanKind::Internal);
     let started = Instant::now();
     let routed = view
         .scheduler
@@ -394,8 +460,25 @@ fn schedule(
         .metrics
         .pick_duration
         .observe(started.elapsed().as_secs_f64());
-    let routed = routed.ok_or(RouterError::NoHealthyDecode)?;
+    let Some(routed) = routed else {
+        span.fail("no healthy decode endpoint");
+        return Err(RouterError::NoHealthyDecode);
+    };
+    span.set("pd_router.decode", routed.decode.label.clone());
+    span.set("pd_router.decode_score", routed.decode_score);
+    span.set("pd_router.prompt_tokens", routed.prompt_tokens as i64);
+    span.set("pd_router.uncached_tokens", routed.uncached_tokens as i64);
+    span.set(
+        "pd_router.decode_matched_blocks",
+        routed.decode_matched_blocks as i64,
+    );
+    if let Some((p, score)) = &routed.prefill {
+        span.set("pd_router.prefill", p.label.clone());
+        span.set("pd_router.prefill_score", *score);
+    }
+    span.set("pd_router.prefill_unavailable", routed.prefill_unavailable);
     if cached_only && routed.decode_matched_blocks == 0 {
+        span.fail("Prefer: if-available and no prefix cached");
         return Err(RouterError::NoCachedPrefix);
     }
     view.scheduler.record(&routed);
@@ -425,6 +508,7 @@ async fn forward(
     parts: &Parts,
     raw: &Bytes,
     routed: Routed,
+    leg: &Leg<'_>,
 ) -> Result<Response, RouterError> {
     if routed.prefill_unavailable {
         tracing::warn!(decode = %routed.decode.label, "no healthy prefill endpoint: prefilling locally");
@@ -443,13 +527,29 @@ async fn forward(
         }
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(raw.len()));
+    let span = leg.trace.child("pd_router.decode", SpanKind::Client);
+    span.set("pd_router.decode", routed.decode.label.clone());
+    if let Some((p, _)) = &routed.prefill {
+        span.set("pd_router.prefill", p.label.clone());
+    }
+    span.inject(&mut headers);
+    let ttft = leg
+        .trace
+        .child_since("pd_router.ttft", SpanKind::Internal, leg.start);
     let sent =
         upstream::send_buffered(&state.client, &parts.method, &uri, &headers, raw.clone()).await;
+    if let Ok(resp) = &sent {
+        span.set(
+            "http.response.status_code",
+            i64::from(resp.status().as_u16()),
+        );
+    }
     match sent {
         // The sidecar says its engine is down (it reached none): nothing was
         // generated, so another decode endpoint can take the request.
         Ok(resp) if engine_behind_is_down(&resp) => {
             routed.outcome.report(false);
+            span.fail("the decode pod's engine is down");
             Err(RouterError::DecodeUnavailable {
                 endpoint: routed.decode.label.clone(),
                 detail: "its engine is unavailable (pd-sidecar answered 503 decode_unavailable)"
@@ -458,10 +558,15 @@ async fn forward(
         }
         Ok(resp) => {
             routed.outcome.report(!is_failure_status(resp.status()));
-            Ok(client_response(resp, routed.guards))
+            let spans = Spans {
+                open: vec![span, leg.trace.clone()],
+                ttft: Some(ttft),
+            };
+            Ok(client_response(resp, routed.guards, spans))
         }
         Err(e) => {
             routed.outcome.report(false);
+            span.fail(e.to_string());
             Err(decode_error(&routed.decode.label, e))
         }
     }
@@ -514,7 +619,7 @@ pub async fn passthrough(State(state): State<AppState>, req: Request) -> Respons
     match result {
         Ok(resp) => {
             pick.outcome.report(!is_failure_status(resp.status()));
-            client_response(resp, vec![pick.guard])
+            client_response(resp, vec![pick.guard], Spans::default())
         }
         Err(err) => {
             pick.outcome.report(false);
