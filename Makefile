@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --lib
 
 build-release:
 	$(CARGO) build --release --workspace --bins

@@ -563,6 +563,7 @@ fn bad_metadata_is_rejected_with_a_reason() {
         layout: None,
         backend_metadata: vec![1, 2, 3],
         offers: vec![],
+        separate_regions: false,
     };
     let err = transfer::PeerMetadata::try_from(md.clone()).unwrap_err();
     assert!(err.to_string().contains("layout missing"), "{err}");

@@ -83,6 +83,8 @@ pub struct PeerMetadata {
     /// The data planes it can be reached through, preferred first, each
     /// with its backend's metadata blob.
     pub offers: Vec<(BackendKind, Vec<u8>)>,
+    /// Its regions are separate allocations: plans never merge across them.
+    pub separate_regions: bool,
 }
 
 /// One transfer asked of this agent.
@@ -184,6 +186,7 @@ struct CachedPeer {
     name: String,
     instance_id: String,
     layout: KvLayout,
+    separate_regions: bool,
     backend: Arc<dyn Backend>,
 }
 
@@ -367,6 +370,7 @@ impl Agent {
                 .iter()
                 .map(|b| Ok((b.kind(), b.local_metadata()?)))
                 .collect::<Result<_, TransferError>>()?,
+            separate_regions: self.mem.separate_regions(),
         })
     }
 
@@ -416,6 +420,7 @@ impl Agent {
                     name,
                     instance_id: md.instance_id,
                     layout: md.layout,
+                    separate_regions: md.separate_regions,
                     backend: backend.clone(),
                 },
             );
@@ -482,13 +487,16 @@ impl Agent {
                 &spec.remote_blocks,
             )?);
         }
+        // Merging runs across a region boundary needs both pools to be one range there.
+        let mut options = self.cfg.plan_options;
+        options.merge_regions &= !peer.separate_regions && !self.mem.separate_regions();
         let p = plan(
             spec.plan,
             &self.cfg.layout,
             &peer.layout,
             &spec.local_blocks,
             &spec.remote_blocks,
-            &self.cfg.plan_options,
+            &options,
         )?;
         Ok(p)
     }

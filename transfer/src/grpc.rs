@@ -104,6 +104,7 @@ impl From<&PeerMetadata> for proto::AgentMetadata {
                     metadata: md.clone(),
                 })
                 .collect(),
+            separate_regions: m.separate_regions,
         }
     }
 }
@@ -149,6 +150,7 @@ impl TryFrom<proto::AgentMetadata> for PeerMetadata {
             instance_id: m.instance_id,
             layout: parsed,
             offers,
+            separate_regions: m.separate_regions,
         })
     }
 }

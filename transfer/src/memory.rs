@@ -1,7 +1,9 @@
 //! The memory that backs a KV pool ([`KvMemory`]): host memory (an anonymous
-//! mapping owned by this process, or a shared file mapping (`/dev/shm/...`)
-//! that an engine process maps too) or GPU memory (`gpu:N`). Owns the
-//! memory's lifetime; knows nothing about layouts.
+//! mapping owned by this process, a shared file mapping (`/dev/shm/...`)
+//! that an engine process maps too, or an engine's own memory lent to us,
+//! possibly one allocation per region: [`RegionMap`]) or GPU memory
+//! (`gpu:N`). Owns the memory's lifetime (not a lent one's); knows nothing
+//! about layouts beyond where each region starts.
 //!
 //! Transfers write into this memory from other threads (and, with NIXL, from
 //! the network) while the engine may read other blocks of it, as RDMA does.
@@ -105,6 +107,11 @@ impl KvMemory {
         }
     }
 
+    /// Whether the regions are separate allocations (no range may cross one).
+    pub fn separate_regions(&self) -> bool {
+        self.host().is_some_and(|h| h.region_map().is_some())
+    }
+
     pub fn device_buffer(&self) -> Option<&DeviceBuffer> {
         match self {
             KvMemory::Host(_) => None,
@@ -147,12 +154,98 @@ impl KvMemory {
     }
 }
 
+/// Where each region of a pool lives when the regions are separate
+/// allocations (vLLM gives every layer its own tensor). Pool offsets stay
+/// region-major, `region * region_len + offset in the region`, and a range
+/// never crosses a region (the planner does not merge across them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionMap {
+    bases: Vec<u64>,
+    region_len: u64,
+}
+
+impl RegionMap {
+    /// Regions of `region_len` bytes at `bases`: at least one, none empty or
+    /// overlapping another, none wrapping the address space.
+    pub fn new(bases: Vec<u64>, region_len: u64) -> Result<RegionMap, TransferError> {
+        if bases.is_empty() || region_len == 0 {
+            return Err(TransferError::BadRequest(
+                "a region map needs at least one region of at least one byte".into(),
+            ));
+        }
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(bases.len());
+        for (r, &b) in bases.iter().enumerate() {
+            if b == 0 {
+                return Err(TransferError::BadRequest(format!(
+                    "region {r} has a null base address"
+                )));
+            }
+            let end = b.checked_add(region_len).ok_or_else(|| {
+                TransferError::BadRequest(format!("region {r} at {b:#x} wraps the address space"))
+            })?;
+            spans.push((b, end));
+        }
+        (bases.len() as u64)
+            .checked_mul(region_len)
+            .ok_or_else(|| TransferError::BadRequest("the pool's size overflows".into()))?;
+        spans.sort_unstable();
+        if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(TransferError::BadRequest(format!(
+                "regions at {:#x} and {:#x} overlap ({region_len} bytes each)",
+                w[0].0, w[1].0
+            )));
+        }
+        Ok(RegionMap { bases, region_len })
+    }
+
+    pub fn bases(&self) -> &[u64] {
+        &self.bases
+    }
+
+    pub fn region_len(&self) -> u64 {
+        self.region_len
+    }
+
+    /// Bytes of the whole pool.
+    pub fn len(&self) -> u64 {
+        self.bases.len() as u64 * self.region_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether each region starts where the one before it ends: then the
+    /// pool is one range at `bases[0]`.
+    pub fn is_contiguous(&self) -> bool {
+        self.bases
+            .windows(2)
+            .all(|w| w[0].checked_add(self.region_len) == Some(w[1]))
+    }
+
+    /// The address of pool bytes `[offset, offset + len)`, which must lie in
+    /// one region; None otherwise.
+    pub fn resolve(&self, offset: u64, len: u64) -> Option<u64> {
+        let region = offset / self.region_len;
+        let inner = offset % self.region_len;
+        let base = *self.bases.get(usize::try_from(region).ok()?)?;
+        if inner.checked_add(len)? > self.region_len {
+            return None;
+        }
+        Some(base + inner)
+    }
+}
+
 #[derive(Debug)]
 pub struct HostMemory {
     ptr: NonNull<u8>,
     len: usize,
     path: Option<PathBuf>,
     unlink_on_drop: bool,
+    /// Lent by the engine: never unmapped here.
+    lent: bool,
+    /// Separate allocations per region (lent memory only).
+    map: Option<RegionMap>,
 }
 
 // SAFETY: the mapping is plain memory; concurrent access follows the
@@ -192,7 +285,28 @@ impl HostMemory {
             len,
             path: None,
             unlink_on_drop: false,
+            lent: false,
+            map: None,
         })
+    }
+
+    /// An engine's own host memory: the regions `map` describes (one range
+    /// when they are contiguous).
+    ///
+    /// # Safety
+    /// Every region must be valid, writable memory that outlives this value
+    /// and every transfer into or out of it.
+    pub unsafe fn lent(map: RegionMap) -> HostMemory {
+        let ptr = NonNull::new(map.bases()[0] as *mut u8).expect("RegionMap has no null base");
+        let len = map.len() as usize;
+        HostMemory {
+            ptr,
+            len,
+            path: None,
+            unlink_on_drop: false,
+            lent: true,
+            map: (!map.is_contiguous()).then_some(map),
+        }
     }
 
     /// Maps `path` shared, creating it with `len` bytes if it does not exist.
@@ -259,7 +373,35 @@ impl HostMemory {
             len,
             path: Some(path.to_path_buf()),
             unlink_on_drop,
+            lent: false,
+            map: None,
         })
+    }
+
+    /// The region map of memory whose regions are separate allocations.
+    pub fn region_map(&self) -> Option<&RegionMap> {
+        self.map.as_ref()
+    }
+
+    /// The address ranges that make up the pool, as (address, length): one,
+    /// or one per region.
+    pub fn segments(&self) -> Vec<(u64, u64)> {
+        match &self.map {
+            Some(m) => m.bases().iter().map(|&b| (b, m.region_len())).collect(),
+            None => vec![(self.addr() as u64, self.len as u64)],
+        }
+    }
+
+    /// The address of pool bytes `[offset, offset + len)`, or None when out
+    /// of range (or, with a region map, across a region's end).
+    pub fn resolve(&self, offset: u64, len: u64) -> Option<u64> {
+        match &self.map {
+            Some(m) => m.resolve(offset, len),
+            None => {
+                let end = offset.checked_add(len)?;
+                (end <= self.len as u64).then(|| self.addr() as u64 + offset)
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -287,14 +429,8 @@ impl HostMemory {
     /// # Safety
     /// No transfer may be writing these bytes while the slice lives.
     pub unsafe fn slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
-        let end = offset.checked_add(len)?;
-        if end > self.len as u64 {
-            return None;
-        }
-        Some(std::slice::from_raw_parts(
-            self.ptr.as_ptr().add(offset as usize),
-            len as usize,
-        ))
+        let at = self.resolve(offset, len)?;
+        Some(std::slice::from_raw_parts(at as *const u8, len as usize))
     }
 
     /// Mutable view of `[offset, offset + len)`, or None when out of range.
@@ -304,14 +440,8 @@ impl HostMemory {
     /// reads or writes them).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice_mut(&self, offset: u64, len: u64) -> Option<&mut [u8]> {
-        let end = offset.checked_add(len)?;
-        if end > self.len as u64 {
-            return None;
-        }
-        Some(std::slice::from_raw_parts_mut(
-            self.ptr.as_ptr().add(offset as usize),
-            len as usize,
-        ))
+        let at = self.resolve(offset, len)?;
+        Some(std::slice::from_raw_parts_mut(at as *mut u8, len as usize))
     }
 
     /// Copies `src` into the pool at `offset` (the engine writing KV).
@@ -349,6 +479,9 @@ fn prefault(ptr: *mut u8, len: usize) {
 
 impl Drop for HostMemory {
     fn drop(&mut self) {
+        if self.lent {
+            return;
+        }
         // SAFETY: unmapping our own mapping once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         if self.unlink_on_drop {
@@ -362,6 +495,61 @@ impl Drop for HostMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_maps_resolve_inside_one_region_only() {
+        let m = RegionMap::new(vec![0x10_000, 0x50_000, 0x30_000], 0x1000).unwrap();
+        assert_eq!(m.len(), 0x3000);
+        assert!(!m.is_contiguous());
+        assert_eq!(m.resolve(0, 0x1000), Some(0x10_000));
+        assert_eq!(m.resolve(0x1000 + 16, 32), Some(0x50_010));
+        assert_eq!(m.resolve(0x2fff, 1), Some(0x30_fff));
+        assert_eq!(m.resolve(0xff0, 0x20), None, "across regions 0 and 1");
+        assert_eq!(m.resolve(0x3000, 1), None, "past the last region");
+        assert!(RegionMap::new(vec![0x1000, 0x2000], 0x1000)
+            .unwrap()
+            .is_contiguous());
+        for bad in [
+            RegionMap::new(vec![], 16),
+            RegionMap::new(vec![0x1000], 0),
+            RegionMap::new(vec![0], 16),
+            RegionMap::new(vec![0x1000, 0x1008], 16),
+            RegionMap::new(vec![u64::MAX - 4], 16),
+        ] {
+            assert!(bad.is_err());
+        }
+    }
+
+    #[test]
+    fn lent_memory_reads_and_writes_the_engines_regions_and_is_not_unmapped() {
+        let mut a = vec![0u8; 64];
+        let mut b = vec![0u8; 64];
+        let map = RegionMap::new(vec![b.as_mut_ptr() as u64, a.as_mut_ptr() as u64], 64).unwrap();
+        let lent = unsafe { HostMemory::lent(map) };
+        assert!(lent.region_map().is_some());
+        assert_eq!(lent.len(), 128);
+        lent.write(64 + 8, b"hi").unwrap();
+        lent.write(0, b"yo").unwrap();
+        assert!(lent.write(60, b"12345678").is_none(), "across the regions");
+        let mut out = [0u8; 2];
+        lent.read(72, &mut out).unwrap();
+        assert_eq!(&out, b"hi");
+        assert_eq!(lent.segments().len(), 2);
+        drop(lent);
+        assert_eq!(&a[8..10], b"hi");
+        assert_eq!(&b[..2], b"yo");
+        // Contiguous regions become one range.
+        let mut c = vec![0u8; 96];
+        let base = c.as_mut_ptr() as u64;
+        let lent = unsafe {
+            HostMemory::lent(RegionMap::new(vec![base, base + 32, base + 64], 32).unwrap())
+        };
+        assert!(lent.region_map().is_none());
+        assert_eq!(lent.segments(), vec![(base, 96)]);
+        lent.write(30, b"abcd").unwrap();
+        drop(lent);
+        assert_eq!(&c[30..34], b"abcd");
+    }
 
     #[test]
     fn anonymous_read_write_and_bounds() {

@@ -223,6 +223,12 @@ impl CudaIpcBackend {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
+        if mem.separate_regions() {
+            return Err(TransferError::backend(
+                NAME,
+                "a pool whose regions are separate host allocations is moved by nixl or tcp",
+            ));
+        }
         let mut fd_server = None;
         let mut alloc = 0;
         let (pool, device, handle, copier) = match mem.as_ref() {

@@ -2,9 +2,10 @@
 //! shared memory), loaded at run time from the `nixl-cu12`/`nixl-cu13` wheels
 //! through `nixl-sys`'s `stub-api` (dlopen of `libnixl_capi.so`).
 //!
-//! Owns one NIXL agent with the UCX backend and one registration (the whole
-//! pool). Peers are NIXL agents whose metadata blob we load; descriptors are
-//! turned into addresses with each pool's base. All NIXL calls go through one
+//! Owns one NIXL agent with the UCX backend and the pool's registrations (the
+//! whole pool, or each region when they are separate allocations). Peers are
+//! NIXL agents whose metadata blob we load; descriptors are turned into
+//! addresses with each pool's base or region table. All NIXL calls go through one
 //! mutex: NIXL's own tests run single-threaded because concurrent use can
 //! deadlock, and a lock per call costs nothing next to a transfer.
 
@@ -21,10 +22,10 @@ use nixl_sys::{
 use super::{check_bounds, wire, Backend, BackendKind, InFlight, Notification, Op};
 use crate::error::TransferError;
 use crate::gpu::Gpu;
-use crate::memory::KvMemory;
+use crate::memory::{KvMemory, RegionMap};
 use crate::plan::Desc;
 
-const MAGIC: &[u8] = b"TNDMNIXL2";
+const MAGIC: &[u8] = b"TNDMNIXL3";
 const NAME: &str = "nixl";
 
 /// Where the NIXL runtime was found. Set once per process.
@@ -179,17 +180,36 @@ impl NixlDescriptor for Pool {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PeerPool {
     addr: u64,
     len: u64,
     device: Option<u32>,
+    /// The peer's regions are separate allocations.
+    map: Option<RegionMap>,
+}
+
+impl PeerPool {
+    fn resolve(&self, offset: u64, len: u64) -> Option<u64> {
+        match &self.map {
+            Some(m) => m.resolve(offset, len),
+            None => (offset.checked_add(len)? <= self.len).then(|| self.addr + offset),
+        }
+    }
+}
+
+/// Where pool bytes `[offset, offset + len)` are in this process.
+fn local_addr(mem: &KvMemory, offset: u64, len: u64) -> Option<u64> {
+    match mem.host() {
+        Some(h) => h.resolve(offset, len),
+        None => (offset.checked_add(len)? <= mem.len() as u64).then(|| mem.addr() + offset),
+    }
 }
 
 struct Inner {
     agent: Agent,
     backend: nixl_sys::Backend,
-    _registration: RegistrationHandle,
+    _registrations: Vec<RegistrationHandle>,
     peers: HashMap<String, PeerPool>,
 }
 
@@ -237,16 +257,25 @@ impl NixlBackend {
         let backend = agent
             .create_backend("UCX", &params)
             .map_err(|e| err("create UCX backend", e))?;
-        let pool = Pool {
-            addr: mem.addr() as usize,
-            len: mem.len(),
-            device: gpu.as_ref().map(|g| g.ordinal()),
+        let segments = match mem.host() {
+            Some(h) => h.segments(),
+            None => vec![(mem.addr(), mem.len() as u64)],
         };
         let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
         opt.add_backend(&backend).map_err(|e| err("opt args", e))?;
-        let registration = agent
-            .register_memory(&pool, Some(&opt))
-            .map_err(|e| err("register memory", e))?;
+        let mut registrations = Vec::with_capacity(segments.len());
+        for (addr, len) in segments {
+            let pool = Pool {
+                addr: addr as usize,
+                len: len as usize,
+                device: gpu.as_ref().map(|g| g.ordinal()),
+            };
+            registrations.push(
+                agent
+                    .register_memory(&pool, Some(&opt))
+                    .map_err(|e| err("register memory", e))?,
+            );
+        }
         Ok(NixlBackend {
             name: name.to_string(),
             mem,
@@ -254,7 +283,7 @@ impl NixlBackend {
             inner: Arc::new(Mutex::new(Inner {
                 agent,
                 backend,
-                _registration: registration,
+                _registrations: registrations,
                 peers: HashMap::new(),
             })),
             skip_merge: true,
@@ -333,6 +362,17 @@ impl Backend for NixlBackend {
         // 0 = DRAM, N + 1 = VRAM of CUDA device N.
         wire::put_u32(&mut out, self.gpu.as_ref().map_or(0, |g| g.ordinal() + 1));
         wire::put_bytes(&mut out, &md);
+        // The region table when the regions are separate allocations (count 0: one range).
+        match self.mem.host().and_then(|h| h.region_map()) {
+            Some(m) => {
+                wire::put_u32(&mut out, m.bases().len() as u32);
+                wire::put_u64(&mut out, m.region_len());
+                for &b in m.bases() {
+                    wire::put_u64(&mut out, b);
+                }
+            }
+            None => wire::put_u32(&mut out, 0),
+        }
         Ok(out)
     }
 
@@ -344,6 +384,24 @@ impl Backend for NixlBackend {
         let len = r.u64()?;
         let device = r.u32()?.checked_sub(1);
         let md = r.bytes()?;
+        let regions = r.u32()?;
+        let map = if regions == 0 {
+            None
+        } else {
+            let region_len = r.u64()?;
+            let bases = (0..regions)
+                .map(|_| r.u64())
+                .collect::<Result<Vec<_>, _>>()?;
+            let map = RegionMap::new(bases, region_len)
+                .map_err(|e| TransferError::BadMetadata(format!("the peer's region table: {e}")))?;
+            if map.len() != len {
+                return Err(TransferError::BadMetadata(format!(
+                    "the peer's region table covers {} bytes, its pool {len}",
+                    map.len()
+                )));
+            }
+            Some(map)
+        };
         if name == self.name {
             return Err(TransferError::BadMetadata(
                 "that is our own metadata".into(),
@@ -361,9 +419,15 @@ impl Backend for NixlBackend {
                 "metadata names agent {loaded:?} but the envelope says {name:?}"
             )));
         }
-        inner
-            .peers
-            .insert(name.clone(), PeerPool { addr, len, device });
+        inner.peers.insert(
+            name.clone(),
+            PeerPool {
+                addr,
+                len,
+                device,
+                map,
+            },
+        );
         Ok(name)
     }
 
@@ -383,9 +447,10 @@ impl Backend for NixlBackend {
     ) -> Result<Box<dyn InFlight>, TransferError> {
         self.bind()?;
         let inner = self.lock();
-        let remote = *inner
+        let remote = inner
             .peers
             .get(peer)
+            .cloned()
             .ok_or_else(|| TransferError::UnknownPeer(peer.to_string()))?;
         check_bounds(descs, self.mem.len() as u64, remote.len)?;
         let err = |what: &str, e: nixl_sys::NixlError| {
@@ -396,14 +461,24 @@ impl Backend for NixlBackend {
             XferDescList::new(mem_type(local_dev)).map_err(|e| err("descriptor list", e))?;
         let mut remote_list =
             XferDescList::new(mem_type(remote.device)).map_err(|e| err("descriptor list", e))?;
-        let base = self.mem.addr();
         let (ldev, rdev) = (
             local_dev.unwrap_or(0) as u64,
             remote.device.unwrap_or(0) as u64,
         );
+        let across = |side: &str, d: &Desc| {
+            TransferError::BadRequest(format!(
+                "descriptor {}+{} crosses a region of the {side} pool, whose regions are separate allocations",
+                if side == "local" { d.local } else { d.remote },
+                d.len
+            ))
+        };
         for d in descs {
-            local_list.add_desc((base + d.local) as usize, d.len as usize, ldev);
-            remote_list.add_desc((remote.addr + d.remote) as usize, d.len as usize, rdev);
+            let l = local_addr(&self.mem, d.local, d.len).ok_or_else(|| across("local", d))?;
+            let r = remote
+                .resolve(d.remote, d.len)
+                .ok_or_else(|| across("remote", d))?;
+            local_list.add_desc(l as usize, d.len as usize, ldev);
+            remote_list.add_desc(r as usize, d.len as usize, rdev);
         }
         let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
         opt.add_backend(&inner.backend)

@@ -162,11 +162,17 @@ async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<Optio
     }))
 }
 
-fn ranges_ok(ranges: &[(u64, u64)], pool: u64) -> Result<(), String> {
+fn ranges_ok(ranges: &[(u64, u64)], mem: &HostMemory) -> Result<(), String> {
     for &(off, len) in ranges {
-        if off.checked_add(len).is_none_or(|e| e > pool) {
+        if mem.resolve(off, len).is_none() {
             return Err(format!(
-                "range {off}+{len} outside the pool of {pool} bytes"
+                "range {off}+{len} outside the pool of {} bytes{}",
+                mem.len(),
+                if mem.region_map().is_some() {
+                    " or across one of its separately allocated regions"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -189,8 +195,7 @@ async fn serve_conn(
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
     let mut wr = BufWriter::with_capacity(256 * 1024, wr);
     while let Some(frame) = read_frame(&mut rd).await? {
-        let pool = mem.len() as u64;
-        if let Err(reason) = ranges_ok(&frame.ranges, pool) {
+        if let Err(reason) = ranges_ok(&frame.ranges, &mem) {
             refuse(&mut wr, &reason).await?;
             return Ok(());
         }
@@ -436,6 +441,15 @@ impl Backend for TcpBackend {
     ) -> Result<Box<dyn InFlight>, TransferError> {
         let p = self.peer(peer)?;
         check_bounds(descs, self.mem.len() as u64, p.len)?;
+        // Separately allocated regions: no local range may cross one (the
+        // peer checks its own side).
+        if self.mem.region_map().is_some() {
+            ranges_ok(
+                &descs.iter().map(|d| (d.local, d.len)).collect::<Vec<_>>(),
+                &self.mem,
+            )
+            .map_err(TransferError::BadRequest)?;
+        }
         let (tx, rx) = mpsc::channel();
         let fut = run_transfer(
             op,
