@@ -285,7 +285,7 @@ def test_model_pods_follow_the_values(case, role):
     if "--kv-transfer-config" in given:  # the user's own, as written (llm-d's guide: kv_both)
         assert kv == json.loads(given[given.index("--kv-transfer-config") + 1])
     else:
-        assert kv["kv_role"] == (json.loads(values["kvTransfer"]["config"]).get("kv_role") or default_role)
+        assert kv["kv_role"] == (json.loads(values["kvTransfer"]["config"] or "{}").get("kv_role") or default_role)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == str(tp * spec["parallelism"].get("dataLocal", 1))
     user_args = [str(a) for a in spec["containers"][0].get("args", [])]
     if user_args:
@@ -630,3 +630,27 @@ def test_tracing_turns_on_both_binaries_with_the_collector_and_sampler():
         assert env["OTEL_TRACES_SAMPLER_ARG"] == "1"
     with pytest.raises(Exception, match="sampler"):
         render({"tracing": {"enabled": True, "sampler": "sometimes"}})
+
+
+def test_the_tandem_connector_value_switches_vllm_to_tandem_kv():
+    out = render({"kvTransfer": {"connector": "tandem", "tandemPort": 5800}})
+    for role in ("prefill", "decode"):
+        d = yaml.safe_load(out[f"tandem/templates/{role}-deployment.yaml"])
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        kv = json.loads(flag_value(c["args"], "--kv-transfer-config"))
+        assert kv["kv_connector"] == "TandemConnector"
+        assert kv["kv_connector_module_path"] == "tandem_kv.vllm"
+        assert kv["kv_load_failure_policy"] == "recompute", "a failed pull is recomputed, not an error"
+        assert kv["kv_role"] == {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["TANDEM_KV_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert env["TANDEM_KV_PORT"]["value"] == "5800"
+        assert {"name": "tandem-kv", "containerPort": 5800, "protocol": "TCP"} in c["ports"]
+    # The default stays vLLM's NixlConnector, and an explicit config wins over the connector.
+    objs = render({})
+    d = yaml.safe_load(objs["tandem/templates/prefill-deployment.yaml"])
+    c = d["spec"]["template"]["spec"]["containers"][0]
+    assert json.loads(flag_value(c["args"], "--kv-transfer-config"))["kv_connector"] == "NixlConnector"
+    assert "TANDEM_KV_PORT" not in {e["name"] for e in c["env"]}
+    with pytest.raises(Exception, match="connector"):
+        render({"kvTransfer": {"connector": "mooncake"}})

@@ -511,9 +511,33 @@ impl Agent {
         let timeout = spec.timeout.unwrap_or(self.cfg.transfer_timeout);
         let deadline = started + timeout;
         let progress = Arc::new(Mutex::new(progress));
-        let (peer, mut handshaken) = self
-            .resolve(&spec.peer, spec.remote_instance_id.as_deref(), false)
-            .await?;
+        // A peer that accepts and never answers must not outlive the deadline.
+        let resolve_by = |refresh: bool, want: Option<String>| {
+            let peer = spec.peer.clone();
+            async move {
+                match tokio::time::timeout_at(
+                    deadline.into(),
+                    self.resolve(&peer, want.as_deref(), refresh),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(TransferError::Deadline {
+                        deadline_ms: timeout.as_millis() as u64,
+                        done: 0,
+                        total: 0,
+                    }),
+                }
+            }
+        };
+        let (peer, mut handshaken) = match resolve_by(false, spec.remote_instance_id.clone()).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.stats.transfers_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         let planning = Instant::now();
         let mut plan = Arc::new(self.plan_for(&spec, &peer)?);
         let mut plan_time = planning.elapsed();
@@ -545,7 +569,7 @@ impl Agent {
                     // handshake again and retry once.
                     tracing::info!(peer = %spec.peer, error = %e, "transfer failed; re-handshaking");
                     retried = true;
-                    match self.resolve(&spec.peer, None, true).await {
+                    match resolve_by(true, None).await {
                         Ok((p, _)) => {
                             handshaken = true;
                             let planning = Instant::now();

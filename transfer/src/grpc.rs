@@ -24,6 +24,9 @@ use proto::kv_agent_client::KvAgentClient;
 use proto::kv_agent_server::{KvAgent, KvAgentServer};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a control-plane call may take (metadata, a notification): a peer
+/// that accepts and never answers must not hold a caller for ever.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `host:port` or a URL to a tonic endpoint.
 pub fn endpoint(target: &str) -> Result<Endpoint, TransferError> {
@@ -35,6 +38,7 @@ pub fn endpoint(target: &str) -> Result<Endpoint, TransferError> {
     Ok(Endpoint::from_shared(uri)
         .map_err(|e| TransferError::BadRequest(format!("bad peer address {target:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true))
 }
 

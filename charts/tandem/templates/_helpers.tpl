@@ -156,10 +156,11 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- if and (gt $dpl 1) (not (include "tandem.hasFlag" (dict "args" $userArgs "flag" "--data-parallel-size-local"))) -}}
 {{- $args = concat $args (list "--data-parallel-size-local" (toString $dpl)) -}}
 {{- end -}}
-{{- if and $v.kvTransfer.config (not (include "tandem.hasFlag" (dict "args" $userArgs "flag" "--kv-transfer-config"))) -}}
-{{- $kv := fromJson (toString $v.kvTransfer.config) -}}
+{{- $kvConfig := include "tandem.kvTransferConfig" $v -}}
+{{- if and $kvConfig (not (include "tandem.hasFlag" (dict "args" $userArgs "flag" "--kv-transfer-config"))) -}}
+{{- $kv := fromJson $kvConfig -}}
 {{- if hasKey $kv "Error" -}}
-{{- fail (printf "kvTransfer.config is not a JSON object: %s" (toString $v.kvTransfer.config)) -}}
+{{- fail (printf "kvTransfer.config is not a JSON object: %s" $kvConfig) -}}
 {{- end -}}
 {{- /* vLLM 0.26 deprecates kv_both: producer for prefill, consumer for decode, unless the config names a role */ -}}
 {{- if not (hasKey $kv "kv_role") -}}
@@ -189,6 +190,9 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- with $v.modelArtifacts.authSecretName -}}
 {{- $defaults = append $defaults (dict "name" "HF_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" "HF_TOKEN"))) -}}
 {{- end -}}
+{{- if eq (toString ($v.kvTransfer.connector | default "nixl")) "tandem" -}}
+{{- $defaults = concat $defaults (list (dict "name" "TANDEM_KV_HOST" "valueFrom" (dict "fieldRef" (dict "fieldPath" "status.podIP"))) (dict "name" "TANDEM_KV_PORT" "value" (toString ($v.kvTransfer.tandemPort | default 5700 | int)))) -}}
+{{- end -}}
 {{- $ipc := $v.kvTransfer.cudaIpc | default dict -}}
 {{- if $ipc.enabled -}}
 {{- $defaults = concat $defaults (list (dict "name" "TANDEM_CUDA_IPC_DIR" "value" (toString $ipc.mountPath)) (dict "name" "TANDEM_CUDA_SHARE" "value" (toString $ipc.share)) (dict "name" "TANDEM_KV_BACKEND" "value" "auto")) -}}
@@ -207,6 +211,10 @@ One vLLM container, as YAML; context: dict root, role, spec, container.
 {{- end -}}
 {{- if not (or (hasKey $numbers (toString $side)) (hasKey $portNames "nixl")) -}}
 {{- $ports = append $ports (dict "name" "nixl" "containerPort" $side "protocol" "TCP") -}}
+{{- end -}}
+{{- $tkv := $v.kvTransfer.tandemPort | default 5700 | int -}}
+{{- if and (eq (toString ($v.kvTransfer.connector | default "nixl")) "tandem") (not (or (hasKey $numbers (toString $tkv)) (hasKey $portNames "tandem-kv"))) -}}
+{{- $ports = append $ports (dict "name" "tandem-kv" "containerPort" $tkv "protocol" "TCP") -}}
 {{- end -}}
 {{- $_ := set $out "ports" $ports -}}
 {{- /* resources: accelerators = tensor * dataLocal unless the user named the resource */ -}}
@@ -620,4 +628,15 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
     {{- end }}
+{{- end }}
+
+{{/* vLLM's --kv-transfer-config before roles: kvTransfer.config, else the connector's default. */}}
+{{- define "tandem.kvTransferConfig" -}}
+{{- if .kvTransfer.config -}}
+{{- toString .kvTransfer.config -}}
+{{- else if eq (toString (.kvTransfer.connector | default "nixl")) "tandem" -}}
+{"kv_connector":"TandemConnector","kv_connector_module_path":"tandem_kv.vllm","kv_load_failure_policy":"recompute"}
+{{- else if eq (toString (.kvTransfer.connector | default "nixl")) "nixl" -}}
+{"kv_connector":"NixlConnector"}
+{{- end -}}
 {{- end }}
