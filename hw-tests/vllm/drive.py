@@ -1,0 +1,94 @@
+"""Drives one P/D setup (two vLLM engines, pd-sidecar, pd-router, all started by run.sh) and
+writes what it saw as JSON: per prompt, the P/D answer through the router, the reference
+answer (the prefill engine computing the prompt itself), whether they are identical, and the
+KV transfer (TandemConnector: its per-pull stats file; NixlConnector: vLLM's vllm:nixl_*
+metrics, read before and after each request).
+
+    python3 drive.py CONNECTOR MODEL_DIR OUT_JSON LENGTHS...
+
+Each prompt is new (a distinct prefix), so the decode engine's prefix cache holds none of it."""
+
+import json
+import os
+import random
+import sys
+import time
+import urllib.request
+
+connector, model_dir, out_json = sys.argv[1], sys.argv[2], sys.argv[3]
+lengths = [int(x) for x in sys.argv[4:]]
+STATS = os.environ.get("TANDEM_KV_STATS_FILE", "/tmp/pd/tandem-stats.jsonl")
+
+
+def post(url, body, headers=None, timeout=300):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    t = time.monotonic()
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        doc = json.loads(r.read())
+    return doc, time.monotonic() - t
+
+
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:") and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            key = name.split("{")[0]
+            if "external_kv_transfer" in name:
+                key += "{external_kv_transfer}"
+            try:
+                out[key] = out.get(key, 0.0) + float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def stats_lines():
+    try:
+        with open(STATS) as f:
+            return [json.loads(l) for l in f if l.strip()]
+    except FileNotFoundError:
+        return []
+
+
+words = open(os.path.join(model_dir, "prompt.txt")).read().split()
+rng = random.Random(7)
+rows = []
+for i, n in enumerate(lengths):
+    # A unique head, then words until the prompt has about n tokens (the tokenizer is BPE on
+    # these words: ~2.3 tokens per word).
+    head = f"run {connector} prompt {i} {rng.random():.12f}"
+    prompt = " ".join([head] + [rng.choice(words) for _ in range(max(1, int(n / 2.3)))])
+    body = {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+    before, seen = metrics(8200), len(stats_lines())
+    pd, pd_s = post("http://127.0.0.1:8080/v1/completions", body, {"x-request-id": f"hw-{connector}-{i}"})
+    time.sleep(0.5)  # let the decode engine's counters and the stats file catch up
+    after, pulls = metrics(8200), stats_lines()[seen:]
+    ref, _ = post("http://127.0.0.1:8100/v1/completions", body)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    row = {
+        "connector": connector,
+        "prompt_tokens": pd["usage"]["prompt_tokens"],
+        "same_text": pd["choices"][0]["text"] == ref["choices"][0]["text"],
+        "pd_text": pd["choices"][0]["text"][:80],
+        "ref_text": ref["choices"][0]["text"][:80],
+        "pd_seconds": round(pd_s, 4),
+        "external_kv_tokens": delta.get("vllm:prompt_tokens_by_source_total{external_kv_transfer}", 0.0),
+    }
+    if connector == "tandem":
+        row["kv_bytes"] = sum(p["bytes"] for p in pulls)
+        row["kv_seconds"] = sum(p["seconds"] for p in pulls)
+        row["kv_backend"] = ",".join(sorted({p["backend"] for p in pulls}))
+        row["kv_descriptors"] = sum(p["descriptors"] for p in pulls)
+    else:
+        row["kv_bytes"] = delta.get("vllm:nixl_bytes_transferred_sum", 0.0)
+        row["kv_seconds"] = delta.get("vllm:nixl_xfer_time_seconds_sum", 0.0)
+        row["kv_backend"] = "nixl (UCX)"
+        row["kv_descriptors"] = delta.get("vllm:nixl_num_descriptors_sum", 0.0)
+    row["kv_gbps"] = round(row["kv_bytes"] / row["kv_seconds"] / 1e9, 3) if row["kv_seconds"] else None
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+json.dump(rows, open(out_json, "w"), indent=1)
