@@ -174,13 +174,17 @@ void tandem_kv_agent_destroy(TandemKvAgent *agent);
  * V per layer: vLLM's per-layer tensors). Layout JSON: `layers`, `kv_heads`
  * (the model's), `head_dim`, `dtype` (bf16), `block_size`, `num_blocks`,
  * `tp_rank` (0), `tp_size` (1), `format` (`nhd`), `regions` (`split`),
- * `mem` (`host`). Each region holds `num_blocks` blocks of
+ * `mem` (`host`, or `gpu:N`: the bases are device pointers of CUDA device
+ * N, such as vLLM's CUDA tensors' `data_ptr()`; cuda-ipc needs each region
+ * inside one `cudaMalloc` allocation, not PyTorch's expandable segments,
+ * which only NIXL moves). Each region holds `num_blocks` blocks of
  * `block_size * kv_heads / tp_size * head_dim * dtype` bytes (twice that
  * when fused). Once per agent.
  *
  * # Safety
  * `layout_json` is a NUL-terminated string; `region_bases` holds
- * `num_regions` addresses of memory that stays valid until the agent is destroyed.
+ * `num_regions` addresses of memory (host, or device memory of the GPU
+ * `mem` names) that stays valid until the agent is destroyed.
  */
 TandemKvStatus tandem_kv_register_memory(const TandemKvAgent *agent,
                                          const char *layout_json,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use transfer::agent::{ReleaseReason, Released, TransferDone};
+use transfer::gpu::lent::LentGpu;
 use transfer::layout::{Dtype, KvFormat, MemKind, RegionKind};
 use transfer::memory::{HostMemory, RegionMap};
 use transfer::{
@@ -215,7 +216,8 @@ impl Engine {
     }
 
     /// Starts the agent over the engine's memory: region `r` of `layout`
-    /// lives at `bases[r]` (vLLM's per-layer tensors).
+    /// lives at `bases[r]` (vLLM's per-layer tensors), host memory or, with
+    /// `mem: "gpu:N"`, device memory of CUDA device N.
     ///
     /// # Safety
     /// The regions must stay valid and writable until the agent is destroyed.
@@ -237,16 +239,22 @@ impl Engine {
                 bases.len()
             )));
         }
-        if layout.params().mem != MemKind::Host {
-            return Err(Failure::invalid(format!(
-                "mem {}: registering an engine's GPU tensors is not supported by this build; \
-                 register host memory",
-                layout.params().mem
-            )));
-        }
         let map = RegionMap::new(bases, layout.region_len())
             .map_err(|e| Failure::invalid(e.to_string()))?;
-        let mem = Arc::new(KvMemory::from(unsafe { HostMemory::lent(map) }));
+        let mem = Arc::new(match layout.params().mem {
+            MemKind::Host => KvMemory::from(unsafe { HostMemory::lent(map) }),
+            MemKind::Gpu(n) => {
+                // Initialises the driver and the device's primary context
+                // (the one PyTorch uses), then checks every region is this
+                // device's memory and finds the allocations behind them.
+                let gpu = transfer::gpu::device(n).map_err(|e| {
+                    Failure::new(TandemKvStatus::Transfer, format!("mem gpu:{n}: {e}"))
+                })?;
+                KvMemory::from(unsafe { LentGpu::new(&gpu, map) }.map_err(|e| {
+                    Failure::new(TandemKvStatus::InvalidArgument, format!("mem gpu:{n}: {e}"))
+                })?)
+            }
+        });
         let mut acfg = AgentConfig::new(
             &self.cfg.engine_id,
             layout,
@@ -464,4 +472,45 @@ impl From<TransferArgs> for TransferSpec {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        Engine::new(serde_json::from_str(r#"{"engine_id": "t", "backend": "tcp"}"#).unwrap())
+            .unwrap()
+    }
+
+    fn spec(mem: &str) -> LayoutSpec {
+        serde_json::from_value(json!({
+            "layers": 2, "kv_heads": 2, "head_dim": 16, "block_size": 4, "num_blocks": 8,
+            "mem": mem,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn gpu_memory_is_registered_through_the_driver_or_refused_with_the_reason() {
+        if transfer::gpu::driver_present() {
+            eprintln!("skipped: this machine has a CUDA driver");
+            return;
+        }
+        let e = engine();
+        // Four regions (K and V of two layers) of device pointers: without a
+        // driver the registration says so, and nothing was started.
+        let err = unsafe { e.register(&spec("gpu:0"), vec![0x1000, 0x2000, 0x3000, 0x4000]) }
+            .unwrap_err();
+        assert_eq!(err.status, TandemKvStatus::Transfer, "{}", err.message);
+        assert!(
+            err.message.contains("gpu:0") && err.message.contains("no CUDA driver"),
+            "{}",
+            err.message
+        );
+        assert!(e.metadata().is_err());
+        // The region count is checked before any driver call.
+        let err = unsafe { e.register(&spec("gpu:0"), vec![0x1000]) }.unwrap_err();
+        assert_eq!(err.status, TandemKvStatus::InvalidArgument);
+    }
 }

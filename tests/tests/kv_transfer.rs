@@ -713,6 +713,55 @@ fn kvbench_runs_every_case_verified_and_writes_json_and_png() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn kvbench_with_one_allocation_per_region_verifies_over_tcp_and_nixl() {
+    // Each side's pool is lent memory, one mapping per region (an engine's
+    // per-layer tensors): NIXL registers each region and sends its table,
+    // TCP checks ranges against it, and no plan merges across regions.
+    let dir = std::env::temp_dir().join(format!("tandem-kvbench-{}", uuid::Uuid::new_v4()));
+    let json = dir.join("kv.json");
+    let out = std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
+        .args(["run", "--backend", "nixl,tcp", "--region-alloc", "separate"])
+        .args(["--model", MODEL, "--num-blocks", "64"])
+        // The whole pool, contiguous on both sides: one allocation would be one descriptor.
+        .args(["--tokens", "1024", "--placement", "contiguous,fragmented"])
+        .args(["--op", "read,write", "--reps", "2", "--warmup", "1"])
+        .args(["--png", "none", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("one allocation per region"), "{stdout}");
+    let report = kvbench_report(&json);
+    assert_eq!(report["region_alloc"], "separate");
+    let results = report["results"].as_array().unwrap();
+    // 2 backends x 2 ops x 2 placements x 2 plans.
+    assert_eq!(results.len(), 16);
+    let regions = layout().num_regions() as u64;
+    for r in results {
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["bytes"], 64 * layout().bytes_per_block(), "{r}");
+        let descs = r["descriptors"].as_u64().unwrap();
+        match (
+            r["plan"].as_str().unwrap(),
+            r["placement"].as_str().unwrap(),
+        ) {
+            ("naive", _) => assert_eq!(descs, 64 * regions),
+            ("coalesced", "contiguous") => {
+                assert_eq!(descs, regions, "one per region, never merged across: {r}")
+            }
+            ("coalesced", _) => assert!(descs >= regions && descs <= 64 * regions),
+            other => panic!("unexpected case {other:?}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
     let port = free_port();

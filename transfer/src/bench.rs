@@ -303,6 +303,9 @@ impl CaseResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub layout: String,
+    /// How our pool (and an in-process peer's) is allocated: `one`, or
+    /// `separate` (one allocation per region, lent as an engine's tensors).
+    pub region_alloc: String,
     pub tokens: u64,
     pub blocks: u32,
     pub bytes_per_transfer: u64,
@@ -324,8 +327,13 @@ impl Report {
     pub fn table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "kvbench: {}\n  {} tokens = {} blocks/region = {} per transfer; peer {}; fragmented runs {}; {} in flight, descriptors <= {}\n",
+            "kvbench: {}{}\n  {} tokens = {} blocks/region = {} per transfer; peer {}; fragmented runs {}; {} in flight, descriptors <= {}\n",
             self.layout,
+            if self.region_alloc == "separate" {
+                "; one allocation per region"
+            } else {
+                ""
+            },
             self.tokens,
             self.blocks,
             format_bytes(self.bytes_per_transfer),

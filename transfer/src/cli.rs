@@ -71,6 +71,26 @@ pub fn init_logging(default: &str) {
 /// (no GPU where GPU memory was asked for).
 pub const EXIT_UNAVAILABLE: i32 = 2;
 
+/// How a benchmark allocates a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum RegionAlloc {
+    /// One allocation for the whole pool.
+    #[default]
+    One,
+    /// One allocation per region (host mappings or `cuMemAlloc`s), lent to
+    /// the pool as an engine lends its per-layer tensors.
+    Separate,
+}
+
+impl std::fmt::Display for RegionAlloc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RegionAlloc::One => "one",
+            RegionAlloc::Separate => "separate",
+        })
+    }
+}
+
 /// Allocates a pool for `layout` (its `mem` kind), or ends the process with
 /// [`EXIT_UNAVAILABLE`] and a one-line reason when the GPU is unavailable.
 pub fn allocate_or_exit(
@@ -79,9 +99,42 @@ pub fn allocate_or_exit(
     shm: Option<(&std::path::Path, bool)>,
     share: crate::gpu::GpuShare,
 ) -> anyhow::Result<crate::KvMemory> {
-    let len = usize::try_from(layout.total_bytes())
-        .map_err(|_| anyhow::anyhow!("pool of {} bytes is too large", layout.total_bytes()))?;
-    match crate::KvMemory::allocate(layout.params().mem, len, shm, share) {
+    let len = pool_len(layout)?;
+    or_exit(
+        program,
+        layout,
+        crate::KvMemory::allocate(layout.params().mem, len, shm, share),
+    )
+}
+
+/// Allocates a pool for `layout` as one allocation per region
+/// ([`crate::KvMemory::allocate_separate`]); exits as [`allocate_or_exit`].
+pub fn allocate_separate_or_exit(
+    program: &str,
+    layout: &KvLayout,
+) -> anyhow::Result<crate::KvMemory> {
+    pool_len(layout)?;
+    let region_len = usize::try_from(layout.region_len())
+        .map_err(|_| anyhow::anyhow!("region of {} bytes is too large", layout.region_len()))?;
+    or_exit(
+        program,
+        layout,
+        crate::KvMemory::allocate_separate(layout.params().mem, layout.num_regions(), region_len),
+    )
+}
+
+fn pool_len(layout: &KvLayout) -> anyhow::Result<usize> {
+    usize::try_from(layout.total_bytes())
+        .map_err(|_| anyhow::anyhow!("pool of {} bytes is too large", layout.total_bytes()))
+}
+
+fn or_exit(
+    program: &str,
+    layout: &KvLayout,
+    allocated: Result<crate::KvMemory, TransferError>,
+) -> anyhow::Result<crate::KvMemory> {
+    let len = layout.total_bytes();
+    match allocated {
         Ok(m) => Ok(m),
         Err(TransferError::GpuUnavailable(why)) => {
             eprintln!("{program}: --mem {}: {why}", layout.params().mem);

@@ -2,8 +2,9 @@
 //! mapping owned by this process, a shared file mapping (`/dev/shm/...`)
 //! that an engine process maps too, or an engine's own memory lent to us,
 //! possibly one allocation per region: [`RegionMap`]) or GPU memory
-//! (`gpu:N`). Owns the memory's lifetime (not a lent one's); knows nothing
-//! about layouts beyond where each region starts.
+//! (`gpu:N`: our own allocation, or an engine's tensors lent to us,
+//! [`LentGpu`]). Owns the memory's lifetime (not a lent one's); knows
+//! nothing about layouts beyond where each region starts.
 //!
 //! Transfers write into this memory from other threads (and, with NIXL, from
 //! the network) while the engine may read other blocks of it, as RDMA does.
@@ -17,6 +18,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use crate::error::TransferError;
+use crate::gpu::lent::LentGpu;
 use crate::gpu::{self, DeviceBuffer, Gpu, GpuShare};
 use crate::layout::MemKind;
 
@@ -24,6 +26,8 @@ use crate::layout::MemKind;
 pub enum KvMemory {
     Host(Arc<HostMemory>),
     Gpu(DeviceBuffer),
+    /// An engine's GPU memory (vLLM's tensors): never freed here.
+    GpuLent(LentGpu),
 }
 
 impl std::fmt::Debug for KvMemory {
@@ -35,6 +39,12 @@ impl std::fmt::Debug for KvMemory {
 impl From<HostMemory> for KvMemory {
     fn from(m: HostMemory) -> Self {
         KvMemory::Host(Arc::new(m))
+    }
+}
+
+impl From<LentGpu> for KvMemory {
+    fn from(m: LentGpu) -> Self {
+        KvMemory::GpuLent(m)
     }
 }
 
@@ -67,10 +77,52 @@ impl KvMemory {
         }
     }
 
+    /// `regions` regions of `region_len` bytes of `kind`, each its own
+    /// allocation (an anonymous mapping, or a `cuMemAlloc`), lent to the
+    /// pool as an engine's tensors are: how benchmarks and tests exercise
+    /// separate regions. The pool owns the allocations.
+    pub fn allocate_separate(
+        kind: MemKind,
+        regions: u32,
+        region_len: usize,
+    ) -> Result<KvMemory, TransferError> {
+        if regions == 0 || region_len == 0 {
+            return Err(TransferError::BadRequest("an empty pool".into()));
+        }
+        match kind {
+            MemKind::Host => {
+                // A page past each region keeps the next mapping from
+                // starting where a region ends: the regions stay separate.
+                let backing = (0..regions)
+                    .map(|_| HostMemory::anonymous(region_len + 4096))
+                    .collect::<io::Result<Vec<_>>>()?;
+                let map = RegionMap::new(
+                    backing.iter().map(|m| m.addr() as u64).collect(),
+                    region_len as u64,
+                )?;
+                // SAFETY: each region lies in a mapping the pool keeps.
+                let mut lent = unsafe { HostMemory::lent(map) };
+                lent.backing = Some(Box::new(backing));
+                Ok(lent.into())
+            }
+            MemKind::Gpu(n) => {
+                let dev = gpu::device(n)?;
+                let backing = (0..regions)
+                    .map(|_| dev.alloc(region_len))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let map =
+                    RegionMap::new(backing.iter().map(|b| b.ptr()).collect(), region_len as u64)?;
+                // SAFETY: each region is an allocation of `dev` the pool keeps.
+                Ok(unsafe { LentGpu::backed_by(&dev, map, Box::new(backing))? }.into())
+            }
+        }
+    }
+
     pub fn kind(&self) -> MemKind {
         match self {
             KvMemory::Host(_) => MemKind::Host,
             KvMemory::Gpu(b) => MemKind::Gpu(b.gpu().ordinal()),
+            KvMemory::GpuLent(m) => MemKind::Gpu(m.gpu().ordinal()),
         }
     }
 
@@ -78,6 +130,7 @@ impl KvMemory {
         match self {
             KvMemory::Host(m) => m.len(),
             KvMemory::Gpu(b) => b.len(),
+            KvMemory::GpuLent(m) => m.len() as usize,
         }
     }
 
@@ -85,18 +138,20 @@ impl KvMemory {
         self.len() == 0
     }
 
-    /// Base address: a host pointer, or a device pointer for GPU memory.
+    /// Base address: a host pointer, or a device pointer for GPU memory
+    /// (with separate regions: the first region's).
     pub fn addr(&self) -> u64 {
         match self {
             KvMemory::Host(m) => m.addr() as u64,
             KvMemory::Gpu(b) => b.ptr(),
+            KvMemory::GpuLent(m) => m.addr(),
         }
     }
 
     pub fn host(&self) -> Option<&Arc<HostMemory>> {
         match self {
             KvMemory::Host(m) => Some(m),
-            KvMemory::Gpu(_) => None,
+            KvMemory::Gpu(_) | KvMemory::GpuLent(_) => None,
         }
     }
 
@@ -104,52 +159,98 @@ impl KvMemory {
         match self {
             KvMemory::Host(_) => None,
             KvMemory::Gpu(b) => Some(b.gpu()),
+            KvMemory::GpuLent(m) => Some(m.gpu()),
+        }
+    }
+
+    /// The regions' addresses when they are separate allocations.
+    pub fn region_map(&self) -> Option<&RegionMap> {
+        match self {
+            KvMemory::Host(h) => h.region_map(),
+            KvMemory::Gpu(_) => None,
+            KvMemory::GpuLent(m) => m.region_map(),
         }
     }
 
     /// Whether the regions are separate allocations (no range may cross one).
     pub fn separate_regions(&self) -> bool {
-        self.host().is_some_and(|h| h.region_map().is_some())
+        self.region_map().is_some()
     }
 
     pub fn device_buffer(&self) -> Option<&DeviceBuffer> {
         match self {
-            KvMemory::Host(_) => None,
             KvMemory::Gpu(b) => Some(b),
+            KvMemory::Host(_) | KvMemory::GpuLent(_) => None,
         }
     }
 
-    fn range(&self, offset: u64, len: usize) -> Result<(), TransferError> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.len() as u64 => Ok(()),
-            _ => Err(TransferError::BadRequest(format!(
-                "range {offset}+{len} outside the pool of {} bytes",
-                self.len()
-            ))),
+    /// An engine's lent GPU memory.
+    pub fn lent_gpu(&self) -> Option<&LentGpu> {
+        match self {
+            KvMemory::GpuLent(m) => Some(m),
+            KvMemory::Host(_) | KvMemory::Gpu(_) => None,
         }
+    }
+
+    /// The address (host or device) of pool bytes `[offset, offset + len)`;
+    /// None out of range or, with separate regions, across a region's end.
+    pub fn resolve(&self, offset: u64, len: u64) -> Option<u64> {
+        match self {
+            KvMemory::Host(m) => m.resolve(offset, len),
+            KvMemory::Gpu(b) => {
+                (offset.checked_add(len)? <= b.len() as u64).then(|| b.ptr() + offset)
+            }
+            KvMemory::GpuLent(m) => m.resolve(offset, len),
+        }
+    }
+
+    /// The address ranges that make up the pool, as (address, length): one,
+    /// or one per region.
+    pub fn segments(&self) -> Vec<(u64, u64)> {
+        match self {
+            KvMemory::Host(m) => m.segments(),
+            KvMemory::Gpu(b) => vec![(b.ptr(), b.len() as u64)],
+            KvMemory::GpuLent(m) => m.segments(),
+        }
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Result<u64, TransferError> {
+        self.resolve(offset, len as u64).ok_or_else(|| {
+            TransferError::BadRequest(format!(
+                "range {offset}+{len} outside the pool of {} bytes{}",
+                self.len(),
+                if self.separate_regions() {
+                    " or across one of its separately allocated regions"
+                } else {
+                    ""
+                }
+            ))
+        })
     }
 
     /// Copies `src` into the pool at `offset` (the engine writing KV).
     pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), TransferError> {
-        self.range(offset, src.len())?;
+        let at = self.range(offset, src.len())?;
         match self {
             KvMemory::Host(m) => {
                 m.write(offset, src).expect("range checked");
                 Ok(())
             }
-            KvMemory::Gpu(b) => b.gpu().upload(b.ptr() + offset, src),
+            KvMemory::Gpu(b) => b.gpu().upload(at, src),
+            KvMemory::GpuLent(m) => m.gpu().upload(at, src),
         }
     }
 
     /// Copies pool bytes at `offset` into `dst`.
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), TransferError> {
-        self.range(offset, dst.len())?;
+        let at = self.range(offset, dst.len())?;
         match self {
             KvMemory::Host(m) => {
                 m.read(offset, dst).expect("range checked");
                 Ok(())
             }
-            KvMemory::Gpu(b) => b.gpu().download(dst, b.ptr() + offset),
+            KvMemory::Gpu(b) => b.gpu().download(dst, at),
+            KvMemory::GpuLent(m) => m.gpu().download(dst, at),
         }
     }
 }
@@ -246,6 +347,9 @@ pub struct HostMemory {
     lent: bool,
     /// Separate allocations per region (lent memory only).
     map: Option<RegionMap>,
+    /// What holds lent memory this process allocated itself
+    /// ([`KvMemory::allocate_separate`]); dropped after the value.
+    backing: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 // SAFETY: the mapping is plain memory; concurrent access follows the
@@ -287,6 +391,7 @@ impl HostMemory {
             unlink_on_drop: false,
             lent: false,
             map: None,
+            backing: None,
         })
     }
 
@@ -306,6 +411,7 @@ impl HostMemory {
             unlink_on_drop: false,
             lent: true,
             map: (!map.is_contiguous()).then_some(map),
+            backing: None,
         }
     }
 
@@ -375,6 +481,7 @@ impl HostMemory {
             unlink_on_drop,
             lent: false,
             map: None,
+            backing: None,
         })
     }
 
@@ -549,6 +656,30 @@ mod tests {
         lent.write(30, b"abcd").unwrap();
         drop(lent);
         assert_eq!(&c[30..34], b"abcd");
+    }
+
+    #[test]
+    fn a_pool_of_separate_regions_owns_them_and_refuses_ranges_across_them() {
+        let mem = KvMemory::allocate_separate(MemKind::Host, 3, 8192).unwrap();
+        assert!(mem.separate_regions());
+        assert_eq!(mem.len(), 3 * 8192);
+        let map = mem.region_map().unwrap().clone();
+        assert!(!map.is_contiguous());
+        assert_eq!(mem.segments().len(), 3);
+        assert_eq!(mem.resolve(8192 + 4, 4), Some(map.bases()[1] + 4));
+        mem.write(2 * 8192 + 100, b"third").unwrap();
+        let mut out = [0u8; 5];
+        mem.read(2 * 8192 + 100, &mut out).unwrap();
+        assert_eq!(&out, b"third");
+        // An error, not a panic: the range is inside the pool but crosses regions.
+        let err = mem.write(8190, b"across").unwrap_err();
+        assert!(err.to_string().contains("separately allocated"), "{err}");
+        assert!(mem.read(3 * 8192, &mut out).is_err());
+        assert!(KvMemory::allocate_separate(MemKind::Host, 0, 16).is_err());
+        if !gpu::driver_present() {
+            let err = KvMemory::allocate_separate(MemKind::Gpu(0), 2, 4096).unwrap_err();
+            assert!(matches!(err, TransferError::GpuUnavailable(_)), "{err}");
+        }
     }
 
     #[test]

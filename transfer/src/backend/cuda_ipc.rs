@@ -1,6 +1,8 @@
 //! `cuda-ipc` backend: peers on the same host. A GPU pool is exported as a
 //! legacy CUDA IPC handle, or (`--gpu-share fd`, a VMM allocation) as a file
-//! descriptor handed out on a Unix socket (`fd_pass`); a host pool as its
+//! descriptor handed out on a Unix socket (`fd_pass`); an engine's lent GPU
+//! memory as one IPC handle per allocation behind its regions and a region
+//! table (`export`); a host pool as its
 //! shared-memory file, which the peer maps and registers with CUDA. The peer opens it once per instance
 //! (`load_peer`, cached by the agent like NIXL metadata) and then moves a
 //! whole transfer plan in ONE submission on its own GPU (`gpu::copy`: the
@@ -21,153 +23,32 @@
 use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
+mod export;
+
+pub use self::export::host_id;
+use self::export::{
+    process_nonce, reachable, Export, LentExport, NAME, POOL_GPU, POOL_GPU_FD, POOL_GPU_LENT,
+    POOL_HOST_PRIVATE, POOL_HOST_SHM,
+};
 use super::fd_pass::{fetch_fd, FdServer};
 use super::{check_bounds, wire, Backend, BackendKind, InFlight, Notification, Op};
 use crate::error::TransferError;
 use crate::gpu::copy::{BlockCopy, Copier, CopyMethod, CopyOp, Submitted};
 use crate::gpu::{DeviceBuffer, Gpu, HostRegistration, IpcMapping};
-use crate::memory::{HostMemory, KvMemory};
+use crate::memory::{HostMemory, KvMemory, RegionMap};
 use crate::plan::{BlockList, Desc};
-
-const MAGIC: &[u8] = b"TNDMCIPC2";
-const NAME: &str = "cuda-ipc";
 
 /// Folder for the notification sockets.
 pub const IPC_DIR_ENV: &str = "TANDEM_CUDA_IPC_DIR";
-
-const POOL_GPU: u32 = 1;
-const POOL_HOST_SHM: u32 = 2;
-const POOL_HOST_PRIVATE: u32 = 3;
-const POOL_GPU_FD: u32 = 4;
-
-/// This host's identity: the kernel's boot id.
-pub fn host_id() -> String {
-    static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown-host".into())
-    })
-    .clone()
-}
-
-/// Random per process: two agents with the same one share an address space.
-fn process_nonce() -> u64 {
-    static N: OnceLock<u64> = OnceLock::new();
-    *N.get_or_init(|| {
-        let id = uuid::Uuid::new_v4().as_u64_pair();
-        id.0 ^ id.1
-    })
-}
-
-/// What a backend publishes about its pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Export {
-    name: String,
-    host_id: String,
-    nonce: u64,
-    socket: PathBuf,
-    pool: u32,
-    addr: u64,
-    len: u64,
-    /// GPU: the device UUID; host: empty.
-    device: String,
-    /// GPU: the IPC handle; GPU by descriptor: the socket handing it out;
-    /// shared host pool: the file's path.
-    handle: Vec<u8>,
-    /// GPU by descriptor: the allocation's mapped size (>= len).
-    alloc: u64,
-}
-
-impl Export {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(MAGIC);
-        wire::put_bytes(&mut out, self.name.as_bytes());
-        wire::put_bytes(&mut out, self.host_id.as_bytes());
-        wire::put_u64(&mut out, self.nonce);
-        wire::put_bytes(&mut out, self.socket.as_os_str().as_encoded_bytes());
-        wire::put_u32(&mut out, self.pool);
-        wire::put_u64(&mut out, self.addr);
-        wire::put_u64(&mut out, self.len);
-        wire::put_bytes(&mut out, self.device.as_bytes());
-        wire::put_bytes(&mut out, &self.handle);
-        wire::put_u64(&mut out, self.alloc);
-        out
-    }
-
-    fn decode(buf: &[u8]) -> Result<Export, TransferError> {
-        let mut r = wire::Reader::new(buf);
-        r.magic(MAGIC)?;
-        let name = r.string()?;
-        let host_id = r.string()?;
-        let nonce = r.u64()?;
-        let socket = PathBuf::from(r.string()?);
-        let pool = r.u32()?;
-        let addr = r.u64()?;
-        let len = r.u64()?;
-        let device = r.string()?;
-        let handle = r.bytes()?.to_vec();
-        let alloc = r.u64()?;
-        if !matches!(
-            pool,
-            POOL_GPU | POOL_HOST_SHM | POOL_HOST_PRIVATE | POOL_GPU_FD
-        ) {
-            return Err(TransferError::BadMetadata(format!(
-                "unknown pool kind {pool}"
-            )));
-        }
-        if pool == POOL_GPU_FD && alloc < len {
-            return Err(TransferError::BadMetadata(format!(
-                "pool of {len} bytes in an allocation of {alloc}"
-            )));
-        }
-        if pool == POOL_GPU && handle.len() != 64 {
-            return Err(TransferError::BadMetadata(format!(
-                "CUDA IPC handle of {} bytes, expected 64",
-                handle.len()
-            )));
-        }
-        Ok(Export {
-            name,
-            host_id,
-            nonce,
-            socket,
-            pool,
-            addr,
-            len,
-            device,
-            handle,
-            alloc,
-        })
-    }
-}
-
-/// Why a peer's export cannot be opened from here, before any CUDA call.
-fn reachable(ours: &Export, peer: &Export) -> Result<(), String> {
-    if peer.host_id != ours.host_id {
-        return Err(format!(
-            "peer {} is on another host (boot id {}, ours {}): cuda-ipc reaches peers on \
-             this host only",
-            peer.name, peer.host_id, ours.host_id
-        ));
-    }
-    if peer.pool == POOL_HOST_PRIVATE && peer.nonce != ours.nonce {
-        return Err(format!(
-            "peer {}'s pool is private host memory of another process: give it a shared \
-             file (kv-agent --shm) to be reachable by cuda-ipc",
-            peer.name
-        ));
-    }
-    Ok(())
-}
 
 /// A peer's memory as this process reaches it.
 struct PeerPool {
     base: u64,
     len: u64,
+    /// The peer's regions in this process, when they are not one range.
+    map: Option<RegionMap>,
     /// The peer's pool is host memory (its copies cross PCIe).
     host: bool,
     socket: PathBuf,
@@ -188,6 +69,8 @@ enum PeerMapping {
     },
     /// Host memory of this process that we registered for the device.
     Registered(HostRegistration),
+    /// A peer engine's lent GPU memory: each allocation opened once.
+    Lent(Vec<IpcMapping>),
 }
 
 pub struct CudaIpcBackend {
@@ -223,7 +106,7 @@ impl CudaIpcBackend {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        if mem.separate_regions() {
+        if mem.host().is_some_and(|h| h.region_map().is_some()) {
             return Err(TransferError::backend(
                 NAME,
                 "a pool whose regions are separate host allocations is moved by nixl or tcp",
@@ -231,6 +114,7 @@ impl CudaIpcBackend {
         }
         let mut fd_server = None;
         let mut alloc = 0;
+        let mut lent = None;
         let (pool, device, handle, copier) = match mem.as_ref() {
             KvMemory::Gpu(buf) if buf.alloc_size().is_some() => {
                 let path = dir.join(format!("{stem}.fd.sock"));
@@ -259,6 +143,15 @@ impl CudaIpcBackend {
                 buf.ipc_handle()?.to_vec(),
                 Some(Copier::new(buf.gpu())?),
             ),
+            KvMemory::GpuLent(m) => {
+                lent = Some(LentExport::of(m)?);
+                (
+                    POOL_GPU_LENT,
+                    m.gpu().uuid(),
+                    Vec::new(),
+                    Some(Copier::new(m.gpu())?),
+                )
+            }
             KvMemory::Host(h) => match h.path() {
                 Some(p) => (
                     POOL_HOST_SHM,
@@ -296,6 +189,7 @@ impl CudaIpcBackend {
                 device,
                 handle,
                 alloc,
+                lent,
             },
             mem,
             copier,
@@ -325,7 +219,32 @@ impl CudaIpcBackend {
         reachable(&self.export, peer).map_err(TransferError::BadMetadata)?;
         let same_process = peer.nonce == self.export.nonce;
         let mapping = match peer.pool {
-            POOL_GPU | POOL_GPU_FD if same_process => PeerMapping::Direct,
+            POOL_GPU | POOL_GPU_FD | POOL_GPU_LENT if same_process => PeerMapping::Direct,
+            POOL_GPU_LENT => {
+                let gpu = self.gpu()?;
+                let lent = peer.lent.as_ref().ok_or_else(|| {
+                    TransferError::BadMetadata("a lent GPU pool without its allocations".into())
+                })?;
+                let opened = lent
+                    .handles
+                    .iter()
+                    .map(|h| IpcMapping::open(gpu, h))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| {
+                        TransferError::backend(
+                            NAME,
+                            format!(
+                                "opening {}'s GPU memory ({}, {} allocations): {e}. Legacy CUDA \
+                                 IPC handles work between processes of one PID namespace (one \
+                                 pod, or pods with a shared PID namespace)",
+                                peer.name,
+                                peer.device,
+                                lent.handles.len()
+                            ),
+                        )
+                    })?;
+                PeerMapping::Lent(opened)
+            }
             POOL_GPU_FD => {
                 let gpu = self.gpu()?;
                 let path = PathBuf::from(String::from_utf8_lossy(&peer.handle).into_owned());
@@ -387,14 +306,28 @@ impl CudaIpcBackend {
                 PeerMapping::Host { reg, _map: host }
             }
         };
-        let base = match &mapping {
-            PeerMapping::Direct => peer.addr,
-            PeerMapping::Ipc(m) => m.ptr(),
-            PeerMapping::Fd(b) => b.ptr(),
-            PeerMapping::Host { reg: r, .. } | PeerMapping::Registered(r) => r.device_ptr(),
+        let (base, map) = match (&mapping, &peer.lent) {
+            // In this process: the allocations where the peer has them.
+            (PeerMapping::Direct, Some(l)) => {
+                let at: Vec<u64> = l.table.allocs().iter().map(|a| a.0).collect();
+                l.resolve(&at)?
+            }
+            (PeerMapping::Lent(m), l) => {
+                let at: Vec<u64> = m.iter().map(IpcMapping::ptr).collect();
+                l.as_ref()
+                    .ok_or_else(|| TransferError::BadMetadata("no allocation table".into()))?
+                    .resolve(&at)?
+            }
+            (PeerMapping::Direct, None) => (peer.addr, None),
+            (PeerMapping::Ipc(m), _) => (m.ptr(), None),
+            (PeerMapping::Fd(b), _) => (b.ptr(), None),
+            (PeerMapping::Host { reg: r, .. } | PeerMapping::Registered(r), _) => {
+                (r.device_ptr(), None)
+            }
         };
         Ok(PeerPool {
             base,
+            map,
             len: peer.len,
             host: matches!(peer.pool, POOL_HOST_SHM | POOL_HOST_PRIVATE),
             socket: peer.socket.clone(),
@@ -456,6 +389,53 @@ fn send_note(
     sock.send_to(&dgram, to)
         .map(|_| ())
         .map_err(|e| TransferError::backend(NAME, format!("notification to {}: {e}", to.display())))
+}
+
+/// A plan's copies as absolute addresses, each side's offsets resolved
+/// through its region table: no descriptor may cross a region of a pool
+/// whose regions are separate allocations.
+fn resolve_copies(
+    op: Op,
+    descs: &[Desc],
+    mem: &KvMemory,
+    pool: &PeerPool,
+) -> Result<Vec<CopyOp>, TransferError> {
+    let across = |side: &str, off: u64, len: u64| {
+        TransferError::BadRequest(format!(
+            "descriptor {off}+{len} crosses a region of the {side} pool, whose regions are \
+             separate allocations"
+        ))
+    };
+    descs
+        .iter()
+        .map(|d| {
+            let local = mem
+                .resolve(d.local, d.len)
+                .ok_or_else(|| across("local", d.local, d.len))?;
+            let remote = pool
+                .resolve(d.remote, d.len)
+                .ok_or_else(|| across("peer's", d.remote, d.len))?;
+            let (src, dst) = match op {
+                Op::Read => (remote, local),
+                Op::Write => (local, remote),
+            };
+            Ok(CopyOp {
+                src,
+                dst,
+                len: d.len,
+            })
+        })
+        .collect()
+}
+
+impl PeerPool {
+    /// Where the peer's pool bytes `[offset, offset + len)` are in this process.
+    fn resolve(&self, offset: u64, len: u64) -> Option<u64> {
+        match &self.map {
+            Some(m) => m.resolve(offset, len),
+            None => (offset.checked_add(len)? <= self.len).then(|| self.base + offset),
+        }
+    }
 }
 
 impl Drop for CudaIpcBackend {
@@ -556,6 +536,11 @@ impl Backend for CudaIpcBackend {
         let pool = self.peer(peer)?;
         check_bounds(descs, self.mem.len() as u64, pool.len)?;
         let copier = self.copier()?;
+        if self.mem.separate_regions() || pool.map.is_some() {
+            let copies = resolve_copies(op, descs, &self.mem, &pool)?;
+            let sub = copier.submit(copies.iter().copied(), self.method, pool.host)?;
+            return Ok(self.in_flight(sub, pool, notify));
+        }
         let local = self.local_base();
         let base = pool.base;
         let copies = descs.iter().map(move |d| match op {
@@ -574,18 +559,20 @@ impl Backend for CudaIpcBackend {
         Ok(self.in_flight(sub, pool, notify))
     }
 
-    /// Between two GPU pools: the block-list kernel. A host peer keeps the
-    /// descriptor path, where long runs go to the copy engines.
+    /// Between two GPU pools, each one range: the block-list kernel. A
+    /// host peer keeps the descriptor path, where long runs go to the copy
+    /// engines; so do separate regions (the kernel has one base per side).
     fn runs_block_lists(&self, peer: &str) -> bool {
         self.copier
             .as_ref()
             .is_some_and(|c| c.gpu().has_block_kernel())
+            && !self.mem.separate_regions()
             && self
                 .peers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(peer)
-                .is_some_and(|p| !p.host)
+                .is_some_and(|p| !p.host && p.map.is_none())
     }
 
     fn post_blocks(
@@ -596,6 +583,12 @@ impl Backend for CudaIpcBackend {
         notify: Option<&[u8]>,
     ) -> Result<Box<dyn InFlight>, TransferError> {
         let pool = self.peer(peer)?;
+        if self.mem.separate_regions() || pool.map.is_some() {
+            return Err(TransferError::backend(
+                NAME,
+                "block lists need both pools to be one range; separate regions take descriptors",
+            ));
+        }
         let (local_end, remote_end) = blocks.extents();
         let local_len = self.mem.len() as u64;
         if local_end > local_len || remote_end > pool.len {
@@ -667,66 +660,77 @@ impl Backend for CudaIpcBackend {
 mod tests {
     use super::*;
 
-    fn export(host: &str, nonce: u64, pool: u32) -> Export {
-        Export {
-            name: format!("e-{nonce}-{pool}"),
-            host_id: host.into(),
-            nonce,
-            socket: PathBuf::from("/tmp/x.sock"),
-            pool,
-            addr: 0x7f00_0000_0000,
-            len: 1 << 20,
-            device: if pool == POOL_GPU {
-                "GPU-1234".into()
-            } else {
-                String::new()
+    #[test]
+    fn copies_between_separate_regions_resolve_through_both_tables() {
+        let local = KvMemory::allocate_separate(crate::layout::MemKind::Host, 2, 4096).unwrap();
+        let lb = local.region_map().unwrap().bases().to_vec();
+        let peer = PeerPool {
+            base: 0x9000_0000,
+            len: 3 * 1024,
+            map: Some(RegionMap::new(vec![0x9000_0000, 0x5000_0000, 0x7000_0000], 1024).unwrap()),
+            host: false,
+            socket: PathBuf::new(),
+            _mapping: PeerMapping::Direct,
+        };
+        let descs = [
+            Desc {
+                local: 4096 + 32,
+                remote: 2048 + 16,
+                len: 512,
             },
-            handle: if pool == POOL_GPU {
-                vec![7; 64]
-            } else {
-                b"/dev/shm/kv".to_vec()
+            Desc {
+                local: 0,
+                remote: 1024,
+                len: 1024,
             },
-            alloc: if pool == POOL_GPU_FD { 2 << 20 } else { 0 },
-        }
+        ];
+        let read = resolve_copies(Op::Read, &descs, &local, &peer).unwrap();
+        assert_eq!(
+            read,
+            vec![
+                CopyOp {
+                    src: 0x7000_0010,
+                    dst: lb[1] + 32,
+                    len: 512
+                },
+                CopyOp {
+                    src: 0x5000_0000,
+                    dst: lb[0],
+                    len: 1024
+                },
+            ]
+        );
+        let write = resolve_copies(Op::Write, &descs[1..], &local, &peer).unwrap();
+        assert_eq!((write[0].src, write[0].dst), (lb[0], 0x5000_0000));
+        // Across a region of either side.
+        let cross_peer = Desc {
+            local: 0,
+            remote: 1000,
+            len: 64,
+        };
+        let err = resolve_copies(Op::Read, &[cross_peer], &local, &peer).unwrap_err();
+        assert!(err.to_string().contains("peer's pool"), "{err}");
+        let cross_local = Desc {
+            local: 4090,
+            remote: 0,
+            len: 16,
+        };
+        let err = resolve_copies(Op::Read, &[cross_local], &local, &peer).unwrap_err();
+        assert!(err.to_string().contains("local pool"), "{err}");
+        // A peer that is one range resolves from its base.
+        let one = PeerPool { map: None, ..peer };
+        assert_eq!(one.resolve(2048, 1024), Some(0x9000_0800));
+        assert_eq!(one.resolve(2048, 1025), None);
     }
 
     #[test]
-    fn metadata_round_trips_and_rejects_garbage() {
-        for pool in [POOL_GPU, POOL_HOST_SHM, POOL_HOST_PRIVATE, POOL_GPU_FD] {
-            let e = export("boot-a", 9, pool);
-            assert_eq!(Export::decode(&e.encode()).unwrap(), e);
-        }
-        assert!(Export::decode(b"TNDMNIXL1").is_err());
-        let mut bad = export("boot-a", 9, POOL_GPU);
-        bad.handle = vec![1; 10];
-        assert!(Export::decode(&bad.encode()).is_err());
-        let mut small = export("boot-a", 9, POOL_GPU_FD);
-        small.alloc = small.len - 1;
-        assert!(Export::decode(&small.encode()).is_err());
-        let enc = export("boot-a", 9, POOL_GPU).encode();
-        assert!(Export::decode(&enc[..enc.len() - 3]).is_err());
-    }
-
-    #[test]
-    fn only_peers_on_this_host_are_reachable() {
-        let ours = export("boot-a", 1, POOL_GPU);
-        assert!(reachable(&ours, &export("boot-a", 2, POOL_GPU)).is_ok());
-        assert!(reachable(&ours, &export("boot-a", 2, POOL_HOST_SHM)).is_ok());
-        let far = reachable(&ours, &export("boot-b", 2, POOL_GPU)).unwrap_err();
-        assert!(far.contains("another host"), "{far}");
-        // Private host memory only within one process.
-        let private = reachable(&ours, &export("boot-a", 2, POOL_HOST_PRIVATE)).unwrap_err();
-        assert!(private.contains("--shm"), "{private}");
-        assert!(reachable(&ours, &export("boot-a", 1, POOL_HOST_PRIVATE)).is_ok());
-    }
-
-    #[test]
-    fn the_host_id_is_the_boot_id() {
-        let id = host_id();
-        if let Ok(b) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
-            assert_eq!(id, b.trim());
-        }
-        assert!(!id.is_empty());
+    fn separate_host_regions_are_refused() {
+        let mem =
+            Arc::new(KvMemory::allocate_separate(crate::layout::MemKind::Host, 2, 4096).unwrap());
+        let err = CudaIpcBackend::new("s", mem, CopyMethod::Auto)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("nixl or tcp"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! through `nixl-sys`'s `stub-api` (dlopen of `libnixl_capi.so`).
 //!
 //! Owns one NIXL agent with the UCX backend and the pool's registrations (the
-//! whole pool, or each region when they are separate allocations). Peers are
+//! whole pool, or each region when they are separate allocations: an
+//! engine's host memory or its GPU tensors, as DRAM or VRAM). Peers are
 //! NIXL agents whose metadata blob we load; descriptors are turned into
 //! addresses with each pool's base or region table. All NIXL calls go through one
 //! mutex: NIXL's own tests run single-threaded because concurrent use can
@@ -198,14 +199,6 @@ impl PeerPool {
     }
 }
 
-/// Where pool bytes `[offset, offset + len)` are in this process.
-fn local_addr(mem: &KvMemory, offset: u64, len: u64) -> Option<u64> {
-    match mem.host() {
-        Some(h) => h.resolve(offset, len),
-        None => (offset.checked_add(len)? <= mem.len() as u64).then(|| mem.addr() + offset),
-    }
-}
-
 struct Inner {
     agent: Agent,
     backend: nixl_sys::Backend,
@@ -257,10 +250,7 @@ impl NixlBackend {
         let backend = agent
             .create_backend("UCX", &params)
             .map_err(|e| err("create UCX backend", e))?;
-        let segments = match mem.host() {
-            Some(h) => h.segments(),
-            None => vec![(mem.addr(), mem.len() as u64)],
-        };
+        let segments = mem.segments();
         let mut opt = OptArgs::new().map_err(|e| err("opt args", e))?;
         opt.add_backend(&backend).map_err(|e| err("opt args", e))?;
         let mut registrations = Vec::with_capacity(segments.len());
@@ -363,7 +353,7 @@ impl Backend for NixlBackend {
         wire::put_u32(&mut out, self.gpu.as_ref().map_or(0, |g| g.ordinal() + 1));
         wire::put_bytes(&mut out, &md);
         // The region table when the regions are separate allocations (count 0: one range).
-        match self.mem.host().and_then(|h| h.region_map()) {
+        match self.mem.region_map() {
             Some(m) => {
                 wire::put_u32(&mut out, m.bases().len() as u32);
                 wire::put_u64(&mut out, m.region_len());
@@ -473,7 +463,10 @@ impl Backend for NixlBackend {
             ))
         };
         for d in descs {
-            let l = local_addr(&self.mem, d.local, d.len).ok_or_else(|| across("local", d))?;
+            let l = self
+                .mem
+                .resolve(d.local, d.len)
+                .ok_or_else(|| across("local", d))?;
             let r = remote
                 .resolve(d.remote, d.len)
                 .ok_or_else(|| across("remote", d))?;

@@ -4,7 +4,9 @@
 //! memory (`--mem`, `--peer-mem`), and prints a table (GB/s and the fraction
 //! of the copy ceiling measured in the same run), writes JSON and a PNG
 //! chart. Two agents in one process (`kvbench run`), or in two (`kvbench
-//! serve` on one side, `kvbench run --peer` on the other).
+//! serve` on one side, `kvbench run --peer` on the other). `--region-alloc
+//! separate` gives each region its own allocation, registered as an
+//! engine's lent memory (vLLM's per-layer tensors).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,9 @@ use transfer::bench::{
     check_pattern, fill_pattern, memcpy_ceiling, place_blocks, CaseResult, LatencyStats, Placement,
     Report, RunLengths,
 };
-use transfer::cli::{allocate_or_exit, init_logging, LayoutArgs};
+use transfer::cli::{
+    allocate_or_exit, allocate_separate_or_exit, init_logging, LayoutArgs, RegionAlloc,
+};
 use transfer::gpu::copy::CopyMethod;
 use transfer::gpu::GpuShare;
 use transfer::layout::{KvLayout, MemKind};
@@ -60,6 +64,10 @@ struct ServeArgs {
     /// can read it by cuda-ipc (DRAM -> VRAM). Removed on exit.
     #[arg(long)]
     shm: Option<PathBuf>,
+    /// one: the pool is one allocation; separate: one allocation per region
+    /// (host mappings or cuMemAllocs), registered as an engine's lent memory.
+    #[arg(long, default_value = "one")]
+    region_alloc: RegionAlloc,
 }
 
 #[derive(Debug, clap::Args)]
@@ -81,6 +89,11 @@ struct RunArgs {
     /// With --peer, the peer's own --mem decides.
     #[arg(long)]
     peer_mem: Option<MemKind>,
+    /// one: each pool is one allocation; separate: one allocation per region
+    /// (host mappings or cuMemAllocs), registered as an engine's lent memory
+    /// (ours and the in-process peer's; with --peer, its own flag decides).
+    #[arg(long, default_value = "one")]
+    region_alloc: RegionAlloc,
     /// cuda-ipc copy methods to compare, comma separated: auto, kernel
     /// (one gather launch), memcpy (cuMemcpyAsync per descriptor).
     #[arg(long, value_delimiter = ',', default_value = "auto")]
@@ -151,17 +164,43 @@ fn filled_pool(
     seed: u64,
     shm: Option<&Path>,
     share: GpuShare,
+    alloc: RegionAlloc,
 ) -> anyhow::Result<Arc<KvMemory>> {
-    let mem = allocate_or_exit("kvbench", layout, shm.map(|p| (p, true)), share)?;
+    let mem = match alloc {
+        RegionAlloc::One => allocate_or_exit("kvbench", layout, shm.map(|p| (p, true)), share)?,
+        RegionAlloc::Separate => {
+            if shm.is_some() {
+                bail!("--shm keeps a pool in one file: it takes --region-alloc one");
+            }
+            if share == GpuShare::Fd && layout.params().mem != MemKind::Host {
+                bail!(
+                    "--region-alloc separate lends cuMemAlloc regions, shared by legacy CUDA IPC: \
+                     it takes --gpu-share ipc"
+                );
+            }
+            allocate_separate_or_exit("kvbench", layout)?
+        }
+    };
     refill(&mem, seed)?;
     Ok(Arc::new(mem))
 }
 
 /// Fills the whole pool with the pattern of `seed`, on every core: in place
-/// for host memory, through host chunks uploaded for GPU memory.
+/// for host memory, through host chunks uploaded for GPU memory. No chunk
+/// crosses a region of a pool whose regions are separate allocations.
 fn refill(mem: &KvMemory, seed: u64) -> anyhow::Result<()> {
     const CHUNK: usize = 64 << 20;
     let len = mem.len();
+    let span = mem.region_map().map_or(len, |m| m.region_len() as usize);
+    let chunks: Vec<(usize, usize)> = (0..len)
+        .step_by(span)
+        .flat_map(|start| {
+            let end = (start + span).min(len);
+            (start..end)
+                .step_by(CHUNK)
+                .map(move |off| (off, CHUNK.min(end - off)))
+        })
+        .collect();
     let threads = std::thread::available_parallelism()
         .map_or(4, |n| n.get())
         .min(16);
@@ -172,11 +211,10 @@ fn refill(mem: &KvMemory, seed: u64) -> anyhow::Result<()> {
                 s.spawn(|| -> anyhow::Result<()> {
                     let mut buf = Vec::new();
                     loop {
-                        let off = next.fetch_add(CHUNK, std::sync::atomic::Ordering::Relaxed);
-                        if off >= len {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(off, n)) = chunks.get(i) else {
                             return Ok(());
-                        }
-                        let n = CHUNK.min(len - off);
+                        };
                         match mem.host() {
                             Some(h) => {
                                 // SAFETY: no transfer runs while the pool is
@@ -220,7 +258,13 @@ fn agent_config(
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let layout = a.layout.layout()?;
-    let mem = filled_pool(&layout, a.seed, a.shm.as_deref(), a.layout.gpu_share)?;
+    let mem = filled_pool(
+        &layout,
+        a.seed,
+        a.shm.as_deref(),
+        a.layout.gpu_share,
+        a.region_alloc,
+    )?;
     let agent = Agent::start(
         agent_config(
             "kvbench-serve",
@@ -237,7 +281,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", a.listen))?;
     println!(
-        "kvbench serve: {} ({}) on {} ({layout}, {}), seed {}",
+        "kvbench serve: {} ({}) on {} ({layout}, {}, {} allocation{}), seed {}",
         a.backend,
         agent
             .backend_kinds()
@@ -247,6 +291,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             .join(","),
         listener.local_addr()?,
         layout.params().mem,
+        a.region_alloc,
+        if a.region_alloc == RegionAlloc::Separate {
+            " per region"
+        } else {
+            ""
+        },
         a.seed
     );
     let shutdown = async {
@@ -262,8 +312,9 @@ async fn local_peer(
     backend: BackendKind,
     seed: u64,
     share: GpuShare,
+    alloc: RegionAlloc,
 ) -> anyhow::Result<(String, Arc<Agent>, tokio::sync::oneshot::Sender<()>)> {
-    let mem = filled_pool(layout, seed, None, share)?;
+    let mem = filled_pool(layout, seed, None, share, alloc)?;
     let agent = Agent::start(
         agent_config(
             "kvbench-peer",
@@ -325,7 +376,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         KvLayout::new(p)?
     };
     // Allocate our pool first: no GPU is a start-up error (exit 2).
-    let local_mem = filled_pool(&layout, LOCAL_SEED, None, a.layout.gpu_share)?;
+    let local_mem = filled_pool(
+        &layout,
+        LOCAL_SEED,
+        None,
+        a.layout.gpu_share,
+        a.region_alloc,
+    )?;
     eprintln!("kvbench: measuring the copy ceilings");
     let memcpy = memcpy_ceiling(bytes as usize, 5);
     let (d2d, h2d) = match local_mem.gpu() {
@@ -357,9 +414,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             let (endpoint, in_process, _stop_peer) = match &a.peer {
                 Some(p) => (p.clone(), None, None),
                 None => {
-                    let (ep, agent, stop) =
-                        local_peer(&peer_layout_local, backend, a.peer_seed, a.layout.gpu_share)
-                            .await?;
+                    let (ep, agent, stop) = local_peer(
+                        &peer_layout_local,
+                        backend,
+                        a.peer_seed,
+                        a.layout.gpu_share,
+                        a.region_alloc,
+                    )
+                    .await?;
                     (ep, Some(agent), Some(stop))
                 }
             };
@@ -532,6 +594,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     }
     let report = Report {
         layout: layout.to_string(),
+        region_alloc: a.region_alloc.to_string(),
         tokens: a.tokens,
         blocks,
         bytes_per_transfer: bytes,

@@ -13,6 +13,7 @@
 //! go.
 
 pub mod copy;
+pub mod lent;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -345,6 +346,67 @@ impl Gpu {
             sys::cuMemSetAccess(ptr, size, &access, 1)
         })?;
         Ok(buf)
+    }
+
+    /// Checks that `ptr` is device memory of this GPU.
+    pub fn check_device_ptr(&self, ptr: u64) -> Result<(), TransferError> {
+        self.bind()?;
+        let mut mem_type: u32 = 0;
+        // SAFETY: MEMORY_TYPE writes an unsigned int.
+        check("cuPointerGetAttribute(MEMORY_TYPE)", unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut mem_type as *mut u32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+                ptr,
+            )
+        })
+        .map_err(|e| TransferError::Gpu(format!("{ptr:#x} is not CUDA memory ({e})")))?;
+        if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+            return Err(TransferError::Gpu(format!(
+                "{ptr:#x} is not device memory (CUDA memory type {mem_type})"
+            )));
+        }
+        let mut ordinal: i32 = -1;
+        // SAFETY: DEVICE_ORDINAL writes an int.
+        check("cuPointerGetAttribute(DEVICE_ORDINAL)", unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr,
+            )
+        })?;
+        if ordinal != self.ordinal as i32 {
+            return Err(TransferError::Gpu(format!(
+                "{ptr:#x} is memory of gpu:{ordinal}, not gpu:{}",
+                self.ordinal
+            )));
+        }
+        Ok(())
+    }
+
+    /// The CUDA allocation that holds device address `ptr`, as (base,
+    /// size), as `cuMemGetAddressRange` reports it.
+    pub fn allocation_of(&self, ptr: u64) -> Result<(u64, u64), TransferError> {
+        self.bind()?;
+        let (mut base, mut size) = (0, 0usize);
+        // SAFETY: two out-parameters.
+        check("cuMemGetAddressRange", unsafe {
+            sys::cuMemGetAddressRange_v2(&mut base, &mut size, ptr)
+        })?;
+        Ok((base, size as u64))
+    }
+
+    /// A legacy CUDA IPC handle for the `cuMemAlloc` allocation at `base`
+    /// (its base address): another process of the same PID namespace opens
+    /// it with [`IpcMapping::open`].
+    pub fn ipc_handle(&self, base: u64) -> Result<[u8; 64], TransferError> {
+        self.bind()?;
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: an out-parameter; the driver checks the address.
+        check("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(&mut h, base)
+        })?;
+        Ok(h.reserved.map(|b| b as u8))
     }
 
     /// Page-locked host memory, mapped for the device.
@@ -722,13 +784,7 @@ impl DeviceBuffer {
                 "a VMM allocation has no legacy IPC handle; peers open it by descriptor".into(),
             ));
         }
-        self.gpu.bind()?;
-        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
-        // SAFETY: a live allocation from cuMemAlloc.
-        check("cuIpcGetMemHandle", unsafe {
-            sys::cuIpcGetMemHandle(&mut h, self.ptr)
-        })?;
-        Ok(h.reserved.map(|b| b as u8))
+        self.gpu.ipc_handle(self.ptr)
     }
 }
 
