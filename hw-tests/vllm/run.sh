@@ -7,8 +7,9 @@
 # the same prompt itself, and records each request's KV transfer.
 #
 # Runs on the GPU machine from the repository root, after the recipe's (../shared/vllm-gpu) first
-# call parked chunk 1 in /tmp/pd (`bash .gpu-vllm/1/probe.sh stage1`), carrying .gpu-vllm/2 and
-# hw-tests/bundle/vllm (scripts/hw-test-vllm pack makes both). Results: $OUT (the device tool's
+# calls parked the first chunks in /tmp/pd (`bash .gpu-vllm/1/probe.sh stage1`, then `park` for
+# the middle ones), carrying the last .gpu-vllm folder and hw-tests/bundle/vllm (scripts/hw-test-vllm
+# pack makes both). Results: $OUT (the device tool's
 # output folder) and HWV_OUT (default hw-tests/results/<date>-<gpu>/vllm/).
 set -uo pipefail
 REPO=$PWD
@@ -37,13 +38,15 @@ if [ "$(cat "$PD/site.unpacked" 2>/dev/null)" != "$SITE_SHA" ]; then
 fi
 rm -rf "$PD/bin"; xz -dc "$PD/bin.tar.xz" | tar -xf - -C "$PD" || fatal "unpack of the binaries failed"
 B=$REPO/hw-tests/bundle/vllm
-[ -f "$B/libtandem_kv.so" ] || fatal "hw-tests/bundle/vllm/libtandem_kv.so missing: scripts/hw-test-vllm pack, and carry hw-tests/bundle/vllm"
-cp -f "$B/pd-sidecar" "$B/pd-router" "$PD/bin/" 2>/dev/null
+[ -f "$B/libtandem_kv.so.xz" ] || fatal "hw-tests/bundle/vllm/libtandem_kv.so.xz missing: scripts/hw-test-vllm pack, and carry hw-tests/bundle/vllm"
+xz -dc "$B/libtandem_kv.so.xz" > "$PD/libtandem_kv.so" || fatal "unpacking libtandem_kv.so failed"
 say "bundle unpacked: $(du -sh "$PD/site" | cut -f1); revision $(cat "$B/REVISION" 2>/dev/null)"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee -a "$OUT/run.txt"
 
 export PYTHONPATH=$REPO/python:$PD/site PYTHONUNBUFFERED=1
-export TANDEM_KV_LIB=$B/libtandem_kv.so TANDEM_KV_STATS_FILE=$PD/tandem-stats.jsonl
+export TANDEM_KV_LIB=$PD/libtandem_kv.so TANDEM_KV_STATS_FILE=$PD/tandem-stats.jsonl
+# The agent's NIXL (backend auto: cuda-ipc on this host, NIXL for other hosts) from vLLM's bundle.
+[ -d "$PD/site/.nixl_cu13.mesonpy.libs" ] && export TANDEM_NIXL_LIB_DIR=$PD/site/.nixl_cu13.mesonpy.libs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export VLLM_HOST_IP=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 TANDEM_KV_HOST=127.0.0.1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
