@@ -124,11 +124,23 @@ typedef struct {
 typedef struct {
   uint64_t bytes;
   uint32_t descriptors;
+  /**
+   * The whole transfer as the agent ran it, from its start to the last byte.
+   */
   uint64_t elapsed_ns;
   /**
    * A [`TandemKvBackend`] value.
    */
   uint32_t backend;
+  /**
+   * Where the time went: planning the copies, then until the last post returned.
+   */
+  uint64_t plan_ns;
+  uint64_t submit_ns;
+  /**
+   * The GPU's own copy time (cuda-ipc, from CUDA events); 0 when unknown.
+   */
+  uint64_t device_ns;
 } TandemKvTransferResult;
 
 #ifdef __cplusplus

@@ -143,6 +143,14 @@ pub struct Outcome {
     pub descriptors: u32,
     pub elapsed_ns: u64,
     pub backend: BackendKind,
+    pub plan_ns: u64,
+    pub submit_ns: u64,
+    /// The GPU's own time (cuda-ipc), 0 when unknown.
+    pub device_ns: u64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 type Slot = Arc<(Mutex<Option<Result<TransferDone, TransferError>>>, Condvar)>;
@@ -361,8 +369,11 @@ impl Engine {
         Ok(Some(Outcome {
             bytes: done.bytes,
             descriptors: done.descriptors,
-            elapsed_ns: u64::try_from(done.elapsed.as_nanos()).unwrap_or(u64::MAX),
+            elapsed_ns: nanos(done.elapsed),
             backend: done.backend,
+            plan_ns: nanos(done.plan_time),
+            submit_ns: nanos(done.submit_time),
+            device_ns: done.device_time.map_or(0, nanos),
         }))
     }
 

@@ -75,9 +75,15 @@ pub struct TandemKvTransferSpec {
 pub struct TandemKvTransferResult {
     pub bytes: u64,
     pub descriptors: u32,
+    /// The whole transfer as the agent ran it, from its start to the last byte.
     pub elapsed_ns: u64,
     /// A [`TandemKvBackend`] value.
     pub backend: u32,
+    /// Where the time went: planning the copies, then until the last post returned.
+    pub plan_ns: u64,
+    pub submit_ns: u64,
+    /// The GPU's own copy time (cuda-ipc, from CUDA events); 0 when unknown.
+    pub device_ns: u64,
 }
 
 /// Library version, a static NUL-terminated string.
@@ -325,6 +331,9 @@ fn finish(
                         BackendKind::Nixl | BackendKind::Auto => TandemKvBackend::Nixl,
                         BackendKind::Tcp => TandemKvBackend::Tcp,
                     } as u32,
+                    plan_ns: o.plan_ns,
+                    submit_ns: o.submit_ns,
+                    device_ns: o.device_ns,
                 };
             }
             Ok(TandemKvStatus::Ok)

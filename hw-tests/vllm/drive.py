@@ -1,12 +1,16 @@
 """Drives one P/D setup (two vLLM engines, pd-sidecar, pd-router, all started by run.sh) and
 writes what it saw as JSON: per prompt, the P/D answer through the router, the reference
-answer (the prefill engine computing the prompt itself), whether they are identical, and the
-KV transfer (TandemConnector: its per-pull stats file; NixlConnector: vLLM's vllm:nixl_*
-metrics, read before and after each request).
+answer, whether they are identical, and the KV transfer (TandemConnector: its per-pull stats
+file; NixlConnector: vLLM's vllm:nixl_* metrics, read before and after each request).
 
     python3 drive.py CONNECTOR MODEL_DIR OUT_JSON LENGTHS...
 
-Each prompt is new (a distinct prefix), so the decode engine's prefix cache holds none of it."""
+The reference is the prefill engine computing the prompt from scratch: the request carries a
+`cache_salt` no other request used, so none of the prompt's blocks (not the ones its prefill
+leg left in its cache) are reused. The prompts depend on the model and the lengths only, so both
+connectors get the same ones (report.py compares their P/D answers too), and none was seen by
+the decode engine before. One warm-up request first (the first pull includes the handshake and
+opening the peer's memory); it is recorded apart."""
 
 import json
 import os
@@ -57,24 +61,25 @@ def stats_lines():
 words = open(os.path.join(model_dir, "prompt.txt")).read().split()
 rng = random.Random(7)
 rows = []
-for i, n in enumerate(lengths):
+for i, n in enumerate([48] + lengths):
     # A unique head, then words until the prompt has about n tokens (the tokenizer is BPE on
     # these words: ~2.3 tokens per word).
-    head = f"run {connector} prompt {i} {rng.random():.12f}"
+    head = f"prompt {i} {rng.random():.12f}"
     prompt = " ".join([head] + [rng.choice(words) for _ in range(max(1, int(n / 2.3)))])
     body = {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0}
     before, seen = metrics(8200), len(stats_lines())
     pd, pd_s = post("http://127.0.0.1:8080/v1/completions", body, {"x-request-id": f"hw-{connector}-{i}"})
     time.sleep(0.5)  # let the decode engine's counters and the stats file catch up
     after, pulls = metrics(8200), stats_lines()[seen:]
-    ref, _ = post("http://127.0.0.1:8100/v1/completions", body)
+    ref, _ = post("http://127.0.0.1:8100/v1/completions", dict(body, cache_salt=f"reference-{i}"))
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     row = {
         "connector": connector,
+        "warmup": i == 0,
         "prompt_tokens": pd["usage"]["prompt_tokens"],
         "same_text": pd["choices"][0]["text"] == ref["choices"][0]["text"],
-        "pd_text": pd["choices"][0]["text"][:80],
-        "ref_text": ref["choices"][0]["text"][:80],
+        "pd_text": pd["choices"][0]["text"],
+        "ref_text": ref["choices"][0]["text"],
         "pd_seconds": round(pd_s, 4),
         "external_kv_tokens": delta.get("vllm:prompt_tokens_by_source_total{external_kv_transfer}", 0.0),
     }
@@ -83,6 +88,8 @@ for i, n in enumerate(lengths):
         row["kv_seconds"] = sum(p["seconds"] for p in pulls)
         row["kv_backend"] = ",".join(sorted({p["backend"] for p in pulls}))
         row["kv_descriptors"] = sum(p["descriptors"] for p in pulls)
+        for k in ("plan_s", "submit_s", "device_s"):
+            row[k] = sum(p.get(k) or 0.0 for p in pulls)
     else:
         row["kv_bytes"] = delta.get("vllm:nixl_bytes_transferred_sum", 0.0)
         row["kv_seconds"] = delta.get("vllm:nixl_xfer_time_seconds_sum", 0.0)

@@ -1,6 +1,7 @@
-"""The table of a hw-tests/vllm run: per model, prompt length and connector, whether the P/D
-answer matched the prefill engine's own, and the KV transfer's bytes, time and GB/s, with the
-TandemConnector / NixlConnector ratio. `python3 report.py RESULTS_DIR` prints Markdown."""
+"""The tables of a hw-tests/vllm run: per model, prompt length and connector, whether the P/D
+answer matched the reference (the prefill engine computing the prompt afresh) and the other
+connector's P/D answer, and the KV transfer's bytes, time and GB/s, with the TandemConnector /
+NixlConnector ratio. `python3 report.py RESULTS_DIR` prints Markdown."""
 
 import json
 import sys
@@ -13,20 +14,27 @@ for f in sorted(res.glob("*-*.json")):
     for i, r in enumerate(json.loads(f.read_text())):
         rows.setdefault((model, i), {})[conn] = r
 
-print("| model | prompt tokens | connector | same greedy text | external-KV tokens | KV bytes | KV ms | GB/s | backend |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| model | prompt tokens | connector | P/D == reference | tandem == nixl (P/D) | external-KV tokens | KV bytes | KV ms | GB/s | backend | plan+submit us | device us |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for (model, i), by in sorted(rows.items()):
+    t, n = by.get("tandem"), by.get("nixl")
+    cross = "-" if not (t and n) else ("yes" if t["pd_text"] == n["pd_text"] else "NO")
     for conn in ("tandem", "nixl"):
         r = by.get(conn)
         if not r:
             continue
         ms = r["kv_seconds"] * 1e3
-        print(f"| {model} | {r['prompt_tokens']} | {conn} | {'yes' if r['same_text'] else 'NO'} | "
-              f"{int(r['external_kv_tokens'])} | {int(r['kv_bytes']):,} | {ms:.3f} | {r['kv_gbps']} | {r['kv_backend']} |")
+        host = f"{(r.get('plan_s', 0) + r.get('submit_s', 0)) * 1e6:.0f}" if conn == "tandem" else "-"
+        dev = f"{r['device_s'] * 1e6:.0f}" if r.get("device_s") else "-"
+        label = f"{r['prompt_tokens']}{' (warm-up)' if r.get('warmup') else ''}"
+        print(f"| {model} | {label} | {conn} | {'yes' if r['same_text'] else 'NO'} | {cross} | "
+              f"{int(r['external_kv_tokens'])} | {int(r['kv_bytes']):,} | {ms:.3f} | {r['kv_gbps']} | "
+              f"{r['kv_backend']} | {host} | {dev} |")
 print()
-print("| model | prompt tokens | TandemConnector GB/s | NixlConnector GB/s | ratio |")
-print("|---|---|---|---|---|")
+print("| model | prompt tokens | KV bytes | TandemConnector ms | NixlConnector ms | speed-up |")
+print("|---|---|---|---|---|---|")
 for (model, i), by in sorted(rows.items()):
     t, n = by.get("tandem"), by.get("nixl")
-    if t and n and t.get("kv_gbps") and n.get("kv_gbps"):
-        print(f"| {model} | {t['prompt_tokens']} | {t['kv_gbps']} | {n['kv_gbps']} | {t['kv_gbps'] / n['kv_gbps']:.1f}x |")
+    if t and n and t["kv_seconds"] and n["kv_seconds"] and not t.get("warmup"):
+        print(f"| {model} | {t['prompt_tokens']} | {int(t['kv_bytes']):,} | {t['kv_seconds'] * 1e3:.3f} | "
+              f"{n['kv_seconds'] * 1e3:.3f} | {n['kv_seconds'] / t['kv_seconds']:.1f}x |")

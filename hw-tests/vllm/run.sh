@@ -88,7 +88,7 @@ mkdir -p "$RES"
 for model in $MODELS; do
   case $model in
     tiny) dir=/tmp/tiny; maxlen=2048; lengths="64 600 1900";;
-    large) dir=/tmp/large; maxlen=8192; lengths="64 1000 4000 8000";;
+    large) dir=/tmp/large; maxlen=8192; lengths="64 1000 4000 7000";;
   esac
   for conn in $CONNECTORS; do
     [ "$(el)" -lt $((LIMIT - 150)) ] || { say "skipping $model/$conn: no time left"; continue; }

@@ -62,6 +62,9 @@ class TransferResult(ctypes.Structure):
         ("descriptors", ctypes.c_uint32),
         ("elapsed_ns", ctypes.c_uint64),
         ("backend", ctypes.c_uint32),
+        ("plan_ns", ctypes.c_uint64),
+        ("submit_ns", ctypes.c_uint64),
+        ("device_ns", ctypes.c_uint64),
     ]
 
 

@@ -26,6 +26,10 @@ class TransferResult:
     descriptors: int
     elapsed_s: float
     backend: str
+    plan_s: float = 0.0
+    submit_s: float = 0.0
+    # The GPU's own copy time (cuda-ipc); None when unknown.
+    device_s: Optional[float] = None
 
     @property
     def gbps(self) -> float:
@@ -174,6 +178,9 @@ class Agent:
             descriptors=res.descriptors,
             elapsed_s=res.elapsed_ns / 1e9,
             backend=_lib.BACKENDS.get(res.backend, str(res.backend)),
+            plan_s=res.plan_ns / 1e9,
+            submit_s=res.submit_ns / 1e9,
+            device_s=res.device_ns / 1e9 if res.device_ns else None,
         )
 
     def poll(self, handle: int) -> Optional[TransferResult]:

@@ -440,7 +440,8 @@ class _Worker:
             line = json.dumps({"request_id": req_id, "rank": self.tp_rank, "blocks": blocks,
                                "bytes": result.bytes, "seconds": result.elapsed_s,
                                "gbps": result.gbps, "backend": result.backend,
-                               "descriptors": result.descriptors})
+                               "descriptors": result.descriptors, "plan_s": result.plan_s,
+                               "submit_s": result.submit_s, "device_s": result.device_s})
             with open(self.cfg.stats_file, "a") as f:
                 f.write(line + "\n")
 
