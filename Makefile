@@ -2,7 +2,7 @@
 CARGO ?= cargo
 VENV_PY := .venv/bin/python
 
-.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack soak fuzz image image-test clean
+.PHONY: all setup build build-release test unit-test e2e-test python-test lint fmt demo bench bench-proxy bench-router bench-kv bench-kv-2proc hw-test hw-pack hw-test-vllm soak fuzz image image-test clean
 
 all: build
 
@@ -91,6 +91,13 @@ hw-test: setup
 
 hw-pack: setup
 	bash scripts/hw-test pack
+
+## Real vLLM 0.26.0 with TandemConnector, then NixlConnector, on a GPU host (never in CI): packs
+## libtandem_kv and the recipe's vLLM bundle (../shared/vllm-gpu) and prints the device calls.
+hw-test-vllm: setup
+	bash scripts/hw-test-vllm pack
+	@echo "then, on the GPU host: bash .gpu-vllm/1/probe.sh stage1 (carrying .gpu-vllm/1), and at once"
+	@echo "bash hw-tests/vllm/run.sh (carrying the last .gpu-vllm folder and hw-tests/bundle/vllm)"
 
 clean:
 	$(CARGO) clean
