@@ -1,0 +1,791 @@
+//! Command line, environment and YAML configuration of `pd-router`.
+//!
+//! `Args` is what clap parses (every flag also reads `TANDEM_ROUTER_*`);
+//! [`RouterConfig`] is the validated form the server runs with. The scheduling
+//! part comes from a YAML file in the shape of llm-d's `EndpointPickerConfig`
+//! (plugins, then scheduling profiles that reference them) or from a built-in
+//! default. The endpoints come from flags and/or an endpoints YAML file, read
+//! once at start. Anything the router cannot honour is a start-up error naming
+//! the key or plugin: a config is never half applied. Nothing here opens sockets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+mod args;
+mod endpoints;
+mod scheduling;
+
+pub use args::Args;
+pub use endpoints::*;
+pub use scheduling::*;
+
+use super::breaker::BreakerConfig;
+use super::probe::ProbeConfig;
+
+/// A loaded tokenizer.json, shared by every request.
+#[derive(Clone)]
+pub struct Tokenizer {
+    pub path: PathBuf,
+    pub inner: Arc<tokenizers::Tokenizer>,
+}
+
+impl Tokenizer {
+    pub fn load(path: &Path) -> Result<Tokenizer, String> {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| Tokenizer {
+                path: path.to_path_buf(),
+                inner: Arc::new(t),
+            })
+            .map_err(|e| format!("--tokenizer={}: {e}", path.display()))
+    }
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer({})", self.path.display())
+    }
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub bind: String,
+    pub port: u16,
+    pub metrics_port: u16,
+    pub decode: Vec<DecodeTarget>,
+    pub prefill: Vec<PrefillTarget>,
+    pub scheduling: Scheduling,
+    pub probes: ProbeConfig,
+    pub breaker: BreakerConfig,
+    /// Health-check path of decode endpoints (prefill endpoints: `/health`).
+    pub decode_health_path: String,
+    /// `--decode-dns` and `--prefill-dns`: names resolved into more endpoints.
+    pub decode_dns: Vec<DnsName>,
+    pub prefill_dns: Vec<DnsName>,
+    pub dns_refresh_interval: Duration,
+    pub max_body_bytes: usize,
+    /// Loaded from `--tokenizer`; `None` estimates 4 bytes per token.
+    pub tokenizer: Option<Tokenizer>,
+    pub upstream_idle_timeout: Duration,
+    pub max_idle_conns_per_host: usize,
+    pub tls_insecure_skip_verify: bool,
+    pub shutdown_grace_period: Duration,
+    pub worker_threads: usize,
+    pub log_filter: String,
+    pub log_json: bool,
+    pub tracing: bool,
+    /// `--check-config`: validate, print this configuration and exit; never serve.
+    pub check_config: bool,
+}
+
+impl RouterConfig {
+    /// Resolves flags and the config files; the error names the flag or key.
+    pub fn from_args(args: Args) -> Result<RouterConfig, String> {
+        let mut decode = args
+            .decode
+            .iter()
+            .map(|d| parse_decode(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut prefill = args
+            .prefill
+            .iter()
+            .map(|p| parse_prefill(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(path) = &args.endpoints {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--endpoints={}: {e}", path.display()))?;
+            let (d, p) = parse_endpoints(&text)
+                .map_err(|e| format!("--endpoints={}: {e}", path.display()))?;
+            decode.extend(d);
+            prefill.extend(p);
+        }
+        let decode_dns = args
+            .decode_dns
+            .iter()
+            .map(|v| {
+                let what = format!("--decode-dns={v:?}");
+                let d = decode_target(&what, v)?;
+                DnsName::parse(&what, d.scheme, &d.authority)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let prefill_dns = args
+            .prefill_dns
+            .iter()
+            .map(|v| {
+                let what = format!("--prefill-dns={v:?}");
+                let p = prefill_target(&what, v)?;
+                DnsName::parse(&what, "http", &p.host_port)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if decode.is_empty() && decode_dns.is_empty() {
+            return Err(
+                "at least one decode endpoint is required: --decode (a decode pod's pd-sidecar, \
+                 e.g. --decode http://10.0.0.7:8000), --decode-dns (a headless Service, e.g. \
+                 --decode-dns http://decode.ns.svc.cluster.local:8000) or a \"decode\" list in \
+                 --endpoints"
+                    .into(),
+            );
+        }
+        if (!decode_dns.is_empty() || !prefill_dns.is_empty())
+            && args.dns_refresh_interval.is_zero()
+        {
+            return Err("--dns-refresh-interval must be greater than 0".into());
+        }
+        no_duplicates(
+            "decode endpoint",
+            decode.iter().map(|d| d.authority.as_str()),
+        )?;
+        no_duplicates(
+            "prefill endpoint",
+            prefill.iter().map(|p| p.host_port.as_str()),
+        )?;
+        if args.max_body_bytes == 0 {
+            return Err("--max-body-bytes must be greater than 0".into());
+        }
+        if args.metrics_staleness_threshold.is_zero() {
+            return Err("--metrics-staleness-threshold must be greater than 0".into());
+        }
+        if args.health_check_timeout.is_zero() {
+            return Err("--health-check-timeout must be greater than 0".into());
+        }
+        if !args.decode_health_path.starts_with('/')
+            || args
+                .decode_health_path
+                .parse::<http::uri::PathAndQuery>()
+                .is_err()
+        {
+            return Err(format!(
+                "--decode-health-path={:?}: expected an absolute path such as /health",
+                args.decode_health_path
+            ));
+        }
+        let mut scheduling = match &args.config {
+            None => Scheduling::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--config={}: {e}", path.display()))?;
+                parse_scheduling(&text).map_err(|e| format!("--config={}: {e}", path.display()))?
+            }
+        };
+        if let Some(t) = args.threshold_tokens {
+            scheduling.threshold = t;
+        }
+        let any_prefill = !prefill.is_empty() || !prefill_dns.is_empty();
+        if any_prefill && scheduling.threshold > 0 && scheduling.prefill.is_none() {
+            return Err(format!(
+                "prefill endpoints are given and the P/D threshold is {} but the config has no \
+                 \"prefill\" scheduling profile to pick among them; add one (or set the decider's \
+                 threshold to 0)",
+                scheduling.threshold
+            ));
+        }
+        let tokenizer = match &args.tokenizer {
+            None => None,
+            Some(path) => Some(Tokenizer::load(path)?),
+        };
+        let log_filter = match std::env::var("RUST_LOG") {
+            Ok(f) if !f.is_empty() => f,
+            _ => format!("{},hyper=warn,hyper_util=warn,rustls=warn", args.log_level),
+        };
+        Ok(RouterConfig {
+            bind: args.bind,
+            port: args.port,
+            metrics_port: args.metrics_port,
+            decode,
+            prefill,
+            scheduling,
+            probes: ProbeConfig {
+                refresh_metrics_interval: args.refresh_metrics_interval,
+                metrics_staleness: args.metrics_staleness_threshold,
+                health_check_interval: args.health_check_interval,
+                health_check_timeout: args.health_check_timeout,
+            },
+            breaker: BreakerConfig {
+                threshold: args.unhealthy_threshold,
+                open_for: args.circuit_open_duration,
+            },
+            decode_health_path: args.decode_health_path,
+            decode_dns,
+            prefill_dns,
+            dns_refresh_interval: args.dns_refresh_interval,
+            max_body_bytes: args.max_body_bytes,
+            tokenizer,
+            upstream_idle_timeout: args.upstream_idle_timeout,
+            max_idle_conns_per_host: args.max_idle_conns_per_host,
+            tls_insecure_skip_verify: args.tls_insecure_skip_verify,
+            shutdown_grace_period: args.shutdown_grace_period,
+            worker_threads: args.worker_threads,
+            log_filter,
+            log_json: args.log_json,
+            tracing: args.tracing,
+            check_config: args.check_config,
+        })
+    }
+
+    /// Parses argv (program name first) into a validated config.
+    pub fn parse_from<I, T>(argv: I) -> Result<RouterConfig, String>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+        RouterConfig::from_args(args)
+    }
+
+    /// Whether a profile scores by prefix (then its blockSize should match the engines').
+    pub fn uses_prefix_scorer(&self) -> bool {
+        let s = &self.scheduling;
+        std::iter::once(&s.decode)
+            .chain(s.prefill.as_ref())
+            .flat_map(|p| &p.scorers)
+            .any(|w| w.scorer == ScorerSpec::PrefixCache)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The YAML file.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+  parameters: {blockSize: 32, maxPrefixBlocksToMatch: 128, lruCapacityPerServer: 1000}
+- type: load-aware-scorer
+- type: max-score-picker
+- type: random-picker
+- type: decode-filter
+- type: prefill-filter
+- type: prefill-header-handler
+- type: pd-profile-handler
+  parameters: {threshold: 512}
+- type: prefix-based-pd-decider
+  parameters: {nonCachedTokens: 512}
+- type: load-aware-scorer
+  name: load-by-threshold
+  parameters: {threshold: 64}
+schedulingProfiles:
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: prefix-cache-scorer
+    weight: 2
+  - pluginRef: load-aware-scorer
+    weight: 1.5
+  - pluginRef: max-score-picker
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: load-by-threshold
+  - pluginRef: random-picker
+"#;
+
+    fn parse(args: &[&str]) -> Result<RouterConfig, String> {
+        RouterConfig::parse_from(std::iter::once("pd-router").chain(args.iter().copied()))
+    }
+
+    fn err(yaml: &str) -> String {
+        parse_scheduling(yaml).unwrap_err()
+    }
+
+    #[test]
+    fn default_scheduling_is_prefix_and_load_with_threshold_256() {
+        let cfg = parse(&["--decode", "http://127.0.0.1:8000"]).unwrap();
+        let s = &cfg.scheduling;
+        assert_eq!(s.threshold, 256);
+        assert_eq!(s.prefix, PrefixParams::default());
+        assert_eq!(s.prefix.block_size, 16);
+        for p in [&s.decode, s.prefill.as_ref().unwrap()] {
+            assert_eq!(p.picker, PickerSpec::MaxScore);
+            assert_eq!(p.scorers.len(), 2);
+            assert_eq!(p.scorers[0].scorer, ScorerSpec::PrefixCache);
+            assert_eq!(p.scorers[0].weight, 2.0);
+            assert_eq!(
+                p.scorers[1].scorer,
+                ScorerSpec::LoadAware { threshold: None }
+            );
+            assert_eq!(p.scorers[1].weight, 1.0);
+        }
+        assert_eq!((cfg.port, cfg.metrics_port), (8080, 9090));
+    }
+
+    #[test]
+    fn dns_names_are_endpoints_too() {
+        let cfg = parse(&[
+            "--decode-dns",
+            "https://decode.ns.svc.cluster.local:8000",
+            "--prefill-dns",
+            "prefill.ns.svc:8000",
+            "--dns-refresh-interval",
+            "2s",
+        ])
+        .expect("names alone are enough");
+        assert_eq!(
+            cfg.decode_dns,
+            [DnsName {
+                scheme: "https",
+                host: "decode.ns.svc.cluster.local".into(),
+                port: 8000
+            }]
+        );
+        assert_eq!(cfg.prefill_dns[0].host, "prefill.ns.svc");
+        assert_eq!(cfg.dns_refresh_interval, Duration::from_secs(2));
+        let ip = "10.0.0.9".parse().unwrap();
+        assert_eq!(
+            cfg.decode_dns[0].decode_at(ip).label(),
+            "https://10.0.0.9:8000"
+        );
+        assert_eq!(cfg.prefill_dns[0].prefill_at(ip).label(), "10.0.0.9:8000");
+        let v6 = "fd00::1".parse().unwrap();
+        assert_eq!(cfg.prefill_dns[0].prefill_at(v6).label(), "[fd00::1]:8000");
+
+        for (args, names) in [
+            (&["--decode-dns", "decode"][..], "--decode-dns"),
+            (&["--decode-dns", "ftp://decode:1"][..], "--decode-dns"),
+            (&["--decode-dns", "http://decode:1/v1"][..], "--decode-dns"),
+            (
+                &["--decode", "d:1", "--prefill-dns", "p"][..],
+                "--prefill-dns",
+            ),
+            (
+                &["--decode-dns", "d:1", "--dns-refresh-interval", "0"][..],
+                "--dns-refresh-interval",
+            ),
+            (&["--prefill-dns", "p:1"][..], "--decode-dns"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(names), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let s = parse_scheduling(FULL).unwrap();
+        assert_eq!(
+            s.prefix,
+            PrefixParams {
+                block_size: 32,
+                max_blocks: 128,
+                lru_capacity: 1000
+            }
+        );
+        assert_eq!(s.threshold, 512);
+        assert_eq!(s.decode.scorers.len(), 2);
+        assert_eq!(s.decode.scorers[1].weight, 1.5);
+        let prefill = s.prefill.unwrap();
+        assert_eq!(prefill.picker, PickerSpec::Random);
+        assert_eq!(
+            prefill.scorers,
+            vec![WeightedScorer {
+                name: "load-by-threshold".into(),
+                scorer: ScorerSpec::LoadAware {
+                    threshold: Some(64)
+                },
+                weight: 1.0
+            }]
+        );
+    }
+
+    #[test]
+    fn decider_defaults_and_zero() {
+        let base = "plugins:\n- type: max-score-picker\n";
+        let profile =
+            "schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: max-score-picker\n";
+        // No decider: single profile, never P/D.
+        assert_eq!(
+            parse_scheduling(&format!("{base}{profile}"))
+                .unwrap()
+                .threshold,
+            0
+        );
+        let s = parse_scheduling(&format!("{base}- type: pd-profile-handler\n{profile}")).unwrap();
+        assert_eq!(s.threshold, DEFAULT_THRESHOLD);
+        let s = parse_scheduling(&format!(
+            "{base}- type: prefix-based-pd-decider\n  parameters: {{nonCachedTokens: 0}}\n{profile}"
+        ))
+        .unwrap();
+        assert_eq!(s.threshold, 0);
+        assert!(s.prefill.is_none());
+    }
+
+    #[test]
+    fn threshold_flag_overrides_the_config() {
+        let dir = std::env::temp_dir().join(format!("pd-router-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.yaml");
+        std::fs::write(&path, FULL).unwrap();
+        let p = path.to_str().unwrap();
+        let cfg = parse(&["--decode=a:1", "--config", p]).unwrap();
+        assert_eq!(cfg.scheduling.threshold, 512);
+        let cfg = parse(&["--decode=a:1", "--config", p, "--threshold-tokens=7"]).unwrap();
+        assert_eq!(cfg.scheduling.threshold, 7);
+        let missing = parse(&["--decode=a:1", "--config", "/nonexistent/x.yaml"]).unwrap_err();
+        assert!(
+            missing.contains("--config=/nonexistent/x.yaml"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn tokenizer_flag_loads_or_names_the_file() {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/wordlevel-tokenizer.json"
+        );
+        let cfg = parse(&["--decode=a:1", &format!("--tokenizer={fixture}")]).unwrap();
+        assert!(cfg.tokenizer.is_some());
+        assert!(parse(&["--decode=a:1"]).unwrap().tokenizer.is_none());
+        let e = parse(&["--decode=a:1", "--tokenizer=/nonexistent/tokenizer.json"]).unwrap_err();
+        assert!(e.contains("--tokenizer=/nonexistent/tokenizer.json"), "{e}");
+    }
+
+    #[test]
+    fn unknown_plugin_type_is_named() {
+        let e = err("plugins:\n- type: precise-prefix-cache-scorer\nschedulingProfiles: []\n");
+        assert!(
+            e.contains("unknown type \"precise-prefix-cache-scorer\""),
+            "{e}"
+        );
+        assert!(e.contains("prefix-cache-scorer, load-aware-scorer"), "{e}");
+    }
+
+    #[test]
+    fn unknown_parameter_is_named() {
+        let e = err("plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 16, hashBlockSize: 64}\n");
+        assert!(e.contains("unknown parameter \"hashBlockSize\""), "{e}");
+        assert!(e.contains("blockSize, maxPrefixBlocksToMatch"), "{e}");
+        let e = err("plugins:\n- type: decode-filter\n  parameters: {x: 1}\n");
+        assert!(
+            e.contains("unknown parameter \"x\"") && e.contains("no parameters"),
+            "{e}"
+        );
+        let e = err("plugins:\n- type: prefix-cache-scorer\n  parameters: {blockSize: 0}\n");
+        assert!(e.contains("\"blockSize\" must be an integer >= 1"), "{e}");
+        let e = err("plugins:\n- type: pd-profile-handler\n  parameters: {threshold: -5}\n");
+        assert!(e.contains("\"threshold\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_top_level_and_profile_keys_are_named() {
+        let e = err("plugins: []\nschedulingProfile: []\n");
+        assert!(e.contains("schedulingProfile"), "{e}");
+        let e = err(
+            "schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: x\n    wieght: 2\n",
+        );
+        assert!(e.contains("wieght"), "{e}");
+        let e = err("kind: Deployment\n");
+        assert!(e.contains("EndpointPickerConfig"), "{e}");
+    }
+
+    #[test]
+    fn metric_scorers_parse_and_take_no_parameters() {
+        let s = parse_scheduling(
+            "plugins:\n- type: queue-scorer\n- type: kv-cache-utilization-scorer\n\
+             - type: kv-cache-scorer\n  name: kv-old\nschedulingProfiles:\n- name: decode\n  plugins:\n\
+             \x20 - pluginRef: queue-scorer\n    weight: 3\n  - pluginRef: kv-cache-utilization-scorer\n\
+             \x20 - pluginRef: kv-old\n",
+        )
+        .unwrap();
+        let kinds: Vec<_> = s
+            .decode
+            .scorers
+            .iter()
+            .map(|w| (w.scorer, w.weight))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (ScorerSpec::Queue, 3.0),
+                (ScorerSpec::KvCacheUtilization, 1.0),
+                (ScorerSpec::KvCacheUtilization, 1.0)
+            ]
+        );
+        for t in [
+            "queue-scorer",
+            "kv-cache-utilization-scorer",
+            "kv-cache-scorer",
+        ] {
+            let e = err(&format!("plugins:\n- type: {t}\n  parameters: {{x: 1}}\n"));
+            assert!(
+                e.contains(&format!("\"{t}\"")) && e.contains("unknown parameter \"x\""),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn probe_and_breaker_flags_default_like_llm_d_and_validate() {
+        let cfg = parse(&["--decode=a:1"]).unwrap();
+        assert_eq!(
+            cfg.probes,
+            ProbeConfig {
+                refresh_metrics_interval: Duration::from_millis(50),
+                metrics_staleness: Duration::from_secs(2),
+                health_check_interval: Duration::from_secs(2),
+                health_check_timeout: Duration::from_secs(1),
+            }
+        );
+        assert_eq!(
+            cfg.breaker,
+            BreakerConfig {
+                threshold: 3,
+                open_for: Duration::from_secs(5)
+            }
+        );
+        assert_eq!(cfg.decode_health_path, "/health");
+        let cfg = parse(&[
+            "--decode=a:1",
+            "--refresh-metrics-interval=0",
+            "--metrics-staleness-threshold=1m30s",
+            "--health-check-interval=100ms",
+            "--unhealthy-threshold=2",
+            "--circuit-open-duration=300ms",
+            "--decode-health-path=/ready",
+        ])
+        .unwrap();
+        assert_eq!(cfg.probes.refresh_metrics_interval, Duration::ZERO);
+        assert_eq!(cfg.probes.metrics_staleness, Duration::from_secs(90));
+        assert_eq!(cfg.probes.health_check_interval, Duration::from_millis(100));
+        assert_eq!(cfg.breaker.threshold, 2);
+        assert_eq!(cfg.breaker.open_for, Duration::from_millis(300));
+        assert_eq!(cfg.decode_health_path, "/ready");
+        for (flag, expected) in [
+            ("--unhealthy-threshold=0", "--unhealthy-threshold"),
+            (
+                "--metrics-staleness-threshold=0s",
+                "--metrics-staleness-threshold",
+            ),
+            ("--health-check-timeout=0", "--health-check-timeout"),
+            ("--decode-health-path=ready", "--decode-health-path"),
+            (
+                "--circuit-open-duration=5parsecs",
+                "--circuit-open-duration",
+            ),
+        ] {
+            let e = parse(&["--decode=a:1", flag]).unwrap_err();
+            assert!(e.contains(expected), "{flag}: {e}");
+        }
+    }
+
+    #[test]
+    fn check_config_parses_and_still_validates() {
+        assert!(!parse(&["--decode=a:1"]).unwrap().check_config);
+        let path = write("check.yaml", FULL);
+        let cfg = parse(&[
+            "--check-config",
+            "--decode=http://a:8000",
+            "--prefill=b:8000",
+            &format!("--config={}", path.display()),
+        ])
+        .unwrap();
+        assert!(cfg.check_config);
+        assert_eq!(cfg.scheduling.threshold, 512);
+        // A check that passes what a real start refuses would be worthless.
+        let e = parse(&["--check-config", "--decode=a:1", "--no-such-flag"]).unwrap_err();
+        assert!(e.contains("--no-such-flag"), "{e}");
+        let e = parse(&["--check-config"]).unwrap_err();
+        assert!(e.contains("decode endpoint"), "{e}");
+        let e = parse(&["--check-config", "--decode=a:1", "--config=/no/such/file"]).unwrap_err();
+        assert!(e.contains("--config"), "{e}");
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pd-router-cfg3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn endpoints_file_merges_with_flags() {
+        let path = write(
+            "endpoints.yaml",
+            "decode:\n- url: http://d-0:8000\n  metricsUrl: http://d-0:8200/metrics\n- https://d-1:8000\n\
+             prefill:\n- hostPort: p-0:8000\n  metricsUrl: https://p-0:9000/m\n- p-1:8000\n",
+        );
+        let p = path.to_str().unwrap();
+        let cfg = parse(&["--decode=d-9:1", "--endpoints", p]).unwrap();
+        let labels: Vec<_> = cfg.decode.iter().map(DecodeTarget::label).collect();
+        assert_eq!(
+            labels,
+            ["http://d-9:1", "http://d-0:8000", "https://d-1:8000"]
+        );
+        assert_eq!(cfg.decode[1].metrics_uri(), "http://d-0:8200/metrics");
+        assert_eq!(cfg.decode[2].metrics_uri(), "https://d-1:8000/metrics");
+        let hp: Vec<_> = cfg.prefill.iter().map(PrefillTarget::label).collect();
+        assert_eq!(hp, ["p-0:8000", "p-1:8000"]);
+        assert_eq!(cfg.prefill[0].metrics_uri(), "https://p-0:9000/m");
+        // The file alone is enough.
+        assert_eq!(parse(&["--endpoints", p]).unwrap().decode.len(), 2);
+        // A duplicate across flag and file.
+        let e = parse(&["--decode=http://D-0:8000", "--endpoints", p]).unwrap_err();
+        assert!(
+            e.contains("decode endpoint d-0:8000 is listed twice"),
+            "{e}"
+        );
+        let e = parse(&["--decode=a:1", "--prefill=p-1:8000", "--endpoints", p]).unwrap_err();
+        assert!(
+            e.contains("prefill endpoint p-1:8000 is listed twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn endpoints_file_errors_name_the_key() {
+        let cases = [
+            (
+                "decoders: []\n",
+                "unknown key \"decoders\" (supported: decode, prefill)",
+            ),
+            (
+                "decode:\n- url: http://d:1\n  metricURL: x\n",
+                "decode[0]: unknown key \"metricURL\" (supported: url, metricsUrl)",
+            ),
+            (
+                "decode: [a:1]\nprefill:\n- {url: p:1}\n",
+                "prefill[0]: unknown key \"url\" (supported: hostPort, metricsUrl)",
+            ),
+            (
+                "decode:\n- metricsUrl: http://x:1/m\n",
+                "decode[0]: \"url\" is required",
+            ),
+            ("decode:\n- url: http://d:1/v1\n", "decode[0].url"),
+            ("decode: [a:1]\nprefill: [nohost]\n", "prefill[0].hostPort"),
+            (
+                "decode:\n- {url: a:1, metricsUrl: /metrics}\n",
+                "decode[0].metricsUrl",
+            ),
+            ("decode: a:1\n", "decode: expected a list"),
+            ("- a:1\n", "expected a mapping"),
+            (
+                "decode: [[1]]\n",
+                "decode[0]: expected a string or a mapping",
+            ),
+        ];
+        for (i, (yaml, expected)) in cases.iter().enumerate() {
+            let path = write(&format!("bad-{i}.yaml"), yaml);
+            let p = path.to_str().unwrap();
+            let e = parse(&["--decode=z:9", "--endpoints", p]).unwrap_err();
+            assert!(e.contains(&format!("--endpoints={p}")), "{e}");
+            assert!(
+                e.contains(expected),
+                "{yaml:?}: expected {expected:?} in {e}"
+            );
+        }
+        let e = parse(&["--endpoints", "/nonexistent/e.yaml"]).unwrap_err();
+        assert!(e.contains("--endpoints=/nonexistent/e.yaml"), "{e}");
+        let empty = write("empty.yaml", "");
+        let e = parse(&["--endpoints", empty.to_str().unwrap()]).unwrap_err();
+        assert!(e.contains("at least one decode endpoint"), "{e}");
+    }
+
+    #[test]
+    fn profile_errors() {
+        let plugins = "plugins:\n- type: prefix-cache-scorer\n- type: max-score-picker\n- type: random-picker\n- type: pd-profile-handler\n";
+        let e = err(&format!(
+            "{plugins}schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: nope\n"
+        ));
+        assert!(
+            e.contains("unknown pluginRef \"nope\"") && e.contains("prefix-cache-scorer"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{plugins}schedulingProfiles:\n- name: prefill\n  plugins: []\n"
+        ));
+        assert!(e.contains("\"decode\" is required"), "{e}");
+        let e = err(&format!("{plugins}schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: prefix-cache-scorer\n    weight: -1\n"));
+        assert!(e.contains("weight must be a number >= 0"), "{e}");
+        let e = err(&format!("{plugins}schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: max-score-picker\n  - pluginRef: random-picker\n"));
+        assert!(e.contains("two pickers"), "{e}");
+        let e = err(&format!("{plugins}schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: pd-profile-handler\n"));
+        assert!(e.contains("list it under plugins only"), "{e}");
+        let e = err(&format!(
+            "{plugins}schedulingProfiles:\n- name: default\n  plugins: []\n"
+        ));
+        assert!(e.contains("unknown profile \"default\""), "{e}");
+        let e = err("plugins:\n- type: max-score-picker\n- type: max-score-picker\n");
+        assert!(e.contains("defined twice"), "{e}");
+        let e = err("plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 2}\n");
+        assert!(e.contains("maxNumOfEndpoints=2"), "{e}");
+    }
+
+    #[test]
+    fn disagreeing_deciders_are_an_error() {
+        let e = err("plugins:\n- type: pd-profile-handler\n  parameters: {threshold: 100}\n- type: prefix-based-pd-decider\n  parameters: {nonCachedTokens: 200}\n");
+        assert!(e.contains("disagrees"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_parse_and_validate() {
+        assert_eq!(
+            parse_decode("10.0.0.1:8000").unwrap(),
+            DecodeTarget {
+                scheme: "http",
+                authority: "10.0.0.1:8000".into(),
+                metrics_url: None,
+            }
+        );
+        assert_eq!(
+            parse_decode("https://d-0:8000/").unwrap().label(),
+            "https://d-0:8000"
+        );
+        assert!(parse_decode("http://d-0:8000/v1").is_err());
+        assert!(parse_decode("grpc://d:1").is_err());
+        assert!(parse_decode("nohost").is_err());
+        assert_eq!(
+            parse_prefill("http://10.0.0.2:8000").unwrap().host_port,
+            "10.0.0.2:8000"
+        );
+        assert!(parse_prefill("p-0").is_err());
+        let cfg = parse(&[
+            "--decode",
+            "a:1",
+            "--decode=http://b:2",
+            "--prefill=p:1,q:2",
+        ])
+        .unwrap();
+        assert_eq!(cfg.decode.len(), 2);
+        let hp: Vec<_> = cfg.prefill.iter().map(PrefillTarget::label).collect();
+        assert_eq!(hp, ["p:1", "q:2"]);
+        assert_eq!(cfg.decode[1].metrics_uri(), "http://b:2/metrics");
+        assert_eq!(cfg.prefill[0].metrics_uri(), "http://p:1/metrics");
+        let e = parse(&[]).unwrap_err();
+        assert!(e.contains("--decode"), "{e}");
+        let e = parse(&["--decode=a:1", "--decode=http://a:1"]).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+        let e = parse(&["--decode=a:1", "--no-such-flag"]).unwrap_err();
+        assert!(e.contains("--no-such-flag"), "{e}");
+    }
+
+    #[test]
+    fn prefill_endpoints_need_a_prefill_profile() {
+        let dir = std::env::temp_dir().join(format!("pd-router-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("decode-only.yaml");
+        std::fs::write(
+            &path,
+            "plugins:\n- type: pd-profile-handler\nschedulingProfiles:\n- name: decode\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let e = parse(&["--decode=a:1", "--prefill=p:1", "--config", p]).unwrap_err();
+        assert!(e.contains("no \"prefill\" scheduling profile"), "{e}");
+        // Threshold 0: P/D is off, so no prefill profile is needed.
+        assert!(parse(&[
+            "--decode=a:1",
+            "--prefill=p:1",
+            "--config",
+            p,
+            "--threshold-tokens=0"
+        ])
+        .is_ok());
+    }
+}
