@@ -80,11 +80,14 @@ pub trait Connector: Send + Sync {
 
     /// The decode body after a successful sequential prefill. `Err` names what
     /// the prefill response lacks; the caller treats it as a prefill failure.
+    /// By default the client's body as it came (the KV is found by other means).
     fn decode_body(
         &self,
         req: &PdRequest<'_>,
-        prefill_response: &Value,
-    ) -> Result<Map<String, Value>, String>;
+        _prefill_response: &Value,
+    ) -> Result<Map<String, Value>, String> {
+        Ok(req.body.clone())
+    }
 
     /// Top-level body fields only the sidecar may set: removed from every
     /// client body before any leg is built (`sanitize`).

@@ -66,14 +66,6 @@ impl Connector for Mooncake {
             prefill_headers: vec![(DATA_PARALLEL_RANK_HEADER, engine.dp_rank.clone())],
         })
     }
-
-    fn decode_body(
-        &self,
-        req: &PdRequest<'_>,
-        _prefill: &Value,
-    ) -> Result<Map<String, Value>, String> {
-        Ok(req.body.clone())
-    }
 }
 
 /// The ranks a bootstrap server's `/query` answer lists, as (dp rank,

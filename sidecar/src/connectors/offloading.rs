@@ -45,14 +45,6 @@ impl Connector for Offloading {
             prefill_headers: Vec::new(),
         })
     }
-
-    fn decode_body(
-        &self,
-        req: &PdRequest<'_>,
-        _prefill: &Value,
-    ) -> Result<Map<String, Value>, String> {
-        Ok(req.body.clone())
-    }
 }
 
 #[cfg(test)]

@@ -41,14 +41,6 @@ impl Connector for Sglang {
             prefill_headers: Vec::new(),
         })
     }
-
-    fn decode_body(
-        &self,
-        req: &PdRequest<'_>,
-        _prefill: &Value,
-    ) -> Result<Map<String, Value>, String> {
-        Ok(req.body.clone())
-    }
 }
 
 #[cfg(test)]

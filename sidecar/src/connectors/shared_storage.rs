@@ -1,8 +1,6 @@
 //! `shared-storage` (formerly `lmcache`): the prefill engine writes the KV cache
 //! to storage both engines share; the decode engine gets the client's body as is.
 
-use serde_json::{Map, Value};
-
 use super::{prefill_only, Connector, Legs, PdRequest};
 
 pub struct SharedStorage;
@@ -17,14 +15,6 @@ impl Connector for SharedStorage {
         prefill_only(req.api, &mut prefill);
         Ok(Legs::Sequential { prefill })
     }
-
-    fn decode_body(
-        &self,
-        req: &PdRequest<'_>,
-        _prefill: &Value,
-    ) -> Result<Map<String, Value>, String> {
-        Ok(req.body.clone())
-    }
 }
 
 #[cfg(test)]
@@ -32,7 +22,7 @@ mod tests {
     use super::*;
     use crate::connectors::test_support::obj;
     use crate::request::ApiKind;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     #[test]
     fn prefill_limited_decode_untouched() {
