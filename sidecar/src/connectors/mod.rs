@@ -97,11 +97,7 @@ pub trait Connector: Send + Sync {
 }
 
 pub fn for_config(cfg: &Config) -> Box<dyn Connector> {
-    let p2p = P2pTier {
-        base_port: cfg.p2p_connector_port,
-        dp_size: cfg.data_parallel_size,
-        dp_base_port: cfg.port,
-    };
+    let p2p = P2pTier::of(cfg);
     match cfg.connector {
         ConnectorKind::Nixlv2 => Box::new(NixlV2 {
             p2p: cfg.enable_p2p_pull.then_some(p2p),

@@ -7,7 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use super::host_of;
-use crate::config::split_host_port;
+use crate::config::{split_host_port, Config};
 
 pub const REMOTE_KV_SOURCE: &str = "remote_kv_source";
 
@@ -24,6 +24,15 @@ pub struct P2pTier {
 }
 
 impl P2pTier {
+    /// The tier as the sidecar's flags describe it.
+    pub fn of(cfg: &Config) -> P2pTier {
+        P2pTier {
+            base_port: cfg.p2p_connector_port,
+            dp_size: cfg.data_parallel_size,
+            dp_base_port: cfg.port,
+        }
+    }
+
     /// The P2P port of the engine behind `target` (`host:port`): rank r
     /// listens on base + r; a port outside the rank range is rank 0's.
     pub fn port_for(&self, target: &str) -> u16 {

@@ -63,6 +63,14 @@ pub fn prefill_target(headers: &HeaderMap, sampling: bool) -> Option<String> {
     Some(pick.trim_end_matches('/').to_string())
 }
 
+/// The client's address, as the listener recorded it.
+pub fn client_addr(parts: &http::request::Parts) -> Option<SocketAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
 /// Headers for an upstream leg: the client's, minus hop-by-hop and routing headers, plus the
 /// client's address in `x-forwarded-for`.
 pub fn forward_headers(inbound: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {

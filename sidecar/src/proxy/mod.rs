@@ -5,12 +5,11 @@
 //! `passthrough`. Connectors only build bodies; this module sends them.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -27,7 +26,7 @@ mod prefill;
 #[cfg(test)]
 pub(crate) use inbound::tests::headers as test_headers;
 pub use inbound::{
-    body_idle_timeout, forward_headers, prefill_target, read_limited, BodyError,
+    body_idle_timeout, client_addr, forward_headers, prefill_target, read_limited, BodyError,
     DATA_PARALLEL_HEADER, HOP_BY_HOP, KV_CACHE_SOURCE_HEADER, PREFILLER_HEADER, REQUEST_ID_HEADER,
     ROUTING_HEADERS,
 };
@@ -100,14 +99,6 @@ impl Shared {
             guard,
             cfg,
         })
-    }
-
-    fn p2p_tier(&self) -> connectors::P2pTier {
-        connectors::P2pTier {
-            base_port: self.cfg.p2p_connector_port,
-            dp_size: self.cfg.data_parallel_size,
-            dp_base_port: self.cfg.port,
-        }
     }
 
     fn prefill_scheme(&self) -> &'static str {
@@ -260,10 +251,7 @@ async fn run(
 ) -> Result<(Decision, Response), ProxyError> {
     let shared = &state.shared;
     let (parts, body) = req.into_parts();
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = client_addr(&parts);
     let target = prefill_target(&parts.headers, shared.cfg.prefiller_sampling);
     let kv_source = kv_source(shared, &parts.headers);
     let decode_authority = match (&state.dp_ranks, parts.headers.get(DATA_PARALLEL_HEADER)) {
@@ -290,7 +278,7 @@ async fn run(
     };
     trace.set("llm_d.pd_proxy.disaggregation_used", target.is_some());
     if let Some(target) = &target {
-        trace.set("llm_d.pd_proxy.prefill_target", target.clone());
+        trace.set(PREFILL_TARGET, target.clone());
     }
     if let Some(source) = &kv_source {
         trace.set("llm_d.pd_proxy.kv_cache_source", source.clone());
@@ -453,7 +441,7 @@ fn with_kv_source(shared: &Shared, raw: Bytes, source: Option<&str>) -> Bytes {
     let mut params = Map::new();
     params.insert(
         connectors::REMOTE_KV_SOURCE.into(),
-        shared.p2p_tier().source_params(source),
+        connectors::P2pTier::of(&shared.cfg).source_params(source),
     );
     // The sidecar owns this field: whatever the client sent is replaced.
     body.insert(sanitize::KV_TRANSFER_PARAMS.into(), Value::Object(params));
@@ -498,29 +486,22 @@ impl Ctx<'_> {
         let bytes = Bytes::from(Value::Object(body).to_string());
         let uri = upstream_uri(self.shared().prefill_scheme(), target, &self.path_and_query)?;
         let mut headers = json_headers(self.headers.clone(), bytes.len());
-        let span = self.leg_span(PREFILL_SPAN, target);
+        let span = self.leg_span(PREFILL_SPAN, PREFILL_TARGET, target);
         span.inject(&mut headers);
         let result = prefill_with_retries(self.shared(), target, &uri, &headers, bytes).await;
         end_prefill_span(&span, &result);
         result
     }
 
-    /// A leg's client span, child of the request's.
-    fn leg_span(&self, name: &'static str, target: &str) -> Trace {
+    /// A leg's client span, child of the request's, naming its target under `target_key`.
+    fn leg_span(&self, name: &'static str, target_key: &'static str, target: &str) -> Trace {
         let span = self.trace.child(name, SpanKind::Client);
         span.set("llm_d.pd_proxy.connector", self.shared().connector.name());
-        span.set(
-            if name == PREFILL_SPAN {
-                "llm_d.pd_proxy.prefill_target"
-            } else {
-                "llm_d.pd_proxy.decode.target"
-            },
-            target.to_string(),
-        );
+        span.set(target_key, target.to_string());
         span
     }
 
-    /// SGLang: both legs at once. The prefill runs as its own task; if it fails
+    /// SGLang, Mooncake, offloading: both legs at once. The prefill runs as its own task; if it fails
     /// before the decode engine answers, the decode request is dropped, and if it
     /// fails later the decode stream is ended with an error, so the client never
     /// hangs on a decode that will never get its KV cache.
@@ -541,7 +522,7 @@ impl Ctx<'_> {
                 headers.insert(*name, value);
             }
         }
-        let span = self.leg_span(PREFILL_SPAN, target);
+        let span = self.leg_span(PREFILL_SPAN, PREFILL_TARGET, target);
         span.set("llm_d.pd_proxy.prefill.async", true);
         span.inject(&mut headers);
         let (failed_tx, mut failed_rx) = tokio::sync::oneshot::channel::<ProxyError>();
@@ -633,7 +614,7 @@ impl Ctx<'_> {
             &self.path_and_query,
         )?;
         let mut headers = json_headers(self.headers.clone(), body.len());
-        let span = self.leg_span(DECODE_SPAN, &self.decode_authority);
+        let span = self.leg_span(DECODE_SPAN, DECODE_TARGET, &self.decode_authority);
         span.inject(&mut headers);
         let sent = Instant::now();
         let resp =
@@ -730,6 +711,8 @@ impl Ctx<'_> {
 /// Span names, as llm-d's sidecar names its legs.
 const PREFILL_SPAN: &str = "llm_d.pd_proxy.prefill";
 const DECODE_SPAN: &str = "llm_d.pd_proxy.decode";
+const PREFILL_TARGET: &str = "llm_d.pd_proxy.prefill_target";
+const DECODE_TARGET: &str = "llm_d.pd_proxy.decode.target";
 
 /// The decode leg once sent: when, and its span.
 struct DecodeLeg {

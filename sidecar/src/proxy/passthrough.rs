@@ -1,16 +1,16 @@
 //! Every path that is not a P/D route, and the sidecar's own probes.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header;
 use http::StatusCode;
 
 use super::{
-    client_response, decode_error, forward_headers, stream_broken, upstream_uri, AppState,
+    client_addr, client_response, decode_error, forward_headers, stream_broken, upstream_uri,
+    AppState,
 };
 use crate::body::Observed;
 use crate::error::ProxyError;
@@ -21,10 +21,7 @@ use crate::upstream;
 pub async fn passthrough(State(state): State<AppState>, req: Request) -> Response {
     let shared = &state.shared;
     let (parts, body) = req.into_parts();
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = client_addr(&parts);
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = match upstream_uri(shared.decode_scheme(), &state.decode_authority, path) {
         Ok(uri) => uri,

@@ -8,7 +8,6 @@
 //! the router's HTTP surface and must not make scheduling decisions itself
 //! (see `pick`).
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -17,7 +16,7 @@ use std::time::Instant;
 use http::request::Parts;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -32,7 +31,9 @@ use super::metrics::{Decision, RouterMetrics};
 use super::pick::{InflightGuard, Routed, Scheduler};
 use super::prefix::{prompt_with, Prompt};
 use crate::error::{error_body, ERROR_CODE_HEADER};
-use crate::proxy::{forward_headers, read_limited, BodyError, HOP_BY_HOP, PREFILLER_HEADER};
+use crate::proxy::{
+    client_addr, forward_headers, read_limited, BodyError, HOP_BY_HOP, PREFILLER_HEADER,
+};
 use crate::request::ApiKind;
 use crate::sanitize;
 use crate::telemetry::Trace;
@@ -516,10 +517,7 @@ async fn forward(
     let target = view.target(routed.decode_index)?;
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = upstream_uri(target.scheme, &target.authority, path)?;
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = client_addr(parts);
     let mut headers = forward_headers(&parts.headers, peer);
     if let Some((p, _)) = &routed.prefill {
         if let Ok(v) = HeaderValue::from_str(&p.label) {
@@ -585,10 +583,7 @@ fn engine_behind_is_down(resp: &http::Response<hyper::body::Incoming>) -> bool {
 /// Every other path: to the least loaded decode endpoint, bodies streamed both ways.
 pub async fn passthrough(State(state): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = client_addr(&parts);
     let view = state.view();
     let Some(pick) = view
         .scheduler
