@@ -766,6 +766,21 @@ impl Sidecar {
     }
 }
 
+/// A sidecar for the engine on `decode_port` as the end-to-end tests want it: every request
+/// naming a prefiller is disaggregated (`--prefill-threshold-tokens=0`) and prefill retries
+/// wait 10 ms; `extra` flags come after these (a repeated flag overrides).
+pub async fn start_test_sidecar(decode_port: u16, extra: &[&str]) -> Sidecar {
+    let args: Vec<&str> = [
+        "--prefill-threshold-tokens=0",
+        "--prefill-retry-backoff=10ms",
+    ]
+    .iter()
+    .chain(extra)
+    .copied()
+    .collect();
+    Sidecar::start(decode_port, &args).await
+}
+
 /// The value of the sample named exactly `series` (metric name and labels as rendered) in a
 /// Prometheus text page; None when absent or unparsable.
 pub fn prom_sample(text: &str, series: &str) -> Option<f64> {

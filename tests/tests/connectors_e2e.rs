@@ -8,18 +8,9 @@ use std::time::Duration;
 use http::StatusCode;
 use serde_json::{json, Value};
 use tandem_tests::harness::{
-    free_port, http_post_json, poll_until, prom_sample, EngineSim, Sidecar,
+    free_port, http_post_json, poll_until, prom_sample, start_test_sidecar as start_sidecar,
+    EngineSim, Sidecar,
 };
-
-const TEST_FLAGS: [&str; 2] = [
-    "--prefill-threshold-tokens=0",
-    "--prefill-retry-backoff=10ms",
-];
-
-async fn start_sidecar(decode_port: u16, extra: &[&str]) -> Sidecar {
-    let args: Vec<&str> = TEST_FLAGS.iter().chain(extra).copied().collect();
-    Sidecar::start(decode_port, &args).await
-}
 
 fn prompt() -> String {
     "The quick brown fox jumps over the lazy dog. ".repeat(20)

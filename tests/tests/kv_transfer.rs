@@ -645,6 +645,18 @@ fn a_missing_nixl_library_is_a_clear_setup_error() {
     let _ = std::fs::remove_dir_all(&empty);
 }
 
+/// Runs `cmd`, asserts it exited 0 (showing both streams if not) and returns its stdout.
+fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 fn kvbench_report(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -654,39 +666,33 @@ fn kvbench_runs_every_case_verified_and_writes_json_and_png() {
     let dir = std::env::temp_dir().join(format!("tandem-kvbench-{}", uuid::Uuid::new_v4()));
     let json = dir.join("kv.json");
     let png = dir.join("kv.png");
-    let out = std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
-        .args([
-            "run",
-            "--backend",
-            "nixl,tcp",
-            "--model",
-            MODEL,
-            "--num-blocks",
-            "64",
-            "--tokens",
-            "512",
-        ])
-        .args([
-            "--op",
-            "read,write",
-            "--reps",
-            "2",
-            "--warmup",
-            "1",
-            "--runs",
-            "uniform:2-4",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .arg("--png")
-        .arg(&png)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
+            .args([
+                "run",
+                "--backend",
+                "nixl,tcp",
+                "--model",
+                MODEL,
+                "--num-blocks",
+                "64",
+                "--tokens",
+                "512",
+            ])
+            .args([
+                "--op",
+                "read,write",
+                "--reps",
+                "2",
+                "--warmup",
+                "1",
+                "--runs",
+                "uniform:2-4",
+            ])
+            .arg("--json")
+            .arg(&json)
+            .arg("--png")
+            .arg(&png),
     );
     assert!(stdout.contains("host memcpy ceiling"), "{stdout}");
     let report = kvbench_report(&json);
@@ -720,21 +726,15 @@ fn kvbench_with_one_allocation_per_region_verifies_over_tcp_and_nixl() {
     // TCP checks ranges against it, and no plan merges across regions.
     let dir = std::env::temp_dir().join(format!("tandem-kvbench-{}", uuid::Uuid::new_v4()));
     let json = dir.join("kv.json");
-    let out = std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
-        .args(["run", "--backend", "nixl,tcp", "--region-alloc", "separate"])
-        .args(["--model", MODEL, "--num-blocks", "64"])
-        // The whole pool, contiguous on both sides: one allocation would be one descriptor.
-        .args(["--tokens", "1024", "--placement", "contiguous,fragmented"])
-        .args(["--op", "read,write", "--reps", "2", "--warmup", "1"])
-        .args(["--png", "none", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = run_ok(
+        std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
+            .args(["run", "--backend", "nixl,tcp", "--region-alloc", "separate"])
+            .args(["--model", MODEL, "--num-blocks", "64"])
+            // The whole pool, contiguous on both sides: one allocation would be one descriptor.
+            .args(["--tokens", "1024", "--placement", "contiguous,fragmented"])
+            .args(["--op", "read,write", "--reps", "2", "--warmup", "1"])
+            .args(["--png", "none", "--json"])
+            .arg(&json),
     );
     assert!(stdout.contains("one allocation per region"), "{stdout}");
     let report = kvbench_report(&json);

@@ -9,19 +9,8 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use tandem_tests::harness::{
     free_port, http, http_get, http_post_json, http_post_stream, json, poll_until, prom_sample,
-    try_http, EngineSim, Proc, Sidecar, READY_TIMEOUT,
+    start_test_sidecar as start_sidecar, try_http, EngineSim, Proc, Sidecar, READY_TIMEOUT,
 };
-
-/// Flags every test sidecar gets unless it overrides them.
-const TEST_FLAGS: [&str; 2] = [
-    "--prefill-threshold-tokens=0",
-    "--prefill-retry-backoff=10ms",
-];
-
-async fn start_sidecar(decode_port: u16, extra: &[&str]) -> Sidecar {
-    let args: Vec<&str> = TEST_FLAGS.iter().chain(extra).copied().collect();
-    Sidecar::start(decode_port, &args).await
-}
 
 async fn metrics(sidecar: &Sidecar) -> String {
     sidecar.metrics().await.unwrap_or_else(|e| panic!("{e}"))
