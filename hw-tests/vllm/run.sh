@@ -109,7 +109,7 @@ for model in $MODELS; do
       --prefill=127.0.0.1:8100 --threshold-tokens=1 >> "$PD/hwv-router.log" 2>&1 < /dev/null & echo $! > "$PD/hwv-router.pid"
     for i in $(seq 1 40); do curl -sf -m 1 -o /dev/null http://127.0.0.1:8080/ready && break; sleep 0.5; done
     python3 "$REPO/hw-tests/vllm/drive.py" "$conn" "$dir" "$RES/$model-$conn.json" $lengths 2>&1 | tee -a "$OUT/run.txt"
-    curl -s -m 5 http://127.0.0.1:8200/metrics | grep -E '^vllm:(prompt_tokens_by_source|nixl_)' | grep -v _created | tee -a "$OUT/run.txt" > /dev/null
+    curl -s -m 5 http://127.0.0.1:8200/metrics | grep -E '^vllm:(prompt_tokens_by_source|nixl_)' | grep -v _created > "$OUT/metrics-$model-$conn.txt"
     grep -ahE "KV pull failed|computing it locally|Traceback" "$PD/hwv-decode.log" | tail -5 | cut -c1-300 | tee -a "$OUT/run.txt"
   done
 done

@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -343,7 +342,7 @@ class _Worker:
         self.cfg = cfg
         self.tp_rank = tp_rank
         self.agent = None
-        self.pulls: dict[str, tuple[int, list[int], float]] = {}  # req -> (handle, local, start)
+        self.pulls: dict[str, tuple[int, list[int]]] = {}  # req -> (handle, local blocks)
         self.done_recving: set[str] = set()
         self.load_errors: set[int] = set()
 
@@ -403,14 +402,14 @@ class _Worker:
             logger.error("request %s: pull from %s failed to start: %s", req_id, peer, e)
             self._failed(req_id, r.local_block_ids)
             return
-        self.pulls[req_id] = (handle, r.local_block_ids, time.monotonic())
+        self.pulls[req_id] = (handle, r.local_block_ids)
 
     def _failed(self, req_id: str, local_blocks: list[int]) -> None:
         self.load_errors.update(local_blocks)
         self.done_recving.add(req_id)
 
     def get_finished(self) -> tuple[Optional[set], Optional[set]]:
-        for req_id, (handle, local, started) in list(self.pulls.items()):
+        for req_id, (handle, local) in list(self.pulls.items()):
             try:
                 result = self.agent.poll(handle)
             except Exception as e:
