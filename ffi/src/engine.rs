@@ -6,12 +6,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use transfer::agent::{ReleaseReason, Released, TransferDone};
+use transfer::agent::{ReleaseReason, Released};
 use transfer::gpu::lent::LentGpu;
 use transfer::layout::{Dtype, KvFormat, MemKind, RegionKind};
 use transfer::memory::{HostMemory, RegionMap};
@@ -20,6 +20,7 @@ use transfer::{
     TransferError, TransferSpec,
 };
 
+use crate::run::Run;
 use crate::status::{Failure, TandemKvStatus};
 
 /// `tandem_kv_agent_create`'s JSON.
@@ -153,7 +154,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-type Slot = Arc<(Mutex<Option<Result<TransferDone, TransferError>>>, Condvar)>;
 
 struct Started {
     agent: Arc<Agent>,
@@ -165,7 +165,7 @@ pub struct Engine {
     rt: tokio::runtime::Runtime,
     cfg: Config,
     started: Mutex<Option<Started>>,
-    transfers: Mutex<HashMap<u64, Slot>>,
+    transfers: Mutex<HashMap<u64, Arc<Run>>>,
     next_handle: AtomicU64,
     /// Releases taken from the agent, not yet drained by the caller.
     released: Mutex<PendingReleases>,
@@ -326,44 +326,34 @@ impl Engine {
         .to_string())
     }
 
-    /// Starts a transfer; its handle.
+    /// Starts a transfer; its handle. The transfer runs on this thread
+    /// until its first wait (with a known peer: planned and posted), then
+    /// on the runtime (see [`Run`]).
     pub fn start_transfer(&self, spec: TransferSpec) -> Result<u64, Failure> {
         let agent = self.agent()?;
-        let slot: Slot = Arc::new((Mutex::new(None), Condvar::new()));
+        let _rt = self.rt.enter();
+        let (run, pending) = Run::start(async move { agent.transfer(spec, |_| {}).await });
+        if pending {
+            self.rt.spawn(run.drive());
+        }
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        lock(&self.transfers).insert(handle, slot.clone());
-        self.rt.spawn(async move {
-            let result = agent.transfer(spec, |_| {}).await;
-            let (done, cv) = &*slot;
-            *lock(done) = Some(result);
-            cv.notify_all();
-        });
+        lock(&self.transfers).insert(handle, run);
         Ok(handle)
     }
 
     /// The transfer's outcome if it has finished (the handle is then gone),
     /// waiting up to `wait` for it.
     pub fn poll(&self, handle: u64, wait: Duration) -> Result<Option<Outcome>, Failure> {
-        let slot = lock(&self.transfers).get(&handle).cloned().ok_or_else(|| {
+        let run = lock(&self.transfers).get(&handle).cloned().ok_or_else(|| {
             Failure::new(
                 TandemKvStatus::NotFound,
                 format!("no transfer with handle {handle}"),
             )
         })?;
-        let (done, cv) = &*slot;
-        let deadline = Instant::now() + wait;
-        let mut result = lock(done);
-        while result.is_none() {
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(None);
-            }
-            result = cv
-                .wait_timeout(result, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let result = result.take().expect("checked above");
+        let _rt = self.rt.enter();
+        let Some(result) = run.poll_until(Instant::now() + wait) else {
+            return Ok(None);
+        };
         lock(&self.transfers).remove(&handle);
         let done = result?;
         Ok(Some(Outcome {

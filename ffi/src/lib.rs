@@ -14,6 +14,7 @@
 //! notifications cause.
 
 pub mod engine;
+mod run;
 pub mod status;
 
 use std::ffi::{c_char, CStr};

@@ -58,14 +58,16 @@ export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
 [ -f /tmp/large/model.safetensors ] || python3 "$REPO/hw-tests/vllm/model.py" /tmp/large 32 8 128 | tail -1 | tee -a "$OUT/run.txt"
 
 stop() { local n; for n in "$@"; do [ -f "$PD/hwv-$n.pid" ] && { kill -- -"$(cat "$PD/hwv-$n.pid")" 2>/dev/null; rm -f "$PD/hwv-$n.pid"; }; done; }
-start() { # name port side kv model maxlen
-  local name=$1 port=$2 side=$3 kv=$4 model=$5 maxlen=$6
+start() { # name port side kv model maxlen events-port
+  local name=$1 port=$2 side=$3 kv=$4 model=$5 maxlen=$6 ev=$7
+  # vLLM's KV events (ZMQ PUB + replay ROUTER), recorded by capture_events.py for the decoder's fixtures.
+  local events="{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://*:$ev\",\"replay_endpoint\":\"tcp://*:$((ev + 1))\",\"topic\":\"kv@127.0.0.1:$port@m\"}"
   echo "===== $name $(date -u +%T) kv=$kv model=$model" >> "$PD/hwv-$name.log"
   # One host, two engines: each its own NIXL side channel and Tandem agent port.
   VLLM_NIXL_SIDE_CHANNEL_PORT=$side TANDEM_KV_PORT=$((side + 100)) setsid python3 -m vllm.entrypoints.cli.main serve "$model" \
     --served-model-name m --host 127.0.0.1 --port "$port" --enforce-eager \
     --gpu-memory-utilization 0.25 --kv-cache-memory-bytes 2147483648 --max-model-len "$maxlen" \
-    --kv-transfer-config "$kv" >> "$PD/hwv-$name.log" 2>&1 < /dev/null &
+    --kv-transfer-config "$kv" --kv-events-config "$events" >> "$PD/hwv-$name.log" 2>&1 < /dev/null &
   echo $! > "$PD/hwv-$name.pid"
 }
 healthy() { # port name deadline
@@ -87,14 +89,14 @@ RES=${HWV_OUT:-hw-tests/results/$(date -u +%F)-$(nvidia-smi --query-gpu=name --f
 mkdir -p "$RES"
 for model in $MODELS; do
   case $model in
-    tiny) dir=/tmp/tiny; maxlen=2048; lengths="64 600 1900";;
-    large) dir=/tmp/large; maxlen=8192; lengths="64 1000 4000 7000";;
+    tiny) dir=/tmp/tiny; maxlen=2048; lengths=${HWV_TINY_LENGTHS:-"64 600 1900"};;
+    large) dir=/tmp/large; maxlen=8192; lengths=${HWV_LARGE_LENGTHS:-"64 1000 4000 7000"};;
   esac
   for conn in $CONNECTORS; do
     [ "$(el)" -lt $((LIMIT - 150)) ] || { say "skipping $model/$conn: no time left"; continue; }
     stop prefill decode sidecar router; sleep 2; rm -f "$TANDEM_KV_STATS_FILE"
-    start prefill 8100 5600 "$(kvjson "$conn" kv_producer)" "$dir" "$maxlen"
-    start decode 8200 5601 "$(kvjson "$conn" kv_consumer)" "$dir" "$maxlen"
+    start prefill 8100 5600 "$(kvjson "$conn" kv_producer)" "$dir" "$maxlen" 5557
+    start decode 8200 5601 "$(kvjson "$conn" kv_consumer)" "$dir" "$maxlen" 5567
     healthy 8100 prefill $((LIMIT - 60)); a=$?; healthy 8200 decode $((LIMIT - 60)); b=$?
     say "$model/$conn: engines prefill rc=$a decode rc=$b (0 up, 1 timeout, 2 died)"
     if [ $a != 0 ] || [ $b != 0 ]; then
@@ -108,7 +110,11 @@ for model in $MODELS; do
     setsid "$PD/bin/pd-router" --bind=127.0.0.1 --port=8080 --metrics-port=9092 --decode=http://127.0.0.1:8000 \
       --prefill=127.0.0.1:8100 --threshold-tokens=1 >> "$PD/hwv-router.log" 2>&1 < /dev/null & echo $! > "$PD/hwv-router.pid"
     for i in $(seq 1 40); do curl -sf -m 1 -o /dev/null http://127.0.0.1:8080/ready && break; sleep 0.5; done
+    python3 "$REPO/hw-tests/vllm/capture_events.py" "$OUT/kv-events-$model-$conn.jsonl" \
+      tcp://127.0.0.1:5557=tcp://127.0.0.1:5558 tcp://127.0.0.1:5567=tcp://127.0.0.1:5568 2>> "$OUT/capture.log" &
+    cap=$!
     python3 "$REPO/hw-tests/vllm/drive.py" "$conn" "$dir" "$RES/$model-$conn.json" $lengths 2>&1 | tee -a "$OUT/run.txt"
+    kill -TERM $cap 2>/dev/null; wait $cap 2>/dev/null
     curl -s -m 5 http://127.0.0.1:8200/metrics | grep -E '^vllm:(prompt_tokens_by_source|nixl_)' | grep -v _created > "$OUT/metrics-$model-$conn.txt"
     grep -ahE "KV pull failed|computing it locally|Traceback" "$PD/hwv-decode.log" | tail -5 | cut -c1-300 | tee -a "$OUT/run.txt"
   done

@@ -137,6 +137,11 @@ struct RunArgs {
     /// Per-transfer deadline, seconds.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
+    /// Idle time before each transfer, milliseconds: an engine pulls one
+    /// request's KV now and then, not back to back, and a path that ran a
+    /// moment ago (caches, clocks) is faster than one that idled.
+    #[arg(long, default_value_t = 0)]
+    gap_ms: u64,
     #[arg(long, default_value = "bench-out/kvbench.json")]
     json: PathBuf,
     /// PNG chart path; "none" to skip.
@@ -517,6 +522,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                                 notify: None,
                                 remote_instance_id: None,
                             };
+                            if a.gap_ms > 0 {
+                                tokio::time::sleep(Duration::from_millis(a.gap_ms)).await;
+                            }
                             let t = Instant::now();
                             let done = agent
                                 .transfer(spec, |_| {})
