@@ -154,7 +154,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-
 struct Started {
     agent: Arc<Agent>,
     port: u16,

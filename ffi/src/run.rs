@@ -175,7 +175,10 @@ mod tests {
             Ok(done())
         });
         assert!(pending);
-        assert!(posted_here.load(Ordering::SeqCst), "first step not on the caller");
+        assert!(
+            posted_here.load(Ordering::SeqCst),
+            "first step not on the caller"
+        );
         rt.spawn(run.drive());
         let out = run.poll_until(Instant::now() + Duration::from_secs(10));
         assert_eq!(out.expect("finished in time").unwrap().bytes, 1);
