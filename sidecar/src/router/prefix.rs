@@ -232,8 +232,19 @@ fn digest(data: &[u8]) -> u64 {
 /// the model name, so equal hashes mean equal prefixes for the same model.
 /// Only the cheap chaining step is sequential; the digests are independent.
 pub fn block_hashes(model: &str, bytes: &[u8], block_size: usize, max_blocks: usize) -> Vec<u64> {
+    chain_from(chain_root(model), bytes, block_size, max_blocks)
+}
+
+/// Where a model's hash chains start.
+pub fn chain_root(model: &str) -> u64 {
+    digest(model.as_bytes())
+}
+
+/// [`block_hashes`] continued from the hash `prev` of the blocks before
+/// `bytes` (the KV-event index chains an engine's runs of stored blocks).
+pub fn chain_from(prev: u64, bytes: &[u8], block_size: usize, max_blocks: usize) -> Vec<u64> {
     let block_bytes = block_size.saturating_mul(BYTES_PER_TOKEN).max(1);
-    let mut prev = digest(model.as_bytes());
+    let mut prev = prev;
     bytes
         .chunks_exact(block_bytes)
         .take(max_blocks)
