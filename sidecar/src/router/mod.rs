@@ -155,6 +155,7 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
         health_check_interval = ?p.health_check_interval,
         "pd-router listening"
     );
+    s.log_unapplied();
     // With names to resolve, the discovery task owns the probes (and stops them at the end).
     let (discovery, mut static_probes) = if dns {
         let task = tokio::spawn(discovery::run(

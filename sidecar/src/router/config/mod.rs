@@ -16,10 +16,14 @@ use clap::Parser;
 
 mod args;
 mod endpoints;
+mod plugins;
+mod precise;
 mod scheduling;
 
 pub use args::Args;
 pub use endpoints::*;
+pub use plugins::ROLE_LABEL;
+pub use precise::*;
 pub use scheduling::*;
 
 use super::breaker::BreakerConfig;
@@ -448,11 +452,8 @@ schedulingProfiles:
 
     #[test]
     fn unknown_plugin_type_is_named() {
-        let e = err("plugins:\n- type: precise-prefix-cache-scorer\nschedulingProfiles: []\n");
-        assert!(
-            e.contains("unknown type \"precise-prefix-cache-scorer\""),
-            "{e}"
-        );
+        let e = err("plugins:\n- type: no-hit-lru-scorer\nschedulingProfiles: []\n");
+        assert!(e.contains("unknown type \"no-hit-lru-scorer\""), "{e}");
         assert!(e.contains("prefix-cache-scorer, load-aware-scorer"), "{e}");
     }
 
@@ -596,6 +597,28 @@ schedulingProfiles:
         assert!(e.contains("--config"), "{e}");
     }
 
+    /// Each llm-d config fixture passes `--check-config` with P/D endpoints, and what it
+    /// asks for without effect is in the printed configuration.
+    #[test]
+    fn llm_d_config_fixtures_pass_check_config() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm-d-configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let config = format!("--config={}", path.display());
+            let cfg = parse(&["--check-config", "--decode=a:1", "--prefill=b:1", &config])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let printed = format!("{cfg:#?}");
+            let s = &cfg.scheduling;
+            assert_eq!(
+                printed.contains("accepted, no effect"),
+                !s.unapplied.is_empty()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 4, "fixtures in {}", dir.display());
+    }
+
     fn write(name: &str, text: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("pd-router-cfg3-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -708,9 +731,12 @@ schedulingProfiles:
         let e = err(&format!("{plugins}schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: pd-profile-handler\n"));
         assert!(e.contains("list it under plugins only"), "{e}");
         let e = err(&format!(
-            "{plugins}schedulingProfiles:\n- name: default\n  plugins: []\n"
+            "{plugins}schedulingProfiles:\n- name: decode\n- name: default\n  plugins: []\n"
         ));
         assert!(e.contains("unknown profile \"default\""), "{e}");
+        // Alone, a profile of any name is the decode profile.
+        let s = parse_scheduling(&format!("{plugins}schedulingProfiles:\n- name: default\n"));
+        assert_eq!(s.unwrap().decode.name, "default");
         let e = err("plugins:\n- type: max-score-picker\n- type: max-score-picker\n");
         assert!(e.contains("defined twice"), "{e}");
         let e = err("plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 2}\n");

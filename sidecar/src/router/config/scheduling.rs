@@ -1,10 +1,21 @@
 //! The scheduling profiles: llm-d's `EndpointPickerConfig` YAML (plugins, then profiles
-//! referencing them) turned into scorers, pickers, the prefix index and the P/D threshold.
+//! referencing them) turned into scorers, pickers, the prefix index, the precise index's
+//! settings and the P/D threshold.
+//!
+//! Both of llm-d's shapes are read: `inference.networking.x-k8s.io/v1alpha1` (GIE and the
+//! older llm-d-inference-scheduler) and llm-d-router's `llm-d.ai/v1alpha1`, with its
+//! producers (`approx-prefix-cache-producer`, `precise-prefix-cache-producer`) referenced by
+//! `prefix-cache-scorer`, and `disagg-profile-handler` naming the profiles and the decider.
+//! What is accepted but changes nothing here is kept in [`Scheduling::unapplied`]. The plugin
+//! catalogue itself is `plugins.rs`.
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use super::plugins::{define_plugin, Decider, Disagg, Plugin};
+use super::precise::PreciseConfig;
 
 /// Prefix index parameters (llm-d's `prefix-cache-scorer` parameters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +41,10 @@ impl Default for PrefixParams {
 /// A scorer of a profile.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ScorerSpec {
-    /// Share of the prompt's leading blocks the endpoint has cached.
+    /// Share of the prompt's leading blocks the endpoint has cached. Also what
+    /// `precise-prefix-cache-scorer` and a `prefix-cache-scorer` fed by a
+    /// `precise-prefix-cache-producer` are: scored from the router's approximate index until
+    /// the KV-event index ([`PreciseConfig`]) is wired to feed them.
     PrefixCache,
     /// Router-side requests in flight; relative to the busiest candidate, or to
     /// `threshold` when given.
@@ -65,6 +79,36 @@ pub struct ProfileSpec {
     pub picker: PickerSpec,
 }
 
+/// Something the config asks for that pd-router accepts but does not do.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Unapplied {
+    /// The plugin (and parameter), profile or top-level key.
+    pub at: String,
+    pub why: String,
+}
+
+impl Unapplied {
+    pub fn new(at: impl Into<String>, why: impl Into<String>) -> Unapplied {
+        Unapplied {
+            at: at.into(),
+            why: why.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Unapplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: accepted, no effect: {}", self.at, self.why)
+    }
+}
+
+/// One line each in `--check-config`'s listing.
+impl std::fmt::Debug for Unapplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
 /// What the router schedules with: the two profiles, the prefix index and the
 /// P/D threshold.
 #[derive(Clone, Debug, PartialEq)]
@@ -75,6 +119,14 @@ pub struct Scheduling {
     pub prefill: Option<ProfileSpec>,
     /// Uncached tokens on the decode pick at which a remote prefill is used; 0 = never.
     pub threshold: u64,
+    /// prefix-based-pd-decider's `promptTokens`: P/D only for prompts at least this long
+    /// (0 = no such gate). Implied by the threshold when not above it; above it, pick.rs's
+    /// decider does not read it yet and it is listed in `unapplied`.
+    pub min_prompt_tokens: u64,
+    /// The precise (KV-event) index, when the config defines one.
+    pub precise: Option<PreciseConfig>,
+    /// Accepted but without effect here: logged once at start, listed by `--check-config`.
+    pub unapplied: Vec<Unapplied>,
 }
 
 /// The built-in default threshold, also the default of the deciders' parameters.
@@ -108,9 +160,27 @@ impl Default for Scheduling {
             decode: default_profile("decode"),
             prefill: Some(default_profile("prefill")),
             threshold: DEFAULT_THRESHOLD,
+            min_prompt_tokens: 0,
+            precise: None,
+            unapplied: Vec::new(),
         }
     }
 }
+
+impl Scheduling {
+    /// One warning per accepted-but-unapplied item; called once at start.
+    pub fn log_unapplied(&self) {
+        for u in &self.unapplied {
+            tracing::warn!(what = %u.at, "accepted by pd-router but without effect: {}", u.why);
+        }
+    }
+}
+
+/// The apiVersions of EndpointPickerConfig: llm-d-router's, and GIE's (deprecated there).
+pub const API_VERSIONS: [&str; 2] = [
+    "llm-d.ai/v1alpha1",
+    "inference.networking.x-k8s.io/v1alpha1",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -121,16 +191,23 @@ pub(crate) struct RawConfig {
     plugins: Vec<RawPlugin>,
     #[serde(default)]
     scheduling_profiles: Vec<RawProfile>,
+    // llm-d-router's other sections: accepted, no effect here.
+    feature_gates: Option<Value>,
+    data_layer: Option<Value>,
+    flow_control: Option<Value>,
+    request_handler: Option<Value>,
+    saturation_detector: Option<Value>,
+    parser: Option<Value>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawPlugin {
     #[serde(rename = "type")]
-    kind: String,
+    pub(crate) kind: String,
     name: Option<String>,
     #[serde(default)]
-    parameters: Value,
+    pub(crate) parameters: Value,
 }
 
 #[derive(Deserialize)]
@@ -148,207 +225,46 @@ pub(crate) struct RawProfileRef {
     weight: Option<f64>,
 }
 
-/// Plugin types the router knows, for the "unknown type" message.
-pub(crate) const PLUGIN_TYPES: [&str; 13] = [
-    "prefix-cache-scorer",
-    "load-aware-scorer",
-    "queue-scorer",
-    "kv-cache-utilization-scorer",
-    "kv-cache-scorer",
-    "max-score-picker",
-    "random-picker",
-    "decode-filter",
-    "prefill-filter",
-    "prefill-header-handler",
-    "single-profile-handler",
-    "pd-profile-handler",
-    "prefix-based-pd-decider",
-];
-
-/// What a defined plugin is.
-#[derive(Clone, Debug)]
-pub(crate) enum Plugin {
-    Scorer(ScorerSpec),
-    Picker(PickerSpec),
-    /// Accepted, does nothing: the endpoints are split into decode and prefill by flag.
-    Filter,
-    /// Accepted at the top level; the router always runs decode then (maybe) prefill.
-    Handler,
-    /// Sets the P/D threshold (None: the plugin's default).
-    Decider(Option<u64>),
+/// The defined plugins, in order, by name.
+struct Defined {
+    plugins: HashMap<String, Plugin>,
+    names: Vec<String>,
+    labels: HashMap<String, String>,
 }
 
-/// The plugin's `parameters` as a map, with every key checked against `allowed`.
-pub(crate) fn parameters(
-    label: &str,
-    params: &Value,
-    allowed: &[&str],
-) -> Result<Map<String, Value>, String> {
-    let map = match params {
-        Value::Null => Map::new(),
-        Value::Object(m) => m.clone(),
-        other => {
-            return Err(format!(
-                "plugin {label}: parameters must be a mapping, got {other}"
-            ))
-        }
-    };
-    for key in map.keys() {
-        if !allowed.contains(&key.as_str()) {
-            let supported = if allowed.is_empty() {
-                "it takes no parameters".to_string()
-            } else {
-                format!("supported: {}", allowed.join(", "))
-            };
-            return Err(format!(
-                "plugin {label}: unknown parameter \"{key}\" ({supported})"
-            ));
+impl Defined {
+    fn names_list(&self) -> String {
+        if self.names.is_empty() {
+            "(none)".to_string()
+        } else {
+            self.names.join(", ")
         }
     }
-    Ok(map)
-}
 
-/// A non-negative integer parameter, at least `min`.
-pub(crate) fn uint_param(
-    label: &str,
-    map: &Map<String, Value>,
-    key: &str,
-    min: u64,
-) -> Result<Option<u64>, String> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_u64() {
-            Some(n) if n >= min => Ok(Some(n)),
-            _ => Err(format!(
-                "plugin {label}: parameter \"{key}\" must be an integer >= {min}, got {v}"
-            )),
-        },
+    fn label<'a>(&'a self, name: &'a str) -> &'a str {
+        self.labels.get(name).map_or(name, String::as_str)
+    }
+
+    fn of<'a, T>(
+        &'a self,
+        f: impl Fn(&'a Plugin) -> Option<T> + 'a,
+    ) -> impl Iterator<Item = (&'a str, T)> + 'a {
+        self.names
+            .iter()
+            .filter_map(move |n| self.plugins.get(n).and_then(&f).map(|t| (n.as_str(), t)))
     }
 }
 
-pub(crate) fn to_usize(label: &str, key: &str, n: u64) -> Result<usize, String> {
-    usize::try_from(n).map_err(|_| format!("plugin {label}: parameter \"{key}\" is too large"))
-}
-
-/// Reads one plugin definition; prefix-cache-scorer parameters go to `prefix`.
-pub(crate) fn define_plugin(
-    label: &str,
-    raw: &RawPlugin,
-    prefix: &mut Option<PrefixParams>,
-) -> Result<Plugin, String> {
-    let plugin = match raw.kind.as_str() {
-        "prefix-cache-scorer" => {
-            let p = parameters(
-                label,
-                &raw.parameters,
-                &[
-                    "blockSize",
-                    "maxPrefixBlocksToMatch",
-                    "lruCapacityPerServer",
-                ],
-            )?;
-            let d = PrefixParams::default();
-            let params = PrefixParams {
-                block_size: match uint_param(label, &p, "blockSize", 1)? {
-                    Some(n) => to_usize(label, "blockSize", n)?,
-                    None => d.block_size,
-                },
-                max_blocks: match uint_param(label, &p, "maxPrefixBlocksToMatch", 1)? {
-                    Some(n) => to_usize(label, "maxPrefixBlocksToMatch", n)?,
-                    None => d.max_blocks,
-                },
-                lru_capacity: match uint_param(label, &p, "lruCapacityPerServer", 1)? {
-                    Some(n) => to_usize(label, "lruCapacityPerServer", n)?,
-                    None => d.lru_capacity,
-                },
-            };
-            match prefix {
-                Some(existing) if *existing != params => {
-                    return Err(format!(
-                        "plugin {label}: a second prefix-cache-scorer with different parameters; \
-                         pd-router keeps one prefix index per endpoint, so all prefix-cache-scorer \
-                         plugins must share blockSize, maxPrefixBlocksToMatch and lruCapacityPerServer"
-                    ))
-                }
-                _ => *prefix = Some(params),
-            }
-            Plugin::Scorer(ScorerSpec::PrefixCache)
-        }
-        "load-aware-scorer" => {
-            let p = parameters(label, &raw.parameters, &["threshold"])?;
-            Plugin::Scorer(ScorerSpec::LoadAware {
-                threshold: uint_param(label, &p, "threshold", 1)?,
-            })
-        }
-        "queue-scorer" => {
-            parameters(label, &raw.parameters, &[])?;
-            Plugin::Scorer(ScorerSpec::Queue)
-        }
-        // kv-cache-scorer is the older name of the same scorer.
-        "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
-            parameters(label, &raw.parameters, &[])?;
-            Plugin::Scorer(ScorerSpec::KvCacheUtilization)
-        }
-        "max-score-picker" | "random-picker" => {
-            let p = parameters(label, &raw.parameters, &["maxNumOfEndpoints"])?;
-            if let Some(n) = uint_param(label, &p, "maxNumOfEndpoints", 1)? {
-                if n != 1 {
-                    return Err(format!(
-                        "plugin {label}: maxNumOfEndpoints={n} is not supported (pd-router \
-                         forwards each request to exactly one endpoint; use 1)"
-                    ));
-                }
-            }
-            Plugin::Picker(if raw.kind == "random-picker" {
-                PickerSpec::Random
-            } else {
-                PickerSpec::MaxScore
-            })
-        }
-        "decode-filter" | "prefill-filter" => {
-            parameters(label, &raw.parameters, &[])?;
-            Plugin::Filter
-        }
-        "prefill-header-handler" | "single-profile-handler" => {
-            parameters(label, &raw.parameters, &[])?;
-            Plugin::Handler
-        }
-        "pd-profile-handler" => {
-            let p = parameters(label, &raw.parameters, &["threshold"])?;
-            Plugin::Decider(uint_param(label, &p, "threshold", 0)?)
-        }
-        "prefix-based-pd-decider" => {
-            let p = parameters(label, &raw.parameters, &["nonCachedTokens"])?;
-            Plugin::Decider(uint_param(label, &p, "nonCachedTokens", 0)?)
-        }
-        other => {
-            return Err(format!(
-                "plugin {label}: unknown type \"{other}\"; supported types: {}",
-                PLUGIN_TYPES.join(", ")
-            ))
-        }
-    };
-    Ok(plugin)
-}
-
-pub(crate) fn build_profile(
-    raw: &RawProfile,
-    plugins: &HashMap<String, Plugin>,
-    names: &[String],
-) -> Result<ProfileSpec, String> {
+fn build_profile(raw: &RawProfile, defined: &Defined) -> Result<ProfileSpec, String> {
     let at = format!("schedulingProfiles[{}]", raw.name);
     let mut scorers: Vec<WeightedScorer> = Vec::new();
     let mut picker: Option<(String, PickerSpec)> = None;
     for r in &raw.plugins {
-        let plugin = plugins.get(&r.plugin_ref).ok_or_else(|| {
+        let plugin = defined.plugins.get(&r.plugin_ref).ok_or_else(|| {
             format!(
                 "{at}: unknown pluginRef \"{}\"; defined plugins: {}",
                 r.plugin_ref,
-                if names.is_empty() {
-                    "(none)".to_string()
-                } else {
-                    names.join(", ")
-                }
+                defined.names_list()
             )
         })?;
         if let Some(w) = r.weight {
@@ -359,47 +275,56 @@ pub(crate) fn build_profile(
                 ));
             }
         }
-        match plugin {
-            Plugin::Scorer(spec) => {
-                if scorers.iter().any(|s| s.name == r.plugin_ref) {
-                    return Err(format!(
-                        "{at}: pluginRef \"{}\" is listed twice",
-                        r.plugin_ref
-                    ));
-                }
-                scorers.push(WeightedScorer {
-                    name: r.plugin_ref.clone(),
-                    scorer: *spec,
-                    weight: r.weight.unwrap_or(1.0),
-                });
+        let scorer = match plugin {
+            Plugin::Scorer(spec) => Some(*spec),
+            Plugin::PrefixScorer { .. } | Plugin::PreciseScorer(_) => Some(ScorerSpec::PrefixCache),
+            _ => None,
+        };
+        if let Some(scorer) = scorer {
+            if scorers.iter().any(|s| s.name == r.plugin_ref) {
+                return Err(format!(
+                    "{at}: pluginRef \"{}\" is listed twice",
+                    r.plugin_ref
+                ));
             }
-            other => {
-                if r.weight.is_some() {
+            scorers.push(WeightedScorer {
+                name: r.plugin_ref.clone(),
+                scorer,
+                weight: r.weight.unwrap_or(1.0),
+            });
+            continue;
+        }
+        if r.weight.is_some() {
+            return Err(format!(
+                "{at}: pluginRef \"{}\": weight applies to scorers only",
+                r.plugin_ref
+            ));
+        }
+        match plugin {
+            Plugin::Picker(spec) => {
+                if let Some((first, _)) = &picker {
                     return Err(format!(
-                        "{at}: pluginRef \"{}\": weight applies to scorers only",
+                        "{at}: two pickers (\"{first}\" and \"{}\"); a profile has one",
                         r.plugin_ref
                     ));
                 }
-                match other {
-                    Plugin::Picker(spec) => {
-                        if let Some((first, _)) = &picker {
-                            return Err(format!(
-                                "{at}: two pickers (\"{first}\" and \"{}\"); a profile has one",
-                                r.plugin_ref
-                            ));
-                        }
-                        picker = Some((r.plugin_ref.clone(), *spec));
-                    }
-                    Plugin::Filter => {}
-                    Plugin::Handler | Plugin::Decider(_) => {
-                        return Err(format!(
-                            "{at}: pluginRef \"{}\" is a profile handler or decider, not a \
-                             filter, scorer or picker; list it under plugins only",
-                            r.plugin_ref
-                        ))
-                    }
-                    Plugin::Scorer(_) => unreachable!("handled above"),
-                }
+                picker = Some((r.plugin_ref.clone(), *spec));
+            }
+            Plugin::Filter => {}
+            Plugin::Handler | Plugin::Disagg(_) | Plugin::Decider(_) => {
+                return Err(format!(
+                    "{at}: pluginRef \"{}\" is a profile handler or decider, not a \
+                     filter, scorer or picker; list it under plugins only",
+                    r.plugin_ref
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "{at}: pluginRef \"{}\" is a data producer or source, not a filter, scorer \
+                     or picker; list it under plugins only (a prefix-cache-scorer names its \
+                     producer in prefixMatchInfoProducerName)",
+                    r.plugin_ref
+                ))
             }
         }
     }
@@ -408,6 +333,275 @@ pub(crate) fn build_profile(
         scorers,
         picker: picker.map_or(PickerSpec::MaxScore, |(_, p)| p),
     })
+}
+
+/// The prefix index parameters and the precise index, from the prefix scorers and the
+/// producers they name.
+fn prefix_sources(
+    d: &Defined,
+    unapplied: &mut Vec<Unapplied>,
+) -> Result<(PrefixParams, Option<PreciseConfig>), String> {
+    let producers: Vec<(&str, &PreciseConfig)> = d
+        .of(|p| match p {
+            Plugin::PreciseProducer(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if let [(a, _), (b, _), ..] = producers.as_slice() {
+        return Err(format!(
+            "plugins \"{a}\" and \"{b}\" are both precise-prefix-cache-producers; pd-router \
+             keeps one precise index"
+        ));
+    }
+    let mut precise: Option<PreciseConfig> = producers.first().map(|(_, c)| (*c).clone());
+    // All approximate sources feed the one index per endpoint, so they must agree.
+    let mut approx: Option<(String, PrefixParams)> = None;
+    let mut set_approx = |who: &str, params: PrefixParams| match &approx {
+        Some((first, p)) if *p != params => Err(format!(
+            "plugin {}: its prefix index parameters differ from those of \"{first}\"; \
+             pd-router keeps one prefix index per endpoint, so every prefix-cache-scorer and \
+             approx-prefix-cache-producer must share the block size, the match cap and \
+             lruCapacityPerServer",
+            d.label(who)
+        )),
+        Some(_) => Ok(()),
+        None => {
+            approx = Some((who.to_string(), params));
+            Ok(())
+        }
+    };
+    for (name, params) in d.of(|p| match p {
+        Plugin::ApproxProducer(params) => Some(*params),
+        _ => None,
+    }) {
+        set_approx(name, params)?;
+    }
+    for (name, cfg) in d.of(|p| match p {
+        Plugin::PreciseScorer(c) => Some(c),
+        _ => None,
+    }) {
+        match &mut precise {
+            // As in llm-d: with a producer defined, the all-in-one scorer defers to it.
+            Some(p) if !producers.is_empty() => {
+                p.scorers.push(name.to_string());
+                let bare = PreciseConfig {
+                    producer: name.to_string(),
+                    ..PreciseConfig::default()
+                };
+                if *cfg != bare {
+                    unapplied.push(Unapplied::new(
+                        format!("plugin {} parameters", d.label(name)),
+                        format!(
+                            "it scores from precise-prefix-cache-producer \"{}\"'s index, as in \
+                             llm-d, so its own index parameters are not used",
+                            p.producer
+                        ),
+                    ));
+                }
+            }
+            Some(p) => {
+                return Err(format!(
+                    "plugins \"{}\" and \"{name}\" are both precise-prefix-cache-scorers; \
+                     pd-router keeps one precise index (define one precise-prefix-cache-producer \
+                     and name it in prefix-cache-scorers' prefixMatchInfoProducerName)",
+                    p.producer
+                ))
+            }
+            None => {
+                let mut c = cfg.clone();
+                c.scorers.push(name.to_string());
+                precise = Some(c);
+            }
+        }
+    }
+    for (name, (producer, params)) in d.of(|p| match p {
+        Plugin::PrefixScorer { producer, params } => Some((producer, params)),
+        _ => None,
+    }) {
+        match (producer, params) {
+            (Some(n), _) => match d.plugins.get(n) {
+                None => {
+                    return Err(format!(
+                        "plugin {}: prefixMatchInfoProducerName \"{n}\" names no plugin; \
+                         defined plugins: {}",
+                        d.label(name),
+                        d.names_list()
+                    ))
+                }
+                Some(Plugin::ApproxProducer(params)) => set_approx(n, *params)?,
+                Some(Plugin::PreciseProducer(_) | Plugin::PreciseScorer(_)) => {
+                    if let Some(p) = precise.as_mut().filter(|p| p.producer == *n) {
+                        p.scorers.push(name.to_string());
+                    }
+                }
+                Some(_) => {
+                    return Err(format!(
+                        "plugin {}: prefixMatchInfoProducerName \"{n}\" is not an \
+                         approx-prefix-cache-producer or precise-prefix-cache-producer",
+                        d.label(name)
+                    ))
+                }
+            },
+            (None, Some(params)) => set_approx(name, *params)?,
+            // llm-d's default producer: the approximate index.
+            (None, None) => {}
+        }
+    }
+    if let Some(p) = &precise {
+        if p.scorers.is_empty() {
+            unapplied.push(Unapplied::new(
+                format!("plugin {}", d.label(&p.producer)),
+                "no prefix-cache-scorer names it in prefixMatchInfoProducerName, so no profile \
+                 scores from it",
+            ));
+        } else {
+            // Until the KV-event index is wired, its scorers read the approximate index.
+            unapplied.push(Unapplied::new(
+                format!("plugin {} (KV events)", d.label(&p.producer)),
+                format!(
+                    "pd-router does not read the engines' KV events yet; {} read its \
+                     approximate prefix index",
+                    p.scorers.join(", ")
+                ),
+            ));
+        }
+    }
+    let prefix = match (approx, &precise) {
+        (Some((_, params)), _) => params,
+        // The approximate fallback hashes blocks of the engines' size too.
+        (None, Some(p)) => PrefixParams {
+            block_size: p.block_size() as usize,
+            ..PrefixParams::default()
+        },
+        (None, None) => PrefixParams::default(),
+    };
+    Ok((prefix, precise))
+}
+
+/// The threshold and promptTokens of one decider.
+fn decider_setting(d: &Decider) -> (u64, u64) {
+    match d {
+        Decider::Handler(t) => (t.unwrap_or(DEFAULT_THRESHOLD), 0),
+        Decider::Prefix {
+            non_cached,
+            prompt_tokens,
+        } => (
+            non_cached.unwrap_or(DEFAULT_THRESHOLD),
+            prompt_tokens.unwrap_or(0),
+        ),
+        // Any uncached token: a prompt the decode pick holds in full stays local.
+        Decider::Always => (1, 0),
+        Decider::Encode => (0, 0),
+    }
+}
+
+/// The P/D threshold and promptTokens: from the decider a disagg-profile-handler names, or
+/// (older configs) from every decider defined, which must then agree.
+fn decision(d: &Defined, unapplied: &mut Vec<Unapplied>) -> Result<(u64, u64), String> {
+    let handlers: Vec<(&str, &Disagg)> = d
+        .of(|p| match p {
+            Plugin::Disagg(h) => Some(h),
+            _ => None,
+        })
+        .collect();
+    if let [(a, _), (b, _), ..] = handlers.as_slice() {
+        return Err(format!(
+            "plugins \"{a}\" and \"{b}\" are both disagg-profile-handlers; a config has one"
+        ));
+    }
+    let deciders: Vec<(&str, &Decider)> = d
+        .of(|p| match p {
+            Plugin::Decider(dec) => Some(dec),
+            _ => None,
+        })
+        .collect();
+    if let Some((hname, h)) = handlers.first() {
+        let hlabel = d.label(hname);
+        if let Some(e) = &h.encode_decider {
+            if !matches!(d.plugins.get(e), Some(Plugin::Decider(_))) {
+                return Err(format!(
+                    "plugin {hlabel}: deciders.encode \"{e}\" is not a defined decider plugin"
+                ));
+            }
+            unapplied.push(Unapplied::new(
+                format!("plugin {hlabel} parameter deciders.encode"),
+                "pd-router has no encode stage",
+            ));
+        }
+        for (name, _) in &deciders {
+            if h.prefill_decider.as_deref() != Some(*name)
+                && h.encode_decider.as_deref() != Some(*name)
+            {
+                unapplied.push(Unapplied::new(
+                    format!("plugin {}", d.label(name)),
+                    format!("{hlabel}'s deciders do not name it"),
+                ));
+            }
+        }
+        // As in llm-d-router: no prefill decider named, no P/D.
+        let Some(n) = &h.prefill_decider else {
+            return Ok((0, 0));
+        };
+        return match d.plugins.get(n) {
+            Some(Plugin::Decider(Decider::Encode)) => Err(format!(
+                "plugin {hlabel}: deciders.prefill \"{n}\" decides the encode stage; name a P/D \
+                 decider (prefix-based-pd-decider, always-disagg-pd-decider)"
+            )),
+            Some(Plugin::Decider(dec)) => Ok(decider_setting(dec)),
+            Some(_) => Err(format!(
+                "plugin {hlabel}: deciders.prefill \"{n}\" is not a P/D decider \
+                 (prefix-based-pd-decider, always-disagg-pd-decider)"
+            )),
+            None => Err(format!(
+                "plugin {hlabel}: deciders.prefill \"{n}\" names no plugin; defined plugins: {}",
+                d.names_list()
+            )),
+        };
+    }
+    // Older configs: every decider defined counts, and their settings must agree. Without
+    // one the config describes a single-profile setup: never P/D.
+    let mut explicit: Option<(&str, u64)> = None;
+    let mut any = false;
+    let mut prompt = 0;
+    for (name, dec) in deciders {
+        if *dec == Decider::Encode {
+            unapplied.push(Unapplied::new(
+                format!("plugin {}", d.label(name)),
+                "pd-router has no encode stage",
+            ));
+            continue;
+        }
+        any = true;
+        let (t, p) = decider_setting(dec);
+        prompt = prompt.max(p);
+        if matches!(
+            dec,
+            Decider::Handler(None)
+                | Decider::Prefix {
+                    non_cached: None,
+                    ..
+                }
+        ) {
+            continue;
+        }
+        if let Some((other, prev)) = explicit {
+            if prev != t {
+                return Err(format!(
+                    "plugin {}: threshold {t} disagrees with plugin \"{other}\"'s {prev}; \
+                     pd-profile-handler's threshold, prefix-based-pd-decider's nonCachedTokens \
+                     and always-disagg-pd-decider (1) are the same setting",
+                    d.label(name)
+                ));
+            }
+        }
+        explicit = Some((name, t));
+    }
+    let threshold = match (explicit, any) {
+        (Some((_, t)), _) => t,
+        (None, true) => DEFAULT_THRESHOLD,
+        (None, false) => 0,
+    };
+    Ok((threshold, prompt))
 }
 
 /// Parses an EndpointPickerConfig YAML document.
@@ -420,14 +614,57 @@ pub fn parse_scheduling(text: &str) -> Result<Scheduling, String> {
             ));
         }
     }
-    // apiVersion is informative only: llm-d has shipped several.
-    let _ = raw.api_version;
+    if let Some(v) = &raw.api_version {
+        if !API_VERSIONS.contains(&v.as_str()) {
+            return Err(format!(
+                "apiVersion: \"{v}\" is not one of {}",
+                API_VERSIONS.join(", ")
+            ));
+        }
+    }
+    let mut unapplied = Vec::new();
+    for (key, value, why) in [
+        (
+            "featureGates",
+            &raw.feature_gates,
+            "pd-router has no feature gates",
+        ),
+        (
+            "dataLayer",
+            &raw.data_layer,
+            "pd-router scrapes engine metrics and finds endpoints itself",
+        ),
+        (
+            "flowControl",
+            &raw.flow_control,
+            "pd-router queues no requests",
+        ),
+        (
+            "saturationDetector",
+            &raw.saturation_detector,
+            "pd-router queues no requests",
+        ),
+        (
+            "requestHandler",
+            &raw.request_handler,
+            "pd-router parses the OpenAI routes itself",
+        ),
+        (
+            "parser",
+            &raw.parser,
+            "pd-router parses the OpenAI routes itself",
+        ),
+    ] {
+        if value.as_ref().is_some_and(|v| !v.is_null()) {
+            unapplied.push(Unapplied::new(format!("top-level key {key}"), why));
+        }
+    }
 
-    let mut plugins: HashMap<String, Plugin> = HashMap::new();
-    let mut names: Vec<String> = Vec::new();
-    let mut prefix: Option<PrefixParams> = None;
-    let mut threshold: Option<(String, u64)> = None;
-    let mut has_decider = false;
+    let mut defined = Defined {
+        plugins: HashMap::new(),
+        names: Vec::new(),
+        labels: HashMap::new(),
+    };
     for (i, p) in raw.plugins.iter().enumerate() {
         let name = p.name.clone().unwrap_or_else(|| p.kind.clone());
         if name.is_empty() {
@@ -438,67 +675,91 @@ pub fn parse_scheduling(text: &str) -> Result<Scheduling, String> {
         } else {
             format!("\"{name}\" (type {})", p.kind)
         };
-        if plugins.contains_key(&name) {
+        if defined.plugins.contains_key(&name) {
             return Err(format!(
                 "plugins[{i}]: plugin name {label} is defined twice; give one a distinct `name:`"
             ));
         }
-        let plugin = define_plugin(&label, p, &mut prefix)?;
-        if let Plugin::Decider(t) = &plugin {
-            has_decider = true;
-            if let Some(t) = *t {
-                if let Some((other, prev)) = &threshold {
-                    if *prev != t {
-                        return Err(format!(
-                            "plugin {label}: threshold {t} disagrees with plugin \"{other}\"'s {prev}; \
-                             pd-profile-handler's threshold and prefix-based-pd-decider's \
-                             nonCachedTokens are the same setting"
-                        ));
-                    }
-                }
-                threshold = Some((name.clone(), t));
-            }
-        }
-        names.push(name.clone());
-        plugins.insert(name, plugin);
+        let plugin = define_plugin(&name, &label, p)?;
+        unapplied.extend(plugin.unapplied);
+        defined.names.push(name.clone());
+        defined.labels.insert(name.clone(), label);
+        defined.plugins.insert(name, plugin.plugin);
+    }
+    let (prefix, precise) = prefix_sources(&defined, &mut unapplied)?;
+    let (threshold, min_prompt_tokens) = decision(&defined, &mut unapplied)?;
+    if min_prompt_tokens > threshold && threshold > 0 {
+        unapplied.push(Unapplied::new(
+            format!("prefix-based-pd-decider parameter promptTokens ({min_prompt_tokens})"),
+            format!(
+                "pd-router's decider compares the decode pick's uncached tokens with \
+                 nonCachedTokens ({threshold}) only, so prompts shorter than promptTokens may be \
+                 disaggregated"
+            ),
+        ));
     }
 
+    let handler = defined
+        .of(|p| match p {
+            Plugin::Disagg(h) => Some(h.clone()),
+            _ => None,
+        })
+        .next()
+        .map(|(_, h)| h)
+        .unwrap_or_default();
+    let decode_name = handler.decode_profile.as_deref().unwrap_or("decode");
+    let prefill_name = handler.prefill_profile.as_deref().unwrap_or("prefill");
+    let encode_name = handler.encode_profile.as_deref().unwrap_or("encode");
+    // A single profile, named anything, is the decode profile (llm-d's single-profile-handler
+    // calls it "default").
+    let single = match raw.scheduling_profiles.as_slice() {
+        [only] if only.name != prefill_name && only.name != encode_name => Some(&only.name),
+        _ => None,
+    };
     let mut decode = None;
     let mut prefill = None;
+    let mut encode = None;
     for profile in &raw.scheduling_profiles {
-        let slot = match profile.name.as_str() {
-            "decode" => &mut decode,
-            "prefill" => &mut prefill,
-            other => {
-                return Err(format!(
-                    "schedulingProfiles: unknown profile \"{other}\"; pd-router runs a \"decode\" \
-                     profile and, for P/D, a \"prefill\" profile (rename a single-profile \
-                     \"default\" to \"decode\")"
-                ))
-            }
+        let name = profile.name.as_str();
+        let slot = if Some(&profile.name) == single || name == decode_name {
+            &mut decode
+        } else if name == prefill_name {
+            &mut prefill
+        } else if name == encode_name {
+            &mut encode
+        } else {
+            return Err(format!(
+                "schedulingProfiles: unknown profile \"{name}\"; pd-router runs a \"{decode_name}\" \
+                 profile and, for P/D, a \"{prefill_name}\" profile (a single profile may have \
+                 any name; disagg-profile-handler's profiles parameter renames them)"
+            ));
         };
         if slot.is_some() {
             return Err(format!(
-                "schedulingProfiles: profile \"{}\" is defined twice",
-                profile.name
+                "schedulingProfiles: profile \"{name}\" is defined twice"
             ));
         }
-        *slot = Some(build_profile(profile, &plugins, &names)?);
+        *slot = Some(build_profile(profile, &defined)?);
+    }
+    if encode.is_some() {
+        unapplied.push(Unapplied::new(
+            format!("schedulingProfiles[{encode_name}]"),
+            "pd-router has no encode stage",
+        ));
     }
     let decode = decode.ok_or_else(|| {
-        "schedulingProfiles: a profile named \"decode\" is required (it picks the decode endpoint)"
-            .to_string()
+        format!(
+            "schedulingProfiles: a profile named \"{decode_name}\" is required (it picks the \
+             decode endpoint)"
+        )
     })?;
-    // Without a decider the config describes a single-profile setup: never P/D.
-    let threshold = match (threshold, has_decider) {
-        (Some((_, t)), _) => t,
-        (None, true) => DEFAULT_THRESHOLD,
-        (None, false) => 0,
-    };
     Ok(Scheduling {
-        prefix: prefix.unwrap_or_default(),
+        prefix,
         decode,
         prefill,
         threshold,
+        min_prompt_tokens,
+        precise,
+        unapplied,
     })
 }
