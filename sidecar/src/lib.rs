@@ -15,6 +15,7 @@ pub mod config;
 pub mod configuration;
 pub mod connectors;
 pub mod error;
+pub mod kv_events;
 pub mod launch;
 pub mod metrics;
 pub mod pool;
