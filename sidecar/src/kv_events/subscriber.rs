@@ -32,7 +32,10 @@ pub enum Continuity {
     /// These sequence numbers never arrived.
     Gap { missed: Range<u64> },
     /// Not after the previous (`previous` >= this one): the publisher started
-    /// over, so whatever it said before no longer holds.
+    /// over, so whatever it said before no longer holds. Sequence numbers are
+    /// all there is to go on: a restarted publisher that has already sent
+    /// more than its predecessor when the subscriber hears it again shows as
+    /// a [`Continuity::Gap`] instead.
     Restart { previous: u64 },
 }
 
@@ -147,6 +150,14 @@ impl Subscriber {
             prefix: Bytes::copy_from_slice(topic_prefix.as_bytes()),
             last_seq: HashMap::new(),
             stats: Arc::default(),
+        }
+    }
+
+    /// Unbinds and closes the socket, waiting until its listeners are gone
+    /// (a plain drop releases them in the background).
+    pub async fn close(self) {
+        for e in self.socket.close().await {
+            tracing::debug!(endpoint = %self.endpoint, error = %e, "kv events: close");
         }
     }
 
