@@ -12,6 +12,7 @@
 //! sidecar's ([`crate::upstream`], [`crate::error`]).
 
 pub mod breaker;
+pub mod chat;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;

@@ -9,7 +9,9 @@
 //! token ids are laid out as 4 little-endian bytes each, so for id prompts the
 //! blocks line up with the engine's exactly. With a tokenizer.json
 //! ([`prompt_with`]) text is turned into token ids first, laid out the same
-//! way, so a block is exactly `block_size` tokens and the count is exact.
+//! way, so a block is exactly `block_size` tokens and the count is exact; with
+//! the model's chat template too, chat messages are first rendered as vLLM
+//! renders them (`chat.rs`), so the ids are the engine's.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -17,6 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 
+use super::chat::{self, PromptTokenizer};
 use crate::request::ApiKind;
 
 /// Bytes per estimated token.
@@ -121,29 +124,38 @@ impl Builder<'_> {
 
 /// The prompt of a request body for its API, tokens estimated at 4 bytes each.
 pub fn prompt_of(api: ApiKind, body: &Map<String, Value>) -> Prompt {
-    prompt_with(api, body, None)
+    prompt_with::<tokenizers::Tokenizer>(api, body, None)
 }
 
 /// The prompt of a request body for its API. With a tokenizer, text is turned
 /// into token ids (so blocks hold exactly `block_size` tokens) and the token
-/// count is exact; without one, 4 bytes count as a token.
-pub fn prompt_with(
+/// count is exact; without one, 4 bytes count as a token. With the model's chat
+/// template too, chat messages are rendered and tokenized as vLLM does
+/// ([`chat::chat_ids`]); a template that fails counts them as below.
+pub fn prompt_with<T: PromptTokenizer + ?Sized>(
     api: ApiKind,
     body: &Map<String, Value>,
-    tokenizer: Option<&tokenizers::Tokenizer>,
+    tokenizer: Option<&T>,
 ) -> Prompt {
     let mut p = Builder {
         prompt: Prompt::default(),
-        tokenizer,
+        tokenizer: tokenizer.map(T::tokenizer),
         ids: 0,
     };
     match api {
         ApiKind::Completions => p.push_prompt(body.get("prompt")),
-        ApiKind::ChatCompletions => {
-            if let Some(messages) = body.get("messages").and_then(Value::as_array) {
-                messages.iter().for_each(|m| p.push_message(m));
+        ApiKind::ChatCompletions => match tokenizer.and_then(|t| chat::chat_ids(t, body)) {
+            Some(ids) => {
+                ids.iter()
+                    .for_each(|id| p.prompt.bytes.extend_from_slice(&id.to_le_bytes()));
+                p.ids += ids.len() as u64;
             }
-        }
+            None => {
+                if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+                    messages.iter().for_each(|m| p.push_message(m));
+                }
+            }
+        },
         ApiKind::Responses => {
             p.push_content(body.get("instructions"));
             match body.get("input") {
@@ -546,42 +558,6 @@ mod tests {
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
-    }
-
-    fn wordlevel() -> tokenizers::Tokenizer {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/wordlevel-tokenizer.json");
-        tokenizers::Tokenizer::from_file(path).unwrap()
-    }
-
-    #[test]
-    fn a_tokenizer_counts_exactly_and_blocks_hold_token_ids() {
-        let tok = wordlevel();
-        // Three words, 17 bytes: the estimate says 5 tokens, the tokenizer 3 (ids 1, 2, 0).
-        let b = body(json!({"prompt": "hello world again"}));
-        let p = prompt_with(ApiKind::Completions, &b, Some(&tok));
-        assert_eq!(p.tokens, 3);
-        assert_eq!(
-            p.bytes,
-            [1u32, 2, 0]
-                .iter()
-                .flat_map(|i| i.to_le_bytes())
-                .collect::<Vec<_>>()
-        );
-        assert_eq!(prompt_of(ApiKind::Completions, &b).tokens, 5);
-        // Text and raw ids mix; the ids count one each.
-        let p = prompt_with(
-            ApiKind::Completions,
-            &body(json!({"prompt": ["hello", 7]})),
-            Some(&tok),
-        );
-        assert_eq!(p.tokens, 2);
-        // Chat: role and content are tokenized; a block of 2 tokens is 8 bytes of ids.
-        let chat =
-            body(json!({"messages": [{"role": "user", "content": "hello world hello world"}]}));
-        let p = prompt_with(ApiKind::ChatCompletions, &chat, Some(&tok));
-        assert_eq!(p.tokens, 5, "user, then 4 words");
-        assert_eq!(block_hashes("m", &p.bytes, 2, 64).len(), 2);
     }
 
     #[test]

@@ -81,6 +81,16 @@ pub struct Args {
     #[arg(long, env = "TANDEM_ROUTER_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
 
+    /// The model's HF tokenizer_config.json: its `chat_template` (a `chat_template.jinja`
+    /// beside it wins) and special tokens turn chat messages into the text vLLM tokenizes, so
+    /// chat token counts and prefix blocks are the engine's. Default: the tokenizer_config.json
+    /// beside --tokenizer's file, if there is one.
+    #[arg(
+        long = "chat-template-config",
+        env = "TANDEM_ROUTER_CHAT_TEMPLATE_CONFIG"
+    )]
+    pub chat_template_config: Option<PathBuf>,
+
     /// Disaggregate when the decode pick lacks at least this many prompt tokens in its cache;
     /// 0 = never. Overrides the config's decider.
     #[arg(long = "threshold-tokens", env = "TANDEM_ROUTER_THRESHOLD_TOKENS")]

@@ -27,29 +27,69 @@ pub use precise::*;
 pub use scheduling::*;
 
 use super::breaker::BreakerConfig;
+use super::chat::{ChatTemplate, ChatTokenizer};
 use super::probe::ProbeConfig;
 
-/// A loaded tokenizer.json, shared by every request.
+/// A loaded tokenizer.json and the model's chat template, shared by every request.
 #[derive(Clone)]
 pub struct Tokenizer {
     pub path: PathBuf,
-    pub inner: Arc<tokenizers::Tokenizer>,
+    /// Derefs to the `tokenizers::Tokenizer`.
+    pub inner: Arc<ChatTokenizer>,
 }
 
 impl Tokenizer {
-    pub fn load(path: &Path) -> Result<Tokenizer, String> {
-        tokenizers::Tokenizer::from_file(path)
-            .map(|t| Tokenizer {
-                path: path.to_path_buf(),
-                inner: Arc::new(t),
-            })
-            .map_err(|e| format!("--tokenizer={}: {e}", path.display()))
+    /// `chat_template_config`: a tokenizer_config.json that must hold a chat template; None:
+    /// the one beside `path` (or a `chat_template.jinja` there), if any. A template that does
+    /// not compile is an error here.
+    pub fn load(path: &Path, chat_template_config: Option<&Path>) -> Result<Tokenizer, String> {
+        let tokenizer = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| format!("--tokenizer={}: {e}", path.display()))?;
+        let template = match chat_template_config {
+            Some(config) => {
+                let flag = format!("--chat-template-config={}", config.display());
+                let t = ChatTemplate::from_config(config).map_err(|e| format!("{flag}: {e}"))?;
+                Some(t.ok_or_else(|| {
+                    format!("{flag}: no chat_template in it (nor a chat_template.jinja beside it)")
+                })?)
+            }
+            None => {
+                let beside = path.with_file_name("tokenizer_config.json");
+                let jinja = path.with_file_name("chat_template.jinja");
+                let found = if beside.is_file() {
+                    ChatTemplate::from_config(&beside)
+                } else if jinja.is_file() {
+                    std::fs::read_to_string(&jinja)
+                        .map_err(|e| format!("{}: {e}", jinja.display()))
+                        .and_then(|t| ChatTemplate::new(t, Vec::new(), jinja.clone()).map(Some))
+                } else {
+                    Ok(None)
+                };
+                found.map_err(|e| {
+                    format!(
+                        "--tokenizer={}: the chat template beside it: {e} (give a working one with \
+                         --chat-template-config)",
+                        path.display()
+                    )
+                })?
+            }
+        };
+        Ok(Tokenizer {
+            path: path.to_path_buf(),
+            inner: Arc::new(ChatTokenizer {
+                tokenizer,
+                template,
+            }),
+        })
     }
 }
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokenizer({})", self.path.display())
+        match &self.inner.template {
+            Some(t) => write!(f, "Tokenizer({}, {t:?})", self.path.display()),
+            None => write!(f, "Tokenizer({}, no chat template)", self.path.display()),
+        }
     }
 }
 
@@ -71,7 +111,8 @@ pub struct RouterConfig {
     pub prefill_dns: Vec<DnsName>,
     pub dns_refresh_interval: Duration,
     pub max_body_bytes: usize,
-    /// Loaded from `--tokenizer`; `None` estimates 4 bytes per token.
+    /// Loaded from `--tokenizer` (and `--chat-template-config`); `None` estimates 4 bytes
+    /// per token.
     pub tokenizer: Option<Tokenizer>,
     pub upstream_idle_timeout: Duration,
     pub max_idle_conns_per_host: usize,
@@ -186,9 +227,15 @@ impl RouterConfig {
                 scheduling.threshold
             ));
         }
-        let tokenizer = match &args.tokenizer {
-            None => None,
-            Some(path) => Some(Tokenizer::load(path)?),
+        let tokenizer = match (&args.tokenizer, &args.chat_template_config) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(
+                    "--chat-template-config needs --tokenizer (the rendered chat is tokenized)"
+                        .into(),
+                )
+            }
+            (Some(path), config) => Some(Tokenizer::load(path, config.as_deref())?),
         };
         let log_filter = match std::env::var("RUST_LOG") {
             Ok(f) if !f.is_empty() => f,
@@ -448,6 +495,66 @@ schedulingProfiles:
         assert!(parse(&["--decode=a:1"]).unwrap().tokenizer.is_none());
         let e = parse(&["--decode=a:1", "--tokenizer=/nonexistent/tokenizer.json"]).unwrap_err();
         assert!(e.contains("--tokenizer=/nonexistent/tokenizer.json"), "{e}");
+    }
+
+    #[test]
+    fn chat_template_is_found_beside_the_tokenizer_or_named_by_flag() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/chat-template");
+        let tokenizer = format!("--tokenizer={}", dir.join("tokenizer.json").display());
+        let template = |cfg: &RouterConfig| {
+            let t = cfg.tokenizer.as_ref().unwrap();
+            t.inner.template.as_ref().map(|t| t.source.clone())
+        };
+        let cfg = parse(&["--decode=a:1", &tokenizer]).unwrap();
+        assert_eq!(template(&cfg), Some(dir.join("tokenizer_config.json")));
+        let chatml = dir.join("chatml/tokenizer_config.json");
+        let flag = format!("--chat-template-config={}", chatml.display());
+        let cfg = parse(&["--decode=a:1", &tokenizer, &flag]).unwrap();
+        assert_eq!(template(&cfg), Some(chatml));
+        assert!(format!("{cfg:?}").contains("chatml/tokenizer_config.json"));
+        // The wordlevel fixture has no config beside it: no template, no error.
+        let plain = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/wordlevel-tokenizer.json"
+        );
+        let cfg = parse(&["--decode=a:1", &format!("--tokenizer={plain}")]).unwrap();
+        assert_eq!(template(&cfg), None);
+        let e = parse(&["--decode=a:1", &flag]).unwrap_err();
+        assert!(
+            e.contains("--chat-template-config needs --tokenizer"),
+            "{e}"
+        );
+        let e = parse(&[
+            "--decode=a:1",
+            &tokenizer,
+            "--chat-template-config=/no/such.json",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--chat-template-config=/no/such.json"), "{e}");
+        // A template that does not compile stops the start, naming where it came from.
+        let tmp = write(
+            "tokenizer.json",
+            &std::fs::read_to_string(dir.join("tokenizer.json")).unwrap(),
+        );
+        let bad = tmp.with_file_name("tokenizer_config.json");
+        std::fs::write(&bad, r#"{"chat_template": "{% if messages %}unclosed"}"#).unwrap();
+        let e = parse(&["--decode=a:1", &format!("--tokenizer={}", tmp.display())]).unwrap_err();
+        assert!(
+            e.contains("--tokenizer=") && e.contains("chat_template"),
+            "{e}"
+        );
+        assert!(e.contains("--chat-template-config"), "{e}");
+        std::fs::remove_file(&bad).unwrap();
+        let e = parse(&[
+            "--decode=a:1",
+            &tokenizer,
+            &format!(
+                "--chat-template-config={}",
+                dir.join("cases.json").display()
+            ),
+        ])
+        .unwrap_err();
+        assert!(e.contains("no chat_template"), "{e}");
     }
 
     #[test]
