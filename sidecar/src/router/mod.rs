@@ -16,6 +16,7 @@ pub mod chat;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
+pub mod kv_index;
 pub mod metrics;
 pub mod pick;
 pub mod prefix;
