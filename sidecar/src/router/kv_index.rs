@@ -4,12 +4,23 @@
 //!
 //! Owns: turning an engine's stored runs into the router's own chain keys
 //! (`prefix::chain_from` over the run's token ids, continued from the parent
-//! block's key), so a prompt's [`prefix::block_hashes`] look up what an
+//! block's key), so a prompt's [`KvIndex::prompt_hashes`] look up what an
 //! engine holds without knowing the engine's hash function or its seed
-//! (`PYTHONHASHSEED`); per endpoint, whether the index can be trusted
-//! (`synced`: false until the first event, after a sequence gap that a
-//! replay did not close, or past the size bound). It does not know about
-//! ZMQ, the wire encodings or scores.
+//! (`PYTHONHASHSEED`, or vLLM's default pickle-based `sha256`); per endpoint,
+//! whether the index is complete (`synced`: followed from a known point;
+//! false after a sequence gap that a replay did not close, for a late joiner
+//! whose history is gone, or past the size bound: then it is a lower bound,
+//! which the scheduler combines with the approximate index). It does not
+//! know about ZMQ, the wire encodings or scores.
+//!
+//! Chains start from one root for every model: an engine serves one model,
+//! and the events' topic need not name it. Runs shaped by a LoRA adapter or
+//! extra keys start from another root, so no plain prompt matches them.
+//!
+//! Endpoints are known by the `host:port` their events name (vLLM's topic
+//! `kv@<pod ip>:<port>@<model>`, the engine's port) or the router connected
+//! to; a router endpoint (`host:port` of its pd-sidecar) finds its index by
+//! the exact address, else by the host alone when one index has it.
 //!
 //! An engine's block is known by (data-parallel rank, medium, engine hash):
 //! two ranks, or a GPU block and its CPU copy, are separate entries with the
@@ -19,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::prefix::{chain_from, chain_root, BYTES_PER_TOKEN};
+use super::prefix::{block_hashes, chain_from, chain_root, BYTES_PER_TOKEN};
 
 /// One run of stored blocks from a `BlockStored` event.
 #[derive(Debug, Clone, Copy)]
@@ -136,12 +147,7 @@ impl KvIndex {
 
     /// Indexes a stored run for `model` on `endpoint`; the number of blocks
     /// indexed.
-    pub fn stored(
-        &self,
-        endpoint: &str,
-        model: &str,
-        run: &StoredRun<'_>,
-    ) -> Result<usize, Skipped> {
+    pub fn stored(&self, endpoint: &str, run: &StoredRun<'_>) -> Result<usize, Skipped> {
         if run.block_size != self.block_size {
             return Err(Skipped::BlockSize {
                 theirs: run.block_size,
@@ -156,7 +162,7 @@ impl KvIndex {
         ep.last_event = Some(Instant::now());
         let medium = ep.medium(run.medium);
         let prev = match run.parent {
-            None => chain_root(model) ^ if run.tagged { TAGGED } else { 0 },
+            None => chain_root("") ^ if run.tagged { TAGGED } else { 0 },
             Some(p) => match ep.blocks.get(&(run.dp_rank, medium, p)).or_else(|| {
                 // A parent offloaded to another medium still chains.
                 (0..ep.media.len() as u32).find_map(|m| ep.blocks.get(&(run.dp_rank, m, p)))
@@ -238,18 +244,23 @@ impl KvIndex {
         self.lock().remove(endpoint);
     }
 
-    /// How many leading blocks of `hashes` (a prompt's
-    /// [`prefix::block_hashes`](super::prefix::block_hashes)) `endpoint`
-    /// holds; None when its index is not synced (use the approximate one).
-    pub fn matched(&self, endpoint: &str, hashes: &[u64]) -> Option<usize> {
+    /// The chain keys of a prompt laid out as token ids (4 little-endian
+    /// bytes each), at most `max_blocks` of them.
+    pub fn prompt_hashes(&self, bytes: &[u8], max_blocks: usize) -> Vec<u64> {
+        block_hashes("", bytes, self.block_size, max_blocks)
+    }
+
+    /// How many leading blocks of `hashes` ([`KvIndex::prompt_hashes`]) the
+    /// router endpoint `endpoint` holds, and whether that count is exact
+    /// (the index is synced) or a lower bound; None when no events name it.
+    pub fn matched(&self, endpoint: &str, hashes: &[u64]) -> Option<(usize, bool)> {
         let all = self.lock();
-        let ep = all.get(endpoint).filter(|e| e.synced)?;
-        Some(
-            hashes
-                .iter()
-                .take_while(|h| ep.held.contains_key(h))
-                .count(),
-        )
+        let ep = find(&all, endpoint)?;
+        let n = hashes
+            .iter()
+            .take_while(|h| ep.held.contains_key(h))
+            .count();
+        Some((n, ep.synced))
     }
 
     pub fn stats(&self) -> Vec<EndpointStats> {
@@ -268,12 +279,33 @@ impl KvIndex {
     }
 }
 
+/// `endpoint`'s index: by its exact address, else by its host when exactly
+/// one index is on that host (the engine's port behind a sidecar's).
+fn find<'a>(all: &'a HashMap<String, Endpoint>, endpoint: &str) -> Option<&'a Endpoint> {
+    if let Some(ep) = all.get(endpoint) {
+        return Some(ep);
+    }
+    let host = host_of(endpoint);
+    let mut same = all.iter().filter(|(k, _)| host_of(k) == host);
+    match (same.next(), same.next()) {
+        (Some((_, ep)), None) => Some(ep),
+        _ => None,
+    }
+}
+
+/// The host part of `host:port` (`[v6]:port` keeps its brackets).
+fn host_of(addr: &str) -> &str {
+    match addr.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => addr,
+    }
+}
+
 /// Mixed into the chain root of tagged runs (LoRA, extra keys).
 const TAGGED: u64 = 0x5a17_ed00_7a99_ed01;
 
 #[cfg(test)]
 mod tests {
-    use super::super::prefix::block_hashes;
     use super::*;
 
     const BS: usize = 4;
@@ -282,9 +314,9 @@ mod tests {
         (0..n as u32).map(|i| i * 7 + seed).collect()
     }
 
-    fn prompt_hashes(model: &str, ids: &[u32]) -> Vec<u64> {
+    fn prompt_hashes(ids: &[u32]) -> Vec<u64> {
         let bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
-        block_hashes(model, &bytes, BS, usize::MAX)
+        KvIndex::new(BS, 1).prompt_hashes(&bytes, usize::MAX)
     }
 
     fn run<'a>(parent: Option<u64>, hashes: &'a [u64], token_ids: &'a [u32]) -> StoredRun<'a> {
@@ -302,59 +334,77 @@ mod tests {
     #[test]
     fn a_run_and_its_continuation_match_the_prompts_own_chain() {
         let idx = KvIndex::new(BS, 1000);
-        idx.set_synced("e:1", true);
+        idx.set_synced("10.0.0.1:8200", true);
         let prompt = ids(5 * BS + 2, 3);
         // The engine stored 3 blocks, then 2 more after them, with its own hashes.
-        idx.stored("e:1", "m", &run(None, &[901, 902, 903], &prompt[..3 * BS]))
+        let e = "10.0.0.1:8200";
+        idx.stored(e, &run(None, &[901, 902, 903], &prompt[..3 * BS]))
             .unwrap();
-        idx.stored(
-            "e:1",
-            "m",
-            &run(Some(903), &[904, 905], &prompt[3 * BS..5 * BS]),
-        )
-        .unwrap();
-        let hashes = prompt_hashes("m", &prompt);
+        idx.stored(e, &run(Some(903), &[904, 905], &prompt[3 * BS..5 * BS]))
+            .unwrap();
+        let hashes = prompt_hashes(&prompt);
         assert_eq!(hashes.len(), 5);
-        assert_eq!(idx.matched("e:1", &hashes), Some(5));
-        // Another model's prompt with the same ids does not match.
+        assert_eq!(idx.matched(e, &hashes), Some((5, true)));
+        // The router knows the pod by its sidecar's port: found by host.
+        assert_eq!(idx.matched("10.0.0.1:8000", &hashes), Some((5, true)));
+        assert_eq!(idx.matched("10.0.0.2:8000", &hashes), None);
+        // The same ids from elsewhere in a prompt do not match.
         assert_eq!(
-            idx.matched("e:1", &prompt_hashes("other", &prompt)),
-            Some(0)
+            idx.matched(e, &prompt_hashes(&prompt[BS..])),
+            Some((0, true))
         );
         // Evicting block 2 leaves block 1 matched.
-        assert_eq!(idx.removed("e:1", 0, Some("GPU"), &[902]), 1);
-        assert_eq!(idx.matched("e:1", &hashes), Some(1));
-        idx.cleared("e:1");
-        assert_eq!(idx.matched("e:1", &hashes), Some(0));
+        assert_eq!(idx.removed(e, 0, Some("GPU"), &[902]), 1);
+        assert_eq!(idx.matched(e, &hashes), Some((1, true)));
+        idx.cleared(e);
+        assert_eq!(idx.matched(e, &hashes), Some((0, true)));
+    }
+
+    #[test]
+    fn two_engines_on_one_host_are_found_by_exact_address_only() {
+        let idx = KvIndex::new(BS, 1000);
+        let prompt = ids(BS, 5);
+        idx.stored("h:8200", &run(None, &[1], &prompt)).unwrap();
+        idx.stored("h:8300", &run(None, &[1], &prompt)).unwrap();
+        assert_eq!(idx.matched("h:8000", &prompt_hashes(&prompt)), None);
+        assert_eq!(
+            idx.matched("h:8300", &prompt_hashes(&prompt)),
+            Some((1, false))
+        );
     }
 
     #[test]
     fn unsynced_endpoints_and_bad_runs_are_told_apart() {
         let idx = KvIndex::new(BS, 1000);
         let prompt = ids(2 * BS, 1);
-        idx.stored("e:1", "m", &run(None, &[1, 2], &prompt))
-            .unwrap();
-        assert_eq!(idx.matched("e:1", &prompt_hashes("m", &prompt)), None);
+        idx.stored("e:1", &run(None, &[1, 2], &prompt)).unwrap();
+        // Known, but not followed from a known point: a lower bound.
         assert_eq!(
-            idx.stored("e:1", "m", &run(Some(77), &[3], &prompt[..BS])),
+            idx.matched("e:1", &prompt_hashes(&prompt)),
+            Some((2, false))
+        );
+        assert_eq!(
+            idx.stored("e:1", &run(Some(77), &[3], &prompt[..BS])),
             Err(Skipped::UnknownParent)
         );
         assert_eq!(
-            idx.stored("e:1", "m", &run(None, &[3, 4], &prompt[..BS])),
+            idx.stored("e:1", &run(None, &[3, 4], &prompt[..BS])),
             Err(Skipped::Malformed)
         );
         let mut wide = run(None, &[5], &prompt);
         wide.block_size = 2 * BS;
         assert_eq!(
-            idx.stored("e:1", "m", &wide),
+            idx.stored("e:1", &wide),
             Err(Skipped::BlockSize { theirs: 8, ours: 4 })
         );
         // Losing sync drops what was known.
         idx.set_synced("e:1", true);
-        assert_eq!(idx.matched("e:1", &prompt_hashes("m", &prompt)), Some(2));
+        assert_eq!(idx.matched("e:1", &prompt_hashes(&prompt)), Some((2, true)));
         idx.set_synced("e:1", false);
-        idx.set_synced("e:1", true);
-        assert_eq!(idx.matched("e:1", &prompt_hashes("m", &prompt)), Some(0));
+        assert_eq!(
+            idx.matched("e:1", &prompt_hashes(&prompt)),
+            Some((0, false))
+        );
     }
 
     #[test]
@@ -362,24 +412,28 @@ mod tests {
         let idx = KvIndex::new(BS, 1000);
         idx.set_synced("e:1", true);
         let prompt = ids(BS, 9);
-        let h = prompt_hashes("m", &prompt);
-        idx.stored("e:1", "m", &run(None, &[10], &prompt)).unwrap();
+        let h = prompt_hashes(&prompt);
+        idx.stored("e:1", &run(None, &[10], &prompt)).unwrap();
         let mut cpu = run(None, &[10], &prompt);
         cpu.medium = Some("CPU");
-        idx.stored("e:1", "m", &cpu).unwrap();
+        idx.stored("e:1", &cpu).unwrap();
+        let mut rank1 = run(None, &[10], &prompt);
+        rank1.dp_rank = 1;
+        idx.stored("e:1", &rank1).unwrap();
         idx.removed("e:1", 0, None, &[10]);
+        idx.removed("e:1", 1, None, &[10]);
         assert_eq!(
             idx.matched("e:1", &h),
-            Some(1),
+            Some((1, true)),
             "the CPU copy still holds it"
         );
         idx.removed("e:1", 0, Some("cpu"), &[10]);
-        assert_eq!(idx.matched("e:1", &h), Some(0));
+        assert_eq!(idx.matched("e:1", &h), Some((0, true)));
         // A tagged run (LoRA, extra keys) never matches a plain prompt.
         let mut lora = run(None, &[11], &prompt);
         lora.tagged = true;
-        idx.stored("e:1", "m", &lora).unwrap();
-        assert_eq!(idx.matched("e:1", &h), Some(0));
+        idx.stored("e:1", &lora).unwrap();
+        assert_eq!(idx.matched("e:1", &h), Some((0, true)));
     }
 
     #[test]
@@ -387,9 +441,12 @@ mod tests {
         let idx = KvIndex::new(BS, 3);
         idx.set_synced("e:1", true);
         let prompt = ids(4 * BS, 2);
-        idx.stored("e:1", "m", &run(None, &[1, 2, 3, 4], &prompt))
+        idx.stored("e:1", &run(None, &[1, 2, 3, 4], &prompt))
             .unwrap();
-        assert_eq!(idx.matched("e:1", &prompt_hashes("m", &prompt)), None);
+        assert_eq!(
+            idx.matched("e:1", &prompt_hashes(&prompt)),
+            Some((0, false))
+        );
         assert_eq!(idx.stats()[0].blocks, 0);
     }
 }
