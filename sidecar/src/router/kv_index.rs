@@ -293,8 +293,10 @@ fn find<'a>(all: &'a HashMap<String, Endpoint>, endpoint: &str) -> Option<&'a En
     }
 }
 
-/// The host part of `host:port` (`[v6]:port` keeps its brackets).
+/// The host part of `host:port` or `scheme://host:port` (`[v6]:port` keeps
+/// its brackets).
 fn host_of(addr: &str) -> &str {
+    let addr = addr.split_once("://").map_or(addr, |(_, rest)| rest);
     match addr.rsplit_once(':') {
         Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => addr,
@@ -347,6 +349,7 @@ mod tests {
         assert_eq!(idx.matched(e, &hashes), Some((5, true)));
         // The router knows the pod by its sidecar's port: found by host.
         assert_eq!(idx.matched("10.0.0.1:8000", &hashes), Some((5, true)));
+        assert_eq!(idx.matched("http://10.0.0.1:8000", &hashes), Some((5, true)));
         assert_eq!(idx.matched("10.0.0.2:8000", &hashes), None);
         // The same ids from elsewhere in a prompt do not match.
         assert_eq!(

@@ -9,7 +9,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use std::sync::Arc;
+
 use super::breaker::Phase;
+use super::kv_index::EndpointStats;
 use super::endpoint::{EndpointObs, Role};
 use super::probe::ProbeObs;
 use std::time::Duration;
@@ -89,6 +92,120 @@ pub struct RouterMetrics {
     pub engine_kv_usage: Family<EndpointLabels, FloatGauge>,
     pub endpoints: Family<RoleOnlyLabels, Gauge>,
     pub dns_lookup_failures: Family<NameLabels, Counter>,
+    pub kv: Arc<KvEventMetrics>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KvEventLabels {
+    pub endpoint: String,
+    pub r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplayLabels {
+    pub endpoint: String,
+    pub result: &'static str,
+}
+
+/// The KV-event feed's metrics (`kv_feed`), and its index's, set at render.
+#[derive(Default)]
+pub struct KvEventMetrics {
+    pub events: Family<KvEventLabels, Counter>,
+    pub dropped: Family<ReasonLabels, Counter>,
+    pub gaps: Family<EndpointLabels, Counter>,
+    pub replays: Family<ReplayLabels, Counter>,
+    pub index_blocks: Family<EndpointLabels, Gauge>,
+    pub index_synced: Family<EndpointLabels, Gauge>,
+    pub last_event_age: Family<EndpointLabels, FloatGauge>,
+}
+
+impl KvEventMetrics {
+    fn register(registry: &mut Registry) -> Arc<KvEventMetrics> {
+        let m = KvEventMetrics::default();
+        registry.register(
+            "kv_events",
+            "KV events received from the engines, by index endpoint and event type",
+            m.events.clone(),
+        );
+        registry.register(
+            "kv_events_dropped",
+            "KV event messages, batches or runs not indexed, by reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "kv_event_gaps",
+            "Sequence gaps in an endpoint's KV events",
+            m.gaps.clone(),
+        );
+        registry.register(
+            "kv_event_replays",
+            "Replays asked of an engine's replay socket, by result",
+            m.replays.clone(),
+        );
+        registry.register(
+            "kv_index_blocks",
+            "Engine blocks in the KV-event index, per endpoint",
+            m.index_blocks.clone(),
+        );
+        registry.register(
+            "kv_index_synced",
+            "1 while an endpoint's KV-event index is exact, 0 while it is a lower bound",
+            m.index_synced.clone(),
+        );
+        registry.register(
+            "kv_last_event_age_seconds",
+            "Seconds since the endpoint's last KV event",
+            m.last_event_age.clone(),
+        );
+        Arc::new(m)
+    }
+
+    pub fn event(&self, endpoint: &str, r#type: &'static str) {
+        self.events
+            .get_or_create(&KvEventLabels {
+                endpoint: endpoint.to_string(),
+                r#type,
+            })
+            .inc();
+    }
+
+    pub fn dropped(&self, reason: &'static str) {
+        self.dropped_n(reason, 1);
+    }
+
+    pub fn dropped_n(&self, reason: &'static str, n: u64) {
+        self.dropped.get_or_create(&ReasonLabels { reason }).inc_by(n);
+    }
+
+    pub fn gap(&self, endpoint: &str) {
+        RouterMetrics::by_endpoint(&self.gaps, endpoint).inc();
+    }
+
+    pub fn replay(&self, endpoint: &str, ok: bool) {
+        self.replays
+            .get_or_create(&ReplayLabels {
+                endpoint: endpoint.to_string(),
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+
+    /// The index's gauges at render time.
+    pub fn set_index(&self, stats: &[EndpointStats], now: std::time::Instant) {
+        for s in stats {
+            RouterMetrics::by_endpoint(&self.index_blocks, &s.endpoint).set(s.blocks as i64);
+            RouterMetrics::by_endpoint(&self.index_synced, &s.endpoint).set(i64::from(s.synced));
+            if let Some(at) = s.last_event {
+                RouterMetrics::by_endpoint(&self.last_event_age, &s.endpoint)
+                    .set(now.saturating_duration_since(at).as_secs_f64());
+            }
+        }
+    }
 }
 
 impl RouterMetrics {
@@ -188,7 +305,9 @@ impl RouterMetrics {
             "Failed lookups of --decode-dns/--prefill-dns names (the last addresses are kept)",
             dns_lookup_failures.clone(),
         );
+        let kv = KvEventMetrics::register(&mut registry);
         RouterMetrics {
+            kv,
             registry,
             endpoints,
             dns_lookup_failures,

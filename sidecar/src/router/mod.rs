@@ -16,6 +16,7 @@ pub mod chat;
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
+pub mod kv_feed;
 pub mod kv_index;
 pub mod metrics;
 pub mod pick;
@@ -79,6 +80,9 @@ fn metrics_router(state: AppState) -> Router {
                         st.metrics
                             .set_metrics_age(&e.label, now.saturating_duration_since(at));
                     }
+                }
+                if let Some(kv) = s.kv_index() {
+                    st.metrics.kv.set_index(&kv.stats(), now);
                 }
                 (
                     [(
@@ -171,6 +175,8 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
     } else {
         (None, Some(probes))
     };
+    // The engines' KV events, when a precise prefix scorer is configured.
+    let kv_feed = kv_feed::start(&state, stop_rx.clone()).await?;
     let mut tasks = vec![tokio::spawn(serve(
         listener,
         router(state.clone()),
@@ -185,6 +191,9 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
     drain_on_signal(stop_tx, tasks, grace).await;
     if let Some(d) = discovery {
         let _ = d.await;
+    }
+    if let Some(f) = kv_feed {
+        let _ = f.await;
     }
     if let Some(p) = static_probes.as_mut() {
         p.stop();

@@ -17,7 +17,12 @@ use rand::Rng;
 use super::breaker::Admission;
 use super::config::{PickerSpec, PrefixParams, ProfileSpec, Scheduling, ScorerSpec};
 pub use super::endpoint::{Candidate, Endpoint, InflightGuard, Outcome, Role};
+use super::kv_index::KvIndex;
 use super::prefix::{block_hashes, PrefixIndex, Prompt};
+
+/// Engine blocks the exact index keeps per endpoint unless `indexerConfig`
+/// sets a size: four 64k-block engines' worth.
+const KV_INDEX_MAX_BLOCKS: usize = 1 << 20;
 
 /// The score of an endpoint whose engine metrics are unknown or stale: neither
 /// preferred nor avoided.
@@ -249,6 +254,10 @@ pub struct Scheduler {
     prefill_profile: Option<Arc<Profile>>,
     decode_index: PrefixIndex,
     prefill_index: PrefixIndex,
+    /// The exact index fed by the engines' KV events (a precise prefix
+    /// scorer in the config); where it knows an endpoint it wins over the
+    /// approximate one.
+    kv: Option<Arc<KvIndex>>,
     prefix: PrefixParams,
     threshold: u64,
     /// Engine metrics older than this read as unknown.
@@ -297,9 +306,17 @@ impl Scheduler {
             .flat_map(|p| &p.scorers)
             .any(|s| matches!(s.scorer, ScorerSpec::Queue | ScorerSpec::KvCacheUtilization));
         let capacity = scheduling.prefix.lru_capacity;
+        let kv = scheduling.precise.as_ref().map(|p| {
+            Arc::new(KvIndex::new(
+                p.block_size() as usize,
+                p.index_size
+                    .map_or(KV_INDEX_MAX_BLOCKS, |n| n.clamp(1, usize::MAX as u64) as usize),
+            ))
+        });
         Scheduler {
             decode_index: PrefixIndex::new(decode.len(), capacity),
             prefill_index: PrefixIndex::new(prefill.len(), capacity),
+            kv,
             decode,
             prefill,
             decode_profile: Arc::new(Profile::from_spec(&scheduling.decode)),
@@ -314,12 +331,19 @@ impl Scheduler {
         }
     }
 
+    /// The exact index, when the config has a precise prefix scorer.
+    pub fn kv_index(&self) -> Option<Arc<KvIndex>> {
+        self.kv.clone()
+    }
+
     /// The scorers' view of the admitted endpoints `admitted` of one role.
+    /// `precise`: the prompt's chain keys in the exact index.
     fn candidates(
         &self,
         role: Role,
         admitted: &[(usize, Admission)],
         hashes: &[u64],
+        precise: &[u64],
         now: Instant,
     ) -> Vec<Candidate> {
         let (endpoints, index) = match role {
@@ -332,6 +356,20 @@ impl Scheduler {
             .collect();
         let positions: Vec<usize> = admitted.iter().map(|&(i, _)| i).collect();
         index.matched(hashes, &positions, |k, m| candidates[k].matched_blocks = m);
+        if let Some(kv) = &self.kv {
+            for (c, &(i, _)) in candidates.iter_mut().zip(admitted) {
+                let Some((n, exact)) = kv.matched(&endpoints[i].label, precise) else {
+                    continue;
+                };
+                // In the approximate index's blocks, which the scorers and the decider count.
+                let blocks = (n * kv.block_size() / self.prefix.block_size.max(1)).min(hashes.len());
+                c.matched_blocks = if exact {
+                    blocks
+                } else {
+                    blocks.max(c.matched_blocks)
+                };
+            }
+        }
         candidates
     }
 
@@ -358,7 +396,12 @@ impl Scheduler {
             self.prefix.block_size,
             self.prefix.max_blocks,
         );
-        let candidates = self.candidates(Role::Decode, &admitted_decode, &hashes, now);
+        let precise = self.kv.as_ref().map_or_else(Vec::new, |kv| {
+            let tokens = self.prefix.max_blocks.saturating_mul(self.prefix.block_size);
+            kv.prompt_hashes(&prompt.bytes, tokens / kv.block_size().max(1))
+        });
+        let candidates =
+            self.candidates(Role::Decode, &admitted_decode, &hashes, &precise, now);
         let d = self
             .decode_profile
             .pick(&ScoreInput::new(&candidates, hashes.len()), rng);
@@ -387,7 +430,7 @@ impl Scheduler {
                     None
                 } else {
                     let candidates =
-                        self.candidates(Role::Prefill, &admitted_prefill, &hashes, now);
+                        self.candidates(Role::Prefill, &admitted_prefill, &hashes, &precise, now);
                     let p = profile.pick(&ScoreInput::new(&candidates, hashes.len()), rng);
                     let i = admitted_prefill[p.index].0;
                     let endpoint = self.prefill[i].clone();
@@ -443,6 +486,7 @@ impl Scheduler {
         Scheduler {
             decode_index: carried(&decode, &self.decode, &self.decode_index),
             prefill_index: carried(&prefill, &self.prefill, &self.prefill_index),
+            kv: self.kv.clone(),
             decode,
             prefill,
             decode_profile: self.decode_profile.clone(),

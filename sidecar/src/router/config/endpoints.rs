@@ -40,6 +40,7 @@ impl DnsName {
             scheme: self.scheme,
             authority: std::net::SocketAddr::new(ip, self.port).to_string(),
             metrics_url: None,
+            kv_events_url: None,
         }
     }
 
@@ -48,6 +49,7 @@ impl DnsName {
         PrefillTarget {
             host_port: std::net::SocketAddr::new(ip, self.port).to_string(),
             metrics_url: None,
+            kv_events_url: None,
         }
     }
 }
@@ -62,6 +64,9 @@ pub struct DecodeTarget {
     /// Where its engine metrics are scraped; None = the endpoint's own `/metrics`
     /// (a pd-sidecar passes it through to its engine).
     pub metrics_url: Option<Uri>,
+    /// Its engine's KV-event publisher (`tcp://host:port`), when the
+    /// endpoints file names one; else the precise index's `socketPort`.
+    pub kv_events_url: Option<String>,
 }
 
 impl DecodeTarget {
@@ -91,6 +96,8 @@ pub struct PrefillTarget {
     pub host_port: String,
     /// Where its metrics are scraped; None = `http://host:port/metrics`.
     pub metrics_url: Option<Uri>,
+    /// As [`DecodeTarget::kv_events_url`].
+    pub kv_events_url: Option<String>,
 }
 
 impl PrefillTarget {
@@ -143,6 +150,7 @@ pub(crate) fn decode_target(what: &str, value: &str) -> Result<DecodeTarget, Str
         scheme,
         authority: authority.to_string(),
         metrics_url: None,
+        kv_events_url: None,
     })
 }
 
@@ -167,7 +175,21 @@ pub(crate) fn prefill_target(what: &str, value: &str) -> Result<PrefillTarget, S
     Ok(PrefillTarget {
         host_port: v.to_string(),
         metrics_url: None,
+        kv_events_url: None,
     })
+}
+
+/// A `kvEventsUrl`: a ZMQ `tcp://host:port` to connect to.
+fn kv_events_url(what: &str, value: &str) -> Result<String, String> {
+    let ok = value
+        .strip_prefix("tcp://")
+        .and_then(split_host_port)
+        .is_some_and(|(h, _)| !h.is_empty() && h != "*");
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{what}: {value:?}: expected tcp://host:port"))
+    }
 }
 
 /// A `metricsUrl`: an absolute http(s) URL.
@@ -214,13 +236,22 @@ pub(crate) fn check_keys(
     Ok(())
 }
 
+/// One entry of an endpoint list.
+pub(crate) struct Entry {
+    pub address: String,
+    pub metrics: Option<Uri>,
+    pub kv_events: Option<String>,
+    /// Where it is in the file, for messages.
+    pub at: String,
+}
+
 /// A list of endpoint entries: plain strings, or mappings with `key` (the
-/// address) and an optional `metricsUrl`. Yields (address, metricsUrl, where).
+/// address), an optional `metricsUrl` and an optional `kvEventsUrl`.
 pub(crate) fn endpoint_entries(
     list: &str,
     value: Option<&Value>,
     key: &str,
-) -> Result<Vec<(String, Option<Uri>, String)>, String> {
+) -> Result<Vec<Entry>, String> {
     let items = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
@@ -230,9 +261,14 @@ pub(crate) fn endpoint_entries(
     for (i, item) in items.iter().enumerate() {
         let at = format!("{list}[{i}]");
         match item {
-            Value::String(s) => out.push((s.clone(), None, at)),
+            Value::String(s) => out.push(Entry {
+                address: s.clone(),
+                metrics: None,
+                kv_events: None,
+                at,
+            }),
             Value::Object(map) => {
-                check_keys(&at, map, &[key, "metricsUrl"])?;
+                check_keys(&at, map, &[key, "metricsUrl", "kvEventsUrl"])?;
                 let address = match map.get(key) {
                     Some(Value::String(s)) => s.clone(),
                     Some(other) => {
@@ -247,7 +283,19 @@ pub(crate) fn endpoint_entries(
                         return Err(format!("{at}.metricsUrl: expected a string, got {other}"))
                     }
                 };
-                out.push((address, metrics, at));
+                let kv_events = match map.get("kvEventsUrl") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(kv_events_url(&format!("{at}.kvEventsUrl"), s)?),
+                    Some(other) => {
+                        return Err(format!("{at}.kvEventsUrl: expected a string, got {other}"))
+                    }
+                };
+                out.push(Entry {
+                    address,
+                    metrics,
+                    kv_events,
+                    at,
+                });
             }
             other => {
                 return Err(format!(
@@ -260,7 +308,8 @@ pub(crate) fn endpoint_entries(
 }
 
 /// Parses an endpoints file:
-/// `decode: [{url, metricsUrl?} | url]`, `prefill: [{hostPort, metricsUrl?} | host:port]`.
+/// `decode: [{url, metricsUrl?, kvEventsUrl?} | url]`,
+/// `prefill: [{hostPort, metricsUrl?, kvEventsUrl?} | host:port]`.
 pub fn parse_endpoints(text: &str) -> Result<(Vec<DecodeTarget>, Vec<PrefillTarget>), String> {
     let doc: Value = serde_norway::from_str(text).map_err(|e| e.to_string())?;
     let map = match doc {
@@ -275,17 +324,19 @@ pub fn parse_endpoints(text: &str) -> Result<(Vec<DecodeTarget>, Vec<PrefillTarg
     check_keys("endpoints file", &map, &["decode", "prefill"])?;
     let decode = endpoint_entries("decode", map.get("decode"), "url")?
         .into_iter()
-        .map(|(url, metrics, at)| {
-            let mut d = decode_target(&format!("{at}.url {url:?}"), &url)?;
-            d.metrics_url = metrics;
+        .map(|e| {
+            let mut d = decode_target(&format!("{}.url {:?}", e.at, e.address), &e.address)?;
+            d.metrics_url = e.metrics;
+            d.kv_events_url = e.kv_events;
             Ok(d)
         })
         .collect::<Result<Vec<_>, String>>()?;
     let prefill = endpoint_entries("prefill", map.get("prefill"), "hostPort")?
         .into_iter()
-        .map(|(hp, metrics, at)| {
-            let mut p = prefill_target(&format!("{at}.hostPort {hp:?}"), &hp)?;
-            p.metrics_url = metrics;
+        .map(|e| {
+            let mut p = prefill_target(&format!("{}.hostPort {:?}", e.at, e.address), &e.address)?;
+            p.metrics_url = e.metrics;
+            p.kv_events_url = e.kv_events;
             Ok(p)
         })
         .collect::<Result<Vec<_>, String>>()?;

@@ -864,6 +864,7 @@ schedulingProfiles:
                 scheme: "http",
                 authority: "10.0.0.1:8000".into(),
                 metrics_url: None,
+                kv_events_url: None,
             }
         );
         assert_eq!(
