@@ -739,7 +739,7 @@ schedulingProfiles:
         let path = write(
             "endpoints.yaml",
             "decode:\n- url: http://d-0:8000\n  metricsUrl: http://d-0:8200/metrics\n- https://d-1:8000\n\
-             prefill:\n- hostPort: p-0:8000\n  metricsUrl: https://p-0:9000/m\n- p-1:8000\n",
+             prefill:\n- hostPort: p-0:8000\n  metricsUrl: https://p-0:9000/m\n  kvEventsUrl: tcp://p-0:5557\n- p-1:8000\n",
         );
         let p = path.to_str().unwrap();
         let cfg = parse(&["--decode=d-9:1", "--endpoints", p]).unwrap();
@@ -753,6 +753,11 @@ schedulingProfiles:
         let hp: Vec<_> = cfg.prefill.iter().map(PrefillTarget::label).collect();
         assert_eq!(hp, ["p-0:8000", "p-1:8000"]);
         assert_eq!(cfg.prefill[0].metrics_uri(), "https://p-0:9000/m");
+        assert_eq!(
+            cfg.prefill[0].kv_events_url.as_deref(),
+            Some("tcp://p-0:5557")
+        );
+        assert_eq!(cfg.prefill[1].kv_events_url, None);
         // The file alone is enough.
         assert_eq!(parse(&["--endpoints", p]).unwrap().decode.len(), 2);
         // A duplicate across flag and file.
@@ -777,11 +782,15 @@ schedulingProfiles:
             ),
             (
                 "decode:\n- url: http://d:1\n  metricURL: x\n",
-                "decode[0]: unknown key \"metricURL\" (supported: url, metricsUrl)",
+                "decode[0]: unknown key \"metricURL\" (supported: url, metricsUrl, kvEventsUrl)",
             ),
             (
                 "decode: [a:1]\nprefill:\n- {url: p:1}\n",
-                "prefill[0]: unknown key \"url\" (supported: hostPort, metricsUrl)",
+                "prefill[0]: unknown key \"url\" (supported: hostPort, metricsUrl, kvEventsUrl)",
+            ),
+            (
+                "decode:\n- {url: a:1, kvEventsUrl: \"tcp://*:5557\"}\n",
+                "decode[0].kvEventsUrl: \"tcp://*:5557\": expected tcp://host:port",
             ),
             (
                 "decode:\n- metricsUrl: http://x:1/m\n",

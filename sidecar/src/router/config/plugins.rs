@@ -784,7 +784,6 @@ mod tests {
         for expected in [
             "plugin \"precise-prefix-cache-scorer\" parameter indexerConfig.tokenizersPoolConfig",
             "plugin \"precise-prefix-cache-scorer\" parameter kvEventsConfig.concurrency",
-            "plugin \"precise-prefix-cache-scorer\" (KV events)",
         ] {
             assert!(
                 notes.iter().any(|n| n == expected),

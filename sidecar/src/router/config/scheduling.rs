@@ -454,16 +454,6 @@ fn prefix_sources(
                 "no prefix-cache-scorer names it in prefixMatchInfoProducerName, so no profile \
                  scores from it",
             ));
-        } else {
-            // Until the KV-event index is wired, its scorers read the approximate index.
-            unapplied.push(Unapplied::new(
-                format!("plugin {} (KV events)", d.label(&p.producer)),
-                format!(
-                    "pd-router does not read the engines' KV events yet; {} read its \
-                     approximate prefix index",
-                    p.scorers.join(", ")
-                ),
-            ));
         }
     }
     let prefix = match (approx, &precise) {
