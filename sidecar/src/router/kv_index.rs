@@ -285,6 +285,11 @@ fn find<'a>(all: &'a HashMap<String, Endpoint>, endpoint: &str) -> Option<&'a En
     if let Some(ep) = all.get(endpoint) {
         return Some(ep);
     }
+    // A decode endpoint's label carries its scheme; events name `host:port`.
+    let bare = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    if let Some(ep) = all.get(bare) {
+        return Some(ep);
+    }
     let host = host_of(endpoint);
     let mut same = all.iter().filter(|(k, _)| host_of(k) == host);
     match (same.next(), same.next()) {
@@ -372,6 +377,9 @@ mod tests {
         assert_eq!(idx.matched("h:8000", &prompt_hashes(&prompt)), None);
         assert_eq!(
             idx.matched("h:8300", &prompt_hashes(&prompt)),
+            Some((1, false))
+        );        assert_eq!(
+            idx.matched("http://h:8300", &prompt_hashes(&prompt)),
             Some((1, false))
         );
     }
