@@ -2,6 +2,7 @@
 //! environment as `ENGINE_SIM_<NAME>` (e.g. `ENGINE_SIM_TTFT_MS=50`).
 
 use clap::Parser;
+use sidecar::kv_events::{Encoding, HashForm, KvEventsConfig};
 
 use super::faults::{FaultConfig, FaultScope};
 use super::pd::KvParamsShape;
@@ -158,6 +159,58 @@ pub struct Config {
     /// Corrupt one byte of every block this engine prefills (tests the decode's integrity check).
     #[arg(long, env = "ENGINE_SIM_CORRUPT_KV")]
     pub corrupt_kv: bool,
+
+    /// vLLM's `--kv-events-config`, the same JSON: `enable_kv_cache_events`, `publisher`
+    /// (`zmq`, the default when enabled, or `null`), `endpoint` (default `tcp://*:5557`; bound
+    /// when it has `*` or `::` or is `ipc://`, else connected to), `replay_endpoint`, `topic`,
+    /// `buffer_steps`, `hwm`, `max_queue_size`. Events are published only when enabled with
+    /// the zmq publisher.
+    #[arg(long, env = "ENGINE_SIM_KV_EVENTS_CONFIG", value_name = "JSON",
+          value_parser = super::events::parse_config)]
+    pub kv_events_config: Option<KvEventsConfig>,
+
+    /// Layout of KV events on the wire: map (vLLM 0.26 and later: tagged maps, fields by name)
+    /// or array (older vLLM: positional arrays).
+    #[arg(long, env = "ENGINE_SIM_KV_EVENTS_ENCODING", value_enum,
+          default_value_t = EventEncoding::Map)]
+    pub kv_events_encoding: EventEncoding,
+
+    /// Block hashes in KV events: int (the digest's low 64 bits, vLLM's default
+    /// VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1) or bytes (the raw 32-byte digest, =0).
+    #[arg(long, env = "ENGINE_SIM_KV_EVENTS_HASH", value_enum, default_value_t = EventHash::Int)]
+    pub kv_events_hash: EventHash,
+}
+
+/// `--kv-events-encoding`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventEncoding {
+    Map,
+    Array,
+}
+
+impl From<EventEncoding> for Encoding {
+    fn from(e: EventEncoding) -> Self {
+        match e {
+            EventEncoding::Map => Encoding::Map,
+            EventEncoding::Array => Encoding::Array,
+        }
+    }
+}
+
+/// `--kv-events-hash`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventHash {
+    Int,
+    Bytes,
+}
+
+impl From<EventHash> for HashForm {
+    fn from(h: EventHash) -> Self {
+        match h {
+            EventHash::Int => HashForm::Int,
+            EventHash::Bytes => HashForm::Bytes,
+        }
+    }
 }
 
 impl Config {
@@ -181,6 +234,7 @@ impl Config {
             scope: self.fault_scope,
             fail_next: 0,
             delay_ms: 0,
+            lose_kv_events: 0,
         }
     }
 }
@@ -225,5 +279,36 @@ mod tests {
         assert!(Config::try_parse_from(["engine-sim", "--hold-timeout-s", "1e30"]).is_err());
         let cfg = Config::try_parse_from(["engine-sim", "--fault-scope", "prefill"]).unwrap();
         assert_eq!(cfg.fault_scope, FaultScope::Prefill);
+    }
+
+    #[test]
+    fn kv_events_flags() {
+        let cfg = Config::try_parse_from(["engine-sim"]).unwrap();
+        assert_eq!(cfg.kv_events_config, None);
+        assert_eq!(cfg.kv_events_encoding, EventEncoding::Map);
+        assert_eq!(cfg.kv_events_hash, EventHash::Int);
+        let cfg = Config::try_parse_from([
+            "engine-sim",
+            "--kv-events-config",
+            r#"{"enable_kv_cache_events": true, "replay_endpoint": "tcp://*:5558"}"#,
+            "--kv-events-encoding",
+            "array",
+            "--kv-events-hash",
+            "bytes",
+        ])
+        .unwrap();
+        let kv = cfg.kv_events_config.unwrap();
+        assert_eq!(kv.replay_endpoint.as_deref(), Some("tcp://*:5558"));
+        assert_eq!(kv.buffer_steps, 10_000);
+        assert_eq!(Encoding::from(cfg.kv_events_encoding), Encoding::Array);
+        assert_eq!(HashForm::from(cfg.kv_events_hash), HashForm::Bytes);
+        for bad in [
+            r#"{"enable_kv_cache_events": "yes"}"#,
+            r#"{"topics": "x"}"#,
+            "{",
+        ] {
+            let err = Config::try_parse_from(["engine-sim", "--kv-events-config", bad]);
+            assert_eq!(err.unwrap_err().exit_code(), 2, "{bad}");
+        }
     }
 }

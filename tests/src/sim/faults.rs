@@ -1,6 +1,7 @@
-//! Failure injection: which generation requests fail, hang or are delayed. Owns the fault
-//! configuration (set by flags, replaced at run time by `POST /sim/faults`); the decision itself is
-//! a pure function of the configuration and two dice rolls so it can be unit-tested.
+//! Failure injection: which generation requests fail, hang or are delayed, and which KV-event
+//! batches are lost on the wire. Owns the fault configuration (set by flags, replaced at run time
+//! by `POST /sim/faults`); the decision itself is a pure function of the configuration and two
+//! dice rolls so it can be unit-tested.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,6 +43,10 @@ pub struct FaultConfig {
     pub fail_next: u64,
     /// Extra delay before answering matching requests.
     pub delay_ms: u64,
+    /// The next n KV-event batches get their sequence numbers and are kept for replay but are
+    /// never sent: a gap a subscriber can fill from the replay socket. Any request's batches
+    /// count (the scope does not apply).
+    pub lose_kv_events: u64,
 }
 
 impl Default for FaultConfig {
@@ -53,6 +58,7 @@ impl Default for FaultConfig {
             scope: FaultScope::All,
             fail_next: 0,
             delay_ms: 0,
+            lose_kv_events: 0,
         }
     }
 }
@@ -144,6 +150,15 @@ impl Faults {
         cfg.decide(prefill_role, roll_error, roll_hang)
     }
 
+    /// Whether the next KV-event batch is to be lost; consumes one `lose_kv_events`.
+    pub fn take_kv_event_loss(&self) -> bool {
+        let mut guard = self.lock();
+        let n = &mut guard.0.lose_kv_events;
+        let lose = *n > 0;
+        *n = n.saturating_sub(1);
+        lose
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, (FaultConfig, StdRng)> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -203,6 +218,9 @@ mod tests {
         assert_eq!(cfg.error_status, 500);
         assert_eq!(cfg.fail_next, 1);
         assert!(serde_json::from_str::<FaultConfig>(r#"{"fail-next": 1}"#).is_err());
+        let faults = Faults::new(serde_json::from_str(r#"{"lose_kv_events": 1}"#).unwrap());
+        assert!(faults.take_kv_event_loss());
+        assert!(!faults.take_kv_event_loss());
         let bad = FaultConfig {
             error_rate: 2.0,
             ..FaultConfig::default()

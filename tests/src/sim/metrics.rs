@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::blocks::PoolStats;
+use super::events::KvEventCounts;
 use super::kv::KvStats;
 
 /// vLLM's `time_to_first_token_seconds` buckets.
@@ -105,7 +106,14 @@ impl Metrics {
     }
 
     /// The exposition text.
-    pub fn render(&self, model: &str, block_size: u64, pool: &PoolStats, kv: &KvStats) -> String {
+    pub fn render(
+        &self,
+        model: &str,
+        block_size: u64,
+        pool: &PoolStats,
+        kv: &KvStats,
+        kv_events: KvEventCounts,
+    ) -> String {
         let labels = format!("model_name=\"{}\",engine=\"0\"", escape(model));
         let mut out = String::with_capacity(4096);
         let mut series = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
@@ -271,6 +279,25 @@ impl Metrics {
         ] {
             series(name, "counter", help, v.load(R));
         }
+        for (name, help, v) in [
+            (
+                "engine_sim:kv_events_published_total",
+                "KV-event batches queued for the ZMQ publisher (--kv-events-config).",
+                kv_events.published,
+            ),
+            (
+                "engine_sim:kv_events_dropped_total",
+                "KV-event batches dropped because the publisher's queue was full or it had stopped.",
+                kv_events.dropped,
+            ),
+            (
+                "engine_sim:kv_events_lost_total",
+                "KV-event batches kept for replay but not sent (the lose_kv_events fault).",
+                kv_events.lost,
+            ),
+        ] {
+            series(name, "counter", help, v);
+        }
         out
     }
 }
@@ -319,7 +346,12 @@ mod tests {
             cached_blocks: 0,
             evicted_blocks_total: 0,
         };
-        let text = m.render("m", 16, &pool, &KvStats::default());
+        let events = KvEventCounts {
+            published: 3,
+            dropped: 1,
+            lost: 0,
+        };
+        let text = m.render("m", 16, &pool, &KvStats::default(), events);
         let l = "model_name=\"m\",engine=\"0\"";
         assert!(text.contains(&format!("vllm:num_requests_running{{{l}}} 1\n")));
         assert!(text.contains(&format!("vllm:prompt_tokens_total{{{l}}} 10\n")));
@@ -336,9 +368,11 @@ mod tests {
         assert!(text.contains("block_size=\"16\""));
         assert!(text.contains("num_gpu_blocks=\"4\""));
         assert!(text.contains(&format!("engine_sim:held_blocks{{{l}}} 1\n")));
+        assert!(text.contains(&format!("engine_sim:kv_events_published_total{{{l}}} 3\n")));
+        assert!(text.contains(&format!("engine_sim:kv_events_dropped_total{{{l}}} 1\n")));
         drop(running);
         assert!(m
-            .render("m", 16, &pool, &KvStats::default())
+            .render("m", 16, &pool, &KvStats::default(), events)
             .contains(&format!("vllm:num_requests_running{{{l}}} 0\n")));
     }
 }

@@ -1,16 +1,18 @@
 //! The engine simulator: a real HTTP server that stands in for a vLLM engine, speaking vLLM's
 //! OpenAI API plus the P/D `kv_transfer_params` protocol (DESIGN.md "Engine simulator"). Its KV
 //! blocks are real bytes in a host pool owned by a KV-transfer agent (`kv`): a prefill computes
-//! them, a decode pulls them over TCP or NIXL and checks every byte.
+//! them, a decode pulls them over TCP or NIXL and checks every byte. With `--kv-events-config` it
+//! publishes vLLM's KV events over ZMQ (`events`).
 //!
 //! Endpoints: `POST /v1/completions`, `/v1/chat/completions` (streaming or not),
 //! `/v1/responses` and `/inference/v1/generate` (non-streaming only), `GET /v1/models`,
-//! `/health`, `/metrics`; test controls under `/sim/`: `GET|POST /sim/faults`,
-//! `POST /sim/release`, `GET|DELETE /sim/requests`, `GET /sim/state`.
+//! `/health`, `/metrics`, `POST /reset_prefix_cache`; test controls under `/sim/`:
+//! `GET|POST /sim/faults`, `POST /sim/release`, `GET|DELETE /sim/requests`, `GET /sim/state`.
 
 pub mod blocks;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod faults;
 pub mod generate;
 pub mod kv;
@@ -76,11 +78,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             axum::serve(listener, server::mooncake_bootstrap(Arc::clone(&state))).into_future(),
         );
     }
+    let kv_events = state.kv_events.clone();
     let app = router(state);
     tokio::select! {
         // Without TCP_NODELAY each SSE event waits for the peer's delayed ACK (~40 ms).
         r = axum::serve(listener.tap_io(|tcp| { let _ = tcp.set_nodelay(true); }), app) => r.context("serving")?,
         () = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    if let Some(events) = kv_events {
+        events.shutdown().await;
     }
     Ok(())
 }

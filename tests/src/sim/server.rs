@@ -14,9 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::blocks::BlockPool;
+use super::blocks::{BlockPool, EngineBlocks};
 use super::config::Config;
 use super::error::SimError;
+use super::events::{KvEvents, Step};
 use super::faults::{FaultAction, FaultConfig, Faults};
 use super::generate::{plan, Generation, HoldSpec, SERVER_TIMING_REQUEST_HEADER};
 use super::kv::{block_hashes, Kv};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub kv: Arc<Kv>,
     /// The timing model's engine loop (`--timing-model`).
     pub sched: Option<Arc<Scheduler>>,
+    /// vLLM's KV events (`--kv-events-config`), when enabled.
+    pub kv_events: Option<Arc<KvEvents>>,
 }
 
 impl AppState {
@@ -49,7 +52,11 @@ impl AppState {
             .engine_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let pool = BlockPool::new(cfg.num_blocks);
+        let kv_events = KvEvents::start(&cfg).await?;
+        let pool = match kv_events {
+            Some(_) => BlockPool::with_events(cfg.num_blocks),
+            None => BlockPool::new(cfg.num_blocks),
+        };
         let kv = Kv::start(&cfg, &engine_id, Arc::clone(&pool)).await?;
         Ok(Arc::new(AppState {
             engine_id,
@@ -61,12 +68,19 @@ impl AppState {
             log: Arc::new(RequestLog::default()),
             kv,
             sched: cfg.timing().map(Scheduler::start),
+            kv_events,
             cfg,
         }))
     }
 
     fn hold_ttl(&self) -> Duration {
         Duration::from_secs_f64(self.cfg.hold_timeout_s)
+    }
+
+    /// One engine step: the KV events the pool queues until the returned guard drops go out
+    /// as one batch.
+    fn step(&self) -> Step<'_> {
+        Step::new(self.kv_events.as_deref(), &self.pool, &self.faults)
     }
 }
 
@@ -102,6 +116,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/metrics", get(metrics))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/sim/faults", get(get_faults).post(set_faults))
         .route("/sim/release", post(release))
         .route("/sim/requests", get(get_requests).delete(clear_requests))
@@ -223,6 +238,9 @@ async fn generate(
     let bs = cfg.block_size.max(1);
     let full_blocks = (prompt_tokens / bs) as usize;
     let hittable = (prompt_tokens.saturating_sub(1) / bs) as usize;
+    // What the pool queues from here to the cache publication below (evictions, then stores)
+    // leaves as one KV-event batch, also when the request fails on the way.
+    let step = st.step();
     let blocks = st.pool.allocate_prefix(
         blocks_for(prompt_tokens, cfg.block_size) as usize,
         &hashes[..hittable.min(hashes.len())],
@@ -256,8 +274,20 @@ async fn generate(
     } else {
         st.kv.write(&hashes[hit..], &blocks.blocks()[hit..]);
     }
-    st.pool
-        .publish(&blocks.blocks()[..full_blocks], &hashes[..full_blocks]);
+    let engine_hashes = st
+        .kv_events
+        .as_ref()
+        .map(|e| e.shape.hashes(&tokens[..full_blocks * bs as usize]));
+    st.pool.publish(
+        &blocks.blocks()[..full_blocks],
+        &hashes[..full_blocks],
+        engine_hashes.as_deref().map(|h| EngineBlocks {
+            hashes: h,
+            token_ids: &tokens,
+            block_size: bs as usize,
+        }),
+    );
+    drop(step);
     st.metrics.add_prompt(prompt_tokens, hit as u64 * bs);
     st.metrics.add_computed(computed);
 
@@ -351,12 +381,32 @@ async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
+/// `POST /reset_prefix_cache`, as vLLM serves it: `{"success": bool}`, false while blocks are
+/// in use (running requests, blocks held for a remote decode). Its query parameters
+/// (`reset_running_requests`, `reset_external`) are accepted and ignored: engine-sim neither
+/// preempts running requests nor has an external cache.
+async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let step = st.step();
+    let success = st.pool.reset_prefix_cache();
+    drop(step);
+    if success {
+        tracing::info!("prefix cache reset");
+    } else {
+        tracing::warn!("prefix cache not reset: some blocks are in use");
+    }
+    Json(json!({ "success": success }))
+}
+
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let text = st.metrics.render(
         &st.cfg.model,
         st.cfg.block_size,
         &st.pool.stats(),
         &st.kv.stats,
+        st.kv_events
+            .as_ref()
+            .map(|e| e.counts())
+            .unwrap_or_default(),
     );
     (
         [(
@@ -439,6 +489,10 @@ async fn sim_state(State(st): State<Arc<AppState>>) -> Json<Value> {
         "cached_blocks": s.cached_blocks,
         "evicted_blocks_total": s.evicted_blocks_total,
         "num_blocks": s.num_blocks,
+        "kv_events_endpoint": st.kv_events.as_ref().map(|e| e.endpoint()),
+        "kv_events_replay_endpoint": st.kv_events.as_ref().and_then(|e| e.replay_endpoint()),
+        "kv_events_published": st.kv_events.as_ref().map(|e| e.counts().published),
+        "kv_events_dropped": st.kv_events.as_ref().map(|e| e.counts().dropped),
     }))
 }
 
