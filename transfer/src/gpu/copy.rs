@@ -284,6 +284,13 @@ fn items_of(c: CopyOp, item: u64) -> impl Iterator<Item = [u64; 3]> {
     })
 }
 
+/// `TANDEM_KV_PROFILE=1`: each submission prints how long its driver calls
+/// took (hw-tests: where a small transfer's host time goes).
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TANDEM_KV_PROFILE").is_some_and(|v| v == "1"))
+}
+
 /// A pinned host buffer and a device buffer for one launch's items.
 struct Staging {
     host: PinnedBuffer,
@@ -342,7 +349,14 @@ impl Copier {
     where
         I: Iterator<Item = CopyOp> + Clone,
     {
+        let bound = std::time::Instant::now();
         self.gpu.bind()?;
+        if profiling() {
+            eprintln!(
+                "tandem submit profile: bind {:.1} us",
+                bound.elapsed().as_secs_f64() * 1e6
+            );
+        }
         let (count, total, aligned) = copies.clone().fold((0usize, 0u64, true), |(n, t, a), c| {
             (n + 1, t + c.len, a && (c.src | c.dst | c.len) % ALIGN == 0)
         });
@@ -382,15 +396,29 @@ impl Copier {
         method: CopyMethod,
         enqueue: impl FnOnce() -> Result<Option<Staging>, TransferError>,
     ) -> Result<Submitted, TransferError> {
+        let t0 = std::time::Instant::now();
         let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (start, event) = match reused {
             Some(pair) => pair,
             None => (self.gpu.event(true)?, self.gpu.event(true)?),
         };
         start.record(&self.stream)?;
+        let t1 = std::time::Instant::now();
         let staging = enqueue()?;
+        let t2 = std::time::Instant::now();
         event.record(&self.stream)?;
+        if profiling() {
+            let us = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e6;
+            eprintln!(
+                "tandem submit profile: start event {:.1} us, copies ({method:?}) {:.1} us, end event {:.1} us",
+                us(t0, t1),
+                us(t1, t2),
+                us(t2, std::time::Instant::now())
+            );
+        }
         Ok(Submitted {
+            posted: std::time::Instant::now(),
+            queries: 0,
             copier: self.clone(),
             start: Some(start),
             event: Some(event),
@@ -458,6 +486,9 @@ impl Copier {
 
 /// One submitted transfer.
 pub struct Submitted {
+    /// When the submission returned, and the event queries since (profiling).
+    posted: std::time::Instant,
+    queries: u32,
     copier: Arc<Copier>,
     /// Always Some until drop hands them back to the copier.
     start: Option<Event>,
@@ -475,9 +506,23 @@ impl Submitted {
     /// True once every copy has landed; errors are the device's (a bad
     /// address faults the kernel).
     pub fn poll(&mut self) -> Result<bool, TransferError> {
-        if !self.done && self.end().done()? {
-            self.done = true;
-            self.return_staging();
+        if !self.done {
+            let asked = std::time::Instant::now();
+            self.queries += 1;
+            if self.end().done()? {
+                self.done = true;
+                self.return_staging();
+                if profiling() {
+                    let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
+                    eprintln!(
+                        "tandem submit profile: done at query {} ({:.1} us), {:.1} us after the submission, device {:?}",
+                        self.queries,
+                        us(asked.elapsed()),
+                        us(self.posted.elapsed()),
+                        self.device_time()
+                    );
+                }
+            }
         }
         Ok(self.done)
     }
