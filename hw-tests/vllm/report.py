@@ -10,6 +10,8 @@ from pathlib import Path
 res = Path(sys.argv[1])
 rows = {}
 for f in sorted(res.glob("*-*.json")):
+    if f.name == "precise-routing.json":
+        continue
     model, conn = f.stem.rsplit("-", 1)
     for i, r in enumerate(json.loads(f.read_text())):
         rows.setdefault((model, i), {})[conn] = r
@@ -38,3 +40,15 @@ for (model, i), by in sorted(rows.items()):
     if t and n and t["kv_seconds"] and n["kv_seconds"] and not t.get("warmup"):
         print(f"| {model} | {t['prompt_tokens']} | {int(t['kv_bytes']):,} | {t['kv_seconds'] * 1e3:.3f} | "
               f"{n['kv_seconds'] * 1e3:.3f} | {n['kv_seconds'] / t['kv_seconds']:.1f}x |")
+
+precise = res / "precise-routing.json"
+if precise.exists():
+    doc = json.loads(precise.read_text())
+    print()
+    print("Precise prefix-cache routing (two engines' KV events into pd-router):")
+    print()
+    print("| prompt | tokens | computed first on | routed to | right engine |")
+    print("|---|---|---|---|---|")
+    for r in doc["rows"]:
+        print(f"| {r['prompt']} | {r['tokens']} | {r['computed_on']} | {', '.join(r['routed_to'])} | "
+              f"{'yes' if r['routed_right'] else 'NO'} |")

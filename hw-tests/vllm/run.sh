@@ -120,6 +120,44 @@ for model in $MODELS; do
   done
 done
 stop prefill decode sidecar router
+
+# --- precise prefix-cache routing: two engines' KV events into pd-router (no P/D) ---
+if [ "${HWV_PRECISE:-1}" = 1 ] && [ "$(el)" -lt $((LIMIT - 120)) ]; then
+  cat > "$PD/precise.yaml" <<'YAML'
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: precise-prefix-cache-scorer
+    parameters:
+      tokenProcessorConfig: {blockSize: 16}
+      kvEventsConfig: {zmqEndpoint: "tcp://127.0.0.1:5590", topicFilter: "kv@", discoverPods: false}
+  - type: max-score-picker
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: precise-prefix-cache-scorer
+        weight: 3
+      - pluginRef: max-score-picker
+YAML
+  setsid "$PD/bin/pd-router" --bind=127.0.0.1 --port=8080 --metrics-port=9092 --decode=http://127.0.0.1:8100 \
+    --decode=http://127.0.0.1:8200 --config="$PD/precise.yaml" >> "$PD/hwv-router.log" 2>&1 < /dev/null & echo $! > "$PD/hwv-router.pid"
+  for name_port in prefill:8100 decode:8200; do
+    n=${name_port%%:*}; p=${name_port##*:}
+    echo "===== $n $(date -u +%T) precise" >> "$PD/hwv-$n.log"
+    VLLM_SERVER_DEV_MODE=1 setsid python3 -m vllm.entrypoints.cli.main serve /tmp/tiny --served-model-name m \
+      --host 127.0.0.1 --port "$p" --enforce-eager --gpu-memory-utilization 0.25 --kv-cache-memory-bytes 2147483648 \
+      --max-model-len 2048 --kv-events-config "{\"enable_kv_cache_events\":true,\"publisher\":\"zmq\",\"endpoint\":\"tcp://127.0.0.1:5590\",\"topic\":\"kv@127.0.0.1:$p@m\"}" \
+      >> "$PD/hwv-$n.log" 2>&1 < /dev/null &
+    echo $! > "$PD/hwv-$n.pid"
+  done
+  healthy 8100 prefill $((LIMIT - 30)); a=$?; healthy 8200 decode $((LIMIT - 30)); b=$?
+  say "precise: engines rc=$a,$b"
+  if [ $a = 0 ] && [ $b = 0 ]; then
+    python3 "$REPO/hw-tests/vllm/precise.py" "$RES/precise-routing.json" http://127.0.0.1:8080 \
+      http://127.0.0.1:9092/metrics http://127.0.0.1:8100 http://127.0.0.1:8200 2>&1 | tee -a "$OUT/run.txt"
+  fi
+  stop prefill decode router
+fi
 python3 "$REPO/hw-tests/vllm/report.py" "$RES" | tee "$RES/README.md" | tee -a "$OUT/run.txt"
 cp -r "$RES" "$OUT/results"
 say "done in $(el) s"
