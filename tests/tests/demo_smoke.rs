@@ -1,7 +1,8 @@
-//! `pd-demo --quick` end to end: three clusters (engine-sim, pd-sidecar, pd-router) come up one
+//! `pd-demo --quick` end to end: four clusters (engine-sim, pd-sidecar, pd-router) come up one
 //! after another, the small workload runs through each, and the demo writes its JSON and chart.
 //! The numbers are not asserted (they are the demo's output); what it promises is: every request
-//! answered, every KV byte verified, no KV left held, and the modes doing what they say.
+//! answered, every KV byte verified, no KV left held, and the modes doing what they say (the
+//! precise mode's router index fed by the engines' KV events).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use tandem_tests::harness::{bin_path, POLL_INTERVAL};
 const DEADLINE: Duration = Duration::from_secs(300);
 
 #[test]
-fn quick_demo_runs_all_three_modes_and_writes_its_files() {
+fn quick_demo_runs_all_four_modes_and_writes_its_files() {
     let out = std::env::temp_dir().join(format!("pd-demo-{}", uuid::Uuid::new_v4().simple()));
     let mut child = Command::new(bin_path("pd-demo"))
         .args(["--quick", "--users", "4", "--out-dir"])
@@ -45,10 +46,13 @@ fn quick_demo_runs_all_three_modes_and_writes_its_files() {
         "aggregated",
         "pd-always",
         "pd-selective",
+        "pd-selective-precise",
+        "Precise vs approximate pd-selective",
         "TTFT p50",
         "ITL p50",
         "out tok/s",
         "KV moved",
+        "cached tok",
         "xfer GB/s",
     ] {
         assert!(stdout.contains(word), "{word:?} missing from:\n{stdout}");
@@ -59,7 +63,15 @@ fn quick_demo_runs_all_three_modes_and_writes_its_files() {
     assert_eq!(doc["passed"], true, "{doc:#}");
     let modes = doc["modes"].as_array().unwrap();
     let names: Vec<&str> = modes.iter().map(|m| m["mode"].as_str().unwrap()).collect();
-    assert_eq!(names, ["aggregated", "pd-always", "pd-selective"]);
+    assert_eq!(
+        names,
+        [
+            "aggregated",
+            "pd-always",
+            "pd-selective",
+            "pd-selective-precise"
+        ]
+    );
     let requests = doc["workload"]["requests"].as_u64().unwrap();
     for m in modes {
         assert_eq!(m["ok"].as_u64(), Some(requests), "{m:#}");
@@ -76,10 +88,37 @@ fn quick_demo_runs_all_three_modes_and_writes_its_files() {
         modes[1]["router"]["remote_prefill"].as_u64(),
         Some(requests)
     );
+    // The precise mode's router index was fed by the engines' KV events (and only its).
+    let precise = &modes[3];
+    let index = &precise["precise_index"];
+    assert!(
+        index["block_stored_events"].as_u64().unwrap() > 0,
+        "{precise:#}"
+    );
+    assert!(index["index_blocks"].as_u64().unwrap() > 0, "{precise:#}");
+    assert!(modes[..3].iter().all(|m| m["precise_index"].is_null()));
+    let endpoints =
+        std::fs::read_to_string(out.join("endpoints-pd-selective-precise.yaml")).unwrap();
+    assert_eq!(
+        endpoints.matches("kvEventsUrl: tcp://").count(),
+        4,
+        "{endpoints}"
+    );
+    // Every engine ran with byte tokens, so the modes stay comparable.
+    assert!(doc["engine_args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "--byte-tokens"));
 
     let png = std::fs::read(out.join("demo.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    for m in ["aggregated", "pd-always", "pd-selective"] {
+    for m in [
+        "aggregated",
+        "pd-always",
+        "pd-selective",
+        "pd-selective-precise",
+    ] {
         let cfg = std::fs::read_to_string(out.join(format!("router-{m}.yaml"))).unwrap();
         assert!(cfg.contains("kind: EndpointPickerConfig"), "{cfg}");
     }

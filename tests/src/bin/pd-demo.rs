@@ -1,9 +1,11 @@
-//! `pd-demo`: the same workload served three ways by a local cluster on loopback, and one
+//! `pd-demo`: the same workload served four ways by a local cluster on loopback, and one
 //! table comparing them (`make demo`).
 //!
-//! For each mode (aggregated, P/D always, P/D selective with cache-aware routing) it starts four
-//! `engine-sim` engines with the timing model on, a `pd-sidecar` in front of each decode engine
-//! and `pd-router` in front of everything, replays the built-in workload (multi-turn chats
+//! For each mode (aggregated, P/D always, P/D selective with cache-aware routing on the router's
+//! approximate prefix index, and the same on its precise index fed by the engines' KV events) it
+//! starts four `engine-sim` engines with the timing model on (and `--byte-tokens`, so that the
+//! engines' token ids are the router's prompt bytes), a `pd-sidecar` in front of each decode
+//! engine and `pd-router` in front of everything, replays the built-in workload (multi-turn chats
 //! sharing long system prompts, plus short one-shots) through the router, and stops the cluster.
 //! KV blocks really move between the engines over the transfer agent (NIXL by default) and are
 //! checked byte for byte. Prints the table, writes `demo-out/demo.json` and `demo-out/demo.png`.
@@ -20,7 +22,7 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 use tandem_tests::demo::report::{self, ModeResult};
 use tandem_tests::demo::workload::{self, WorkloadParams};
-use tandem_tests::demo::{run_mode, Mode, BLOCK_SIZE};
+use tandem_tests::demo::{run_mode, Mode, BLOCK_SIZE, BYTE_TOKENS};
 use tandem_tests::harness::bin_path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -28,6 +30,7 @@ enum ModeArg {
     Aggregated,
     PdAlways,
     PdSelective,
+    PdSelectivePrecise,
 }
 
 impl From<ModeArg> for Mode {
@@ -36,6 +39,7 @@ impl From<ModeArg> for Mode {
             ModeArg::Aggregated => Mode::Aggregated,
             ModeArg::PdAlways => Mode::PdAlways,
             ModeArg::PdSelective => Mode::PdSelective,
+            ModeArg::PdSelectivePrecise => Mode::PdSelectivePrecise,
         }
     }
 }
@@ -54,13 +58,15 @@ enum KvBackend {
 #[command(
     name = "pd-demo",
     version,
-    about = "The same workload served aggregated, P/D always and P/D selective by a local cluster \
-             (engine-sim, pd-sidecar, pd-router, real KV transfers), and a table comparing them"
+    about = "The same workload served aggregated, P/D always, P/D selective and P/D selective on \
+             the precise (KV-event) prefix index by a local cluster (engine-sim, pd-sidecar, \
+             pd-router, real KV transfers), and a table comparing them"
 )]
 struct Args {
     /// Modes to run, in order.
     #[arg(long, value_enum, value_delimiter = ',',
-          default_values_t = [ModeArg::Aggregated, ModeArg::PdAlways, ModeArg::PdSelective])]
+          default_values_t = [ModeArg::Aggregated, ModeArg::PdAlways, ModeArg::PdSelective,
+                              ModeArg::PdSelectivePrecise])]
     modes: Vec<ModeArg>,
     /// Simulated users: sessions (chats or one-shots) in flight at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -166,6 +172,9 @@ async fn run(args: Args) -> Result<bool, String> {
         format!("--kv-model={}", args.kv_model),
         format!("--num-blocks={}", args.num_blocks),
         format!("--block-size={BLOCK_SIZE}"),
+        // Token ids are the router's prompt bytes, in every mode so that they stay comparable:
+        // the precise index matches a prompt only then.
+        BYTE_TOKENS.into(),
     ];
     let modes: Vec<Mode> = args.modes.iter().map(|m| Mode::from(*m)).collect();
 
@@ -194,7 +203,7 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     println!("Modes:");
     for m in &modes {
-        println!("  {:<13} {}", m.name(), m.describe());
+        println!("  {:<20} {}", m.name(), m.describe());
     }
     println!();
     let _ = std::io::stdout().flush();
@@ -332,10 +341,15 @@ async fn run(args: Args) -> Result<bool, String> {
         }
     }
     println!(
-        "Written: {}, {} (router configs: {}/router-<mode>.yaml).",
+        "Written: {}, {} (router configs: {}/router-<mode>.yaml{}).",
         json_path.display(),
         png_path.display(),
-        args.out_dir.display()
+        args.out_dir.display(),
+        if modes.iter().any(|m| m.kv_events()) {
+            ", endpoints files with each engine's kvEventsUrl: endpoints-<mode>.yaml"
+        } else {
+            ""
+        }
     );
     Ok(passed)
 }

@@ -1,7 +1,13 @@
 //! A small P/D cluster on loopback for the demo: `engine-sim` processes, one `pd-sidecar` in
 //! front of each decode engine, and `pd-router` in front of everything. Owns starting it (in
 //! parallel), its topology, and fallible readers of what the processes know (router decisions,
-//! engine state). Every process is killed when the cluster is dropped.
+//! the router's precise index, engine state). Every process is killed when the cluster is
+//! dropped.
+//!
+//! With KV events (`ClusterSpec::endpoints_path`), llm-d's per-pod mode: each engine binds its
+//! own ZMQ publisher (`tcp://*:<free port>`, topic `kv@127.0.0.1:<engine port>@<model>`) and
+//! pd-router, given an endpoints file naming each endpoint's `kvEventsUrl`
+//! (`tcp://127.0.0.1:<that port>`), connects to every one.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,7 +17,8 @@ use http::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use super::prom;
-use crate::harness::{try_http, EngineSim, Router, Sidecar, POLL_INTERVAL};
+use super::workload::MODEL;
+use crate::harness::{free_port, try_http, EngineSim, Router, Sidecar, POLL_INTERVAL};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -30,6 +37,9 @@ pub struct ClusterSpec {
     /// The router's EndpointPickerConfig, written to `router_config_path`.
     pub router_config: String,
     pub router_config_path: PathBuf,
+    /// Some: every engine publishes its KV events, and the router gets its endpoints from
+    /// this file (written here), each with its engine's `kvEventsUrl`, instead of flags.
+    pub endpoints_path: Option<PathBuf>,
 }
 
 /// The sums over the engines that the demo reports.
@@ -73,6 +83,17 @@ pub struct Decisions {
     pub remote: u64,
 }
 
+/// What the router's precise index got from the engines' KV events
+/// (`pd_router_kv_events_total`, `pd_router_kv_index_blocks`, summed over the endpoints).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct KvFeed {
+    pub events: u64,
+    pub block_stored: u64,
+    pub block_removed: u64,
+    /// Blocks in the index now.
+    pub index_blocks: u64,
+}
+
 /// The processes of a running cluster.
 pub struct Cluster {
     pub spec: ClusterSpec,
@@ -81,6 +102,9 @@ pub struct Cluster {
     /// `sidecars[i]` fronts `decode[i]` (none without prefill engines).
     pub sidecars: Vec<Sidecar>,
     pub router: Router,
+    /// With KV events: `(the router's name for the endpoint, its engine's publisher URL, the
+    /// engine's URL)`, one per engine.
+    pub kv_events: Vec<(String, String, String)>,
     /// Every process's name and log file.
     pub logs: Vec<(String, PathBuf)>,
     pub started_in: Duration,
@@ -96,11 +120,34 @@ impl Cluster {
         std::fs::write(&spec.router_config_path, &spec.router_config)
             .map_err(|e| format!("{}: {e}", spec.router_config_path.display()))?;
         let mut tasks = Vec::new();
+        let mut publishers = Vec::new();
         for _ in 0..spec.prefill_engines + spec.decode_engines {
-            let args = spec.engine_args.clone();
+            let mut args = spec.engine_args.clone();
+            let port = if spec.endpoints_path.is_some() {
+                let (port, events) = (free_port(), free_port());
+                let url = format!("tcp://127.0.0.1:{events}");
+                args.push("--kv-events-config".into());
+                args.push(
+                    json!({
+                        "enable_kv_cache_events": true,
+                        "publisher": "zmq",
+                        // As vLLM, engine-sim binds an endpoint with `*` (else it connects).
+                        "endpoint": format!("tcp://*:{events}"),
+                        "topic": format!("kv@127.0.0.1:{port}@{MODEL}"),
+                    })
+                    .to_string(),
+                );
+                publishers.push(url);
+                Some(port)
+            } else {
+                None
+            };
             tasks.push(tokio::spawn(async move {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                EngineSim::start(&args).await
+                match port {
+                    Some(port) => EngineSim::start_on_port(port, &args).await,
+                    None => EngineSim::start(&args).await,
+                }
             }));
         }
         let mut engines = Vec::new();
@@ -131,11 +178,39 @@ impl Cluster {
             sidecars.iter().map(|s| s.url("")).collect()
         };
         let prefill_hosts: Vec<String> = prefill.iter().map(EngineSim::host_port).collect();
-        let router_args = vec![format!(
+        let mut router_args = vec![format!(
             "--config={}",
             spec.router_config_path.to_string_lossy()
         )];
-        let mut router = Router::try_start(&decode_urls, &prefill_hosts, &router_args, &[]).await?;
+        let mut kv_events = Vec::new();
+        let mut router = match &spec.endpoints_path {
+            None => Router::try_start(&decode_urls, &prefill_hosts, &router_args, &[]).await?,
+            Some(path) => {
+                // Engines were started prefill first, as `publishers` is ordered.
+                let (prefill_pubs, decode_pubs) = publishers.split_at(spec.prefill_engines);
+                let mut file = String::from("decode:\n");
+                for ((url, publisher), engine) in decode_urls.iter().zip(decode_pubs).zip(&decode) {
+                    file.push_str(&format!("- url: {url}\n  kvEventsUrl: {publisher}\n"));
+                    kv_events.push((url.clone(), publisher.clone(), engine.url()));
+                }
+                file.push_str(if prefill.is_empty() {
+                    "prefill: []\n"
+                } else {
+                    "prefill:\n"
+                });
+                for ((host_port, publisher), engine) in
+                    prefill_hosts.iter().zip(prefill_pubs).zip(&prefill)
+                {
+                    file.push_str(&format!(
+                        "- hostPort: {host_port}\n  kvEventsUrl: {publisher}\n"
+                    ));
+                    kv_events.push((host_port.clone(), publisher.clone(), engine.url()));
+                }
+                std::fs::write(path, file).map_err(|e| format!("{}: {e}", path.display()))?;
+                router_args.push(format!("--endpoints={}", path.to_string_lossy()));
+                Router::try_start(&[], &[], &router_args, &[]).await?
+            }
+        };
         let mut logs = Vec::new();
         for (i, p) in prefill.iter_mut().enumerate() {
             logs.push((
@@ -159,6 +234,7 @@ impl Cluster {
             decode,
             sidecars,
             router,
+            kv_events,
             logs,
             started_in: started.elapsed(),
         })
@@ -197,6 +273,53 @@ impl Cluster {
         })
     }
 
+    /// With KV events, waits until every engine's events reach the router: a PUB socket drops
+    /// what it sends before its subscriber is connected, so the engines' (empty) caches are
+    /// reset, each reset an `AllBlocksCleared`, until the router has counted one from each.
+    pub async fn wait_kv_events_connected(&self, timeout: Duration) -> Result<(), String> {
+        let started = Instant::now();
+        for (label, publisher, engine) in &self.kv_events {
+            loop {
+                let samples = prom::parse(&self.router.metrics().await?);
+                let cleared = samples.iter().any(|s| {
+                    s.name == "pd_router_kv_events_total"
+                        && s.label("endpoint") == Some(label.as_str())
+                        && s.label("type") == Some("AllBlocksCleared")
+                        && s.value >= 1.0
+                });
+                if cleared {
+                    break;
+                }
+                if started.elapsed() >= timeout {
+                    return Err(format!(
+                        "the KV events of {engine} ({publisher}) did not reach pd-router's index \
+                         for {label} within {timeout:?}"
+                    ));
+                }
+                let url = format!("{engine}/reset_prefix_cache");
+                try_http(Method::POST, &url, &[], Bytes::new(), READ_TIMEOUT).await?;
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the router's precise index got from the engines' KV events; None without them.
+    pub async fn kv_feed(&self) -> Result<Option<KvFeed>, String> {
+        if self.kv_events.is_empty() {
+            return Ok(None);
+        }
+        let samples = prom::parse(&self.router.metrics().await?);
+        let by_type = prom::sum_by(&samples, "pd_router_kv_events_total", "type");
+        let get = |k: &str| by_type.get(k).copied().unwrap_or(0.0).max(0.0) as u64;
+        Ok(Some(KvFeed {
+            events: by_type.values().sum::<f64>().max(0.0) as u64,
+            block_stored: get("BlockStored"),
+            block_removed: get("BlockRemoved"),
+            index_blocks: prom::sum(&samples, "pd_router_kv_index_blocks").max(0.0) as u64,
+        }))
+    }
+
     /// Polls until the engines hold no KV blocks for remote decodes or `timeout` passes;
     /// returns what is held at the end.
     pub async fn wait_blocks_released(&self, timeout: Duration) -> Result<u64, String> {
@@ -232,6 +355,15 @@ impl Cluster {
             self.router.port(),
             self.spec.router_config_path.display()
         ));
+        if let Some(path) = &self.spec.endpoints_path {
+            out.push(format!(
+                "  endpoints  {} (KV events from each engine's publisher)",
+                path.display()
+            ));
+            for (label, publisher, _) in &self.kv_events {
+                out.push(format!("    {label:<24} kvEventsUrl {publisher}"));
+            }
+        }
         out
     }
 
@@ -247,6 +379,10 @@ impl Cluster {
             "engine_args": self.spec.engine_args,
             "sidecar_args": if self.sidecars.is_empty() { json!(null) } else { json!(self.spec.sidecar_args) },
             "router_config": self.spec.router_config_path.to_string_lossy(),
+            "endpoints_file": self.spec.endpoints_path.as_ref().map(|p| p.to_string_lossy()),
+            "kv_events": self.kv_events.iter().map(|(label, publisher, engine)| json!({
+                "endpoint": label, "kv_events_url": publisher, "engine": engine,
+            })).collect::<Vec<_>>(),
         })
     }
 }

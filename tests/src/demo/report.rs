@@ -10,6 +10,7 @@ use transfer::chart::{BarChart, Series};
 use transfer::layout::format_bytes;
 
 use super::client::Outcome;
+use super::cluster::KvFeed;
 use super::{Mode, ModeRun};
 
 /// Latency percentiles in milliseconds (nearest rank).
@@ -81,6 +82,10 @@ pub struct ModeResult {
     pub kv_gbps: f64,
     pub prompt_tokens: u64,
     pub prompt_tokens_computed: u64,
+    /// Prompt tokens the engines found in their prefix caches (decode and prefill engines).
+    pub cache_hit_tokens: u64,
+    /// What the router's precise index got from the engines' KV events (precise mode).
+    pub kv_feed: Option<KvFeed>,
     pub integrity_failures: u64,
     pub pulls_failed: u64,
     pub released_blocks: u64,
@@ -128,6 +133,13 @@ impl ModeResult {
             },
             "prompt_tokens": self.prompt_tokens,
             "prompt_tokens_computed": self.prompt_tokens_computed,
+            "prefix_cache_hit_tokens": self.cache_hit_tokens,
+            "precise_index": self.kv_feed.map(|f| json!({
+                "kv_events": f.events,
+                "block_stored_events": f.block_stored,
+                "block_removed_events": f.block_removed,
+                "index_blocks": f.index_blocks,
+            })),
             "checks": self.checks.iter().map(|c| json!({"what": c.what, "ok": c.ok})).collect::<Vec<_>>(),
         })
     }
@@ -206,13 +218,28 @@ pub fn analyze(run: &ModeRun) -> ModeResult {
                 e.kv_pulls_ok + e.kv_pulls_failed
             ),
         )),
-        Mode::PdSelective => checks.push(check(
+        Mode::PdSelective | Mode::PdSelectivePrecise => checks.push(check(
             d.remote > 0 && d.local > 0 && e.kv_bytes_pulled > 0,
             format!(
-                "pd-selective: some requests prefilled remotely, others locally ({} remote, {} local)",
-                d.remote, d.local
+                "{}: some requests prefilled remotely, others locally ({} remote, {} local)",
+                run.mode.name(),
+                d.remote,
+                d.local
             ),
         )),
+    }
+    if run.mode.kv_events() {
+        let f = run.kv_feed.unwrap_or_default();
+        checks.push(check(
+            f.block_stored > 0 && f.index_blocks > 0,
+            format!(
+                "{}: the engines' KV events fed the router's precise index ({} BlockStored \
+                 events, {} blocks indexed at the end)",
+                run.mode.name(),
+                f.block_stored,
+                f.index_blocks
+            ),
+        ));
     }
     ModeResult {
         mode: run.mode,
@@ -231,6 +258,8 @@ pub fn analyze(run: &ModeRun) -> ModeResult {
         kv_gbps,
         prompt_tokens,
         prompt_tokens_computed: e.prompt_tokens_computed,
+        cache_hit_tokens: e.prefix_cache_hits,
+        kv_feed: run.kv_feed,
         integrity_failures: e.kv_integrity_failures,
         pulls_failed: e.kv_pulls_failed,
         released_blocks: e.released_blocks,
@@ -243,6 +272,9 @@ pub fn analyze(run: &ModeRun) -> ModeResult {
 pub fn cross_checks(results: &[ModeResult]) -> Vec<Check> {
     let get = |m: Mode| results.iter().find(|r| r.mode == m);
     let mut out = Vec::new();
+    // Not asked of pd-selective-precise: its index learns of a cold prefix only once an engine
+    // has stored it, so concurrent cold chats may each be prefilled remotely (and their KV
+    // moved), where the approximate index sends the followers after the first.
     if let (Some(always), Some(sel)) = (get(Mode::PdAlways), get(Mode::PdSelective)) {
         out.push(check(
             sel.kv_bytes < always.kv_bytes,
@@ -278,6 +310,7 @@ pub fn table(results: &[ModeResult]) -> String {
         "p99",
         "out tok/s",
         "prefill tok",
+        "cached tok",
         "KV moved",
         "xfer GB/s",
     ];
@@ -295,6 +328,7 @@ pub fn table(results: &[ModeResult]) -> String {
             ms(r.itl.p99),
             format!("{:.0}", r.tokens_per_s),
             r.prompt_tokens_computed.to_string(),
+            r.cache_hit_tokens.to_string(),
             if r.kv_bytes == 0 {
                 "0".to_string()
             } else {
@@ -368,10 +402,17 @@ pub fn narrative(results: &[ModeResult]) -> Vec<String> {
             ratio(agg.ttft.p90, always.ttft.p90),
         ));
     }
-    if let (Some(always), Some(sel)) = (get(Mode::PdAlways), get(Mode::PdSelective)) {
+    // The approximate selective mode, or the precise one when it ran alone.
+    let selective = get(Mode::PdSelective).or_else(|| get(Mode::PdSelectivePrecise));
+    let sel_name = |sel: &ModeResult| match sel.mode {
+        Mode::PdSelectivePrecise => "P/D selective (precise)",
+        _ => "P/D selective",
+    };
+    if let (Some(always), Some(sel)) = (get(Mode::PdAlways), selective) {
         out.push(format!(
-            "P/D selective vs P/D always: TTFT p90 {} -> {} ms ({}); {} of {} requests were \
+            "{} vs P/D always: TTFT p90 {} -> {} ms ({}); {} of {} requests were \
              prefilled remotely, moving {} of KV instead of {}. ITL p99 {} -> {} ms: {}.",
+            sel_name(sel),
             ms(always.ttft.p90),
             ms(sel.ttft.p90),
             ratio(always.ttft.p90, sel.ttft.p90),
@@ -388,16 +429,20 @@ pub fn narrative(results: &[ModeResult]) -> Vec<String> {
             },
         ));
     }
-    if let (Some(agg), Some(sel)) = (get(Mode::Aggregated), get(Mode::PdSelective)) {
+    if let (Some(agg), Some(sel)) = (get(Mode::Aggregated), selective) {
         out.push(format!(
-            "P/D selective vs aggregated: TTFT p90 {} -> {} ms ({}), prompt tokens computed {} \
+            "{} vs aggregated: TTFT p90 {} -> {} ms ({}), prompt tokens computed {} \
              -> {}: cache-aware routing sends each turn where its history is cached.",
+            sel_name(sel),
             ms(agg.ttft.p90),
             ms(sel.ttft.p90),
             ratio(agg.ttft.p90, sel.ttft.p90),
             agg.prompt_tokens_computed,
             sel.prompt_tokens_computed,
         ));
+    }
+    if let (Some(approx), Some(precise)) = (get(Mode::PdSelective), get(Mode::PdSelectivePrecise)) {
+        out.push(precise_vs_approximate(approx, precise));
     }
     let pulls: u64 = results.iter().map(|r| r.kv_pulls).sum();
     let released: u64 = results.iter().map(|r| r.released_blocks).sum();
@@ -407,6 +452,36 @@ pub fn narrative(results: &[ModeResult]) -> Vec<String> {
          freed on the decode engines' notifications."
     ));
     out
+}
+
+/// Precise vs approximate pd-selective, either way round: what each index knows differs, and
+/// which one wins depends on the workload.
+fn precise_vs_approximate(approx: &ModeResult, precise: &ModeResult) -> String {
+    let cached = match precise.cache_hit_tokens.cmp(&approx.cache_hit_tokens) {
+        std::cmp::Ordering::Greater => "more found",
+        std::cmp::Ordering::Less => "fewer found",
+        std::cmp::Ordering::Equal => "as many found",
+    };
+    let events = precise.kv_feed.map_or(0, |f| f.events);
+    format!(
+        "Precise vs approximate pd-selective: prompt tokens found in a prefix cache {} -> {} \
+         ({cached}), computed {} -> {}; TTFT p50 {} -> {} ms ({}), p90 {} -> {} ms ({}); {} -> {} \
+         requests prefilled remotely. The precise index knows what the engines hold ({events} KV \
+         events: blocks stored after a prefill or a pull, evictions); the approximate one what \
+         pd-router sent where, requests still in flight included.",
+        approx.cache_hit_tokens,
+        precise.cache_hit_tokens,
+        approx.prompt_tokens_computed,
+        precise.prompt_tokens_computed,
+        ms(approx.ttft.p50),
+        ms(precise.ttft.p50),
+        ratio(approx.ttft.p50, precise.ttft.p50),
+        ms(approx.ttft.p90),
+        ms(precise.ttft.p90),
+        ratio(approx.ttft.p90, precise.ttft.p90),
+        approx.remote,
+        precise.remote,
+    )
 }
 
 /// The latency chart: TTFT p50/p90/p99 and ITL p99 per mode.
@@ -460,6 +535,111 @@ mod tests {
         let s = Stats::of((1..=100).map(Duration::from_millis));
         assert_eq!((s.p50, s.p90, s.p99, s.max), (50.0, 90.0, 99.0, 100.0));
         assert_eq!(Stats::of([]).p99, 0.0);
+    }
+
+    fn result(mode: Mode, cache_hit_tokens: u64, ttft_p90: f64) -> ModeResult {
+        ModeResult {
+            mode,
+            requests: 10,
+            ok: 10,
+            errors: vec![],
+            ttft: Stats {
+                n: 10,
+                p50: ttft_p90 / 2.0,
+                p90: ttft_p90,
+                p99: ttft_p90,
+                max: ttft_p90,
+            },
+            itl: Stats::default(),
+            output_tokens: 100,
+            tokens_per_s: 10.0,
+            wall: Duration::from_secs(1),
+            remote: 3,
+            local: 7,
+            kv_bytes: 1 << 20,
+            kv_pulls: 3,
+            kv_gbps: 1.0,
+            prompt_tokens: 5000,
+            prompt_tokens_computed: 5000 - cache_hit_tokens,
+            cache_hit_tokens,
+            kv_feed: (mode == Mode::PdSelectivePrecise).then_some(KvFeed {
+                events: 42,
+                block_stored: 40,
+                block_removed: 0,
+                index_blocks: 300,
+            }),
+            integrity_failures: 0,
+            pulls_failed: 0,
+            released_blocks: 0,
+            held_left: 0,
+            checks: vec![],
+        }
+    }
+
+    #[test]
+    fn precise_vs_approximate_reads_either_way() {
+        let approx = result(Mode::PdSelective, 2000, 200.0);
+        let line = |precise: &ModeResult| {
+            narrative(&[approx.clone(), precise.clone()])
+                .into_iter()
+                .find(|l| l.starts_with("Precise vs approximate"))
+                .unwrap()
+        };
+        let better = line(&result(Mode::PdSelectivePrecise, 3000, 100.0));
+        assert!(better.contains("2000 -> 3000 (more found)"), "{better}");
+        assert!(
+            better.contains("p90 200 -> 100 ms (2.0x lower)"),
+            "{better}"
+        );
+        assert!(better.contains("42 KV events"), "{better}");
+        let worse = line(&result(Mode::PdSelectivePrecise, 1000, 400.0));
+        assert!(worse.contains("2000 -> 1000 (fewer found)"), "{worse}");
+        assert!(worse.contains("p90 200 -> 400 ms (2.0x higher)"), "{worse}");
+        // Without the approximate run the selective lines speak of the precise one.
+        let only = narrative(&[
+            result(Mode::PdAlways, 0, 300.0),
+            result(Mode::PdSelectivePrecise, 1000, 400.0),
+        ]);
+        assert!(
+            only.iter()
+                .any(|l| l.starts_with("P/D selective (precise) vs P/D always")),
+            "{only:?}"
+        );
+        assert!(
+            !only.iter().any(|l| l.starts_with("Precise vs")),
+            "{only:?}"
+        );
+    }
+
+    #[test]
+    fn the_precise_mode_checks_that_its_index_was_fed() {
+        let feed = |kv_feed: Option<KvFeed>| {
+            let run = ModeRun {
+                mode: Mode::PdSelectivePrecise,
+                outcomes: vec![],
+                engines: super::super::cluster::EngineTotals::default(),
+                decisions: super::super::cluster::Decisions::default(),
+                kv_feed,
+                held_left: 0,
+                wall: Duration::from_secs(1),
+                cluster_started_in: Duration::ZERO,
+                topology: Value::Null,
+            };
+            analyze(&run)
+                .checks
+                .into_iter()
+                .find(|c| c.what.contains("precise index"))
+                .unwrap()
+                .ok
+        };
+        assert!(!feed(None));
+        assert!(!feed(Some(KvFeed::default())));
+        assert!(feed(Some(KvFeed {
+            events: 3,
+            block_stored: 2,
+            block_removed: 0,
+            index_blocks: 8,
+        })));
     }
 
     #[test]

@@ -156,6 +156,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_num_seqs: u64,
 
+    /// Tokenize text as pd-router lays it out without a tokenizer: the prompt's UTF-8 bytes
+    /// (chat: each message's role, a newline, then its content's text parts; completions: each
+    /// prompt string; responses: instructions and input content, as without this flag) as one
+    /// stream cut into 4-byte tokens, each id the chunk as a little-endian u32 (a last short
+    /// chunk zero-padded); a prompt counts ceil(bytes / 4). Without it each text piece's chunks
+    /// are hashed. Why: the router's precise prefix index matches a prompt when its bytes equal
+    /// the token ids of the engine's KV events laid out as 4 little-endian bytes each, so with
+    /// this flag (the demo's engines) an engine's events index what the router sees.
+    #[arg(long, env = "ENGINE_SIM_BYTE_TOKENS")]
+    pub byte_tokens: bool,
+
     /// Corrupt one byte of every block this engine prefills (tests the decode's integrity check).
     #[arg(long, env = "ENGINE_SIM_CORRUPT_KV")]
     pub corrupt_kv: bool,
@@ -225,6 +236,15 @@ impl Config {
         })
     }
 
+    /// How text becomes token ids (`--byte-tokens`).
+    pub fn text_tokens(&self) -> super::tokens::TextTokens {
+        if self.byte_tokens {
+            super::tokens::TextTokens::Bytes
+        } else {
+            super::tokens::TextTokens::Hashed
+        }
+    }
+
     /// The fault configuration the flags describe (runtime changes go through `POST /sim/faults`).
     pub fn faults(&self) -> FaultConfig {
         FaultConfig {
@@ -279,6 +299,15 @@ mod tests {
         assert!(Config::try_parse_from(["engine-sim", "--hold-timeout-s", "1e30"]).is_err());
         let cfg = Config::try_parse_from(["engine-sim", "--fault-scope", "prefill"]).unwrap();
         assert_eq!(cfg.fault_scope, FaultScope::Prefill);
+    }
+
+    #[test]
+    fn byte_tokens_flag() {
+        use super::super::tokens::TextTokens;
+        let cfg = Config::try_parse_from(["engine-sim"]).unwrap();
+        assert_eq!(cfg.text_tokens(), TextTokens::Hashed);
+        let cfg = Config::try_parse_from(["engine-sim", "--byte-tokens"]).unwrap();
+        assert_eq!(cfg.text_tokens(), TextTokens::Bytes);
     }
 
     #[test]

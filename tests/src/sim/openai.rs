@@ -5,9 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::error::SimError;
-use super::tokens::{
-    at_least_one, output_text, output_token_id, output_token_text, text_token_ids,
-};
+use super::tokens::{output_text, output_token_id, output_token_text, PromptIds, TextTokens};
 
 /// The generation APIs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,7 +23,7 @@ pub struct GenRequest {
     pub model: Option<String>,
     /// Prompt tokens of each choice: several for a completions batch (a list of prompts).
     pub prompts: Vec<u64>,
-    /// The token ids behind `prompts`, one list per choice (see `tokens::text_token_ids`).
+    /// The token ids behind `prompts`, one list per choice (see `tokens::TextTokens`).
     pub prompt_ids: Vec<Vec<u32>>,
     /// The request's output limit (`max_tokens`, `max_completion_tokens`, `max_output_tokens`,
     /// `sampling_params.max_tokens`), if it set one.
@@ -55,8 +53,12 @@ fn bad(msg: impl Into<String>) -> SimError {
     SimError::BadRequest(msg.into())
 }
 
-/// Parses a request body of `api`.
-pub fn parse_request(api: Api, body: &Map<String, Value>) -> Result<GenRequest, SimError> {
+/// Parses a request body of `api`, its text turned into token ids as `text` says.
+pub fn parse_request(
+    api: Api,
+    body: &Map<String, Value>,
+    text: TextTokens,
+) -> Result<GenRequest, SimError> {
     let model = match body.get("model") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
@@ -70,18 +72,18 @@ pub fn parse_request(api: Api, body: &Map<String, Value>) -> Result<GenRequest, 
     };
     let (prompt_ids, max_tokens) = match api {
         Api::Completions => (
-            completion_prompts(body.get("prompt"))?,
+            completion_prompts(body.get("prompt"), text)?,
             opt_limit(body, "max_tokens")?,
         ),
         Api::Chat => (
-            vec![chat_prompt(body.get("messages"))?],
+            vec![chat_prompt(body.get("messages"), text)?],
             match opt_limit(body, "max_completion_tokens")? {
                 Some(n) => Some(n),
                 None => opt_limit(body, "max_tokens")?,
             },
         ),
         Api::Responses => (
-            vec![responses_prompt(body)?],
+            vec![responses_prompt(body, text)?],
             opt_limit(body, "max_output_tokens")?,
         ),
         Api::Generate => {
@@ -148,14 +150,16 @@ fn token_ids(ids: &[Value]) -> Result<Vec<u32>, SimError> {
         .ok_or_else(|| bad("token ids must be non-negative integers"))
 }
 
-fn text_ids(s: &str) -> Vec<u32> {
-    text_token_ids(s).collect()
+fn text_ids(s: &str, text: TextTokens) -> Vec<u32> {
+    let mut ids = PromptIds::new(text);
+    ids.push_text(s);
+    ids.finish()
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of token-id lists.
-fn completion_prompts(prompt: Option<&Value>) -> Result<Vec<Vec<u32>>, SimError> {
+fn completion_prompts(prompt: Option<&Value>, text: TextTokens) -> Result<Vec<Vec<u32>>, SimError> {
     match prompt {
-        Some(Value::String(s)) => Ok(vec![at_least_one(text_ids(s))]),
+        Some(Value::String(s)) => Ok(vec![text_ids(s, text)]),
         Some(Value::Array(items)) if items.is_empty() => Err(bad("`prompt` must not be empty")),
         Some(Value::Array(items)) => {
             if items.iter().all(Value::is_number) {
@@ -164,7 +168,7 @@ fn completion_prompts(prompt: Option<&Value>) -> Result<Vec<Vec<u32>>, SimError>
             items
                 .iter()
                 .map(|item| match item {
-                    Value::String(s) => Ok(at_least_one(text_ids(s))),
+                    Value::String(s) => Ok(text_ids(s, text)),
                     Value::Array(ids) if !ids.is_empty() => token_ids(ids),
                     _ => Err(bad(
                         "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists",
@@ -179,18 +183,17 @@ fn completion_prompts(prompt: Option<&Value>) -> Result<Vec<Vec<u32>>, SimError>
     }
 }
 
-/// Token ids of message content (a string, or a list of parts of which text parts count),
-/// appended to `out`.
-fn content_tokens(content: Option<&Value>, out: &mut Vec<u32>) {
+/// Message content (a string, or a list of parts of which text parts count), appended to `out`.
+fn content_tokens(content: Option<&Value>, out: &mut PromptIds) {
     match content {
-        Some(Value::String(s)) => out.extend(text_token_ids(s)),
+        Some(Value::String(s)) => out.push_text(s),
         Some(Value::Array(parts)) => {
             for p in parts {
                 match p {
-                    Value::String(s) => out.extend(text_token_ids(s)),
+                    Value::String(s) => out.push_text(s),
                     _ => {
                         if let Some(t) = p.get("text").and_then(Value::as_str) {
-                            out.extend(text_token_ids(t));
+                            out.push_text(t);
                         }
                     }
                 }
@@ -200,32 +203,40 @@ fn content_tokens(content: Option<&Value>, out: &mut Vec<u32>) {
     }
 }
 
-fn chat_prompt(messages: Option<&Value>) -> Result<Vec<u32>, SimError> {
+/// Hashed tokens count the messages' content only; byte tokens lay each message out as
+/// pd-router does without a tokenizer (role, newline, content), so their ids are its bytes.
+fn chat_prompt(messages: Option<&Value>, text: TextTokens) -> Result<Vec<u32>, SimError> {
     let messages = match messages {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
         None | Some(Value::Null) => return Err(bad("`messages` is required")),
         Some(_) => return Err(bad("`messages` must be a list of messages")),
     };
-    let mut ids = Vec::new();
+    let mut ids = PromptIds::new(text);
     for m in messages {
         if !m.is_object() {
             return Err(bad("each message must be an object"));
         }
+        if text == TextTokens::Bytes {
+            if let Some(role) = m.get("role").and_then(Value::as_str) {
+                ids.push_text(role);
+                ids.push_text("\n");
+            }
+        }
         content_tokens(m.get("content"), &mut ids);
     }
-    Ok(at_least_one(ids))
+    Ok(ids.finish())
 }
 
-fn responses_prompt(body: &Map<String, Value>) -> Result<Vec<u32>, SimError> {
-    let mut ids = Vec::new();
+fn responses_prompt(body: &Map<String, Value>, text: TextTokens) -> Result<Vec<u32>, SimError> {
+    let mut ids = PromptIds::new(text);
     content_tokens(body.get("instructions"), &mut ids);
     match body.get("input") {
-        Some(Value::String(s)) => ids.extend(text_token_ids(s)),
+        Some(Value::String(s)) => ids.push_text(s),
         Some(Value::Array(items)) => {
             for item in items {
                 match item {
-                    Value::String(s) => ids.extend(text_token_ids(s)),
+                    Value::String(s) => ids.push_text(s),
                     other => content_tokens(other.get("content"), &mut ids),
                 }
             }
@@ -233,7 +244,7 @@ fn responses_prompt(body: &Map<String, Value>) -> Result<Vec<u32>, SimError> {
         None | Some(Value::Null) => return Err(bad("`input` is required")),
         Some(_) => return Err(bad("`input` must be a string or a list of input items")),
     }
-    Ok(at_least_one(ids))
+    Ok(ids.finish())
 }
 
 /// Token counts reported in `usage`.
@@ -435,7 +446,9 @@ mod tests {
 
     #[test]
     fn completion_prompt_forms() {
-        let p = |v: Value| parse_request(Api::Completions, &obj(v)).map(|r| r.prompts);
+        let p = |v: Value| {
+            parse_request(Api::Completions, &obj(v), TextTokens::Hashed).map(|r| r.prompts)
+        };
         assert_eq!(p(json!({"prompt": "abcdefghi"})).unwrap(), vec![3]);
         assert_eq!(p(json!({"prompt": ""})).unwrap(), vec![1]);
         assert_eq!(
@@ -462,31 +475,126 @@ mod tests {
             "stream": true,
             "stream_options": {"include_usage": true}
         }));
-        let r = parse_request(Api::Chat, &body).unwrap();
+        let r = parse_request(Api::Chat, &body, TextTokens::Hashed).unwrap();
         assert_eq!(r.prompts, vec![3]);
         assert_eq!(r.max_tokens, Some(3));
         assert!(r.stream && r.include_usage);
-        assert!(parse_request(Api::Chat, &obj(json!({"messages": "hi"}))).is_err());
+        assert!(parse_request(
+            Api::Chat,
+            &obj(json!({"messages": "hi"})),
+            TextTokens::Hashed
+        )
+        .is_err());
     }
 
     #[test]
     fn limits_and_other_apis() {
         let bad_limit = obj(json!({"prompt": "x", "max_tokens": 0}));
-        assert!(parse_request(Api::Completions, &bad_limit).is_err());
+        assert!(parse_request(Api::Completions, &bad_limit, TextTokens::Hashed).is_err());
         let r = parse_request(
             Api::Responses,
             &obj(json!({"input": [{"role": "user", "content": "abcdabcd"}], "instructions": "ab", "max_output_tokens": 4})),
+            TextTokens::Hashed,
         )
         .unwrap();
         assert_eq!((r.prompts.clone(), r.max_tokens), (vec![3], Some(4)));
         let r = parse_request(
             Api::Generate,
             &obj(json!({"token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 2}, "request_id": "g1"})),
+            TextTokens::Hashed,
         )
         .unwrap();
         assert_eq!((r.prompts.clone(), r.max_tokens), (vec![3], Some(2)));
         assert_eq!(r.request_id.as_deref(), Some("g1"));
-        assert!(parse_request(Api::Generate, &obj(json!({"token_ids": []}))).is_err());
+        assert!(parse_request(
+            Api::Generate,
+            &obj(json!({"token_ids": []})),
+            TextTokens::Hashed
+        )
+        .is_err());
+    }
+
+    /// With byte tokens the engine's ids, laid out as 4 little-endian bytes each, are the
+    /// bytes pd-router hashes for the same body without a tokenizer (full 4-byte chunks: the
+    /// engine pads the last one, the router hashes only full blocks).
+    #[test]
+    fn byte_tokens_are_the_routers_prompt_bytes() {
+        use sidecar::request::ApiKind;
+        use sidecar::router::prefix::prompt_of;
+        let chat = obj(json!({"messages": [
+            {"role": "system", "content": "You are terse. Catalogue: item 1, item 2, item 3."},
+            {"role": "user", "content": [{"type": "text", "text": "Which item"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": " is lightest?"}]},
+            {"role": "assistant", "content": "Item 2 (héllo wörld)."},
+            {"role": "user", "content": "And the heaviest?"}
+        ]}));
+        let completion = obj(
+            json!({"prompt": "Answer in one short sentence. Question 6: What colour do you get by mixing blue and yellow?\nAnswer:"}),
+        );
+        for (api, kind, body) in [
+            (Api::Chat, ApiKind::ChatCompletions, &chat),
+            (Api::Completions, ApiKind::Completions, &completion),
+        ] {
+            let r = parse_request(api, body, TextTokens::Bytes).unwrap();
+            let router = prompt_of(kind, body);
+            let engine: Vec<u8> = r.prompt_ids[0]
+                .iter()
+                .flat_map(|id| id.to_le_bytes())
+                .collect();
+            let full = router.bytes.len() / 4 * 4;
+            assert!(full >= 64, "{api:?}: a prompt of several chunks");
+            assert_eq!(engine[..full], router.bytes[..full], "{api:?}");
+            assert_eq!(
+                r.prompts,
+                vec![router.tokens],
+                "{api:?}: ceil(bytes / 4) of the whole stream"
+            );
+        }
+        // Hashed tokens (the default) never match: they are not the bytes.
+        let r = parse_request(Api::Completions, &completion, TextTokens::Hashed).unwrap();
+        let engine: Vec<u8> = r.prompt_ids[0]
+            .iter()
+            .flat_map(|id| id.to_le_bytes())
+            .collect();
+        assert_ne!(
+            engine[..4],
+            prompt_of(ApiKind::Completions, &completion).bytes[..4]
+        );
+    }
+
+    #[test]
+    fn byte_tokens_cover_every_api() {
+        let p = |api: Api, v: Value| parse_request(api, &obj(v), TextTokens::Bytes).unwrap();
+        // A batch of strings: each its own prompt.
+        let r = p(Api::Completions, json!({"prompt": ["abcde", "abcd"]}));
+        assert_eq!(r.prompts, vec![2, 1]);
+        assert_eq!(r.prompt_ids[1], vec![u32::from_le_bytes(*b"abcd")]);
+        // Token ids stay ids.
+        assert_eq!(
+            p(Api::Completions, json!({"prompt": [7, 8]})).prompt_ids,
+            vec![vec![7, 8]]
+        );
+        // Chat: role, newline, content, one stream: "user\nab" is 7 bytes, 2 tokens.
+        let r = p(
+            Api::Chat,
+            json!({"messages": [{"role": "user", "content": "ab"}]}),
+        );
+        assert_eq!(
+            r.prompt_ids[0],
+            [u32::from_le_bytes(*b"user"), u32::from_le_bytes(*b"\nab\0")]
+        );
+        // Responses: instructions and input content (no roles), as one stream.
+        let r = p(
+            Api::Responses,
+            json!({"instructions": "ab", "input": [{"role": "user", "content": "cdef"}, "g"]}),
+        );
+        assert_eq!(
+            r.prompt_ids[0],
+            [u32::from_le_bytes(*b"abcd"), u32::from_le_bytes(*b"efg\0")]
+        );
+        assert_eq!(
+            p(Api::Chat, json!({"messages": [{"content": ""}]})).prompts,
+            vec![1]
+        );
     }
 
     #[test]

@@ -187,7 +187,7 @@ async fn generate(
             "request body must be a JSON object".into(),
         ));
     };
-    let req = parse_request(api, &obj)?;
+    let req = parse_request(api, &obj, cfg.text_tokens())?;
     if let Some(model) = &req.model {
         if *model != cfg.model {
             return Err(SimError::ModelNotFound(model.clone()));
