@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::prefix::{block_hashes, chain_from, chain_root, BYTES_PER_TOKEN};
 
@@ -125,6 +125,9 @@ pub struct KvIndex {
     /// never removes would otherwise grow it without end).
     max_blocks: usize,
     endpoints: Mutex<HashMap<String, Endpoint>>,
+    /// Per router endpoint (its own label): chain keys of recent picks and
+    /// when they stop counting (llm-d's speculative indexing).
+    speculative: Mutex<HashMap<String, HashMap<u64, Instant>>>,
 }
 
 impl KvIndex {
@@ -133,6 +136,7 @@ impl KvIndex {
             block_size: block_size.max(1),
             max_blocks: max_blocks.max(1),
             endpoints: Mutex::new(HashMap::new()),
+            speculative: Mutex::new(HashMap::new()),
         }
     }
 
@@ -242,6 +246,10 @@ impl KvIndex {
     /// Forgets an endpoint that left.
     pub fn remove_endpoint(&self, endpoint: &str) {
         self.lock().remove(endpoint);
+        self.speculative
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(endpoint);
     }
 
     /// The chain keys of a prompt laid out as token ids (4 little-endian
@@ -253,14 +261,45 @@ impl KvIndex {
     /// How many leading blocks of `hashes` ([`KvIndex::prompt_hashes`]) the
     /// router endpoint `endpoint` holds, and whether that count is exact
     /// (the index is synced) or a lower bound; None when no events name it.
+    /// Unexpired speculative entries of the endpoint count as held.
     pub fn matched(&self, endpoint: &str, hashes: &[u64]) -> Option<(usize, bool)> {
         let all = self.lock();
-        let ep = find(&all, endpoint)?;
+        let ep = find(&all, endpoint);
+        let spec = self.speculative.lock().unwrap_or_else(|e| e.into_inner());
+        let guess = spec.get(endpoint);
+        if ep.is_none() && guess.is_none() {
+            return None;
+        }
+        let now = Instant::now();
         let n = hashes
             .iter()
-            .take_while(|h| ep.held.contains_key(h))
+            .take_while(|h| {
+                ep.is_some_and(|e| e.held.contains_key(h))
+                    || guess.and_then(|g| g.get(h)).is_some_and(|&t| t > now)
+            })
             .count();
-        Some((n, ep.synced))
+        Some((n, ep.is_some_and(|e| e.synced)))
+    }
+
+    /// Counts `keys` as held by the router endpoint `endpoint` for `ttl`:
+    /// the router just sent it this prompt, and its events will say so only
+    /// once the engine has stored the blocks.
+    pub fn speculate(&self, endpoint: &str, keys: &[u64], ttl: Duration) {
+        if keys.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut spec = self.speculative.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = spec.entry(endpoint.to_string()).or_default();
+        if entries.len() + keys.len() > self.max_blocks {
+            entries.retain(|_, &mut t| t > now);
+            if entries.len() + keys.len() > self.max_blocks {
+                entries.clear();
+            }
+        }
+        for &k in keys {
+            entries.insert(k, now + ttl);
+        }
     }
 
     pub fn stats(&self) -> Vec<EndpointStats> {
@@ -286,7 +325,9 @@ fn find<'a>(all: &'a HashMap<String, Endpoint>, endpoint: &str) -> Option<&'a En
         return Some(ep);
     }
     // A decode endpoint's label carries its scheme; events name `host:port`.
-    let bare = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let bare = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
     if let Some(ep) = all.get(bare) {
         return Some(ep);
     }
@@ -354,7 +395,10 @@ mod tests {
         assert_eq!(idx.matched(e, &hashes), Some((5, true)));
         // The router knows the pod by its sidecar's port: found by host.
         assert_eq!(idx.matched("10.0.0.1:8000", &hashes), Some((5, true)));
-        assert_eq!(idx.matched("http://10.0.0.1:8000", &hashes), Some((5, true)));
+        assert_eq!(
+            idx.matched("http://10.0.0.1:8000", &hashes),
+            Some((5, true))
+        );
         assert_eq!(idx.matched("10.0.0.2:8000", &hashes), None);
         // The same ids from elsewhere in a prompt do not match.
         assert_eq!(
@@ -378,7 +422,8 @@ mod tests {
         assert_eq!(
             idx.matched("h:8300", &prompt_hashes(&prompt)),
             Some((1, false))
-        );        assert_eq!(
+        );
+        assert_eq!(
             idx.matched("http://h:8300", &prompt_hashes(&prompt)),
             Some((1, false))
         );
@@ -445,6 +490,24 @@ mod tests {
         lora.tagged = true;
         idx.stored("e:1", &lora).unwrap();
         assert_eq!(idx.matched("e:1", &h), Some((0, true)));
+    }
+
+    #[test]
+    fn a_speculative_pick_counts_until_its_ttl() {
+        let idx = KvIndex::new(BS, 1000);
+        let prompt = ids(2 * BS, 4);
+        let h = prompt_hashes(&prompt);
+        assert_eq!(idx.matched("http://10.0.0.1:8000", &h), None);
+        idx.speculate("http://10.0.0.1:8000", &h, Duration::from_secs(60));
+        assert_eq!(idx.matched("http://10.0.0.1:8000", &h), Some((2, false)));
+        // The engine's events are still found by host, and say more than the guess.
+        idx.set_synced("10.0.0.1:8200", true);
+        idx.stored("10.0.0.1:8200", &run(None, &[1], &prompt[..BS]))
+            .unwrap();
+        assert_eq!(idx.matched("http://10.0.0.1:8000", &h), Some((2, true)));
+        // An expired guess counts for nothing.
+        idx.speculate("http://10.0.0.2:8000", &h, Duration::ZERO);
+        assert_eq!(idx.matched("http://10.0.0.2:8000", &h), Some((0, false)));
     }
 
     #[test]

@@ -230,6 +230,8 @@ pub struct Routed {
     pub decode_matched_blocks: usize,
     /// The prompt's block-hash chain, for [`Scheduler::record`].
     pub hashes: Vec<u64>,
+    /// Its chain keys in the exact index (empty without one).
+    pub precise: Vec<u64>,
     /// Position of the prefill pick among the prefill endpoints.
     pub prefill_index: Option<usize>,
     /// In-flight counts held until the response is finished.
@@ -258,6 +260,9 @@ pub struct Scheduler {
     /// scorer in the config); where it knows an endpoint it wins over the
     /// approximate one.
     kv: Option<Arc<KvIndex>>,
+    /// llm-d's `speculativeIndexing`: a pick counts in the exact index for
+    /// this long, until the engine's own events say what it stored.
+    speculative: Option<Duration>,
     prefix: PrefixParams,
     threshold: u64,
     /// Engine metrics older than this read as unknown.
@@ -309,14 +314,20 @@ impl Scheduler {
         let kv = scheduling.precise.as_ref().map(|p| {
             Arc::new(KvIndex::new(
                 p.block_size() as usize,
-                p.index_size
-                    .map_or(KV_INDEX_MAX_BLOCKS, |n| n.clamp(1, usize::MAX as u64) as usize),
+                p.index_size.map_or(KV_INDEX_MAX_BLOCKS, |n| {
+                    n.clamp(1, usize::MAX as u64) as usize
+                }),
             ))
         });
+        let speculative = scheduling
+            .precise
+            .as_ref()
+            .and_then(|p| p.speculative_ttl());
         Scheduler {
             decode_index: PrefixIndex::new(decode.len(), capacity),
             prefill_index: PrefixIndex::new(prefill.len(), capacity),
             kv,
+            speculative,
             decode,
             prefill,
             decode_profile: Arc::new(Profile::from_spec(&scheduling.decode)),
@@ -362,7 +373,8 @@ impl Scheduler {
                     continue;
                 };
                 // In the approximate index's blocks, which the scorers and the decider count.
-                let blocks = (n * kv.block_size() / self.prefix.block_size.max(1)).min(hashes.len());
+                let blocks =
+                    (n * kv.block_size() / self.prefix.block_size.max(1)).min(hashes.len());
                 c.matched_blocks = if exact {
                     blocks
                 } else {
@@ -397,11 +409,13 @@ impl Scheduler {
             self.prefix.max_blocks,
         );
         let precise = self.kv.as_ref().map_or_else(Vec::new, |kv| {
-            let tokens = self.prefix.max_blocks.saturating_mul(self.prefix.block_size);
+            let tokens = self
+                .prefix
+                .max_blocks
+                .saturating_mul(self.prefix.block_size);
             kv.prompt_hashes(&prompt.bytes, tokens / kv.block_size().max(1))
         });
-        let candidates =
-            self.candidates(Role::Decode, &admitted_decode, &hashes, &precise, now);
+        let candidates = self.candidates(Role::Decode, &admitted_decode, &hashes, &precise, now);
         let d = self
             .decode_profile
             .pick(&ScoreInput::new(&candidates, hashes.len()), rng);
@@ -452,6 +466,7 @@ impl Scheduler {
             uncached_tokens: uncached,
             decode_matched_blocks,
             hashes,
+            precise,
             prefill_index,
             guards,
         })
@@ -465,6 +480,12 @@ impl Scheduler {
             .record(routed.decode_index, &routed.hashes);
         if let Some(p) = routed.prefill_index {
             self.prefill_index.record(p, &routed.hashes);
+        }
+        if let (Some(kv), Some(ttl)) = (&self.kv, self.speculative) {
+            kv.speculate(&routed.decode.label, &routed.precise, ttl);
+            if let Some((p, _)) = &routed.prefill {
+                kv.speculate(&p.label, &routed.precise, ttl);
+            }
         }
     }
 
@@ -487,6 +508,7 @@ impl Scheduler {
             decode_index: carried(&decode, &self.decode, &self.decode_index),
             prefill_index: carried(&prefill, &self.prefill, &self.prefill_index),
             kv: self.kv.clone(),
+            speculative: self.speculative,
             decode,
             prefill,
             decode_profile: self.decode_profile.clone(),

@@ -91,7 +91,8 @@ impl Mode {
             ),
             Mode::PdSelectivePrecise => "as pd-selective, but the prefix cache is known from \
                  the engines' KV events over ZMQ (what each engine holds), not from what \
-                 pd-router sent where"
+                 pd-router sent where; a pick counts for 2 s until the events confirm it \
+                 (llm-d's speculative indexing)"
                 .into(),
         }
     }
@@ -153,7 +154,10 @@ impl Mode {
                              kvEventsConfig:\n      # Per pod: the router connects to each \
                              endpoint's publisher,\n      # the endpoints file's kvEventsUrl \
                              (socketPort is the fallback).\n      discoverPods: true\n      \
-                             podDiscoveryConfig:\n        socketPort: 5557\n"
+                             podDiscoveryConfig:\n        socketPort: 5557\n    \
+                             # A pick counts until the engine's events confirm it (llm-d's \
+                             default TTL).\n    speculativeIndexing: true\n    \
+                             speculativeTTL: 2s\n"
                         ),
                     )
                 };

@@ -171,6 +171,18 @@ impl PreciseConfig {
     /// `discoverPods` is true, or not given and no `zmqEndpoint` is (llm-d-router turns pod
     /// discovery on by default; configs that name a `zmqEndpoint` alone mean the centralized
     /// mode).
+    /// How long a pick counts in the exact index before the engine's events
+    /// confirm it: `speculativeTTL` (2s, llm-d's default) when
+    /// `speculativeIndexing` is on.
+    pub fn speculative_ttl(&self) -> Option<std::time::Duration> {
+        self.speculative_indexing.then(|| {
+            self.speculative_ttl
+                .as_deref()
+                .and_then(|t| crate::config::parse_duration(t).ok())
+                .unwrap_or(std::time::Duration::from_secs(2))
+        })
+    }
+
     pub fn per_endpoint(&self) -> Option<PerEndpoint> {
         let on = self.discover_pods.unwrap_or(self.zmq_endpoint.is_none());
         on.then(|| PerEndpoint {
@@ -366,11 +378,9 @@ pub(crate) fn precise_config(
         "pd-router's endpoints come from its flags, endpoints file and DNS names, not from pod \
          discovery",
     );
-    if cfg.speculative_indexing || cfg.speculative_ttl.is_some() {
-        out.push(Unapplied::new(
-            format!("plugin {label} parameter speculativeIndexing"),
-            "pd-router's approximate index already records each pick at once",
-        ));
+    if let Some(ttl) = &cfg.speculative_ttl {
+        crate::config::parse_duration(ttl)
+            .map_err(|e| format!("plugin {label} parameter speculativeTTL: {e}"))?;
     }
     Ok(cfg)
 }
