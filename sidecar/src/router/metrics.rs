@@ -12,8 +12,8 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
 use super::breaker::Phase;
-use super::kv_index::EndpointStats;
 use super::endpoint::{EndpointObs, Role};
+use super::kv_index::EndpointStats;
 use super::probe::ProbeObs;
 use std::time::Duration;
 
@@ -179,7 +179,9 @@ impl KvEventMetrics {
     }
 
     pub fn dropped_n(&self, reason: &'static str, n: u64) {
-        self.dropped.get_or_create(&ReasonLabels { reason }).inc_by(n);
+        self.dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n);
     }
 
     pub fn gap(&self, endpoint: &str) {
