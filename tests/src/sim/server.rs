@@ -241,7 +241,7 @@ async fn generate(
     // What the pool queues from here to the cache publication below (evictions, then stores)
     // leaves as one KV-event batch, also when the request fails on the way.
     let step = st.step();
-    let blocks = st.pool.allocate_prefix(
+    let mut blocks = st.pool.allocate_prefix(
         blocks_for(prompt_tokens, cfg.block_size) as usize,
         &hashes[..hittable.min(hashes.len())],
     )?;
@@ -253,7 +253,21 @@ async fn generate(
         // Pull the prefill's KV for the blocks not cached here (the agent notifies the prefill
         // engine when the bytes are in), then check every byte. A failed pull falls back to local
         // prefill, as vLLM's recompute policy does; wrong bytes fail the request.
-        match st.kv.pull(p, blocks.blocks(), hit).await {
+        // The pull runs in its own task, which owns the blocks until the transfer has ended:
+        // a client that goes away must not free blocks the peer is still writing into (as
+        // vLLM keeps a cancelled request's blocks until its transfer is done).
+        let (back, pulled) = {
+            let (st, p) = (Arc::clone(st), p.clone());
+            tokio::spawn(async move {
+                let r = st.kv.pull(&p, blocks.blocks(), hit).await;
+                (blocks, r)
+            })
+            .await
+            // Only a panic in the task (re-raised here) or a runtime shutting down end it early.
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        };
+        blocks = back;
+        match pulled {
             Ok(done) => {
                 st.kv
                     .verify(&hashes, blocks.blocks(), hit)
