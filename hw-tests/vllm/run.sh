@@ -159,5 +159,7 @@ YAML
   stop prefill decode router
 fi
 python3 "$REPO/hw-tests/vllm/report.py" "$RES" | tee "$RES/README.md" | tee -a "$OUT/run.txt"
-cp -r "$RES" "$OUT/results"
+# One archive: the device tool brings back only a few files per call.
+tar czf "$OUT/results.tgz" -C "$RES" . "$OUT"/kv-events-*.jsonl "$OUT"/metrics-*.txt 2>/dev/null
+rm -f "$OUT"/kv-events-*.jsonl "$OUT"/metrics-*.txt
 say "done in $(el) s"

@@ -7,6 +7,7 @@ mod codec;
 mod hashing;
 mod interop;
 mod transport;
+mod vllm_capture;
 
 use std::path::PathBuf;
 
