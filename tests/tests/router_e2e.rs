@@ -266,6 +266,33 @@ async fn invalid_configs_exit_2_naming_the_problem() {
     assert!(log.contains("--decode"), "{log}");
 }
 
+/// llm-d's own configs, as their repositories print them (same keys, our values): the precise
+/// path's seed config, llm-d-router's P/D sample, the split precise pipeline and an always-P/D
+/// config with label selectors pass the real binary's `--check-config`.
+#[tokio::test]
+async fn llm_d_configs_pass_check_config() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/llm-d-configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        seen += 1;
+        let (code, log) = run_to_exit(&[
+            "--decode=127.0.0.1:1",
+            "--prefill=127.0.0.1:2",
+            "--check-config",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(code, Some(0), "{}: {log}", path.display());
+        assert!(log.contains("scheduling"), "{}: {log}", path.display());
+    }
+    assert!(seen >= 4, "{seen} configs in {}", dir.display());
+}
+
 #[tokio::test]
 async fn bad_json_is_400_and_a_dead_decode_is_503() {
     let dead = format!("http://127.0.0.1:{}", free_port());
