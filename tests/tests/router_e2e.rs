@@ -293,6 +293,42 @@ async fn llm_d_configs_pass_check_config() {
     assert!(seen >= 4, "{seen} configs in {}", dir.display());
 }
 
+/// llm-d-router's P/D sample config (approximate producer, disagg-profile-handler, decider
+/// at 64 uncached tokens) drives a real router: short prompts stay local, a long one is
+/// prefilled remotely, and its repeat, cached on the decode pod, stays local.
+#[tokio::test]
+async fn llm_d_routers_pd_sample_config_works() {
+    let prefill = EngineSim::start(&[]).await;
+    let decode = DecodePod::start(&[]).await;
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/llm-d-configs/pd-disagg.yaml");
+    let router = Router::start(
+        &[decode.url()],
+        &[prefill.host_port()],
+        &[&format!("--config={}", cfg.display())],
+    )
+    .await;
+    complete(&router, &text(40, "short"), &[]).await;
+    assert!(prefill.inference_requests().await.is_empty());
+    let long = text(400, "pd-sample");
+    complete(&router, &long, &[]).await;
+    assert_eq!(
+        prefill.inference_requests().await.len(),
+        1,
+        "remote prefill"
+    );
+    complete(&router, &long, &[]).await;
+    assert_eq!(
+        prefill.inference_requests().await.len(),
+        1,
+        "cached on D: local"
+    );
+    assert_eq!(
+        router_metric(&router, r#"pd_router_requests_total{decision="remote"}"#).await,
+        1
+    );
+}
+
 #[tokio::test]
 async fn bad_json_is_400_and_a_dead_decode_is_503() {
     let dead = format!("http://127.0.0.1:{}", free_port());
