@@ -1,0 +1,278 @@
+//! pd-sidecar under hostile or failing conditions, end to end with real
+//! processes on loopback: stalled TLS handshakes and request bodies, running
+//! out of file descriptors, certificates rotated under `--cert-path`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use tandem_tests::harness::{free_port, poll_until, prom_sample, try_http, Proc};
+
+/// Reads from `s` until EOF or `limit`; returns what arrived, or None if the
+/// connection was still open at the limit.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|_| got)
+}
+
+/// A sidecar process with `env`, serving `--port` (plain or TLS per `args`).
+async fn sidecar_proc(args: &[String], env: &[(&str, &str)], port: u16) -> Proc {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proc = Proc::spawn("pd-sidecar", &args, env);
+    poll_until(Duration::from_secs(10), "sidecar listening", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    proc
+}
+
+#[tokio::test]
+async fn stalled_tls_handshakes_and_request_bodies_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let dead_engine = free_port();
+    // TLS (the default): an idle connection and a half-sent ClientHello.
+    let tls_port = free_port();
+    let _tls = sidecar_proc(
+        &[
+            format!("--port={tls_port}"),
+            format!("--vllm-port={dead_engine}"),
+            "--metrics-port=0".into(),
+        ],
+        &[("TANDEM_TLS_HANDSHAKE_TIMEOUT_MS", "300")],
+        tls_port,
+    )
+    .await;
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut idle, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "an idle TLS connection was kept open"
+    );
+    let mut half = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+        .await
+        .unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut half, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "a half-sent ClientHello kept the connection open"
+    );
+
+    // Plain: headers complete, Content-Length 1000, a few bytes, then nothing.
+    let plain_port = free_port();
+    let _plain = sidecar_proc(
+        &[
+            format!("--port={plain_port}"),
+            format!("--vllm-port={dead_engine}"),
+            "--metrics-port=0".into(),
+            "--secure-proxy=false".into(),
+        ],
+        &[("TANDEM_BODY_IDLE_TIMEOUT_MS", "300")],
+        plain_port,
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", plain_port))
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 1000\r\nx-prefiller-host-port: 127.0.0.1:1\r\n\r\n{\"model\":",
+    )
+    .await
+    .unwrap();
+    let got = read_until_closed(&mut slow, Duration::from_secs(5))
+        .await
+        .expect("a stalled body kept the request open");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("body_timeout"), "{text}");
+}
+
+#[tokio::test]
+async fn running_out_of_descriptors_backs_off_instead_of_spinning() {
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let metrics_port = free_port();
+    let log_path = std::env::temp_dir().join(format!("tandem-emfile-{}.log", uuid::Uuid::new_v4()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = std::process::Command::new(tandem_tests::harness::bin_path("pd-sidecar"));
+    cmd.args([
+        format!("--port={port}"),
+        format!("--vllm-port={}", free_port()),
+        format!("--metrics-port={metrics_port}"),
+        "--secure-proxy=false".into(),
+    ])
+    .env("RUST_LOG", "info")
+    .stdout(std::process::Stdio::null())
+    .stderr(log);
+    // SAFETY: setrlimit between fork and exec touches only this child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    poll_until(Duration::from_secs(10), "sidecar listening", || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    // Hold more connections than the sidecar has descriptors for.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            held.push(s);
+        }
+    }
+    // Long enough for a spinning accept loop to log thousands of lines.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let warnings = text.matches("accept failed").count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} accept warnings in 1.5 s"
+    );
+    drop(held);
+    // With descriptors back, it serves again and has counted the failures.
+    let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let m = poll_until(
+        Duration::from_secs(10),
+        "metrics after recovery",
+        || async {
+            try_http(Method::GET, &url, &[], Bytes::new(), Duration::from_secs(2))
+                .await
+                .ok()
+                .map(|(_, _, b)| String::from_utf8_lossy(&b).into_owned())
+        },
+    )
+    .await;
+    let errors = prom_sample(&m, "pd_sidecar_accept_errors_total").unwrap_or(0.0);
+    assert!(errors >= 1.0, "{m}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&log_path);
+}
+
+/// A certificate and key as PEM, and the certificate's DER.
+fn cert_pem(name: &str) -> (String, String, Vec<u8>) {
+    let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    (
+        c.cert.pem(),
+        c.key_pair.serialize_pem(),
+        c.cert.der().to_vec(),
+    )
+}
+
+/// Writes a Kubernetes-style Secret volume update: the files in a new
+/// timestamped folder, then `..data` swapped to it in one rename.
+fn secret_update(dir: &std::path::Path, version: &str, crt: &str, key: &str) {
+    let target = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("tls.crt"), crt).unwrap();
+    std::fs::write(target.join("tls.key"), key).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for f in ["tls.crt", "tls.key"] {
+        let link = dir.join(f);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &link).unwrap();
+        }
+    }
+}
+
+type TlsConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `port` and the certificate the server presented.
+async fn tls_connect(port: u16) -> (TlsConn, Vec<u8>) {
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(sidecar::tls::client_config(true)));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let der = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (tls, der)
+}
+
+async fn health_over(conn: &mut TlsConn) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("an answer on the open connection")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn certificates_under_cert_path_are_reloaded_without_dropping_connections() {
+    let dir = std::env::temp_dir().join(format!("tandem-secret-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    // The Secret is not mounted yet at start (KServe): the sidecar still starts.
+    let _sidecar = sidecar_proc(
+        &[
+            format!("--port={port}"),
+            format!("--vllm-port={}", free_port()),
+            "--metrics-port=0".into(),
+            format!("--cert-path={}", dir.display()),
+        ],
+        &[("TANDEM_CERT_RELOAD_INTERVAL_MS", "100")],
+        port,
+    )
+    .await;
+    let (_, self_signed) = tls_connect(port).await;
+
+    let (crt_a, key_a, der_a) = cert_pem("a.test");
+    secret_update(&dir, "v1", &crt_a, &key_a);
+    poll_until(Duration::from_secs(10), "certificate A served", || async {
+        (tls_connect(port).await.1 == der_a).then_some(())
+    })
+    .await;
+    assert_ne!(self_signed, der_a);
+    let (mut open, _) = tls_connect(port).await;
+    assert!(health_over(&mut open).await.starts_with("HTTP/1.1 200"));
+
+    let (crt_b, key_b, der_b) = cert_pem("b.test");
+    secret_update(&dir, "v2", &crt_b, &key_b);
+    poll_until(Duration::from_secs(10), "certificate B served", || async {
+        (tls_connect(port).await.1 == der_b).then_some(())
+    })
+    .await;
+    // The connection made under A is still served.
+    assert!(health_over(&mut open).await.starts_with("HTTP/1.1 200"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
