@@ -28,10 +28,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::config::PreciseConfig;
-use super::kv_index::{KvIndex, Skipped, StoredRun};
+use super::kv_index::{host_of, KvIndex, Skipped, StoredRun};
 use super::metrics::KvEventMetrics;
 use super::proxy::AppState;
-use crate::kv_events::{Continuity, EventBatch, KvEvent, Received, Subscriber, SubscriberStats};
+use crate::kv_events::{
+    Continuity, EventBatch, KvEvent, Received, Replayed, Subscriber, SubscriberStats,
+};
 
 /// How long a replay may take before the endpoint is treated as gapped.
 const REPLAY_DEADLINE: Duration = Duration::from_secs(3);
@@ -125,14 +127,15 @@ impl Feeder {
         if let Some(missed) = wanted {
             let gap = missed.start > 0;
             let replayed = match &replay {
-                Some(ep) => self.replay(sub, &key, ep, missed).await,
-                None => false,
+                Some(ep) => self.fetch(sub, &key, ep, missed).await,
+                None => None,
             };
+            if let Some(batches) = &replayed {
+                self.apply_replayed(&key, batches);
+                self.exact(&msg.topic, &key);
+            }
             let state = self.topics.entry(msg.topic.clone()).or_default();
-            if replayed {
-                state.exact = true;
-                self.index.set_synced(&key, true);
-            } else if gap || state.exact {
+            if replayed.is_none() && (gap || state.exact) {
                 // What was missed may have removed blocks the index holds.
                 tracing::warn!(endpoint = %key, topic = %msg.topic, "KV events missed and not replayed: index dropped; a lower bound until it resyncs");
                 state.exact = false;
@@ -144,8 +147,7 @@ impl Feeder {
             Ok(batch) => {
                 if self.apply(&key, &batch) {
                     // The engine's cache is empty now: from here the index is exact.
-                    self.index.set_synced(&key, true);
-                    self.topics.entry(msg.topic.clone()).or_default().exact = true;
+                    self.exact(&msg.topic, &key);
                 }
             }
             Err(e) => {
@@ -160,53 +162,47 @@ impl Feeder {
             .is_none_or(|t| t.elapsed() >= RESYNC_EVERY);
         if let Some(ep) = replay.filter(|_| !state.exact && due) {
             state.last_resync = Some(Instant::now());
-            if let Ok(all) = sub
-                .replay(
-                    &ep,
-                    0..msg.seq + 1,
-                    tokio::time::Instant::now() + REPLAY_DEADLINE,
-                )
-                .await
-            {
-                self.metrics.replay(&key, true);
+            // Everything from the publisher's first batch: the index is rebuilt from it.
+            if let Some(all) = self.fetch(sub, &key, &ep, 0..msg.seq + 1).await {
                 self.index.cleared(&key);
-                for r in &all {
-                    if let Ok(b) = &r.batch {
-                        self.apply(&key, b);
-                    }
-                }
-                self.index.set_synced(&key, true);
-                if let Some(s) = self.topics.get_mut(&msg.topic) {
-                    s.exact = true;
-                }
-            } else {
-                self.metrics.replay(&key, false);
+                self.apply_replayed(&key, &all);
+                self.exact(&msg.topic, &key);
             }
         }
     }
 
-    /// Fetches and applies `missed`; whether all of it arrived.
-    async fn replay(&self, sub: &Subscriber, key: &str, ep: &str, missed: Range<u64>) -> bool {
-        match sub
-            .replay(ep, missed, tokio::time::Instant::now() + REPLAY_DEADLINE)
-            .await
-        {
-            Ok(batches) => {
-                self.metrics.replay(key, true);
-                for r in &batches {
-                    match &r.batch {
-                        Ok(b) => {
-                            self.apply(key, b);
-                        }
-                        Err(_) => self.metrics.dropped("decode"),
-                    }
+    /// The index of `key` follows `topic` from a known point from here on.
+    fn exact(&mut self, topic: &str, key: &str) {
+        self.index.set_synced(key, true);
+        self.topics.entry(topic.to_string()).or_default().exact = true;
+    }
+
+    /// Asks the replay socket `ep` for `missed`; the batches when all of them
+    /// arrived (counted either way).
+    async fn fetch(
+        &self,
+        sub: &Subscriber,
+        key: &str,
+        ep: &str,
+        missed: Range<u64>,
+    ) -> Option<Vec<Replayed>> {
+        let deadline = tokio::time::Instant::now() + REPLAY_DEADLINE;
+        let got = sub.replay(ep, missed, deadline).await;
+        self.metrics.replay(key, got.is_ok());
+        got.map_err(|e| {
+            tracing::debug!(endpoint = %key, replay = %ep, error = %e, "KV event replay failed");
+        })
+        .ok()
+    }
+
+    /// Indexes replayed batches in order; undecodable ones are counted.
+    fn apply_replayed(&self, key: &str, batches: &[Replayed]) {
+        for r in batches {
+            match &r.batch {
+                Ok(b) => {
+                    self.apply(key, b);
                 }
-                true
-            }
-            Err(e) => {
-                tracing::debug!(endpoint = %key, replay = %ep, error = %e, "KV event replay failed");
-                self.metrics.replay(key, false);
-                false
+                Err(_) => self.metrics.dropped("decode"),
             }
         }
     }
@@ -289,15 +285,6 @@ pub fn topic_endpoint(topic: &str) -> Option<&str> {
     let mut parts = topic.splitn(3, '@');
     let (_, addr) = (parts.next()?, parts.next()?);
     (!addr.is_empty() && addr.contains(':')).then_some(addr)
-}
-
-/// The host of `host:port` or of a URL `scheme://host:port`.
-fn host_of(addr: &str) -> &str {
-    let addr = addr.split_once("://").map_or(addr, |(_, rest)| rest);
-    match addr.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => addr,
-    }
 }
 
 /// Receives until `stop`, feeding the index.

@@ -31,6 +31,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::prefix::{block_hashes, chain_from, chain_root, BYTES_PER_TOKEN};
+use crate::config::split_host_port;
 
 /// One run of stored blocks from a `BlockStored` event.
 #[derive(Debug, Clone, Copy)]
@@ -340,13 +341,10 @@ fn find<'a>(all: &'a HashMap<String, Endpoint>, endpoint: &str) -> Option<&'a En
 }
 
 /// The host part of `host:port` or `scheme://host:port` (`[v6]:port` keeps
-/// its brackets).
-fn host_of(addr: &str) -> &str {
+/// its brackets); the address itself when it has no port.
+pub(crate) fn host_of(addr: &str) -> &str {
     let addr = addr.split_once("://").map_or(addr, |(_, rest)| rest);
-    match addr.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => addr,
-    }
+    split_host_port(addr).map_or(addr, |(h, _)| h)
 }
 
 /// Mixed into the chain root of tagged runs (LoRA, extra keys).

@@ -132,7 +132,7 @@ pub struct PreciseConfig {
     /// `indexerConfig.kvBlockIndexConfig.enableMetrics`.
     pub enable_metrics: Option<bool>,
     pub speculative_indexing: bool,
-    pub speculative_ttl: Option<String>,
+    pub speculative_ttl: Option<std::time::Duration>,
 }
 
 /// Where the per-endpoint mode subscribes: `tcp://<endpoint host>:<socket_port>`.
@@ -177,8 +177,6 @@ impl PreciseConfig {
     pub fn speculative_ttl(&self) -> Option<std::time::Duration> {
         self.speculative_indexing.then(|| {
             self.speculative_ttl
-                .as_deref()
-                .and_then(|t| crate::config::parse_duration(t).ok())
                 .unwrap_or(std::time::Duration::from_secs(2))
         })
     }
@@ -330,7 +328,12 @@ pub(crate) fn precise_config(
         backends,
         enable_metrics: bool_param(label, p, "indexerConfig.kvBlockIndexConfig.enableMetrics")?,
         speculative_indexing: bool_param(label, p, "speculativeIndexing")?.unwrap_or(false),
-        speculative_ttl: str_param(label, p, "speculativeTTL")?,
+        speculative_ttl: str_param(label, p, "speculativeTTL")?
+            .map(|t| {
+                crate::config::parse_duration(&t)
+                    .map_err(|e| format!("plugin {label} parameter speculativeTTL: {e}"))
+            })
+            .transpose()?,
     };
     note_given(
         out,
@@ -378,9 +381,5 @@ pub(crate) fn precise_config(
         "pd-router's endpoints come from its flags, endpoints file and DNS names, not from pod \
          discovery",
     );
-    if let Some(ttl) = &cfg.speculative_ttl {
-        crate::config::parse_duration(ttl)
-            .map_err(|e| format!("plugin {label} parameter speculativeTTL: {e}"))?;
-    }
     Ok(cfg)
 }
