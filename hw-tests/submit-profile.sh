@@ -3,19 +3,29 @@
 # prints each submission's driver-call times and how many event queries it took to see the copy
 # land, back to back (--gap-ms 0) and after idling (--gap-ms 200), for the vLLM hw-test's tiny
 # model (separate region allocations, cuda-ipc, two processes on one GPU).
-# Runs on the GPU host from the repository root with hw-tests/bundle carried (scripts/hw-test pack).
+# Each gap runs twice: the kernel reading its short item list from mapped host memory (the
+# default) and with TANDEM_KV_DIRECT_ITEMS_BYTES=0 (the list uploaded first, one driver call more).
+# Runs on the GPU host from the repository root with hw-tests/bundle carried: the whole bundle
+# (scripts/hw-test pack) or kvbench alone (scripts/hw-test pack-kvbench, hw-tests/bundle/kvbench.xz).
 set -uo pipefail
 HW=/tmp/tandem-hw
-rm -rf "$HW"; xz -dc hw-tests/bundle/tandem-hw.tar.xz | tar -C /tmp -xf -
+rm -rf "$HW"; mkdir -p "$HW/bin"
+if [ -f hw-tests/bundle/kvbench.xz ]; then
+  xz -dc hw-tests/bundle/kvbench.xz > "$HW/bin/kvbench"; chmod +x "$HW/bin/kvbench"
+else
+  xz -dc hw-tests/bundle/tandem-hw.tar.xz | tar -C /tmp -xf -
+fi
 K=$HW/bin/kvbench
 L=(--model "layers=2,kv_heads=2,head_dim=64,dtype=bf16" --regions fused --kv-format hnd --num-blocks 1024 --mem gpu:0 --region-alloc separate)
 "$K" serve --listen 127.0.0.1:7731 "${L[@]}" --backend cuda-ipc > /tmp/serve.log 2>&1 &
 pid=$!
 for i in $(seq 1 100); do grep -q "kvbench serve:" /tmp/serve.log 2>/dev/null && break; sleep 0.1; done
 for gap in 0 200; do
-  echo "-- gap ${gap} ms, 96 tokens"
-  TANDEM_KV_PROFILE=1 "$K" run --peer 127.0.0.1:7731 "${L[@]}" --backend cuda-ipc --copy auto --op read \
+ for direct in 4096 0; do
+  echo "-- gap ${gap} ms, 96 tokens, TANDEM_KV_DIRECT_ITEMS_BYTES=$direct"
+  TANDEM_KV_DIRECT_ITEMS_BYTES=$direct TANDEM_KV_PROFILE=1 "$K" run --peer 127.0.0.1:7731 "${L[@]}" --backend cuda-ipc --copy auto --op read \
     --tokens 96 --plan coalesced --placement contiguous --gap-ms $gap \
     --reps 6 --warmup 2 --png none 2>&1 | grep -E "^cuda-ipc|submit profile" | tail -30
+ done
 done
 kill $pid; wait $pid 2>/dev/null

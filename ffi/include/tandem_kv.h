@@ -255,6 +255,20 @@ TandemKvStatus tandem_kv_transfer_wait(const TandemKvAgent *agent,
                                        TandemKvTransferResult *result_out);
 
 /**
+ * Like [`tandem_kv_transfer_wait`] in microseconds. A wait of up to 2 ms
+ * is spent on the calling thread, stepping the transfer, so a copy that
+ * lands during it is seen as it lands: an engine asking right after it
+ * started a small pull gets it in the same step.
+ *
+ * # Safety
+ * `result_out` is writable or null.
+ */
+TandemKvStatus tandem_kv_transfer_wait_us(const TandemKvAgent *agent,
+                                          uint64_t handle,
+                                          uint64_t timeout_us,
+                                          TandemKvTransferResult *result_out);
+
+/**
  * Holds `blocks` for `request_id` (a finished prefill) until the peers'
  * notifications say they have them, [`tandem_kv_release`], or the hold
  * timeout; each way they show up in [`tandem_kv_drain_released`].

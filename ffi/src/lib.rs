@@ -378,6 +378,30 @@ pub unsafe extern "C" fn tandem_kv_transfer_wait(
     })
 }
 
+/// Like [`tandem_kv_transfer_wait`] in microseconds. A wait of up to 2 ms
+/// is spent on the calling thread, stepping the transfer, so a copy that
+/// lands during it is seen as it lands: an engine asking right after it
+/// started a small pull gets it in the same step.
+///
+/// # Safety
+/// `result_out` is writable or null.
+#[no_mangle]
+pub unsafe extern "C" fn tandem_kv_transfer_wait_us(
+    agent: *const TandemKvAgent,
+    handle: u64,
+    timeout_us: u64,
+    result_out: *mut TandemKvTransferResult,
+) -> TandemKvStatus {
+    guard(|| {
+        finish(
+            agent_ref(agent)?,
+            handle,
+            Duration::from_micros(timeout_us),
+            result_out,
+        )
+    })
+}
+
 /// Holds `blocks` for `request_id` (a finished prefill) until the peers'
 /// notifications say they have them, [`tandem_kv_release`], or the hold
 /// timeout; each way they show up in [`tandem_kv_drain_released`].

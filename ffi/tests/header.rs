@@ -37,6 +37,7 @@ fn the_committed_header_is_current() {
         "tandem_kv_transfer_start",
         "tandem_kv_transfer_poll",
         "tandem_kv_transfer_wait",
+        "tandem_kv_transfer_wait_us",
         "tandem_kv_hold",
         "tandem_kv_release",
         "tandem_kv_notify",

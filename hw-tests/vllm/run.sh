@@ -45,6 +45,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader | tee
 
 export PYTHONPATH=$REPO/python:$PD/site PYTHONUNBUFFERED=1
 export TANDEM_KV_LIB=$PD/libtandem_kv.so TANDEM_KV_STATS_FILE=$PD/tandem-stats.jsonl
+# HWV_PROFILE=1: each pull's driver-call times in the decode engine's log (TANDEM_KV_PROFILE).
+[ "${HWV_PROFILE:-0}" = 1 ] && export TANDEM_KV_PROFILE=1
 # The agent's NIXL (backend auto: cuda-ipc on this host, NIXL for other hosts) from vLLM's bundle.
 [ -d "$PD/site/.nixl_cu13.mesonpy.libs" ] && export TANDEM_NIXL_LIB_DIR=$PD/site/.nixl_cu13.mesonpy.libs
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -120,6 +122,7 @@ for model in $MODELS; do
   done
 done
 stop prefill decode sidecar router
+[ "${HWV_PROFILE:-0}" = 1 ] && grep -ah "tandem submit profile" "$PD/hwv-decode.log" > "$RES/submit-profile-decode.txt"
 
 # --- precise prefix-cache routing: two engines' KV events into pd-router (no P/D) ---
 if [ "${HWV_PRECISE:-1}" = 1 ] && [ "$(el)" -lt $((LIMIT - 120)) ]; then

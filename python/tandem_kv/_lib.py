@@ -112,6 +112,7 @@ def _declare(l: ctypes.CDLL) -> ctypes.CDLL:
         "tandem_kv_transfer_start": ([agent, c.POINTER(TransferSpec), c.POINTER(c.c_uint64)], c.c_int),
         "tandem_kv_transfer_poll": ([agent, c.c_uint64, c.POINTER(TransferResult)], c.c_int),
         "tandem_kv_transfer_wait": ([agent, c.c_uint64, c.c_uint64, c.POINTER(TransferResult)], c.c_int),
+        "tandem_kv_transfer_wait_us": ([agent, c.c_uint64, c.c_uint64, c.POINTER(TransferResult)], c.c_int),
         "tandem_kv_hold": ([agent, c.c_char_p, c.POINTER(c.c_uint32), c.c_size_t], c.c_int),
         "tandem_kv_release": ([agent, c.c_char_p, c.POINTER(c.c_size_t)], c.c_int),
         "tandem_kv_notify": ([agent, c.c_char_p, c.c_char_p], c.c_int),

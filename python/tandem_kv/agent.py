@@ -190,9 +190,11 @@ class Agent:
         return self._finish(self._lib.tandem_kv_transfer_poll(self._h(), handle, ctypes.byref(res)), res)
 
     def wait(self, handle: int, timeout_s: float) -> Optional[TransferResult]:
-        """Like poll, waiting up to `timeout_s`."""
+        """Like poll, waiting up to `timeout_s` (microsecond resolution; up to 2 ms is spent
+        on this thread stepping the transfer, so a copy is seen as it lands)."""
         res = _lib.TransferResult()
-        status = self._lib.tandem_kv_transfer_wait(self._h(), handle, int(timeout_s * 1000), ctypes.byref(res))
+        us = max(0, int(timeout_s * 1e6))
+        status = self._lib.tandem_kv_transfer_wait_us(self._h(), handle, us, ctypes.byref(res))
         return self._finish(status, res)
 
     def hold(self, request_id: str, blocks: Sequence[int]) -> None:

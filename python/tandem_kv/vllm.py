@@ -32,6 +32,9 @@ KV arrives whole before it is scheduled again, as with NixlConnector.
   port         rank 0's agent port                                [TANDEM_KV_PORT] 5700
   hold_timeout_s      prefill blocks are freed after this long without a pull   480
   transfer_timeout_s  deadline of one pull                                        30
+  finish_wait_us      how long get_finished waits, in the step that started them,  300
+               for new pulls to land (spent stepping them on vLLM's thread: a
+               small pull then finishes in the step it started, not one later)
   stats_file   append one JSON line per finished pull             [TANDEM_KV_STATS_FILE]
 
 Heterogeneous TP (prefill tp_size != decode tp_size) is refused per request: the pull fails
@@ -44,6 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -90,6 +94,7 @@ class _Settings:
     port: int
     hold_timeout_s: float
     transfer_timeout_s: float
+    finish_wait_us: int
     stats_file: Optional[str]
     tp_size: int
     dp_index: int
@@ -115,6 +120,7 @@ def _settings(vllm_config) -> _Settings:
         port=int(pick("port", "TANDEM_KV_PORT", 5700)),
         hold_timeout_s=float(pick("hold_timeout_s", None, 480.0)),
         transfer_timeout_s=float(pick("transfer_timeout_s", None, 30.0)),
+        finish_wait_us=max(0, int(pick("finish_wait_us", "TANDEM_KV_FINISH_WAIT_US", 300))),
         stats_file=pick("stats_file", "TANDEM_KV_STATS_FILE", None),
         tp_size=int(getattr(parallel, "tensor_parallel_size", 1) or 1),
         dp_index=int(getattr(parallel, "data_parallel_index", 0) or 0),
@@ -343,6 +349,7 @@ class _Worker:
         self.tp_rank = tp_rank
         self.agent = None
         self.pulls: dict[str, tuple[int, list[int]]] = {}  # req -> (handle, local blocks)
+        self.fresh: set[str] = set()  # pulls started since the last get_finished
         self.done_recving: set[str] = set()
         self.load_errors: set[int] = set()
 
@@ -403,15 +410,20 @@ class _Worker:
             self._failed(req_id, r.local_block_ids)
             return
         self.pulls[req_id] = (handle, r.local_block_ids)
+        self.fresh.add(req_id)
 
     def _failed(self, req_id: str, local_blocks: list[int]) -> None:
         self.load_errors.update(local_blocks)
         self.done_recving.add(req_id)
 
     def get_finished(self) -> tuple[Optional[set], Optional[set]]:
+        # Pulls started in this step get up to finish_wait_us, together, to land.
+        deadline = time.monotonic() + self.cfg.finish_wait_us / 1e6
+        fresh, self.fresh = self.fresh, set()
         for req_id, (handle, local) in list(self.pulls.items()):
             try:
-                result = self.agent.poll(handle)
+                left = deadline - time.monotonic() if req_id in fresh else 0.0
+                result = self.agent.wait(handle, left) if left > 0 else self.agent.poll(handle)
             except Exception as e:
                 logger.error("request %s: KV pull failed: %s; computing it locally", req_id, e)
                 del self.pulls[req_id]

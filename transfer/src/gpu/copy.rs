@@ -297,6 +297,17 @@ struct Staging {
     dev: DeviceBuffer,
 }
 
+/// Item lists up to this many bytes are read by the kernel from the pinned
+/// host buffer itself (mapped memory) instead of being uploaded first: one
+/// driver call fewer, which is most of a small transfer's host time after
+/// the engine idled (hw-tests/results: submit-profile). Each CTA reads its
+/// few records over the bus once. `TANDEM_KV_DIRECT_ITEMS_BYTES` (0 turns
+/// it off).
+fn direct_items_max() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| env_num("TANDEM_KV_DIRECT_ITEMS_BYTES", 4096, 0, 1 << 20) as usize)
+}
+
 /// Submits transfers on one stream of one GPU. Staging buffers are reused
 /// once the launch that read them has completed.
 pub struct Copier {
@@ -368,7 +379,7 @@ impl Copier {
                 if n == 0 {
                     return Ok(None);
                 }
-                let s = self.staged(n * 24, |buf| {
+                let (s, items) = self.staged(n * 24, |buf| {
                     let words = copies.flat_map(|c| items_of(c, item)).flatten();
                     for (dst, w) in buf.chunks_exact_mut(8).zip(words) {
                         dst.copy_from_slice(&w.to_le_bytes());
@@ -377,7 +388,7 @@ impl Copier {
                 let n = u32::try_from(n).map_err(|_| {
                     TransferError::BadRequest(format!("{n} copy items in one transfer"))
                 })?;
-                self.gpu.launch_gather(&self.stream, s.dev.ptr(), n)?;
+                self.gpu.launch_gather(&self.stream, items, n)?;
                 Ok(Some(s))
             }
             CopyMethod::Memcpy | CopyMethod::Auto => {
@@ -428,16 +439,29 @@ impl Copier {
         })
     }
 
-    /// A staging pair whose first `bytes` host bytes `fill` writes, uploaded
-    /// to its device half on the stream.
-    fn staged(&self, bytes: usize, fill: impl FnOnce(&mut [u8])) -> Result<Staging, TransferError> {
+    /// A staging pair whose first `bytes` host bytes `fill` writes, and the
+    /// device address a kernel reads them at: the host half itself for a
+    /// short list ([`direct_items_max`]), else the device half after an
+    /// upload on the stream.
+    fn staged(
+        &self,
+        bytes: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<(Staging, u64), TransferError> {
         let mut s = self.staging(bytes)?;
         fill(&mut s.host.as_mut_slice()[..bytes]);
+        if bytes <= direct_items_max() {
+            // The launch after this orders the host's writes before the
+            // kernel's reads; the buffer is kept until the end event.
+            let at = s.host.device_ptr();
+            return Ok((s, at));
+        }
         // SAFETY of the async upload: `s.host` is pinned and kept (in the
         // handle) until the event after the kernel completes.
         let host = unsafe { std::slice::from_raw_parts(s.host.as_ptr(), bytes) };
         self.stream.upload(s.dev.ptr(), host)?;
-        Ok(s)
+        let at = s.dev.ptr();
+        Ok((s, at))
     }
 
     /// Submits one transfer given as block ids with the block-list kernel:
@@ -462,14 +486,14 @@ impl Copier {
             if pairs == 0 || b.regions == 0 {
                 return Ok(None);
             }
-            let s = self.staged(pairs * 8, |buf| pack_ids(src_ids, dst_ids, buf))?;
+            let (s, ids) = self.staged(pairs * 8, |buf| pack_ids(src_ids, dst_ids, buf))?;
             let pairs = u32::try_from(pairs).map_err(|_| {
                 TransferError::BadRequest(format!("{pairs} blocks in one transfer"))
             })?;
             self.gpu.launch_blocks(
                 &self.stream,
                 &BlockLaunch {
-                    ids: s.dev.ptr(),
+                    ids,
                     src: b.src,
                     dst: b.dst,
                     src_region: b.src_region,

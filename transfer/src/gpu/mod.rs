@@ -415,13 +415,24 @@ impl Gpu {
         let mut p = std::ptr::null_mut();
         // SAFETY: out-parameter; freed in Drop.
         check("cuMemHostAlloc", unsafe {
-            sys::cuMemHostAlloc(&mut p, len.max(1), sys::CU_MEMHOSTALLOC_PORTABLE)
+            sys::cuMemHostAlloc(
+                &mut p,
+                len.max(1),
+                sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+            )
         })?;
-        Ok(PinnedBuffer {
+        // Owned from here: an error below frees it.
+        let mut buf = PinnedBuffer {
             gpu: self.clone(),
             ptr: p.cast(),
             len,
-        })
+            device_ptr: 0,
+        };
+        // SAFETY: `p` is our mapped allocation; out-parameter.
+        check("cuMemHostGetDevicePointer", unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut buf.device_ptr, p, 0)
+        })?;
+        Ok(buf)
     }
 
     pub fn stream(self: &Arc<Self>) -> Result<Stream, TransferError> {
@@ -813,6 +824,8 @@ pub struct PinnedBuffer {
     gpu: Arc<Gpu>,
     ptr: *mut u8,
     len: usize,
+    /// Where a kernel reads it (mapped host memory, over the bus).
+    device_ptr: u64,
 }
 
 // SAFETY: plain memory; users follow the same ownership rules as HostMemory.
@@ -827,6 +840,11 @@ impl PinnedBuffer {
 
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
+    }
+
+    /// The buffer's address for a kernel: it reads the host memory itself.
+    pub fn device_ptr(&self) -> u64 {
+        self.device_ptr
     }
 
     pub fn len(&self) -> usize {
