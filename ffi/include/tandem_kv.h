@@ -185,13 +185,16 @@ void tandem_kv_agent_destroy(TandemKvAgent *agent);
  * layout lives at `region_bases[r]` (for a `split` layout, regions go K then
  * V per layer: vLLM's per-layer tensors). Layout JSON: `layers`, `kv_heads`
  * (the model's), `head_dim`, `dtype` (bf16), `block_size`, `num_blocks`,
- * `tp_rank` (0), `tp_size` (1), `format` (`nhd`), `regions` (`split`),
+ * `tp_rank` (0), `tp_size` (1), `format` (`nhd`), `regions` (`split`;
+ * `fused`: K then V in each block; `packed`: K and V side by side in each
+ * head's content, vLLM 0.26's FlashAttention cache),
  * `mem` (`host`, or `gpu:N`: the bases are device pointers of CUDA device
  * N, such as vLLM's CUDA tensors' `data_ptr()`; cuda-ipc needs each region
  * inside one `cudaMalloc` allocation, not PyTorch's expandable segments,
  * which only NIXL moves). Each region holds `num_blocks` blocks of
  * `block_size * kv_heads / tp_size * head_dim * dtype` bytes (twice that
- * when fused). Once per agent.
+ * when fused or packed). Peers of another `tp_size` move the heads both
+ * ranks hold. Once per agent.
  *
  * # Safety
  * `layout_json` is a NUL-terminated string; `region_bases` holds

@@ -37,9 +37,14 @@ KV arrives whole before it is scheduled again, as with NixlConnector.
                small pull then finishes in the step it started, not one later)
   stats_file   append one JSON line per finished pull             [TANDEM_KV_STATS_FILE]
 
-Heterogeneous TP (prefill tp_size != decode tp_size) is refused per request: the pull fails
-and vLLM's failed-load path recomputes the prompt locally (`kv_load_failure_policy:
-"recompute"`), with an error in the log naming the two sizes.
+Prefill and decode TP sizes may differ when one divides the other, mapped as vLLM's
+NixlConnector maps them: a decode rank of a larger TP reads its heads' slice of prefill rank
+`rank * P // D`; a decode rank of a smaller TP reads prefill ranks `rank * P/D ..` whole, each
+into its heads' slot of the local blocks (one pull per prefill rank; a rank holding only a
+replica of a head already read is notified, not read). Notifications carry the decode TP size
+(`<request>:<D>`), and a prefill rank frees its blocks after `D / P` of them when D > P, as
+vLLM counts. Sizes that do not divide fail the request's load (vLLM recomputes it), with an
+error naming both.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ class _Settings:
     stats_file: Optional[str]
     tp_size: int
     dp_index: int
+    # The model's KV heads over all ranks (None: this rank's heads * tp_size).
+    total_kv_heads: Optional[int] = None
 
 
 def _settings(vllm_config) -> _Settings:
@@ -124,7 +131,16 @@ def _settings(vllm_config) -> _Settings:
         stats_file=pick("stats_file", "TANDEM_KV_STATS_FILE", None),
         tp_size=int(getattr(parallel, "tensor_parallel_size", 1) or 1),
         dp_index=int(getattr(parallel, "data_parallel_index", 0) or 0),
+        total_kv_heads=_total_kv_heads(vllm_config),
     )
+
+
+def _total_kv_heads(vllm_config) -> Optional[int]:
+    model = getattr(vllm_config, "model_config", None)
+    try:
+        return int(model.get_total_num_kv_heads()) if model is not None else None
+    except Exception:  # a model config without it: derive from the cache shape
+        return None
 
 
 def _flat_blocks(ids) -> list[int]:
@@ -288,10 +304,12 @@ class _Scheduler:
         }
 
 
-def _layout_of(kv_caches: dict, tp_rank: int, tp_size: int) -> tuple[dict, list[int]]:
-    """The agent's layout and region bases for vLLM's per-layer caches: each
-    `(num_blocks, kv_heads, block_size, 2 * head_dim)` in HND order, K and V of a token
-    side by side (vLLM 0.26). One region per layer, in the model's layer order."""
+def _layout_of(kv_caches: dict, tp_rank: int, tp_size: int,
+               total_kv_heads: Optional[int] = None) -> tuple[dict, list[int]]:
+    """The agent's layout and region bases for vLLM's per-layer caches: each logically
+    `(num_blocks, kv_heads, block_size, 2 * head_dim)`, K and V of a token side by side in a
+    head's content (vLLM 0.26; "packed"), HND in memory unless its strides say NHD. One region
+    per layer, in the model's layer order."""
     seen: set[int] = set()
     bases: list[int] = []
     first = None
@@ -325,20 +343,55 @@ def _layout_of(kv_caches: dict, tp_rank: int, tp_size: int) -> tuple[dict, list[
         dtype = {1: "fp8", 2: "bf16", 4: "f32"}.get(elem, "")
     if not dtype:
         raise ValueError(f"element size {elem} is not a KV dtype the agent knows")
+    # Heads outer (HND) unless the token dimension strides further (NHD).
+    stride = t.stride() if hasattr(t, "stride") else None
+    fmt = "nhd" if stride is not None and stride[2] > stride[1] else "hnd"
     layout = {
         "layers": len(bases),
-        "kv_heads": heads * tp_size,
+        "kv_heads": int(total_kv_heads or heads * tp_size),
         "head_dim": twice_dim // 2,
         "dtype": dtype,
         "block_size": block_size,
         "num_blocks": num_blocks,
         "tp_rank": tp_rank,
         "tp_size": tp_size,
-        "format": "hnd",
-        "regions": "fused",
+        "format": fmt,
+        "regions": "packed",
         "mem": mem,
     }
     return layout, bases
+
+
+def _heads_of(rank: int, tp_size: int, kv_heads: int) -> int:
+    """The first KV head a rank holds, as vLLM shards them (replicas when heads < ranks)."""
+    return rank * (kv_heads // tp_size) if kv_heads >= tp_size else rank * kv_heads // tp_size
+
+
+def _sources(rank: int, local_tp: int, remote_tp: int, kv_heads: int) -> tuple[list[int], list[int]]:
+    """The prefill ranks a decode rank reads, and those it only notifies (they hold a replica of
+    a head it already reads): vLLM's NixlConnector mapping."""
+    if local_tp >= remote_tp:
+        if local_tp % remote_tp:
+            raise ValueError(f"decode tp_size {local_tp} is not a multiple of prefill tp_size {remote_tp}")
+        return [rank * remote_tp // local_tp], []
+    if remote_tp % local_tp:
+        raise ValueError(f"prefill tp_size {remote_tp} is not a multiple of decode tp_size {local_tp}")
+    k = remote_tp // local_tp
+    read, skip, seen = [], [], set()
+    for q in range(rank * k, (rank + 1) * k):
+        head = _heads_of(q, remote_tp, kv_heads)
+        (skip if head in seen else read).append(q)
+        seen.add(head)
+    return read, skip
+
+
+@dataclass
+class _Pull:
+    """One request's pulls (one per prefill rank read) until all have ended."""
+
+    handles: dict  # handle -> peer
+    local: list[int]
+    failed: bool = False
 
 
 class _Worker:
@@ -348,7 +401,8 @@ class _Worker:
         self.cfg = cfg
         self.tp_rank = tp_rank
         self.agent = None
-        self.pulls: dict[str, tuple[int, list[int]]] = {}  # req -> (handle, local blocks)
+        self.pulls: dict[str, _Pull] = {}
+        self.kv_heads = 0
         self.fresh: set[str] = set()  # pulls started since the last get_finished
         self.done_recving: set[str] = set()
         self.load_errors: set[int] = set()
@@ -360,7 +414,8 @@ class _Worker:
     def register_kv_caches(self, kv_caches: dict) -> None:
         from .agent import Agent
 
-        layout, bases = _layout_of(kv_caches, self.tp_rank, self.cfg.tp_size)
+        layout, bases = _layout_of(kv_caches, self.tp_rank, self.cfg.tp_size, self.cfg.total_kv_heads)
+        self.kv_heads = layout["kv_heads"]
         self.agent = Agent(
             f"{self.cfg.engine_id}-tp{self.tp_rank}",
             backend=self.cfg.backend,
@@ -387,29 +442,41 @@ class _Worker:
             logger.error("request %s: %s; computing it locally", req_id, r.error)
             self._failed(req_id, r.local_block_ids)
             return
-        if r.remote_tp_size != self.cfg.tp_size:
-            logger.error("request %s: prefill tp_size %d, decode tp_size %d: TandemConnector "
-                         "pulls between equal TP sizes only; computing it locally",
-                         req_id, r.remote_tp_size, self.cfg.tp_size)
-            self._failed(req_id, r.local_block_ids)
-            return
-        peer = f"{r.remote_host}:{r.remote_port + self.tp_rank}"
-        # Each prefill rank is pulled by one decode rank here: one notification frees it.
-        message = f"{r.remote_request_id}:1"
         try:
-            if not r.local_block_ids:
-                self.agent.notify(peer, message)
-                self.done_recving.add(req_id)
-                return
-            handle = self.agent.start_transfer(
-                peer, r.local_block_ids, r.remote_block_ids, req_id,
-                notify=(r.remote_request_id, 1), timeout_s=self.cfg.transfer_timeout_s,
-            )
-        except Exception as e:  # the request is recomputed, never lost
-            logger.error("request %s: pull from %s failed to start: %s", req_id, peer, e)
+            read, skip = _sources(self.tp_rank, self.cfg.tp_size, r.remote_tp_size, self.kv_heads)
+        except ValueError as e:
+            logger.error("request %s: %s; computing it locally", req_id, e)
             self._failed(req_id, r.local_block_ids)
             return
-        self.pulls[req_id] = (handle, r.local_block_ids)
+        peer = lambda q: f"{r.remote_host}:{r.remote_port + q}"  # noqa: E731
+        # vLLM's notification: the reading engine's TP size, from which each prefill rank
+        # knows how many readers to wait for.
+        message = f"{r.remote_request_id}:{self.cfg.tp_size}"
+        pull = _Pull(handles={}, local=r.local_block_ids)
+        for q in (read + skip) if not r.local_block_ids else skip:
+            try:
+                self.agent.notify(peer(q), message)
+            except Exception as e:  # the prefill rank frees its blocks at its hold timeout
+                logger.warning("request %s: notifying %s failed: %s", req_id, peer(q), e)
+        if not r.local_block_ids:
+            self.done_recving.add(req_id)
+            return
+        for q in read:
+            try:
+                handle = self.agent.start_transfer(
+                    peer(q), r.local_block_ids, r.remote_block_ids, req_id,
+                    notify=(r.remote_request_id, self.cfg.tp_size),
+                    timeout_s=self.cfg.transfer_timeout_s,
+                )
+            except Exception as e:  # the request is recomputed, never lost
+                logger.error("request %s: pull from %s failed to start: %s", req_id, peer(q), e)
+                pull.failed = True
+                continue
+            pull.handles[handle] = peer(q)
+        if not pull.handles:
+            self._failed(req_id, r.local_block_ids)
+            return
+        self.pulls[req_id] = pull
         self.fresh.add(req_id)
 
     def _failed(self, req_id: str, local_blocks: list[int]) -> None:
@@ -420,20 +487,28 @@ class _Worker:
         # Pulls started in this step get up to finish_wait_us, together, to land.
         deadline = time.monotonic() + self.cfg.finish_wait_us / 1e6
         fresh, self.fresh = self.fresh, set()
-        for req_id, (handle, local) in list(self.pulls.items()):
-            try:
-                left = deadline - time.monotonic() if req_id in fresh else 0.0
-                result = self.agent.wait(handle, left) if left > 0 else self.agent.poll(handle)
-            except Exception as e:
-                logger.error("request %s: KV pull failed: %s; computing it locally", req_id, e)
+        for req_id, pull in list(self.pulls.items()):
+            for handle, peer in list(pull.handles.items()):
+                try:
+                    left = deadline - time.monotonic() if req_id in fresh else 0.0
+                    result = self.agent.wait(handle, left) if left > 0 else self.agent.poll(handle)
+                except Exception as e:
+                    logger.error("request %s: KV pull from %s failed: %s; computing it locally",
+                                 req_id, peer, e)
+                    del pull.handles[handle]
+                    pull.failed = True
+                    continue
+                if result is None:
+                    continue
+                del pull.handles[handle]
+                self._record(req_id, len(pull.local), result)
+            # A failed request is reported only once its other pulls stopped writing.
+            if not pull.handles:
                 del self.pulls[req_id]
-                self._failed(req_id, local)
-                continue
-            if result is None:
-                continue
-            del self.pulls[req_id]
-            self.done_recving.add(req_id)
-            self._record(req_id, len(local), result)
+                if pull.failed:
+                    self._failed(req_id, pull.local)
+                else:
+                    self.done_recving.add(req_id)
         sending = set()
         if self.agent is not None:
             for r in self.agent.drain_released():

@@ -229,12 +229,27 @@ def test_bad_block_ids_and_unsupported_shapes_fail_the_load():
         failed_pull(engine, dict(params, remote_block_ids=[[1, 2]]), req_id="too-few")
         # Two KV-cache groups (hybrid models): not moved by this connector.
         failed_pull(engine, dict(params, remote_block_ids=[[1], [2]]), req_id="two-groups")
-        # A prefill at another TP size.
-        failed_pull(engine, dict(params, tp_size=2), req_id="hetero-tp")
         # The good request still goes through afterwards.
         schedule_remote_prefill(engine, params, [3, 7, 8, 20, 21, 5])
         step_until(engine, lambda: "cmpl-decode-1" in engine.finished_recving)
         assert engine.load_errors == set()
+        assert prefill.stdout.readline().strip() == "sent cmpl-prefill-1"
+        engine.worker.shutdown()
+    finally:
+        prefill.kill()
+
+
+def test_one_prefill_rank_missing_fails_the_whole_load():
+    # The prefill says TP 2; rank 0 answers and is pulled from, rank 1 is not there. The
+    # request is recomputed whole (after rank 0's pull ended, so nothing writes into its
+    # blocks while vLLM recomputes them).
+    port_p = free_port()
+    prefill = start_prefill(port_p)
+    try:
+        params = json.loads(prefill.stdout.readline())
+        engine = decode_engine(free_port())
+        failed_pull(engine, dict(params, tp_size=2), req_id="rank-gone")
+        # Rank 0 was read, and told so.
         assert prefill.stdout.readline().strip() == "sent cmpl-prefill-1"
         engine.worker.shutdown()
     finally:

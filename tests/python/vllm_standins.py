@@ -56,7 +56,7 @@ class KVCacheBlocks:
 
 
 def vllm_config(engine_id: str, role: str, port: int, backend: str = "tcp", tp_size: int = 1,
-                rank: int = 0, **extra) -> SimpleNamespace:
+                rank: int = 0, kv_heads: Optional[int] = None, **extra) -> SimpleNamespace:
     kv = SimpleNamespace(
         kv_connector="TandemConnector",
         kv_connector_module_path="tandem_kv.vllm",
@@ -69,6 +69,8 @@ def vllm_config(engine_id: str, role: str, port: int, backend: str = "tcp", tp_s
         kv_transfer_config=kv,
         parallel_config=SimpleNamespace(tensor_parallel_size=tp_size, data_parallel_index=0, rank=rank),
         cache_config=SimpleNamespace(block_size=16, enable_prefix_caching=True),
+        # ModelConfig.get_total_num_kv_heads: the model's KV heads before TP sharding.
+        model_config=SimpleNamespace(get_total_num_kv_heads=lambda: kv_heads) if kv_heads else None,
     )
 
 
@@ -85,6 +87,11 @@ class Tensor:
 
     def data_ptr(self) -> int:
         return ctypes.addressof(self.buf)
+
+    def stride(self) -> tuple:
+        """HND in memory, as vLLM lays it out for a connector that asks for HND."""
+        _, h, n, d2 = self.shape
+        return (h * n * d2, n * d2, d2, 1)
 
     def element_size(self) -> int:
         return 2

@@ -317,6 +317,18 @@ pub fn parse_notification(msg: &str) -> (String, u32) {
     }
 }
 
+/// How many notifications free a held request on a rank of `own_tp`, when
+/// each says the reading engine's TP size is `readers` (vLLM's rule): a
+/// larger reader TP sends `readers / own_tp` readers to every rank, each of
+/// which notifies; otherwise one reader per rank.
+pub fn notifications_needed(readers: u32, own_tp: u32) -> u32 {
+    if readers > own_tp {
+        readers / own_tp.max(1)
+    } else {
+        1
+    }
+}
+
 impl Agent {
     /// Starts an agent over `mem`, which must hold `cfg.layout`.
     pub async fn start(cfg: AgentConfig, mem: Arc<KvMemory>) -> Result<Arc<Agent>, TransferError> {
@@ -520,7 +532,10 @@ impl Agent {
         spec: &TransferSpec,
         peer: &CachedPeer,
     ) -> Result<TransferPlan, TransferError> {
-        if spec.plan == PlanKind::Blocks && peer.backend.runs_block_lists(&peer.name) {
+        if spec.plan == PlanKind::Blocks
+            && !crate::plan::shards_differ(&self.cfg.layout, &peer.layout)
+            && peer.backend.runs_block_lists(&peer.name)
+        {
             return Ok(plan_blocks(
                 &self.cfg.layout,
                 &peer.layout,
@@ -842,8 +857,9 @@ impl Agent {
                     .notifications_received
                     .fetch_add(1, Ordering::Relaxed);
                 let text = String::from_utf8_lossy(&message);
-                let (id, tp) = parse_notification(&text);
-                tracing::debug!(from, request_id = %id, tp, "notification");
+                let (id, readers) = parse_notification(&text);
+                let tp = notifications_needed(readers, self.cfg.layout.params().tp_size);
+                tracing::debug!(from, request_id = %id, readers, tp, "notification");
                 if let Some(h) = table.held.get_mut(&id) {
                     h.notified += 1;
                     if h.notified >= tp {
@@ -890,5 +906,17 @@ mod tests {
         assert_eq!(parse_notification("plain"), ("plain".to_string(), 1));
         assert_eq!(parse_notification("x:0"), ("x:0".to_string(), 1));
         assert_eq!(parse_notification("x:abc"), ("x:abc".to_string(), 1));
+    }
+
+    #[test]
+    fn a_held_request_waits_for_every_reader_as_vllm_counts_them() {
+        // Same TP: each rank is read once, whatever the TP size says.
+        assert_eq!(notifications_needed(1, 1), 1);
+        assert_eq!(notifications_needed(4, 4), 1);
+        // Decode TP 4 over prefill TP 1: four readers of the one rank.
+        assert_eq!(notifications_needed(4, 1), 4);
+        assert_eq!(notifications_needed(4, 2), 2);
+        // Decode TP 1 over prefill TP 4: one reader per prefill rank.
+        assert_eq!(notifications_needed(1, 4), 1);
     }
 }

@@ -155,6 +155,12 @@ pub enum RegionKind {
     Split,
     /// One region per layer whose every block holds K then V (FlashInfer).
     Fused,
+    /// One region per layer whose blocks hold K and V side by side in each
+    /// head's content: vLLM 0.26's FlashAttention cache, logically
+    /// `(blocks, heads, tokens, 2 * head_dim)`. A head's bytes for a token
+    /// are `2 * head_dim` elements, so a head range is one range of the
+    /// block in HND order.
+    Packed,
 }
 
 impl FromStr for RegionKind {
@@ -164,10 +170,11 @@ impl FromStr for RegionKind {
         match s.trim().to_ascii_lowercase().as_str() {
             "split" => Ok(RegionKind::Split),
             "fused" => Ok(RegionKind::Fused),
+            "packed" => Ok(RegionKind::Packed),
             _ => Err(LayoutError::BadValue {
                 what: "region kind",
                 value: s.to_string(),
-                expected: "split or fused",
+                expected: "split, fused or packed",
             }),
         }
     }
@@ -178,6 +185,7 @@ impl fmt::Display for RegionKind {
         f.write_str(match self {
             RegionKind::Split => "split",
             RegionKind::Fused => "fused",
+            RegionKind::Packed => "packed",
         })
     }
 }
@@ -397,7 +405,8 @@ pub struct KvLayout {
     params: LayoutParams,
     heads_per_rank: u32,
     num_regions: u32,
-    /// Bytes of one head for one token: `head_dim * dtype_bytes`.
+    /// Bytes of one head for one token: `head_dim * dtype_bytes` (twice
+    /// that for [`RegionKind::Packed`], K and V together).
     head_bytes: u64,
     block_len: u64,
     region_len: u64,
@@ -457,11 +466,18 @@ impl KvLayout {
             });
         }
         let heads_per_rank = (shape.kv_heads / params.tp_size).max(1);
-        let (num_regions, halves) = match params.regions {
-            RegionKind::Split => (shape.layers.checked_mul(2).ok_or(LayoutError::Overflow)?, 1),
-            RegionKind::Fused => (shape.layers, 2),
+        // `halves`: K and V as two halves of a block (fused); `packed`: K and
+        // V side by side in each head's content, so a head unit is twice as long.
+        let (num_regions, halves, packed) = match params.regions {
+            RegionKind::Split => (
+                shape.layers.checked_mul(2).ok_or(LayoutError::Overflow)?,
+                1,
+                1,
+            ),
+            RegionKind::Fused => (shape.layers, 2, 1),
+            RegionKind::Packed => (shape.layers, 1, 2),
         };
-        let head_bytes = u64::from(shape.head_dim) * u64::from(shape.dtype.bytes());
+        let head_bytes = u64::from(shape.head_dim) * u64::from(shape.dtype.bytes()) * packed;
         let block_len = [
             u64::from(params.block_size),
             u64::from(heads_per_rank),
@@ -491,7 +507,7 @@ impl KvLayout {
         &self.params
     }
 
-    /// `layers * 2` for [`RegionKind::Split`], `layers` for [`RegionKind::Fused`].
+    /// `layers * 2` for [`RegionKind::Split`], `layers` for the others.
     pub fn num_regions(&self) -> u32 {
         self.num_regions
     }
@@ -566,7 +582,7 @@ impl KvLayout {
                 };
                 format!("layer{}.{half}", region / 2)
             }
-            RegionKind::Fused => format!("layer{region}.kv"),
+            RegionKind::Fused | RegionKind::Packed => format!("layer{region}.kv"),
         }
     }
 
@@ -580,6 +596,33 @@ impl KvLayout {
         let in_region = offset % self.region_len;
         let block = u32::try_from(in_region / self.block_len).ok()?;
         Some((region, block, in_region % self.block_len))
+    }
+
+    /// The model's KV heads this rank holds, as vLLM shards them: a
+    /// contiguous `heads_per_rank` from `tp_rank * heads_per_rank`, or, with
+    /// fewer heads than ranks, the one head `tp_rank * kv_heads / tp_size`.
+    pub fn head_range(&self) -> Range<u32> {
+        let p = &self.params;
+        let first = if p.shape.kv_heads >= p.tp_size {
+            p.tp_rank * self.heads_per_rank
+        } else {
+            // Cannot overflow: tp_rank < tp_size, and kv_heads < tp_size here.
+            (u64::from(p.tp_rank) * u64::from(p.shape.kv_heads) / u64::from(p.tp_size)) as u32
+        };
+        first..first + self.heads_per_rank
+    }
+
+    /// Every byte range `(offset within block, len)` of one block that holds
+    /// `heads` (indices into this rank's heads), K and V: [`Self::head_slice`]
+    /// and, for [`RegionKind::Fused`], the same in the V half.
+    pub fn block_slices(&self, heads: Range<u32>) -> Result<Vec<(u64, u64)>, LayoutError> {
+        let k = self.head_slice(heads)?;
+        if self.params.regions != RegionKind::Fused {
+            return Ok(k);
+        }
+        let half = self.block_len / 2;
+        let v: Vec<_> = k.iter().map(|&(o, len)| (o + half, len)).collect();
+        Ok(k.into_iter().chain(v).collect())
     }
 
     /// Byte ranges `(offset within block, len)` holding `heads` (indices into
@@ -845,6 +888,62 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn head_ranges_follow_vllms_sharding_and_replication() {
+        let ranks = |kv_heads: u32, tp: u32| -> Vec<std::ops::Range<u32>> {
+            (0..tp)
+                .map(|r| {
+                    let mut p = LayoutParams::new(
+                        ModelShape::parse(&format!("layers=1,kv_heads={kv_heads},head_dim=8"))
+                            .unwrap(),
+                        4,
+                    );
+                    (p.tp_rank, p.tp_size) = (r, tp);
+                    layout(p).head_range()
+                })
+                .collect()
+        };
+        assert_eq!(ranks(8, 1), vec![0..8]);
+        assert_eq!(ranks(8, 4), vec![0..2, 2..4, 4..6, 6..8]);
+        // Fewer heads than ranks: each head on tp / kv_heads ranks in a row.
+        assert_eq!(ranks(2, 4), vec![0..1, 0..1, 1..2, 1..2]);
+        assert_eq!(ranks(1, 2), vec![0..1, 0..1]);
+    }
+
+    #[test]
+    fn packed_heads_carry_k_and_v_and_slice_as_one_range_per_block() {
+        let mut p = LayoutParams::new(llama8b(), 4);
+        p.regions = RegionKind::Packed;
+        let packed = layout(p.clone());
+        p.regions = RegionKind::Fused;
+        let fused = layout(p.clone());
+        assert_eq!(packed.block_len(), fused.block_len());
+        assert_eq!(packed.num_regions(), fused.num_regions());
+        assert_eq!(packed.region_name(2), "layer2.kv");
+        assert_eq!("packed".parse::<RegionKind>().unwrap(), RegionKind::Packed);
+        // Heads 2..5 of (heads, tokens, 2 * 128) bf16: one range.
+        let head = 16 * 2 * 128 * 2;
+        assert_eq!(
+            packed.block_slices(2..5).unwrap(),
+            vec![(2 * head, 3 * head)]
+        );
+        // Fused: the K half's range and the V half's.
+        let half = fused.block_len() / 2;
+        let k = 16 * 128 * 2;
+        assert_eq!(
+            fused.block_slices(2..5).unwrap(),
+            vec![(2 * k, 3 * k), (half + 2 * k, 3 * k)]
+        );
+        // NHD packed: one range per token, each 3 heads of K and V.
+        p.regions = RegionKind::Packed;
+        p.format = KvFormat::Nhd;
+        let nhd = layout(p);
+        let per_token = 8 * 2 * 128 * 2;
+        let s = nhd.block_slices(2..5).unwrap();
+        assert_eq!(s.len(), 16);
+        assert_eq!(s[1], (per_token + 2 * 2 * 128 * 2, 3 * 2 * 128 * 2));
     }
 
     #[test]
