@@ -4,5 +4,6 @@
 pub mod demo;
 pub mod fake_kube;
 pub mod harness;
+pub mod kv_agent;
 pub mod otlp;
 pub mod sim;

@@ -3,178 +3,13 @@
 //! shared mapping that the test maps too, so it writes the source bytes and
 //! checks the destination byte for byte.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use tandem_tests::harness::{free_port, poll_until, Proc};
+use tandem_tests::kv_agent::{
+    health_of, layout, transfer, AgentProc, PullArgs, MODEL, NUM_BLOCKS, TIMEOUT,
+};
 use tonic::Code;
-use transfer::bench::{check_pattern, fill_pattern};
-use transfer::grpc::proto::{self, transfer_event::Event};
-use transfer::layout::{KvLayout, LayoutParams, ModelShape};
+use transfer::grpc::proto;
 use transfer::HostMemory;
-
-/// Small but vLLM-shaped: 4 layers x K/V = 8 regions, 4 KiB blocks.
-const MODEL: &str = "layers=4,kv_heads=2,head_dim=64,dtype=bf16";
-const NUM_BLOCKS: u32 = 64;
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-fn layout() -> KvLayout {
-    KvLayout::new(LayoutParams::new(
-        ModelShape::parse(MODEL).unwrap(),
-        NUM_BLOCKS,
-    ))
-    .unwrap()
-}
-
-struct AgentProc {
-    proc: Proc,
-    endpoint: String,
-    port: u16,
-    shm: PathBuf,
-    mem: HostMemory,
-}
-
-impl AgentProc {
-    async fn start(backend: &str, engine: &str) -> AgentProc {
-        Self::start_on(backend, engine, free_port(), None, &[]).await
-    }
-
-    async fn start_on(
-        backend: &str,
-        engine: &str,
-        port: u16,
-        shm: Option<PathBuf>,
-        extra: &[&str],
-    ) -> AgentProc {
-        let shm = shm.unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("tandem-kv-{}", uuid::Uuid::new_v4()))
-        });
-        let listen = format!("127.0.0.1:{port}");
-        let blocks = NUM_BLOCKS.to_string();
-        let shm_arg = shm.to_string_lossy().into_owned();
-        let mut args = vec![
-            "--listen",
-            &listen,
-            "--engine-id",
-            engine,
-            "--backend",
-            backend,
-            "--model",
-            MODEL,
-            "--num-blocks",
-            &blocks,
-            "--shm",
-            &shm_arg,
-        ];
-        args.extend_from_slice(extra);
-        let mut proc = Proc::spawn("kv-agent", &args, &[("RUST_LOG", "info,transfer=debug")]);
-        let endpoint = listen.clone();
-        let ep = endpoint.clone();
-        poll_until(TIMEOUT, "kv-agent health", || {
-            let ep = ep.clone();
-            async move { health_of(&ep).await.ok() }
-        })
-        .await;
-        if let Some(status) = proc.exited() {
-            panic!("kv-agent exited: {status:?}\n{}", proc.log());
-        }
-        let mem = HostMemory::shared(&shm, layout().total_bytes() as usize, false).unwrap();
-        AgentProc {
-            proc,
-            endpoint,
-            port,
-            shm,
-            mem,
-        }
-    }
-
-    async fn health(&self) -> proto::HealthResponse {
-        health_of(&self.endpoint).await.unwrap()
-    }
-
-    /// Fills the whole pool with kvbench's pattern: bytes that depend on `seed` and the offset.
-    fn fill(&self, seed: u64) {
-        let mut buf = vec![0u8; self.mem.len()];
-        fill_pattern(&mut buf, 0, seed);
-        self.mem.write(0, &buf).unwrap();
-    }
-
-    fn block(&self, region: u32, block: u32) -> Vec<u8> {
-        let l = layout();
-        let mut out = vec![0u8; l.block_len() as usize];
-        self.mem
-            .read(l.block_offset(region, block), &mut out)
-            .unwrap();
-        out
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.proc.kill();
-        let _ = std::fs::remove_file(&self.shm);
-    }
-}
-
-async fn health_of(endpoint: &str) -> Result<proto::HealthResponse, String> {
-    let mut c = transfer::grpc::connect(endpoint)
-        .await
-        .map_err(|e| e.to_string())?;
-    c.health(proto::HealthRequest {})
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|e| e.to_string())
-}
-
-struct PullArgs<'a> {
-    local: &'a [u32],
-    remote: &'a [u32],
-    plan: proto::Plan,
-    notify: Option<(&'a str, u32)>,
-}
-
-/// Runs a Pull (or Push) on `agent` against `peer`; returns the final event
-/// or the error status. Checks that progress ends at the total.
-async fn transfer(
-    agent: &AgentProc,
-    peer: &str,
-    push: bool,
-    a: PullArgs<'_>,
-) -> Result<proto::TransferDone, tonic::Status> {
-    let mut c = transfer::grpc::connect(&agent.endpoint).await.unwrap();
-    let req = proto::TransferRequest {
-        request_id: "test-req".into(),
-        peer: peer.to_string(),
-        local_block_ids: a.local.to_vec(),
-        remote_block_ids: a.remote.to_vec(),
-        plan: a.plan as i32,
-        deadline_ms: 20_000,
-        remote_request_id: a.notify.map(|(id, _)| id.to_string()).unwrap_or_default(),
-        tp_size: a.notify.map(|(_, tp)| tp).unwrap_or(0),
-        remote_instance_id: String::new(),
-    };
-    let mut stream = if push {
-        c.push(req).await?.into_inner()
-    } else {
-        c.pull(req).await?.into_inner()
-    };
-    let mut last_progress = None;
-    while let Some(ev) = stream.message().await? {
-        match ev.event {
-            Some(Event::Progress(p)) => last_progress = Some(p),
-            Some(Event::Done(d)) => {
-                if d.bytes > 0 {
-                    let p = last_progress.expect("progress before done");
-                    assert_eq!(p.bytes_done, p.bytes_total);
-                    assert_eq!(p.bytes_total, d.bytes);
-                }
-                return Ok(d);
-            }
-            None => panic!("empty event"),
-        }
-    }
-    panic!("stream ended without a result")
-}
 
 fn assert_moved(dst: &AgentProc, src: &AgentProc, dst_blocks: &[u32], src_blocks: &[u32]) {
     let l = layout();
@@ -183,20 +18,6 @@ fn assert_moved(dst: &AgentProc, src: &AgentProc, dst_blocks: &[u32], src_blocks
             assert!(
                 dst.block(region, *d) == src.block(region, *s),
                 "region {region}: destination block {d} differs from source block {s}"
-            );
-        }
-    }
-}
-
-fn assert_untouched(agent: &AgentProc, seed: u64, except: &[u32]) {
-    let l = layout();
-    for region in 0..l.num_regions() {
-        for b in (0..l.num_blocks()).filter(|b| !except.contains(b)) {
-            let off = l.block_offset(region, b);
-            let got = agent.block(region, b);
-            assert!(
-                check_pattern(&got, off, seed).is_none(),
-                "region {region} block {b} changed but was not part of the transfer"
             );
         }
     }
@@ -235,8 +56,8 @@ async fn pull_is_byte_exact(backend: &str, plan: proto::Plan) {
         }
     }
     assert_moved(&decode, &prefill, DST_BLOCKS, SRC_BLOCKS);
-    assert_untouched(&decode, 0x5C, DST_BLOCKS);
-    assert_untouched(&prefill, 0xA1, &[]);
+    decode.assert_untouched(0x5C, DST_BLOCKS);
+    prefill.assert_untouched(0xA1, &[]);
 }
 
 async fn push_is_byte_exact(backend: &str) {
@@ -259,7 +80,7 @@ async fn push_is_byte_exact(backend: &str) {
     .await
     .unwrap();
     assert_moved(&decode, &prefill, DST_BLOCKS, SRC_BLOCKS);
-    assert_untouched(&decode, 0x22, DST_BLOCKS);
+    decode.assert_untouched(0x22, DST_BLOCKS);
 }
 
 #[tokio::test]
