@@ -10,7 +10,9 @@
 //! order (K and V packed per head, or both halves of a fused block), one per
 //! token in NHD order; ranges that continue on both sides are merged.
 
-use super::{check_ids, mismatch, Desc, PlanError, TransferPlan};
+use super::{
+    check_both_ids, check_lengths, check_same_regions, mismatch, Desc, PlanError, TransferPlan,
+};
 use crate::layout::KvLayout;
 
 /// Whether two pools hold different shards of the heads (their TP sizes
@@ -45,23 +47,8 @@ pub fn common_heads(
 /// Everything but the head sharding must agree for a head's bytes to be
 /// the same on both sides.
 fn check_same_model(local: &KvLayout, remote: &KvLayout) -> Result<(), PlanError> {
+    check_same_regions(local, remote)?;
     let (lp, rp) = (local.params(), remote.params());
-    if local.num_regions() != remote.num_regions() {
-        return Err(mismatch(
-            "num_regions",
-            local.num_regions(),
-            remote.num_regions(),
-        ));
-    }
-    if lp.regions != rp.regions {
-        return Err(mismatch("region kind", lp.regions, rp.regions));
-    }
-    if lp.block_size != rp.block_size {
-        return Err(mismatch("block_size", lp.block_size, rp.block_size));
-    }
-    if lp.shape.dtype != rp.shape.dtype {
-        return Err(mismatch("dtype", lp.shape.dtype, rp.shape.dtype));
-    }
     if lp.shape.head_dim != rp.shape.head_dim {
         return Err(mismatch("head_dim", lp.shape.head_dim, rp.shape.head_dim));
     }
@@ -88,15 +75,9 @@ pub fn plan_heads(
     local_blocks: &[u32],
     remote_blocks: &[u32],
 ) -> Result<TransferPlan, PlanError> {
-    if local_blocks.len() != remote_blocks.len() {
-        return Err(PlanError::LengthMismatch {
-            local: local_blocks.len(),
-            remote: remote_blocks.len(),
-        });
-    }
+    check_lengths(local_blocks, remote_blocks)?;
     check_same_model(local, remote)?;
-    check_ids("local", local_blocks, local.num_blocks())?;
-    check_ids("remote", remote_blocks, remote.num_blocks())?;
+    check_both_ids(local, remote, local_blocks, remote_blocks)?;
     let common = common_heads(local, remote)?;
     let within = |l: &KvLayout| {
         let first = l.head_range().start;

@@ -237,13 +237,27 @@ fn validate(
     local_blocks: &[u32],
     remote_blocks: &[u32],
 ) -> Result<(), PlanError> {
+    check_lengths(local_blocks, remote_blocks)?;
+    check_compatible(local, remote)?;
+    check_both_ids(local, remote, local_blocks, remote_blocks)
+}
+
+fn check_lengths(local_blocks: &[u32], remote_blocks: &[u32]) -> Result<(), PlanError> {
     if local_blocks.len() != remote_blocks.len() {
         return Err(PlanError::LengthMismatch {
             local: local_blocks.len(),
             remote: remote_blocks.len(),
         });
     }
-    check_compatible(local, remote)?;
+    Ok(())
+}
+
+fn check_both_ids(
+    local: &KvLayout,
+    remote: &KvLayout,
+    local_blocks: &[u32],
+    remote_blocks: &[u32],
+) -> Result<(), PlanError> {
     check_ids("local", local_blocks, local.num_blocks())?;
     check_ids("remote", remote_blocks, remote.num_blocks())
 }
@@ -259,6 +273,21 @@ fn check_compatible(local: &KvLayout, remote: &KvLayout) -> Result<(), PlanError
     if local.block_len() != remote.block_len() {
         return Err(mismatch("block_len", local.block_len(), remote.block_len()));
     }
+    check_same_regions(local, remote)?;
+    let (lp, rp) = (local.params(), remote.params());
+    // NHD and HND are the same bytes when a block has one token or one head.
+    let order_matters = |l: &KvLayout| {
+        l.heads_per_rank() > 1 && l.block_size() > 1 && l.params().format == KvFormat::Nhd
+    };
+    if lp.format != rp.format && (order_matters(local) || order_matters(remote)) {
+        return Err(mismatch("format", lp.format, rp.format));
+    }
+    Ok(())
+}
+
+/// Region count and kind, tokens per block and dtype: what both planners
+/// need equal for a region's blocks to line up.
+fn check_same_regions(local: &KvLayout, remote: &KvLayout) -> Result<(), PlanError> {
     if local.num_regions() != remote.num_regions() {
         return Err(mismatch(
             "num_regions",
@@ -275,13 +304,6 @@ fn check_compatible(local: &KvLayout, remote: &KvLayout) -> Result<(), PlanError
     }
     if lp.shape.dtype != rp.shape.dtype {
         return Err(mismatch("dtype", lp.shape.dtype, rp.shape.dtype));
-    }
-    // NHD and HND are the same bytes when a block has one token or one head.
-    let order_matters = |l: &KvLayout| {
-        l.heads_per_rank() > 1 && l.block_size() > 1 && l.params().format == KvFormat::Nhd
-    };
-    if lp.format != rp.format && (order_matters(local) || order_matters(remote)) {
-        return Err(mismatch("format", lp.format, rp.format));
     }
     Ok(())
 }
