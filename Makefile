@@ -87,7 +87,7 @@ fuzz:
 ## hw-tests/bundle/, then run the kvbench GPU matrix and pd-demo on GPU pools where a GPU is
 ## (hw-tests/README.md); results under hw-tests/results/<date>-<gpu>/.
 hw-test: setup
-	bash scripts/hw-test all
+	HW_GPUS=$(or $(GPUS),1) bash scripts/hw-test all
 
 hw-pack: setup
 	bash scripts/hw-test pack

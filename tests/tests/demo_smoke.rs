@@ -16,7 +16,16 @@ const DEADLINE: Duration = Duration::from_secs(300);
 fn quick_demo_runs_all_four_modes_and_writes_its_files() {
     let out = std::env::temp_dir().join(format!("pd-demo-{}", uuid::Uuid::new_v4().simple()));
     let mut child = Command::new(bin_path("pd-demo"))
-        .args(["--quick", "--users", "4", "--out-dir"])
+        // The decode engines' pools named on their own (here where the others are too: the
+        // flag the two-GPU run uses to put them on another GPU).
+        .args([
+            "--quick",
+            "--users",
+            "4",
+            "--decode-kv-mem",
+            "host",
+            "--out-dir",
+        ])
         .arg(&out)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -72,6 +81,14 @@ fn quick_demo_runs_all_four_modes_and_writes_its_files() {
             "pd-selective-precise"
         ]
     );
+    assert_eq!(doc["decode_kv_mem"], "host");
+    for c in doc["clusters"].as_array().unwrap() {
+        assert_eq!(
+            c["cluster"]["decode_engine_args"],
+            serde_json::json!(["--kv-mem=host"]),
+            "{c:#}"
+        );
+    }
     let requests = doc["workload"]["requests"].as_u64().unwrap();
     for m in modes {
         assert_eq!(m["ok"].as_u64(), Some(requests), "{m:#}");

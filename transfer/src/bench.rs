@@ -12,7 +12,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::chart::{BarChart, Series};
-use crate::layout::format_bytes;
+use crate::layout::{format_bytes, MemKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -319,7 +319,46 @@ pub struct Report {
     /// of the same bytes, measured in the same run.
     pub d2d_gbps: Option<f64>,
     pub h2d_gbps: Option<f64>,
+    /// The peer on another GPU: a peer copy into this GPU and out of it
+    /// (READ and WRITE ceilings), measured in the same run.
+    pub peer_in_gbps: Option<f64>,
+    pub peer_out_gbps: Option<f64>,
     pub results: Vec<CaseResult>,
+}
+
+/// Copy rates measured in one run, for [`Ceilings::of`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ceilings {
+    pub memcpy: f64,
+    pub d2d: Option<f64>,
+    pub h2d: Option<f64>,
+    /// A peer copy into the local GPU from the peer's, and out of it.
+    pub peer_in: Option<f64>,
+    pub peer_out: Option<f64>,
+}
+
+impl Ceilings {
+    /// The ceiling a transfer into `dst` memory from `src` memory is
+    /// compared with: a peer copy between two GPUs (`local` is this side's
+    /// memory: the direction is in or out of it), a device copy within one,
+    /// the pinned host-device copy across the bus, a host memcpy between
+    /// host pools. None when it was not measured.
+    pub fn of(&self, dst: MemKind, src: MemKind, local: MemKind) -> Option<(&'static str, f64)> {
+        match (dst, src) {
+            (MemKind::Gpu(a), MemKind::Gpu(b)) if a != b => {
+                if dst == local {
+                    self.peer_in.map(|g| ("peer", g))
+                } else {
+                    self.peer_out.map(|g| ("peer", g))
+                }
+            }
+            (MemKind::Gpu(_), MemKind::Gpu(_)) => self.d2d.map(|g| ("d2d", g)),
+            (MemKind::Gpu(_), MemKind::Host) | (MemKind::Host, MemKind::Gpu(_)) => {
+                self.h2d.map(|g| ("h2d", g))
+            }
+            (MemKind::Host, MemKind::Host) => Some(("memcpy", self.memcpy)),
+        }
+    }
 }
 
 impl Report {
@@ -412,6 +451,14 @@ impl Report {
                 h2d
             ));
         }
+        if let (Some(i), Some(o)) = (self.peer_in_gbps, self.peer_out_gbps) {
+            out.push_str(&format!(
+                "peer GPU ceilings ({}): peer copy into this GPU {:.1} GB/s, out of it {:.1} GB/s (peer)\n",
+                format_bytes(self.bytes_per_transfer),
+                i,
+                o
+            ));
+        }
         out
     }
 
@@ -471,6 +518,32 @@ impl Report {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn each_pair_of_memories_is_measured_against_its_own_copy() {
+        let c = Ceilings {
+            memcpy: 10.0,
+            d2d: Some(2000.0),
+            h2d: Some(55.0),
+            peer_in: Some(390.0),
+            peer_out: Some(380.0),
+        };
+        let (g0, g1, host) = (MemKind::Gpu(0), MemKind::Gpu(1), MemKind::Host);
+        // Local on gpu:1, peer on gpu:0: a READ lands here, a WRITE leaves.
+        assert_eq!(c.of(g1, g0, g1), Some(("peer", 390.0)));
+        assert_eq!(c.of(g0, g1, g1), Some(("peer", 380.0)));
+        assert_eq!(c.of(g0, g0, g0), Some(("d2d", 2000.0)));
+        assert_eq!(c.of(g0, host, g0), Some(("h2d", 55.0)));
+        assert_eq!(c.of(host, g0, g0), Some(("h2d", 55.0)));
+        assert_eq!(c.of(host, host, host), Some(("memcpy", 10.0)));
+        // Not measured (no second GPU in this run): no ceiling, not a wrong one.
+        let one_gpu = Ceilings {
+            peer_in: None,
+            peer_out: None,
+            ..c
+        };
+        assert_eq!(one_gpu.of(g1, g0, g1), None);
+    }
 
     fn rng() -> StdRng {
         StdRng::seed_from_u64(7)

@@ -78,6 +78,10 @@ struct Args {
     /// Where the engines' KV pools live (engine-sim --kv-mem): host or gpu:N.
     #[arg(long, default_value = "host")]
     kv_mem: String,
+    /// Where the decode engines' KV pools live, when not where --kv-mem says: prefill engines
+    /// on one GPU and decode engines on another (`--kv-mem gpu:0 --decode-kv-mem gpu:1`).
+    #[arg(long)]
+    decode_kv_mem: Option<String>,
     /// Shape of the engines' KV cache (engine-sim --kv-model). The default is 8 KiB per token,
     /// a 16th of Llama-3.1-8B's, so four engines fit a laptop.
     #[arg(long, default_value = "layers=8,kv_heads=4,head_dim=64,dtype=bf16")]
@@ -176,6 +180,11 @@ async fn run(args: Args) -> Result<bool, String> {
         // the precise index matches a prompt only then.
         BYTE_TOKENS.into(),
     ];
+    let decode_args: Vec<String> = args
+        .decode_kv_mem
+        .iter()
+        .map(|m| format!("--kv-mem={m}"))
+        .collect();
     let modes: Vec<Mode> = args.modes.iter().map(|m| Mode::from(*m)).collect();
 
     println!(
@@ -197,9 +206,13 @@ async fn run(args: Args) -> Result<bool, String> {
         params.requests(),
     );
     println!(
-        "Engines: engine-sim {} (timing model of an 8B model on one H100; KV {} over {backend}).",
+        "Engines: engine-sim {} (timing model of an 8B model on one H100; KV {} over {backend}){}.",
         engine_args.join(" "),
-        args.kv_model
+        args.kv_model,
+        match &args.decode_kv_mem {
+            Some(m) => format!("; decode engines' KV in {m}"),
+            None => String::new(),
+        }
     );
     println!("Modes:");
     for m in &modes {
@@ -219,6 +232,7 @@ async fn run(args: Args) -> Result<bool, String> {
         let outcome = run_mode(
             *mode,
             &engine_args,
+            &decode_args,
             &args.out_dir,
             Arc::clone(&sessions),
             users,
@@ -302,6 +316,7 @@ async fn run(args: Args) -> Result<bool, String> {
         "engine_args": engine_args,
         "kv_backend": backend,
         "kv_mem": args.kv_mem,
+        "decode_kv_mem": args.decode_kv_mem,
         "modes": results.iter().map(ModeResult::to_json).collect::<Vec<_>>(),
         "clusters": topologies,
         "summary": report::narrative(&results),

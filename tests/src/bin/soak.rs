@@ -136,7 +136,7 @@ async fn run(args: Args) -> Result<bool, String> {
         // never pulled (its client left, its decode engine died) are freed after this.
         "--hold-timeout-s=3".into(),
     ];
-    let mut spec = Mode::PdAlways.cluster_spec(&engine_args, &out_dir);
+    let mut spec = Mode::PdAlways.cluster_spec(&engine_args, &[], &out_dir);
     spec.sidecar_args.extend([
         "--prefill-timeout=800ms".to_string(),
         "--prefill-retry-backoff=20ms".to_string(),

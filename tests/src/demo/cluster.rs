@@ -32,6 +32,9 @@ pub struct ClusterSpec {
     pub decode_engines: usize,
     /// Flags of every engine-sim besides the ports.
     pub engine_args: Vec<String>,
+    /// Flags of the decode engines (every engine in an aggregated mode) after
+    /// `engine_args`; a flag given in both takes this value (`--kv-mem=gpu:1`).
+    pub decode_engine_args: Vec<String>,
     /// Flags of every sidecar besides the ports.
     pub sidecar_args: Vec<String>,
     /// The router's EndpointPickerConfig, written to `router_config_path`.
@@ -121,8 +124,11 @@ impl Cluster {
             .map_err(|e| format!("{}: {e}", spec.router_config_path.display()))?;
         let mut tasks = Vec::new();
         let mut publishers = Vec::new();
-        for _ in 0..spec.prefill_engines + spec.decode_engines {
+        for i in 0..spec.prefill_engines + spec.decode_engines {
             let mut args = spec.engine_args.clone();
+            if i >= spec.prefill_engines {
+                args.extend(spec.decode_engine_args.iter().cloned());
+            }
             let port = if spec.endpoints_path.is_some() {
                 let (port, events) = (free_port(), free_port());
                 let url = format!("tcp://127.0.0.1:{events}");
@@ -377,6 +383,7 @@ impl Cluster {
             })).collect::<Vec<_>>(),
             "router_port": self.router.port(),
             "engine_args": self.spec.engine_args,
+            "decode_engine_args": self.spec.decode_engine_args,
             "sidecar_args": if self.sidecars.is_empty() { json!(null) } else { json!(self.spec.sidecar_args) },
             "router_config": self.spec.router_config_path.to_string_lossy(),
             "endpoints_file": self.spec.endpoints_path.as_ref().map(|p| p.to_string_lossy()),

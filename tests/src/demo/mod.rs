@@ -183,8 +183,13 @@ impl Mode {
     }
 
     /// The cluster this mode runs on: 4 engines in all, each with `--byte-tokens` (added
-    /// when `engine_args` lacks it).
-    pub fn cluster_spec(self, engine_args: &[String], out_dir: &Path) -> ClusterSpec {
+    /// when `engine_args` lacks it); `decode_args` go to the decode engines only.
+    pub fn cluster_spec(
+        self,
+        engine_args: &[String],
+        decode_args: &[String],
+        out_dir: &Path,
+    ) -> ClusterSpec {
         let prefill = self.prefill_engines();
         let mut engine_args = engine_args.to_vec();
         if !engine_args.iter().any(|a| a == BYTE_TOKENS) {
@@ -194,6 +199,7 @@ impl Mode {
             prefill_engines: prefill,
             decode_engines: 4 - prefill,
             engine_args,
+            decode_engine_args: decode_args.to_vec(),
             // The router decides; the sidecar prefills remotely whenever it names a prefiller.
             sidecar_args: vec![
                 "--bind=127.0.0.1".into(),
@@ -231,12 +237,13 @@ pub struct ModeRun {
 pub async fn run_mode(
     mode: Mode,
     engine_args: &[String],
+    decode_args: &[String],
     out_dir: &Path,
     sessions: Arc<Vec<Session>>,
     users: usize,
     done: Arc<AtomicUsize>,
 ) -> Result<(ModeRun, Cluster), String> {
-    let cluster = Cluster::start(mode.cluster_spec(engine_args, out_dir)).await?;
+    let cluster = Cluster::start(mode.cluster_spec(engine_args, decode_args, out_dir)).await?;
     // A publisher drops what it sends before the router has subscribed: make sure every
     // engine's events arrive before the first request.
     cluster.wait_kv_events_connected(KV_EVENTS_DEADLINE).await?;

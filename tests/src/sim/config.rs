@@ -11,7 +11,9 @@ use super::pd::KvParamsShape;
 #[command(
     name = "engine-sim",
     version,
-    about = "A stand-in vLLM engine: OpenAI API plus the P/D kv_transfer_params protocol"
+    about = "A stand-in vLLM engine: OpenAI API plus the P/D kv_transfer_params protocol",
+    // A flag given twice takes its last value: a launcher adds per-role flags after common ones.
+    args_override_self = true
 )]
 pub struct Config {
     /// Address to listen on; also returned to decode engines as `remote_host`.
@@ -281,6 +283,14 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_given_twice_takes_its_last_value() {
+        // pd-demo appends the decode engines' own --kv-mem after the common flags.
+        let cfg =
+            Config::try_parse_from(["engine-sim", "--num-blocks=10", "--num-blocks=20"]).unwrap();
+        assert_eq!(cfg.num_blocks, 20);
+    }
 
     #[test]
     fn defaults_match_vllm_ports_and_limits() {

@@ -18,8 +18,8 @@ use clap::{Parser, Subcommand};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use transfer::bench::{
-    check_pattern, fill_pattern, memcpy_ceiling, place_blocks, CaseResult, LatencyStats, Placement,
-    Report, RunLengths,
+    check_pattern, fill_pattern, memcpy_ceiling, place_blocks, CaseResult, Ceilings, LatencyStats,
+    Placement, Report, RunLengths,
 };
 use transfer::cli::{
     allocate_or_exit, allocate_separate_or_exit, init_logging, LayoutArgs, RegionAlloc,
@@ -404,6 +404,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
+    let mut ceilings = Ceilings {
+        memcpy,
+        d2d,
+        h2d,
+        ..Ceilings::default()
+    };
     let mut results = Vec::new();
     let mut peer_desc = String::new();
     for &backend in &a.backend {
@@ -446,6 +452,25 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 endpoint.clone()
             };
             let peer_kind = peer_layout.params().mem;
+            if let (Some(gpu), MemKind::Gpu(other)) = (local_mem.gpu(), peer_kind) {
+                if other != gpu.ordinal() && ceilings.peer_in.is_none() {
+                    // The peer reports its own ordinal: the same GPU here when both
+                    // processes see the same devices (one host, same CUDA_VISIBLE_DEVICES).
+                    let other = transfer::gpu::device(other)?;
+                    let (i, o) = transfer::gpu::peer_copy_ceiling(
+                        gpu,
+                        &other,
+                        bytes.min(2 << 30) as usize,
+                        5,
+                    )?;
+                    eprintln!(
+                        "kvbench: peer copy gpu:{} -> gpu:{} {i:.1} GB/s, back {o:.1} GB/s",
+                        other.ordinal(),
+                        gpu.ordinal()
+                    );
+                    (ceilings.peer_in, ceilings.peer_out) = (Some(i), Some(o));
+                }
+            }
             let agent = Agent::start(
                 agent_config(
                     "kvbench-run",
@@ -471,13 +496,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     Op::Read => (local_kind, peer_kind),
                     Op::Write => (peer_kind, local_kind),
                 };
-                let ceiling = match (dst, src) {
-                    (MemKind::Gpu(_), MemKind::Gpu(_)) => d2d.map(|g| ("d2d", g)),
-                    (MemKind::Gpu(_), MemKind::Host) | (MemKind::Host, MemKind::Gpu(_)) => {
-                        h2d.map(|g| ("h2d", g))
-                    }
-                    (MemKind::Host, MemKind::Host) => Some(("memcpy", memcpy)),
-                };
+                let ceiling = ceilings.of(dst, src, local_kind);
                 for &placement in &a.placement {
                     // Both plans move the same block ids, drawn per repetition.
                     let mut rng = StdRng::seed_from_u64(a.seed ^ placement as u64);
@@ -614,6 +633,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         memcpy_gbps: memcpy,
         d2d_gbps: d2d,
         h2d_gbps: h2d,
+        peer_in_gbps: ceilings.peer_in,
+        peer_out_gbps: ceilings.peer_out,
         results,
     };
     print!("{}", report.table());

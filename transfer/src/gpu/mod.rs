@@ -12,8 +12,11 @@
 //! first: the agent calls from tokio's blocking pool, whose threads come and
 //! go.
 
+mod ceiling;
 pub mod copy;
 pub mod lent;
+
+pub use ceiling::{copy_ceilings, peer_copy_ceiling};
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -206,6 +209,41 @@ impl Gpu {
 
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// Lets kernels and copies of this device's context reach `other`'s
+    /// memory directly (NVLink or PCIe peer to peer). An error names the
+    /// pair when the two cannot.
+    pub fn enable_peer_access(&self, other: &Gpu) -> Result<(), TransferError> {
+        if other.ordinal == self.ordinal {
+            return Ok(());
+        }
+        let (mut a, mut b, mut can) = (0, 0, 0);
+        // SAFETY: plain driver queries into local out-parameters.
+        unsafe {
+            check("cuDeviceGet", sys::cuDeviceGet(&mut a, self.ordinal as i32))?;
+            check(
+                "cuDeviceGet",
+                sys::cuDeviceGet(&mut b, other.ordinal as i32),
+            )?;
+            check(
+                "cuDeviceCanAccessPeer",
+                sys::cuDeviceCanAccessPeer(&mut can, a, b),
+            )?;
+        }
+        if can == 0 {
+            return Err(TransferError::Gpu(format!(
+                "gpu:{} cannot access gpu:{}'s memory directly (no peer-to-peer path)",
+                self.ordinal, other.ordinal
+            )));
+        }
+        self.bind()?;
+        // SAFETY: both contexts are retained for the life of the process.
+        let r = unsafe { sys::cuCtxEnablePeerAccess(other.ctx, 0) };
+        if r == sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
+            return Ok(());
+        }
+        check("cuCtxEnablePeerAccess", r)
     }
 
     /// Makes this device's context current on the calling thread.
@@ -1057,42 +1095,4 @@ impl Drop for Event {
             unsafe { sys::cuEventDestroy_v2(self.raw) };
         }
     }
-}
-
-/// The copy ceilings a transfer into this GPU is measured against: a
-/// device-to-device copy and a pinned host-to-device copy of `bytes`, each
-/// the median GB/s of `reps` timed with CUDA events.
-pub fn copy_ceilings(
-    gpu: &Arc<Gpu>,
-    bytes: usize,
-    reps: usize,
-) -> Result<(f64, f64), TransferError> {
-    let a = gpu.alloc(bytes)?;
-    let b = gpu.alloc(bytes)?;
-    let mut pinned = gpu.alloc_pinned(bytes)?;
-    pinned.as_mut_slice().fill(0x5A);
-    let stream = gpu.stream()?;
-    let time = |f: &dyn Fn() -> Result<(), TransferError>| -> Result<f64, TransferError> {
-        let mut gbps = Vec::with_capacity(reps.max(1) + 1);
-        for i in 0..=reps.max(1) {
-            let start = gpu.event(true)?;
-            let end = gpu.event(true)?;
-            start.record(&stream)?;
-            f()?;
-            end.record(&stream)?;
-            end.synchronize()?;
-            let s = f64::from(end.elapsed_ms(&start)?) / 1e3;
-            // The first run warms up (module load, page mapping).
-            if i > 0 && s > 0.0 {
-                gbps.push(bytes as f64 / s / 1e9);
-            }
-        }
-        gbps.sort_by(|x, y| x.total_cmp(y));
-        Ok(gbps.get(gbps.len() / 2).copied().unwrap_or(0.0))
-    };
-    let d2d = time(&|| stream.copy(b.ptr(), a.ptr(), bytes))?;
-    // SAFETY: `pinned` outlives the synchronous timing loop.
-    let host = unsafe { std::slice::from_raw_parts(pinned.as_ptr(), bytes) };
-    let h2d = time(&|| stream.upload(a.ptr(), host))?;
-    Ok((d2d, h2d))
 }
