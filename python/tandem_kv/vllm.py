@@ -377,6 +377,7 @@ def _sources(rank: int, local_tp: int, remote_tp: int, kv_heads: int) -> tuple[l
     if remote_tp % local_tp:
         raise ValueError(f"prefill tp_size {remote_tp} is not a multiple of decode tp_size {local_tp}")
     k = remote_tp // local_tp
+    kv_heads = kv_heads if kv_heads > 0 else remote_tp  # unknown: assume no replicas
     read, skip, seen = [], [], set()
     for q in range(rank * k, (rank + 1) * k):
         head = _heads_of(q, remote_tp, kv_heads)
