@@ -90,6 +90,8 @@ for i, n in enumerate([48] + lengths):
         row["kv_descriptors"] = sum(p["descriptors"] for p in pulls)
         for k in ("plan_s", "submit_s", "device_s"):
             row[k] = sum(p.get(k) or 0.0 for p in pulls)
+        # The same pulls through vLLM's KV-connector stats, as NixlConnector's are reported.
+        row["kv_seconds_vllm_metric"] = delta.get("vllm:tandem_kv_xfer_time_seconds_sum", 0.0)
     else:
         row["kv_bytes"] = delta.get("vllm:nixl_bytes_transferred_sum", 0.0)
         row["kv_seconds"] = delta.get("vllm:nixl_xfer_time_seconds_sum", 0.0)

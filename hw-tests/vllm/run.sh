@@ -117,7 +117,7 @@ for model in $MODELS; do
     cap=$!
     python3 "$REPO/hw-tests/vllm/drive.py" "$conn" "$dir" "$RES/$model-$conn.json" $lengths 2>&1 | tee -a "$OUT/run.txt"
     kill -TERM $cap 2>/dev/null; wait $cap 2>/dev/null
-    curl -s -m 5 http://127.0.0.1:8200/metrics | grep -E '^vllm:(prompt_tokens_by_source|nixl_)' | grep -v _created > "$OUT/metrics-$model-$conn.txt"
+    curl -s -m 5 http://127.0.0.1:8200/metrics | grep -E '^vllm:(prompt_tokens_by_source|nixl_|tandem_kv_)' | grep -v _created > "$OUT/metrics-$model-$conn.txt"
     grep -ahE "KV pull failed|computing it locally|Traceback" "$PD/hwv-decode.log" | tail -5 | cut -c1-300 | tee -a "$OUT/run.txt"
   done
 done

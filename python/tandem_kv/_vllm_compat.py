@@ -56,6 +56,46 @@ except ImportError:
             return self._connector_metadata is not None
 
 
+try:  # pragma: no cover - with vLLM, its own stats and Prometheus base classes
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (  # type: ignore
+        KVConnectorPromMetrics,
+        KVConnectorStats,
+    )
+    from prometheus_client import Counter, Gauge, Histogram  # type: ignore
+except ImportError:
+    from dataclasses import dataclass, field
+    from typing import Any
+
+    try:  # the keys vLLM's metric_types dict uses
+        from prometheus_client import Counter, Gauge, Histogram  # type: ignore
+    except ImportError:
+        class Gauge:  # type: ignore[no-redef]
+            pass
+
+        class Counter:  # type: ignore[no-redef]
+            pass
+
+        class Histogram:  # type: ignore[no-redef]
+            pass
+
+    @dataclass
+    class KVConnectorStats:  # type: ignore[no-redef]
+        """As vLLM 0.26's: a picklable `data` dict; subclasses aggregate and reduce it."""
+
+        data: dict[str, Any] = field(default_factory=dict)
+
+    class KVConnectorPromMetrics:  # type: ignore[no-redef]
+        """As vLLM 0.26's: the metric classes to create, by kind, and the engines' labels."""
+
+        def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+            self._kv_transfer_config = vllm_config.kv_transfer_config
+            self._gauge_cls = metric_types[Gauge]
+            self._counter_cls = metric_types[Counter]
+            self._histogram_cls = metric_types[Histogram]
+            self._labelnames = labelnames
+            self.per_engine_labelvalues = per_engine_labelvalues
+
+
 def tensor_parallel_rank(vllm_config) -> int:
     """This worker's TP rank: vLLM's parallel state when it is set up, else the config's."""
     if HAVE_VLLM:  # pragma: no cover

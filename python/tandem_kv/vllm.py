@@ -62,6 +62,7 @@ from ._vllm_compat import (
     KVConnectorRole,
     tensor_parallel_rank,
 )
+from .stats import TandemKVConnectorStats, TandemPromMetrics
 
 logger = logging.getLogger("tandem_kv.vllm")
 
@@ -168,6 +169,18 @@ class TandemConnector(KVConnectorBase_V1):
         else:
             self._sched = None
             self._worker = _Worker(self._cfg, tensor_parallel_rank(vllm_config))
+
+    # ---- stats (vLLM's KV-connector stats pipeline: log line and Prometheus) ----
+    def get_kv_connector_stats(self):
+        return self._worker.take_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[dict] = None):
+        return TandemKVConnectorStats(data=data) if data is not None else TandemKVConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return TandemPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config) -> Optional[str]:
@@ -405,6 +418,7 @@ class _Worker:
         self.pulls: dict[str, _Pull] = {}
         self.kv_heads = 0
         self.fresh: set[str] = set()  # pulls started since the last get_finished
+        self.stats = TandemKVConnectorStats()
         self.done_recving: set[str] = set()
         self.load_errors: set[int] = set()
 
@@ -472,6 +486,7 @@ class _Worker:
             except Exception as e:  # the request is recomputed, never lost
                 logger.error("request %s: pull from %s failed to start: %s", req_id, peer(q), e)
                 pull.failed = True
+                self.stats.record_failed_transfer()
                 continue
             pull.handles[handle] = peer(q)
         if not pull.handles:
@@ -498,6 +513,7 @@ class _Worker:
                                  req_id, peer, e)
                     del pull.handles[handle]
                     pull.failed = True
+                    self.stats.record_failed_transfer()
                     continue
                 if result is None:
                     continue
@@ -516,11 +532,17 @@ class _Worker:
                 if r["reason"] == "expired":
                     logger.warning("request %s: nobody pulled its KV within %.0f s; freed",
                                    r["request_id"], self.cfg.hold_timeout_s)
+                    self.stats.record_kv_expired_req()
                 sending.add(r["request_id"])
         recving, self.done_recving = self.done_recving, set()
         return (sending or None), (recving or None)
 
+    def take_stats(self) -> Optional[TandemKVConnectorStats]:
+        """This interval's stats for vLLM, None when there are none."""
+        return None if self.stats.is_empty() else self.stats.clone_and_reset()
+
     def _record(self, req_id, blocks, result) -> None:
+        self.stats.record_transfer(result)
         logger.debug("request %s: pulled %d blocks, %d bytes in %.3f ms (%.2f GB/s, %s)", req_id,
                      blocks, result.bytes, result.elapsed_s * 1e3, result.gbps, result.backend)
         if self.cfg.stats_file:

@@ -6,9 +6,8 @@ prompt's KV, and every prefill rank must have been told (vLLM's notification cou
 may free its blocks."""
 
 import os
-import random
-import socket
 import sys
+import time
 
 import pytest
 
@@ -17,33 +16,13 @@ from conftest import ROOT, TARGET
 sys.path.insert(0, str(ROOT / "python"))
 os.environ.setdefault("TANDEM_KV_LIB", str(TARGET / "libtandem_kv.so"))
 
-from tandem_kv.vllm import TandemConnector, _sources  # noqa: E402
-from tandem_kv._vllm_compat import KVConnectorRole  # noqa: E402
+from tandem_kv.vllm import _sources  # noqa: E402
 from vllm_standins import (  # noqa: E402
-    Engine, KVCacheBlock, KVCacheBlocks, Request, RequestStatus, Tensor, vllm_config,
+    Engine, KVCacheBlock, KVCacheBlocks, Request, RequestStatus, free_ports, rank_engines,
 )
 
 LAYERS, BLOCK, HEAD_DIM, KV_HEADS = 2, 16, 8, 4
 PROMPT = list(range(500, 500 + BLOCK * 3 + 5))  # three full blocks and a partial one
-
-
-def free_ports(n: int) -> int:
-    """A base port with `n` free ports from it (each rank's agent listens on base + rank)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports")
 
 
 def head_bytes(layer: int, prompt_block: int, head: int) -> bytes:
@@ -59,16 +38,7 @@ def heads_of(rank: int, tp: int) -> range:
 
 
 def engines(name: str, role: str, tp: int, base: int) -> list[Engine]:
-    out = []
-    for rank in range(tp):
-        cfg = vllm_config(name, role, port=base, tp_size=tp, rank=rank, kv_heads=KV_HEADS)
-        per = max(1, KV_HEADS // tp)
-        caches = {f"model.layers.{i}.self_attn.attn": Tensor(16, per, BLOCK, HEAD_DIM) for i in range(LAYERS)}
-        e = Engine(TandemConnector(cfg, KVConnectorRole.SCHEDULER, None),
-                   TandemConnector(cfg, KVConnectorRole.WORKER, None), caches)
-        e.worker.register_kv_caches(caches)
-        out.append(e)
-    return out
+    return rank_engines(name, role, tp, base, KV_HEADS, layers=LAYERS, head_dim=HEAD_DIM)
 
 
 @pytest.mark.parametrize("p_tp,d_tp", [(1, 2), (2, 1), (1, 4), (4, 2), (2, 4), (2, 8), (8, 2)])
@@ -97,9 +67,7 @@ def test_each_decode_rank_gets_its_heads_from_prefill_ranks_of_another_tp_size(p
             req = Request("cmpl-d", PROMPT, kv_transfer_params=dict(params, do_remote_prefill=True))
             count, _ = e.scheduler.get_num_new_matched_tokens(req, 0)
             e.scheduler.update_state_after_alloc(req, KVCacheBlocks(([KVCacheBlock(b) for b in d_blocks],)), count)
-        deadline = 30.0
-        import time
-        end = time.monotonic() + deadline
+        end = time.monotonic() + 30.0
         while not (all("cmpl-d" in e.finished_recving for e in decode)
                    and all("cmpl-p" in e.finished_sending for e in prefill)):
             assert time.monotonic() < end, (

@@ -10,6 +10,8 @@ shape / dtype / device / element_size, laid out as vLLM 0.26 lays a layer's KV c
 
 import ctypes
 import enum
+import random
+import socket
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
@@ -142,3 +144,42 @@ class Engine:
         self.finished_recving |= recving or set()
         self.load_errors |= self.worker.get_block_ids_with_load_errors()
         self.worker.clear_connector_metadata()
+
+
+def free_ports(n: int) -> int:
+    """A base port with `n` free ports from it (each TP rank's agent listens on base + rank)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
+
+
+def rank_engines(name: str, role: str, tp: int, base: int, kv_heads: int, layers: int = 2,
+                 block_size: int = 16, head_dim: int = 8, num_blocks: int = 16, **extra) -> list:
+    """One engine per TP rank, each a scheduler-side and a worker-side TandemConnector with its
+    own agent on `base + rank`, its caches holding the rank's share of `kv_heads`."""
+    from tandem_kv.vllm import TandemConnector
+    from tandem_kv._vllm_compat import KVConnectorRole
+
+    out = []
+    for rank in range(tp):
+        cfg = vllm_config(name, role, port=base, tp_size=tp, rank=rank, kv_heads=kv_heads, **extra)
+        per = max(1, kv_heads // tp)
+        caches = {f"model.layers.{i}.self_attn.attn": Tensor(num_blocks, per, block_size, head_dim)
+                  for i in range(layers)}
+        e = Engine(TandemConnector(cfg, KVConnectorRole.SCHEDULER, None),
+                   TandemConnector(cfg, KVConnectorRole.WORKER, None), caches)
+        e.worker.register_kv_caches(caches)
+        out.append(e)
+    return out
