@@ -37,6 +37,9 @@ KV arrives whole before it is scheduled again, as with NixlConnector.
                small pull then finishes in the step it started, not one later)
   stats_file   append one JSON line per finished pull             [TANDEM_KV_STATS_FILE]
 
+Pulls, failures and expired holds also go to vLLM's KV-connector stats (`stats.py`): its
+`KV Transfer metrics` log line and the `vllm:tandem_kv_*` Prometheus series.
+
 Prefill and decode TP sizes may differ when one divides the other, mapped as vLLM's
 NixlConnector maps them: a decode rank of a larger TP reads its heads' slice of prefill rank
 `rank * P // D`; a decode rank of a smaller TP reads prefill ranks `rank * P/D ..` whole, each
