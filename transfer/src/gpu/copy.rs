@@ -450,7 +450,7 @@ impl Copier {
     ) -> Result<(Staging, u64), TransferError> {
         let mut s = self.staging(bytes)?;
         fill(&mut s.host.as_mut_slice()[..bytes]);
-        if bytes <= direct_items_max() {
+        if bytes <= direct_items_max() && s.host.device_ptr() != 0 {
             // The launch after this orders the host's writes before the
             // kernel's reads; the buffer is kept until the end event.
             let at = s.host.device_ptr();

@@ -466,10 +466,12 @@ impl Gpu {
             len,
             device_ptr: 0,
         };
-        // SAFETY: `p` is our mapped allocation; out-parameter.
-        check("cuMemHostGetDevicePointer", unsafe {
-            sys::cuMemHostGetDevicePointer_v2(&mut buf.device_ptr, p, 0)
-        })?;
+        // SAFETY: `p` is our mapped allocation; out-parameter. Without a
+        // device address (0) the buffer is only ever uploaded from.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut buf.device_ptr, p, 0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            buf.device_ptr = 0;
+        }
         Ok(buf)
     }
 
@@ -880,7 +882,8 @@ impl PinnedBuffer {
         self.ptr
     }
 
-    /// The buffer's address for a kernel: it reads the host memory itself.
+    /// The buffer's address for a kernel, which then reads the host memory
+    /// itself; 0 when the driver gave none.
     pub fn device_ptr(&self) -> u64 {
         self.device_ptr
     }
