@@ -219,7 +219,18 @@ impl CudaIpcBackend {
         reachable(&self.export, peer).map_err(TransferError::BadMetadata)?;
         let same_process = peer.nonce == self.export.nonce;
         let mapping = match peer.pool {
-            POOL_GPU | POOL_GPU_FD | POOL_GPU_LENT if same_process => PeerMapping::Direct,
+            POOL_GPU | POOL_GPU_FD | POOL_GPU_LENT if same_process => {
+                // Our own process's memory, by address; on another of its GPUs only with
+                // peer access on (a peer in another process gets it when its memory opens).
+                if let Ok(gpu) = self.gpu() {
+                    if peer.device != gpu.uuid() {
+                        if let Some(other) = crate::gpu::device_by_uuid(&peer.device)? {
+                            gpu.enable_peer_access(&other)?;
+                        }
+                    }
+                }
+                PeerMapping::Direct
+            }
             POOL_GPU_LENT => {
                 let gpu = self.gpu()?;
                 let lent = peer.lent.as_ref().ok_or_else(|| {

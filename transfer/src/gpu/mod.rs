@@ -185,6 +185,17 @@ pub fn device(ordinal: u32) -> Result<Arc<Gpu>, TransferError> {
     Ok(gpu)
 }
 
+/// The visible GPU whose UUID ([`Gpu::uuid`]) is `uuid`, if any.
+pub fn device_by_uuid(uuid: &str) -> Result<Option<Arc<Gpu>>, TransferError> {
+    for ordinal in 0..init()? {
+        let gpu = device(ordinal)?;
+        if gpu.uuid() == uuid {
+            return Ok(Some(gpu));
+        }
+    }
+    Ok(None)
+}
+
 impl Gpu {
     pub fn ordinal(&self) -> u32 {
         self.ordinal
