@@ -371,14 +371,10 @@ pub unsafe extern "C" fn tandem_kv_transfer_wait(
     timeout_ms: u64,
     result_out: *mut TandemKvTransferResult,
 ) -> TandemKvStatus {
-    guard(|| {
-        finish(
-            agent_ref(agent)?,
-            handle,
-            Duration::from_millis(timeout_ms),
-            result_out,
-        )
-    })
+    // SAFETY: the caller's contract is the same.
+    unsafe {
+        tandem_kv_transfer_wait_us(agent, handle, timeout_ms.saturating_mul(1000), result_out)
+    }
 }
 
 /// Like [`tandem_kv_transfer_wait`] in microseconds. A wait of up to 2 ms
