@@ -91,6 +91,8 @@ pub fn plan_heads(
     let mut descs: Vec<Desc> =
         Vec::with_capacity(local_blocks.len() * ls.len() * local.num_regions() as usize);
     for region in 0..local.num_regions() {
+        // Never merged across a region boundary: regions may be separate allocations.
+        let region_start = descs.len();
         for (&l, &r) in local_blocks.iter().zip(remote_blocks) {
             let (lb, rb) = (
                 local.block_offset(region, l),
@@ -102,7 +104,7 @@ pub fn plan_heads(
                     remote: rb + ro,
                     len,
                 };
-                match descs.last_mut() {
+                match descs[region_start..].last_mut() {
                     Some(p) if p.local + p.len == d.local && p.remote + p.len == d.remote => {
                         p.len += d.len;
                     }
@@ -305,6 +307,23 @@ mod tests {
             remote.block_offset(0, 3) + remote.block_len() / 2
         );
         assert_eq!(plan.descs[0].len, local.block_len());
+    }
+
+    #[test]
+    fn descriptors_never_span_two_regions() {
+        // Two KV heads at TP 2 and TP 4: one head per rank either way (replicas at TP 4), so
+        // rank 0 of each holds the same whole blocks, and the last block of a region and the
+        // first of the next are adjacent on both sides.
+        let local = KvLayout::new(params(2, (0, 4), RegionKind::Split, KvFormat::Hnd)).unwrap();
+        let remote = KvLayout::new(params(2, (0, 2), RegionKind::Split, KvFormat::Hnd)).unwrap();
+        let last = local.num_blocks() - 1;
+        let plan = plan_heads(&local, &remote, &[0, last], &[0, last]).unwrap();
+        for d in &plan.descs {
+            let (first, _, _) = local.region_of(d.local).unwrap();
+            let (end, _, _) = local.region_of(d.local + d.len - 1).unwrap();
+            assert_eq!(first, end, "{d:?} spans regions {first} and {end}");
+        }
+        assert_eq!(plan.descs.len(), 2 * local.num_regions() as usize);
     }
 
     #[test]
