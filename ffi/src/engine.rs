@@ -178,6 +178,9 @@ struct PendingReleases {
 
 impl Engine {
     pub fn new(cfg: Config) -> Result<Engine, Failure> {
+        // An engine's pulls are small and many: no GPU timing events unless
+        // TANDEM_KV_DEVICE_TIMING=1 (or TANDEM_KV_PROFILE=1) asks for them.
+        transfer::gpu::copy::set_device_timing_default(false);
         if cfg.engine_id.is_empty() {
             return Err(Failure::invalid("engine_id must not be empty"));
         }

@@ -291,6 +291,32 @@ fn profiling() -> bool {
     *ON.get_or_init(|| std::env::var_os("TANDEM_KV_PROFILE").is_some_and(|v| v == "1"))
 }
 
+/// Whether submissions are timed on the GPU (a start event, and timing
+/// events): what kvbench's `dev GB/s` and a pull's `device_time` come from.
+/// Without it a submission records one event that cannot time, one driver
+/// call fewer and cheaper queries: what an engine's small pulls want.
+/// `TANDEM_KV_DEVICE_TIMING=1|0` decides; otherwise the process's default
+/// ([`set_device_timing_default`]: on, except in `libtandem_kv`), and
+/// always on with `TANDEM_KV_PROFILE=1`.
+pub fn device_timing() -> bool {
+    *TIMING.get_or_init(|| {
+        match std::env::var("TANDEM_KV_DEVICE_TIMING").as_deref() {
+            Ok("1") => true,
+            Ok("0") => profiling(),
+            _ => profiling() || TIMING_DEFAULT.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    })
+}
+
+static TIMING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+static TIMING_DEFAULT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Sets the default of [`device_timing`] for this process; it has effect
+/// only before the first GPU submission.
+pub fn set_device_timing_default(on: bool) {
+    TIMING_DEFAULT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A pinned host buffer and a device buffer for one launch's items.
 struct Staging {
     host: PinnedBuffer,
@@ -314,9 +340,10 @@ pub struct Copier {
     gpu: Arc<Gpu>,
     stream: Stream,
     spare: Mutex<Vec<Staging>>,
-    /// (start, end) timing events of finished submissions, reused: creating
-    /// two events per transfer costs more than recording them.
-    events: Mutex<Vec<(Event, Event)>>,
+    /// (start, end) events of finished submissions, reused: creating events
+    /// per transfer costs more than recording them. No start event, and an
+    /// end event that cannot time, without [`device_timing`].
+    events: Mutex<Vec<(Option<Event>, Event)>>,
 }
 
 impl Copier {
@@ -409,11 +436,15 @@ impl Copier {
     ) -> Result<Submitted, TransferError> {
         let t0 = std::time::Instant::now();
         let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let timing = device_timing();
         let (start, event) = match reused {
             Some(pair) => pair,
-            None => (self.gpu.event(true)?, self.gpu.event(true)?),
+            None if timing => (Some(self.gpu.event(true)?), self.gpu.event(true)?),
+            None => (None, self.gpu.event(false)?),
         };
-        start.record(&self.stream)?;
+        if let Some(start) = &start {
+            start.record(&self.stream)?;
+        }
         let t1 = std::time::Instant::now();
         let staging = enqueue()?;
         let t2 = std::time::Instant::now();
@@ -431,7 +462,7 @@ impl Copier {
             posted: std::time::Instant::now(),
             queries: 0,
             copier: self.clone(),
-            start: Some(start),
+            start,
             event: Some(event),
             staging,
             method,
@@ -514,7 +545,8 @@ pub struct Submitted {
     posted: std::time::Instant,
     queries: u32,
     copier: Arc<Copier>,
-    /// Always Some until drop hands them back to the copier.
+    /// `event` is Some until drop hands the pair back to the copier; `start`
+    /// is None without [`device_timing`].
     start: Option<Event>,
     event: Option<Event>,
     staging: Option<Staging>,
@@ -593,12 +625,12 @@ impl Drop for Submitted {
             return;
         }
         self.return_staging();
-        if let (Some(a), Some(b)) = (self.start.take(), self.event.take()) {
+        if let Some(b) = self.event.take() {
             self.copier
                 .events
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((a, b));
+                .push((self.start.take(), b));
         }
     }
 }
