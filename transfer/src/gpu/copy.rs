@@ -406,7 +406,8 @@ impl Copier {
                 if n == 0 {
                     return Ok(None);
                 }
-                let (s, items) = self.staged(n * 24, |buf| {
+                // Each item is read once, by one CTA: fine over the bus.
+                let (s, items) = self.staged(n * 24, true, |buf| {
                     let words = copies.flat_map(|c| items_of(c, item)).flatten();
                     for (dst, w) in buf.chunks_exact_mut(8).zip(words) {
                         dst.copy_from_slice(&w.to_le_bytes());
@@ -472,16 +473,17 @@ impl Copier {
 
     /// A staging pair whose first `bytes` host bytes `fill` writes, and the
     /// device address a kernel reads them at: the host half itself for a
-    /// short list ([`direct_items_max`]), else the device half after an
-    /// upload on the stream.
+    /// short list the kernel reads once (`in_place`, [`direct_items_max`]),
+    /// else the device half after an upload on the stream.
     fn staged(
         &self,
         bytes: usize,
+        in_place: bool,
         fill: impl FnOnce(&mut [u8]),
     ) -> Result<(Staging, u64), TransferError> {
         let mut s = self.staging(bytes)?;
         fill(&mut s.host.as_mut_slice()[..bytes]);
-        if bytes <= direct_items_max() && s.host.device_ptr() != 0 {
+        if in_place && bytes <= direct_items_max() && s.host.device_ptr() != 0 {
             // The launch after this orders the host's writes before the
             // kernel's reads; the buffer is kept until the end event.
             let at = s.host.device_ptr();
@@ -517,7 +519,8 @@ impl Copier {
             if pairs == 0 || b.regions == 0 {
                 return Ok(None);
             }
-            let (s, ids) = self.staged(pairs * 8, |buf| pack_ids(src_ids, dst_ids, buf))?;
+            // Every region's CTAs read each pair again: uploaded, not read over the bus.
+            let (s, ids) = self.staged(pairs * 8, false, |buf| pack_ids(src_ids, dst_ids, buf))?;
             let pairs = u32::try_from(pairs).map_err(|_| {
                 TransferError::BadRequest(format!("{pairs} blocks in one transfer"))
             })?;
