@@ -6,7 +6,7 @@
 //! blocks only after all of them notified it, as vLLM counts.
 
 use tandem_tests::harness::poll_until;
-use tandem_tests::kv_agent::{transfer, AgentProc, PullArgs, TIMEOUT};
+use tandem_tests::kv_agent::{shard, transfer, AgentProc, PullArgs, MODEL, TIMEOUT};
 use transfer::grpc::proto;
 
 const SRC: &[u32] = &[3, 4, 5, 20, 63, 0];
@@ -126,4 +126,86 @@ async fn nixl_a_decode_rank_of_a_smaller_tp_reads_every_prefill_rank() {
 #[tokio::test]
 async fn tcp_a_decode_rank_of_a_smaller_tp_reads_every_prefill_rank() {
     a_decode_rank_of_a_smaller_tp_reads_every_prefill_rank("tcp").await;
+}
+
+/// kvbench against a `kvbench serve` of another TP shard: every row moves and verifies the
+/// heads both ranks hold (decode rank 1 of TP 2 reading a TP 1 peer over NIXL).
+#[tokio::test]
+async fn kvbench_between_tp_shards_verifies_every_row() {
+    let port = tandem_tests::harness::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = tandem_tests::harness::Proc::spawn(
+        "kvbench",
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--backend",
+            "nixl",
+            "--model",
+            MODEL,
+            "--num-blocks",
+            "48",
+        ],
+        &[],
+    );
+    let ep = listen.clone();
+    poll_until(TIMEOUT, "kvbench serve", || {
+        let ep = ep.clone();
+        async move { tandem_tests::kv_agent::health_of(&ep).await.ok() }
+    })
+    .await;
+    assert!(serve.exited().is_none());
+    let dir = std::env::temp_dir().join(format!("tandem-kvbench-tp-{}", uuid::Uuid::new_v4()));
+    let json = dir.join("kv.json");
+    let args: Vec<String> = [
+        "run",
+        "--peer",
+        &listen,
+        "--backend",
+        "nixl",
+        "--model",
+        MODEL,
+        "--num-blocks",
+        "64",
+        "--tp-size",
+        "2",
+        "--tp-rank",
+        "1",
+        "--tokens",
+        "256",
+        "--reps",
+        "2",
+        "--warmup",
+        "0",
+        "--png",
+        "none",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([json.to_string_lossy().into_owned()])
+    .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["results"].as_array().unwrap();
+    assert!(rows.len() >= 3 * 2, "{report:#}");
+    let half = shard(1, 2).bytes_per_block() * (256 / 16);
+    for r in rows {
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["bytes"], half, "{r}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -299,13 +299,13 @@ fn profiling() -> bool {
 /// ([`set_device_timing_default`]: on, except in `libtandem_kv`), and
 /// always on with `TANDEM_KV_PROFILE=1`.
 pub fn device_timing() -> bool {
-    *TIMING.get_or_init(|| {
-        match std::env::var("TANDEM_KV_DEVICE_TIMING").as_deref() {
+    *TIMING.get_or_init(
+        || match std::env::var("TANDEM_KV_DEVICE_TIMING").as_deref() {
             Ok("1") => true,
             Ok("0") => profiling(),
             _ => profiling() || TIMING_DEFAULT.load(std::sync::atomic::Ordering::Relaxed),
-        }
-    })
+        },
+    )
 }
 
 static TIMING: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
