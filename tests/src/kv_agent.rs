@@ -224,3 +224,36 @@ pub fn shard(rank: u32, size: u32) -> KvLayout {
     (p.tp_rank, p.tp_size) = (rank, size);
     KvLayout::new(p).unwrap()
 }
+
+/// A `kvbench serve` process on a free port with `args` after `--listen`, once its control
+/// plane answers; the process and its endpoint.
+pub async fn kvbench_serve(args: &[&str]) -> (Proc, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut all = vec!["serve", "--listen", &listen];
+    all.extend_from_slice(args);
+    let mut serve = Proc::spawn("kvbench", &all, &[]);
+    let ep = listen.clone();
+    poll_until(TIMEOUT, "kvbench serve", || {
+        let ep = ep.clone();
+        async move { health_of(&ep).await.ok() }
+    })
+    .await;
+    assert!(
+        serve.exited().is_none(),
+        "kvbench serve exited:\n{}",
+        serve.log()
+    );
+    (serve, listen)
+}
+
+/// Runs `kvbench` with `args` off the async runtime; its output.
+pub async fn kvbench(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::harness::bin_path("kvbench"))
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}

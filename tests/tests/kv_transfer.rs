@@ -3,9 +3,9 @@
 //! shared mapping that the test maps too, so it writes the source bytes and
 //! checks the destination byte for byte.
 
-use tandem_tests::harness::{free_port, poll_until, Proc};
+use tandem_tests::harness::{free_port, poll_until};
 use tandem_tests::kv_agent::{
-    health_of, layout, transfer, AgentProc, PullArgs, MODEL, NUM_BLOCKS, TIMEOUT,
+    kvbench, kvbench_serve, layout, transfer, AgentProc, PullArgs, MODEL, NUM_BLOCKS, TIMEOUT,
 };
 use tonic::Code;
 use transfer::grpc::proto;
@@ -585,32 +585,17 @@ fn kvbench_with_one_allocation_per_region_verifies_over_tcp_and_nixl() {
 
 #[tokio::test]
 async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut serve = Proc::spawn(
-        "kvbench",
-        &[
-            "serve",
-            "--listen",
-            &listen,
-            "--backend",
-            "nixl",
-            "--model",
-            MODEL,
-            "--num-blocks",
-            "48",
-            "--seed",
-            "9",
-        ],
-        &[],
-    );
-    let ep = listen.clone();
-    poll_until(TIMEOUT, "kvbench serve", || {
-        let ep = ep.clone();
-        async move { health_of(&ep).await.ok() }
-    })
+    let (mut serve, listen) = kvbench_serve(&[
+        "--backend",
+        "nixl",
+        "--model",
+        MODEL,
+        "--num-blocks",
+        "48",
+        "--seed",
+        "9",
+    ])
     .await;
-    assert!(serve.exited().is_none());
     let dir = std::env::temp_dir().join(format!("tandem-kvbench-{}", uuid::Uuid::new_v4()));
     let json = dir.join("kv.json");
     let run = |seed: &str, reps: &str| {
@@ -646,14 +631,9 @@ async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
             .map(|s| s.to_string()),
         );
         args.push(json.to_string_lossy().into_owned());
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
-                .args(&args)
-                .output()
-                .unwrap()
-        })
+        kvbench(args)
     };
-    let out = run("9", "2").await.unwrap();
+    let out = run("9", "2").await;
     assert!(
         out.status.success(),
         "{}",
@@ -667,7 +647,7 @@ async fn kvbench_run_against_a_serve_process_verifies_the_peers_bytes() {
         .iter()
         .all(|r| r["verified"] == true));
     // With the wrong seed the bytes cannot match: the check must notice.
-    let out = run("10", "1").await.unwrap();
+    let out = run("10", "1").await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -6,7 +6,9 @@
 //! blocks only after all of them notified it, as vLLM counts.
 
 use tandem_tests::harness::poll_until;
-use tandem_tests::kv_agent::{shard, transfer, AgentProc, PullArgs, MODEL, TIMEOUT};
+use tandem_tests::kv_agent::{
+    kvbench, kvbench_serve, shard, transfer, AgentProc, PullArgs, MODEL, TIMEOUT,
+};
 use transfer::grpc::proto;
 
 const SRC: &[u32] = &[3, 4, 5, 20, 63, 0];
@@ -132,30 +134,8 @@ async fn tcp_a_decode_rank_of_a_smaller_tp_reads_every_prefill_rank() {
 /// heads both ranks hold (decode rank 1 of TP 2 reading a TP 1 peer over NIXL).
 #[tokio::test]
 async fn kvbench_between_tp_shards_verifies_every_row() {
-    let port = tandem_tests::harness::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut serve = tandem_tests::harness::Proc::spawn(
-        "kvbench",
-        &[
-            "serve",
-            "--listen",
-            &listen,
-            "--backend",
-            "nixl",
-            "--model",
-            MODEL,
-            "--num-blocks",
-            "48",
-        ],
-        &[],
-    );
-    let ep = listen.clone();
-    poll_until(TIMEOUT, "kvbench serve", || {
-        let ep = ep.clone();
-        async move { tandem_tests::kv_agent::health_of(&ep).await.ok() }
-    })
-    .await;
-    assert!(serve.exited().is_none());
+    let (_serve, listen) =
+        kvbench_serve(&["--backend", "nixl", "--model", MODEL, "--num-blocks", "48"]).await;
     let dir = std::env::temp_dir().join(format!("tandem-kvbench-tp-{}", uuid::Uuid::new_v4()));
     let json = dir.join("kv.json");
     let args: Vec<String> = [
@@ -186,14 +166,7 @@ async fn kvbench_between_tp_shards_verifies_every_row() {
     .map(|s| s.to_string())
     .chain([json.to_string_lossy().into_owned()])
     .collect();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(tandem_tests::harness::bin_path("kvbench"))
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = kvbench(args).await;
     assert!(
         out.status.success(),
         "{}",
