@@ -211,21 +211,34 @@ mod tests {
         assert_eq!(out.expect("finished in time").unwrap().bytes, 1);
     }
 
-    #[test]
-    fn a_short_wait_steps_the_transfer_on_the_callers_thread_until_it_lands() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let _g = rt.enter();
+    /// A transfer that is pending for `pending` polls (as a copy not yet
+    /// landed), then done; and the count of its polls.
+    fn lands_after(
+        pending: u32,
+    ) -> (
+        impl Future<Output = Outcome> + Send + 'static,
+        Arc<std::sync::atomic::AtomicU32>,
+    ) {
         let polls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let n = polls.clone();
-        // Lands at the 50th look, as an event query would; no runtime task runs it,
-        // so only the caller's stepping can see it.
-        let (run, pending) = Run::start(std::future::poll_fn(move |_| {
-            if n.fetch_add(1, Ordering::SeqCst) < 50 {
+        let fut = std::future::poll_fn(move |_| {
+            if n.fetch_add(1, Ordering::SeqCst) < pending {
                 Poll::Pending
             } else {
                 Poll::Ready(Ok(done()))
             }
-        }));
+        });
+        (fut, polls)
+    }
+
+    #[test]
+    fn a_short_wait_steps_the_transfer_on_the_callers_thread_until_it_lands() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _g = rt.enter();
+        // Lands at the 50th look, as an event query would; no runtime task runs it,
+        // so only the caller's stepping can see it.
+        let (fut, polls) = lands_after(50);
+        let (run, pending) = Run::start(fut);
         assert!(pending);
         let out = run.poll_until(Instant::now() + SPIN_MAX);
         assert_eq!(out.expect("seen within the wait").unwrap().bytes, 1);
@@ -241,16 +254,9 @@ mod tests {
     fn the_callers_poll_alone_can_finish_a_transfer() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let _g = rt.enter();
-        let polls = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let n = polls.clone();
-        // Pending twice (as a copy not yet landed), then done; no task runs it.
-        let (run, pending) = Run::start(std::future::poll_fn(move |_| {
-            if n.fetch_add(1, Ordering::SeqCst) < 2 {
-                Poll::Pending
-            } else {
-                Poll::Ready(Ok(done()))
-            }
-        }));
+        // Pending twice, then done; no task runs it.
+        let (fut, polls) = lands_after(2);
+        let (run, pending) = Run::start(fut);
         assert!(pending);
         assert!(run.poll_until(Instant::now()).is_none());
         assert!(run.poll_until(Instant::now()).is_some());
