@@ -23,7 +23,8 @@ os.environ.setdefault("TANDEM_KV_LIB", str(TARGET / "libtandem_kv.so"))
 from tandem_kv.vllm import TandemConnector  # noqa: E402
 from tandem_kv._vllm_compat import KVConnectorRole  # noqa: E402
 from vllm_standins import (  # noqa: E402
-    Engine, KVCacheBlock, KVCacheBlocks, Request, RequestStatus, kv_bytes, kv_caches, vllm_config,
+    KVCacheBlock, KVCacheBlocks, Request, RequestStatus, kv_bytes, kv_caches, rank_engines,
+    vllm_config,
 )
 
 PROMPT = list(range(1000, 1000 + 16 * 5 + 7))  # 5 full blocks and a partial one
@@ -73,12 +74,8 @@ def start_prefill(port):
 
 
 def decode_engine(port, **extra):
-    cfg = vllm_config("decode-engine", "kv_consumer", port=port, **extra)
-    caches = kv_caches()
-    engine = Engine(TandemConnector(cfg, KVConnectorRole.SCHEDULER, None),
-                    TandemConnector(cfg, KVConnectorRole.WORKER, None), caches)
-    engine.worker.register_kv_caches(caches)
-    return engine
+    # kv_caches()'s shape: 3 layers of 32 blocks, 2 KV heads.
+    return rank_engines("decode-engine", "kv_consumer", 1, port, 2, layers=3, num_blocks=32, **extra)[0]
 
 
 def schedule_remote_prefill(engine, params, local_blocks, cached=0, req_id="cmpl-decode-1"):

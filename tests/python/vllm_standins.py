@@ -175,9 +175,7 @@ def rank_engines(name: str, role: str, tp: int, base: int, kv_heads: int, layers
     out = []
     for rank in range(tp):
         cfg = vllm_config(name, role, port=base, tp_size=tp, rank=rank, kv_heads=kv_heads, **extra)
-        per = max(1, kv_heads // tp)
-        caches = {f"model.layers.{i}.self_attn.attn": Tensor(num_blocks, per, block_size, head_dim)
-                  for i in range(layers)}
+        caches = kv_caches(layers, num_blocks, max(1, kv_heads // tp), block_size, head_dim)
         e = Engine(TandemConnector(cfg, KVConnectorRole.SCHEDULER, None),
                    TandemConnector(cfg, KVConnectorRole.WORKER, None), caches)
         e.worker.register_kv_caches(caches)
