@@ -314,26 +314,29 @@ pub struct Report {
     pub run_lengths: String,
     pub inflight: usize,
     pub max_desc_bytes: u64,
-    pub memcpy_gbps: f64,
-    /// GPU runs: device-to-device and pinned host-to-device copy ceilings
-    /// of the same bytes, measured in the same run.
-    pub d2d_gbps: Option<f64>,
-    pub h2d_gbps: Option<f64>,
-    /// The peer on another GPU: a peer copy into this GPU and out of it
-    /// (READ and WRITE ceilings), measured in the same run.
-    pub peer_in_gbps: Option<f64>,
-    pub peer_out_gbps: Option<f64>,
+    /// The copy ceilings of this run (`memcpy_gbps`, `d2d_gbps`, ... in
+    /// the JSON).
+    #[serde(flatten)]
+    pub ceilings: Ceilings,
     pub results: Vec<CaseResult>,
 }
 
-/// Copy rates measured in one run, for [`Ceilings::of`].
-#[derive(Debug, Clone, Copy, Default)]
+/// Copy rates of the same bytes measured in one run, for [`Ceilings::of`].
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Ceilings {
+    /// One host thread's memcpy.
+    #[serde(rename = "memcpy_gbps")]
     pub memcpy: f64,
+    /// GPU runs: device-to-device and pinned host-to-device copies.
+    #[serde(rename = "d2d_gbps")]
     pub d2d: Option<f64>,
+    #[serde(rename = "h2d_gbps")]
     pub h2d: Option<f64>,
-    /// A peer copy into the local GPU from the peer's, and out of it.
+    /// The peer on another GPU: a peer copy into the local GPU from the
+    /// peer's, and out of it (READ and WRITE).
+    #[serde(rename = "peer_in_gbps")]
     pub peer_in: Option<f64>,
+    #[serde(rename = "peer_out_gbps")]
     pub peer_out: Option<f64>,
 }
 
@@ -441,9 +444,9 @@ impl Report {
         out.push_str(&format!(
             "host memcpy ceiling (1 thread, {}): {:.2} GB/s\n",
             format_bytes(self.bytes_per_transfer),
-            self.memcpy_gbps
+            self.ceilings.memcpy
         ));
-        if let (Some(d2d), Some(h2d)) = (self.d2d_gbps, self.h2d_gbps) {
+        if let (Some(d2d), Some(h2d)) = (self.ceilings.d2d, self.ceilings.h2d) {
             out.push_str(&format!(
                 "GPU ceilings ({}): device-to-device {:.1} GB/s (d2d), pinned host-to-device {:.1} GB/s (h2d)\n",
                 format_bytes(self.bytes_per_transfer),
@@ -451,7 +454,7 @@ impl Report {
                 h2d
             ));
         }
-        if let (Some(i), Some(o)) = (self.peer_in_gbps, self.peer_out_gbps) {
+        if let (Some(i), Some(o)) = (self.ceilings.peer_in, self.ceilings.peer_out) {
             out.push_str(&format!(
                 "peer GPU ceilings ({}): peer copy into this GPU {:.1} GB/s, out of it {:.1} GB/s (peer)\n",
                 format_bytes(self.bytes_per_transfer),
@@ -506,9 +509,9 @@ impl Report {
             y_label: "GB/s".into(),
             groups: groups.iter().map(|p| p.to_string()).collect(),
             series,
-            reference: Some(match self.d2d_gbps {
+            reference: Some(match self.ceilings.d2d {
                 Some(d2d) => ("device-to-device copy".into(), d2d),
-                None => ("host memcpy".into(), self.memcpy_gbps),
+                None => ("host memcpy".into(), self.ceilings.memcpy),
             }),
         }
     }

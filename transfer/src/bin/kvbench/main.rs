@@ -633,11 +633,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         run_lengths: a.runs.to_string(),
         inflight: a.inflight,
         max_desc_bytes: a.max_desc_bytes,
-        memcpy_gbps: memcpy,
-        d2d_gbps: d2d,
-        h2d_gbps: h2d,
-        peer_in_gbps: ceilings.peer_in,
-        peer_out_gbps: ceilings.peer_out,
+        ceilings,
         results,
     };
     print!("{}", report.table());
