@@ -30,10 +30,11 @@ pub enum GatherKernel {
     Eight = 2,
 }
 
-/// The kernel's launch shape, fixed per process. Defaults are what measured
-/// best on an H200 (hw-tests/results); `TANDEM_GATHER_KERNEL` (`4|nc|8`),
-/// `TANDEM_GATHER_THREADS`, `TANDEM_GATHER_CTAS_PER_SM` and
-/// `TANDEM_GATHER_ITEM_BYTES` override them for tuning on other GPUs.
+/// The kernel's launch shape and item staging, fixed per process. Defaults
+/// are what measured best on an H200 (hw-tests/results);
+/// `TANDEM_GATHER_KERNEL` (`4|nc|8`), `TANDEM_GATHER_THREADS`,
+/// `TANDEM_GATHER_CTAS_PER_SM`, `TANDEM_GATHER_ITEM_BYTES` and
+/// `TANDEM_KV_DIRECT_ITEMS_BYTES` override them for tuning on other GPUs.
 #[derive(Debug, Clone, Copy)]
 pub struct Tuning {
     pub kernel: GatherKernel,
@@ -42,6 +43,12 @@ pub struct Tuning {
     /// The shortest item; items grow with the transfer unless `fixed_item`.
     pub item_bytes: u64,
     pub fixed_item: bool,
+    /// Item lists up to this many bytes are read by the kernel from the
+    /// pinned host buffer itself (mapped memory) instead of being uploaded
+    /// first: one driver call fewer, which is most of a small transfer's
+    /// host time after the engine idled (hw-tests/results: submit-profile).
+    /// Each CTA reads its few records over the bus once. 0 turns it off.
+    pub direct_items_bytes: usize,
 }
 
 /// A tuning variable: its number clamped to `lo..=hi`, or `default`.
@@ -71,6 +78,7 @@ pub fn tuning() -> &'static Tuning {
             item_bytes: num("TANDEM_GATHER_ITEM_BYTES", MAX_ITEM_BYTES, ALIGN, 1 << 30) / ALIGN
                 * ALIGN,
             fixed_item: std::env::var_os("TANDEM_GATHER_ITEM_BYTES").is_some(),
+            direct_items_bytes: num("TANDEM_KV_DIRECT_ITEMS_BYTES", 4096, 0, 1 << 20) as usize,
         }
     })
 }
@@ -323,17 +331,6 @@ struct Staging {
     dev: DeviceBuffer,
 }
 
-/// Item lists up to this many bytes are read by the kernel from the pinned
-/// host buffer itself (mapped memory) instead of being uploaded first: one
-/// driver call fewer, which is most of a small transfer's host time after
-/// the engine idled (hw-tests/results: submit-profile). Each CTA reads its
-/// few records over the bus once. `TANDEM_KV_DIRECT_ITEMS_BYTES` (0 turns
-/// it off).
-fn direct_items_max() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| env_num("TANDEM_KV_DIRECT_ITEMS_BYTES", 4096, 0, 1 << 20) as usize)
-}
-
 /// Submits transfers on one stream of one GPU. Staging buffers are reused
 /// once the launch that read them has completed.
 pub struct Copier {
@@ -437,10 +434,9 @@ impl Copier {
     ) -> Result<Submitted, TransferError> {
         let t0 = std::time::Instant::now();
         let reused = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let timing = device_timing();
         let (start, event) = match reused {
             Some(pair) => pair,
-            None if timing => (Some(self.gpu.event(true)?), self.gpu.event(true)?),
+            None if device_timing() => (Some(self.gpu.event(true)?), self.gpu.event(true)?),
             None => (None, self.gpu.event(false)?),
         };
         if let Some(start) = &start {
@@ -473,7 +469,7 @@ impl Copier {
 
     /// A staging pair whose first `bytes` host bytes `fill` writes, and the
     /// device address a kernel reads them at: the host half itself for a
-    /// short list the kernel reads once (`in_place`, [`direct_items_max`]),
+    /// short list the kernel reads once (`in_place`, [`Tuning::direct_items_bytes`]),
     /// else the device half after an upload on the stream.
     fn staged(
         &self,
@@ -483,7 +479,7 @@ impl Copier {
     ) -> Result<(Staging, u64), TransferError> {
         let mut s = self.staging(bytes)?;
         fill(&mut s.host.as_mut_slice()[..bytes]);
-        if in_place && bytes <= direct_items_max() && s.host.device_ptr() != 0 {
+        if in_place && bytes <= tuning().direct_items_bytes && s.host.device_ptr() != 0 {
             // The launch after this orders the host's writes before the
             // kernel's reads; the buffer is kept until the end event.
             let at = s.host.device_ptr();

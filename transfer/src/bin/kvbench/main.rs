@@ -8,6 +8,8 @@
 //! separate` gives each region its own allocation, registered as an
 //! engine's lent memory (vLLM's per-layer tensors).
 
+mod verify;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,8 +28,6 @@ use transfer::cli::{
 };
 use transfer::gpu::copy::CopyMethod;
 use transfer::gpu::GpuShare;
-
-mod verify;
 use transfer::layout::{KvLayout, MemKind};
 use transfer::{Agent, AgentConfig, BackendKind, KvMemory, Op, PlanKind, TransferSpec};
 use verify::{verify, verify_write_by_readback};
