@@ -89,6 +89,15 @@ kvjson() { # connector role
 
 RES=${HWV_OUT:-hw-tests/results/$(date -u +%F)-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')/vllm}
 mkdir -p "$RES"
+# HWV_MPS=1: the engines share the GPU through CUDA MPS (one GPU context for every process)
+# instead of time-sliced contexts, as engines on GPUs of their own do not switch contexts.
+if [ "${HWV_MPS:-0}" = 1 ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || fatal "HWV_MPS=1 but the MPS control daemon did not start"
+  trap 'echo quit | nvidia-cuda-mps-control; for f in "$PD"/hwv-*.log; do [ -f "$f" ] && tail -c 8000000 "$f" > "$OUT/${f##*/}"; done' EXIT
+  say "CUDA MPS on"
+fi
 for model in $MODELS; do
   case $model in
     tiny) dir=/tmp/tiny; maxlen=2048; lengths=${HWV_TINY_LENGTHS:-"64 600 1900"};;
@@ -122,7 +131,7 @@ for model in $MODELS; do
   done
 done
 stop prefill decode sidecar router
-[ "${HWV_PROFILE:-0}" = 1 ] && grep -ah "tandem submit profile" "$PD/hwv-decode.log" > "$RES/submit-profile-decode.txt"
+[ "${HWV_PROFILE:-0}" = 1 ] && grep -ahE "tandem (submit|transfer) profile" "$PD/hwv-decode.log" > "$RES/submit-profile-decode.txt"
 
 # --- precise prefix-cache routing: two engines' KV events into pd-router (no P/D) ---
 if [ "${HWV_PRECISE:-1}" = 1 ] && [ "$(el)" -lt $((LIMIT - 120)) ]; then
@@ -163,6 +172,6 @@ YAML
 fi
 python3 "$REPO/hw-tests/vllm/report.py" "$RES" | tee "$RES/README.md" | tee -a "$OUT/run.txt"
 # One archive: the device tool brings back only a few files per call.
-tar czf "$OUT/results.tgz" -C "$RES" . "$OUT"/kv-events-*.jsonl "$OUT"/metrics-*.txt 2>/dev/null
-rm -f "$OUT"/kv-events-*.jsonl "$OUT"/metrics-*.txt
+mv -f "$OUT"/kv-events-*.jsonl "$OUT"/metrics-*.txt "$RES"/ 2>/dev/null
+tar czf "$OUT/results${HWV_TAG:+-$HWV_TAG}.tgz" -C "$RES" .
 say "done in $(el) s"

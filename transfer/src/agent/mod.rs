@@ -561,6 +561,7 @@ impl Agent {
             }
         };
         let planning = Instant::now();
+        let resolve_time = planning - started;
         let mut plan = Arc::new(self.plan_for(&spec, &peer)?);
         let mut plan_time = planning.elapsed();
         let mut peer = peer;
@@ -571,6 +572,17 @@ impl Agent {
                 .await;
             match result {
                 Ok((device_time, submit_time)) => {
+                    if crate::gpu::copy::profiling() {
+                        let us = |d: Duration| d.as_secs_f64() * 1e6;
+                        eprintln!(
+                            "tandem transfer profile: peer lookup {:.1} us, plan {:.1} us, \
+                             submit {:.1} us, total {:.1} us",
+                            us(resolve_time),
+                            us(plan_time),
+                            us(submit_time),
+                            us(started.elapsed())
+                        );
+                    }
                     self.stats.transfers_ok.fetch_add(1, Ordering::Relaxed);
                     self.stats
                         .bytes_moved

@@ -293,8 +293,9 @@ fn items_of(c: CopyOp, item: u64) -> impl Iterator<Item = [u64; 3]> {
 }
 
 /// `TANDEM_KV_PROFILE=1`: each submission prints how long its driver calls
-/// took (hw-tests: where a small transfer's host time goes).
-fn profiling() -> bool {
+/// took, and each transfer its phases (hw-tests: where a small transfer's
+/// host time goes).
+pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("TANDEM_KV_PROFILE").is_some_and(|v| v == "1"))
 }
