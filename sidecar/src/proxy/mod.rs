@@ -1,8 +1,9 @@
 //! The life of a P/D request, as named phases:
 //! `read_body` -> `parse` -> `decide` -> `prefill` (with retries) -> `decode`
 //! -> response rewrite (in `body`). What arrives is read in `inbound`, the
-//! prefill leg's retries live in `prefill`, other paths and the probes in
-//! `passthrough`. Connectors only build bodies; this module sends them.
+//! prefill leg's retries live in `prefill`, the decode leg and its answer
+//! streamed back in `decode`, other paths and the probes in `passthrough`.
+//! Connectors only build bodies; this module sends them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,12 +14,12 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Uri};
-use http_body_util::BodyExt;
+use http::Uri;
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 mod bootstrap;
+mod decode;
 mod inbound;
 mod passthrough;
 mod prefill;
@@ -33,11 +34,12 @@ pub use inbound::{
 pub use passthrough::{health, passthrough, ready};
 pub use prefill::PrefillWatch;
 
+pub use decode::DECODE_STREAM_BROKEN;
+use decode::{decode_error, stream_broken, DecodeLeg};
 use inbound::read_body;
 use prefill::prefill_with_retries;
 
 use crate::allow::{Denied, PoolEndpoints, PrefillGuard};
-use crate::body::{rewrite_usage, Observed};
 use crate::config::{split_host_port, Config, PrefillFailurePolicy};
 use crate::connectors::{self, Connector, Legs, PdRequest};
 use crate::error::ProxyError;
@@ -45,7 +47,7 @@ use crate::metrics::{Decision, Metrics};
 use crate::request::{ApiKind, TokenCounter};
 use crate::sanitize;
 use crate::telemetry::Trace;
-use crate::upstream::{self, HttpClient, UpstreamError};
+use crate::upstream::{self, HttpClient};
 use crate::validate;
 use opentelemetry::trace::SpanKind;
 
@@ -582,143 +584,11 @@ impl Ctx<'_> {
             }
         }
     }
-
-    /// The decode leg on the local engine; the response streams back.
-    async fn decode(
-        &self,
-        body: Bytes,
-        cached_tokens: Option<u64>,
-    ) -> Result<Response, ProxyError> {
-        let (resp, leg) = self.send_decode(body).await?;
-        let is_json = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if let (Some(cached), true, true) = (cached_tokens, is_json, resp.status().is_success()) {
-            return self.rewrite_json(resp, cached, leg).await;
-        }
-        Ok(self.stream_back(resp, cached_tokens, leg, None))
-    }
-
-    /// Sends the decode request; returns the engine's response head, when it
-    /// was sent and its span.
-    async fn send_decode(
-        &self,
-        body: Bytes,
-    ) -> Result<(http::Response<Incoming>, DecodeLeg), ProxyError> {
-        let shared = self.shared();
-        let uri = upstream_uri(
-            shared.decode_scheme(),
-            &self.decode_authority,
-            &self.path_and_query,
-        )?;
-        let mut headers = json_headers(self.headers.clone(), body.len());
-        let span = self.leg_span(DECODE_SPAN, DECODE_TARGET, &self.decode_authority);
-        span.inject(&mut headers);
-        let sent = Instant::now();
-        let resp =
-            upstream::send_buffered(&shared.decode_client, &Method::POST, &uri, &headers, body)
-                .await
-                .map_err(decode_error)
-                .inspect_err(|e| span.fail(e.to_string()))?;
-        span.set(
-            "http.response.status_code",
-            i64::from(resp.status().as_u16()),
-        );
-        Ok((resp, DecodeLeg { sent, span }))
-    }
-
-    /// The span of the time to the first byte, from the request's arrival.
-    fn ttft_span(&self) -> Trace {
-        self.trace
-            .child_since("llm_d.pd_proxy.ttft", SpanKind::Internal, self.start)
-    }
-
-    fn stream_back(
-        &self,
-        resp: http::Response<Incoming>,
-        cached_tokens: Option<u64>,
-        leg: DecodeLeg,
-        prefill: Option<(tokio::sync::oneshot::Receiver<ProxyError>, PrefillWatch)>,
-    ) -> Response {
-        let metrics = self.shared().metrics.clone();
-        let start = self.start;
-        let sent = leg.sent;
-        let ttft = self.ttft_span();
-        let on_first = Box::new(move || {
-            metrics
-                .decode_first_byte
-                .observe(sent.elapsed().as_secs_f64());
-            metrics.ttft.observe(start.elapsed().as_secs_f64());
-            ttft.end();
-        });
-        let broken = stream_broken(&self.shared().metrics);
-        let decode_span = leg.span.clone();
-        let on_error = Box::new(move |reason: &str| {
-            decode_span.fail(reason.to_string());
-            broken(reason);
-        });
-        let (parts, body) = resp.into_parts();
-        // The spans end with the answer's last byte (or when the client goes).
-        let mut observed = Observed::new(body, on_first, cached_tokens)
-            .on_error(on_error)
-            .keep(leg.span)
-            .keep(self.trace.clone());
-        if let Some((failed, watch)) = prefill {
-            observed = observed.abort_on(failed, watch);
-        }
-        client_response(parts, Body::new(observed))
-    }
-
-    async fn rewrite_json(
-        &self,
-        resp: http::Response<Incoming>,
-        cached: u64,
-        leg: DecodeLeg,
-    ) -> Result<Response, ProxyError> {
-        let sent = leg.sent;
-        let ttft = self.ttft_span();
-        let (mut parts, body) = resp.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| ProxyError::DecodeFailed(e.to_string()))?
-            .to_bytes();
-        let metrics = &self.shared().metrics;
-        metrics
-            .decode_first_byte
-            .observe(sent.elapsed().as_secs_f64());
-        let bytes = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(mut doc) => {
-                if rewrite_usage(&mut doc, cached) {
-                    Bytes::from(doc.to_string())
-                } else {
-                    bytes
-                }
-            }
-            Err(_) => bytes,
-        };
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        metrics.ttft.observe(self.start.elapsed().as_secs_f64());
-        ttft.end();
-        Ok(client_response(parts, Body::from(bytes)))
-    }
 }
 
 /// Span names, as llm-d's sidecar names its legs.
 const PREFILL_SPAN: &str = "llm_d.pd_proxy.prefill";
-const DECODE_SPAN: &str = "llm_d.pd_proxy.decode";
 const PREFILL_TARGET: &str = "llm_d.pd_proxy.prefill_target";
-const DECODE_TARGET: &str = "llm_d.pd_proxy.decode.target";
-
-/// The decode leg once sent: when, and its span.
-struct DecodeLeg {
-    sent: Instant,
-    span: Trace,
-}
 
 /// Ends a prefill leg's span with its outcome.
 fn end_prefill_span(span: &Trace, result: &Result<Value, ProxyError>) {
@@ -732,26 +602,6 @@ fn end_prefill_span(span: &Trace, result: &Result<Value, ProxyError>) {
         }
     }
     span.end();
-}
-
-/// Counts and logs an engine answer that broke off before its end: the client
-/// got a truncated answer, which is an error even though its head said 200.
-fn stream_broken(metrics: &Arc<Metrics>) -> Box<dyn FnOnce(&str) + Send> {
-    let metrics = metrics.clone();
-    Box::new(move |reason| {
-        metrics.error(DECODE_STREAM_BROKEN);
-        tracing::warn!(error = reason, "the engine's answer broke off mid-stream");
-    })
-}
-
-/// Error class of an answer that broke off mid-stream.
-pub const DECODE_STREAM_BROKEN: &str = "decode_stream_broken";
-
-fn decode_error(err: UpstreamError) -> ProxyError {
-    match err {
-        UpstreamError::Connect(d) => ProxyError::DecodeUnavailable(d),
-        UpstreamError::Other(d) => ProxyError::DecodeFailed(d),
-    }
 }
 
 #[cfg(test)]
