@@ -101,3 +101,47 @@ for i, n in enumerate([48] + lengths):
     print(json.dumps(row), flush=True)
     rows.append(row)
 json.dump(rows, open(out_json, "w"), indent=1)
+
+# HWV_LOAD="CONCURRENCY:TOKENS:ROUNDS": then rounds of CONCURRENCY new prompts of about TOKENS
+# tokens sent at once, so pulls land in a busy engine. Each round's KV time is the mean over its
+# pulls from vLLM's own histogram for both connectors (vllm:<connector>_xfer_time_seconds
+# _sum / _count), plus the median of TandemConnector's per-pull stats.
+LOAD = os.environ.get("HWV_LOAD", "")
+if LOAD:
+    from concurrent.futures import ThreadPoolExecutor
+    from statistics import median
+
+    conc, tokens, rounds = (int(x) for x in LOAD.split(":"))
+    key = "vllm:tandem_kv" if connector == "tandem" else "vllm:nixl"
+    load = []
+    for r in range(rounds):
+        bodies = []
+        for j in range(conc):
+            head = f"load {r} {j} {rng.random():.12f}"
+            prompt = " ".join([head] + [rng.choice(words) for _ in range(max(1, int(tokens / 2.3)))])
+            bodies.append(({"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0},
+                           {"x-request-id": f"hw-{connector}-load-{r}-{j}"}))
+        before, seen = metrics(8200), len(stats_lines())
+        with ThreadPoolExecutor(conc) as ex:
+            outs = list(ex.map(lambda b: post("http://127.0.0.1:8080/v1/completions", *b), bodies))
+        time.sleep(0.5)  # as above: counters and stats file catch up
+        after, pulls = metrics(8200), stats_lines()[seen:]
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        n = d.get(f"{key}_xfer_time_seconds_count", 0.0)
+        row = {
+            "connector": connector,
+            "round": r,
+            "concurrency": conc,
+            "prompt_tokens_mean": sum(o["usage"]["prompt_tokens"] for o, _ in outs) / conc,
+            "pd_seconds_mean": round(sum(t for _, t in outs) / conc, 4),
+            "external_kv_tokens": d.get("vllm:prompt_tokens_by_source_total{external_kv_transfer}", 0.0),
+            "pulls": n,
+            "kv_bytes": d.get(f"{key}_bytes_transferred_sum", 0.0),
+            "kv_seconds_mean": d.get(f"{key}_xfer_time_seconds_sum", 0.0) / n if n else None,
+        }
+        if connector == "tandem" and pulls:
+            row["kv_seconds_p50"] = median(p["seconds"] for p in pulls)
+        print(json.dumps(row), flush=True)
+        load.append(row)
+    out = os.path.join(os.path.dirname(out_json), "load-" + os.path.basename(out_json))
+    json.dump(load, open(out, "w"), indent=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 res = Path(sys.argv[1])
 rows = {}
 for f in sorted(res.glob("*-*.json")):
-    if f.name == "precise-routing.json":
+    if f.name == "precise-routing.json" or f.name.startswith("load-"):
         continue
     model, conn = f.stem.rsplit("-", 1)
     for i, r in enumerate(json.loads(f.read_text())):
@@ -40,6 +40,29 @@ for (model, i), by in sorted(rows.items()):
     if t and n and t["kv_seconds"] and n["kv_seconds"] and not t.get("warmup"):
         print(f"| {model} | {t['prompt_tokens']} | {int(t['kv_bytes']):,} | {t['kv_seconds'] * 1e3:.3f} | "
               f"{n['kv_seconds'] * 1e3:.3f} | {n['kv_seconds'] / t['kv_seconds']:.1f}x |")
+
+load = {}
+for f in sorted(res.glob("load-*-*.json")):
+    model, conn = f.stem[len("load-"):].rsplit("-", 1)
+    for r in json.loads(f.read_text()):
+        load.setdefault((model, r["round"]), {})[conn] = r
+if load:
+    print()
+    print("Under load (HWV_LOAD): each round's requests sent at once; KV ms is the mean pull from "
+          "vLLM's own histogram (_sum / _count), p50 from TandemConnector's per-pull stats:")
+    print()
+    print("| model | round | requests at once | prompt tokens (mean) | pulls (tandem, nixl) | "
+          "TandemConnector ms (mean, p50) | NixlConnector ms (mean) | speed-up (means) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (model, rnd), by in sorted(load.items()):
+        t, n = by.get("tandem"), by.get("nixl")
+        if not (t and n and t["kv_seconds_mean"] and n["kv_seconds_mean"]):
+            continue
+        p50 = t.get("kv_seconds_p50")
+        print(f"| {model} | {rnd} | {t['concurrency']} | {t['prompt_tokens_mean']:.0f} | "
+              f"{t['pulls']:.0f}, {n['pulls']:.0f} | {t['kv_seconds_mean'] * 1e3:.3f}, "
+              f"{p50 * 1e3 if p50 else float('nan'):.3f} | {n['kv_seconds_mean'] * 1e3:.3f} | "
+              f"{n['kv_seconds_mean'] / t['kv_seconds_mean']:.1f}x |")
 
 precise = res / "precise-routing.json"
 if precise.exists():
