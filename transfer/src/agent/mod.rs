@@ -481,8 +481,18 @@ impl Agent {
                 }
             }
         }
+        let asked = Instant::now();
         let md = crate::grpc::fetch_metadata(endpoint).await?;
+        let fetched = Instant::now();
         self.handshake(endpoint, md).await?;
+        if crate::gpu::copy::profiling() {
+            let us = |d: Duration| d.as_secs_f64() * 1e6;
+            eprintln!(
+                "tandem transfer profile: {endpoint}: metadata {:.1} us, data plane {:.1} us",
+                us(fetched - asked),
+                us(fetched.elapsed())
+            );
+        }
         let peers = self.peers.lock().await;
         let p = peers
             .get(endpoint)
