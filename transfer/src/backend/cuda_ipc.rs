@@ -163,8 +163,8 @@ impl CudaIpcBackend {
             },
         };
         if let Some(c) = &copier {
-            // Compile the block-list kernel now rather than on a first pull.
-            c.gpu().has_block_kernel();
+            // Compile the copy kernels now rather than on a first pull.
+            c.gpu().preload_kernels();
         }
         let socket_path = dir.join(format!("{stem}.sock"));
         let socket = UnixDatagram::bind(&socket_path).map_err(|e| {
