@@ -119,7 +119,9 @@ impl OtlpReceiver {
             let _ = tonic::transport::Server::builder()
                 .add_service(TraceServiceServer::new(collector))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // Accepted connections need TCP_NODELAY set here (the builder's
+                    // setting covers only listeners tonic binds itself).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async {
                         let _ = stopped.await;
                     },
