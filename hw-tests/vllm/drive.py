@@ -58,21 +58,31 @@ def stats_lines():
         return []
 
 
+ROUTER = "http://127.0.0.1:8080/v1/completions"
 words = open(os.path.join(model_dir, "prompt.txt")).read().split()
 rng = random.Random(7)
+
+
+def body_of(head, n):
+    """A greedy request: `head` (unique), then words until the prompt has about n tokens (the
+    tokenizer is BPE on these words: ~2.3 tokens per word)."""
+    prompt = " ".join([head] + [rng.choice(words) for _ in range(max(1, int(n / 2.3)))])
+    return {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+
+
+def diff_metrics(before, after):
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+
 rows = []
 for i, n in enumerate([48] + lengths):
-    # A unique head, then words until the prompt has about n tokens (the tokenizer is BPE on
-    # these words: ~2.3 tokens per word).
-    head = f"prompt {i} {rng.random():.12f}"
-    prompt = " ".join([head] + [rng.choice(words) for _ in range(max(1, int(n / 2.3)))])
-    body = {"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0}
+    body = body_of(f"prompt {i} {rng.random():.12f}", n)
     before, seen = metrics(8200), len(stats_lines())
-    pd, pd_s = post("http://127.0.0.1:8080/v1/completions", body, {"x-request-id": f"hw-{connector}-{i}"})
+    pd, pd_s = post(ROUTER, body, {"x-request-id": f"hw-{connector}-{i}"})
     time.sleep(0.5)  # let the decode engine's counters and the stats file catch up
     after, pulls = metrics(8200), stats_lines()[seen:]
     ref, _ = post("http://127.0.0.1:8100/v1/completions", dict(body, cache_salt=f"reference-{i}"))
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    delta = diff_metrics(before, after)
     row = {
         "connector": connector,
         "warmup": i == 0,
@@ -115,18 +125,14 @@ if LOAD:
     key = "vllm:tandem_kv" if connector == "tandem" else "vllm:nixl"
     load = []
     for r in range(rounds):
-        bodies = []
-        for j in range(conc):
-            head = f"load {r} {j} {rng.random():.12f}"
-            prompt = " ".join([head] + [rng.choice(words) for _ in range(max(1, int(tokens / 2.3)))])
-            bodies.append(({"model": "m", "prompt": prompt, "max_tokens": 24, "temperature": 0},
-                           {"x-request-id": f"hw-{connector}-load-{r}-{j}"}))
+        bodies = [(body_of(f"load {r} {j} {rng.random():.12f}", tokens),
+                   {"x-request-id": f"hw-{connector}-load-{r}-{j}"}) for j in range(conc)]
         before, seen = metrics(8200), len(stats_lines())
         with ThreadPoolExecutor(conc) as ex:
-            outs = list(ex.map(lambda b: post("http://127.0.0.1:8080/v1/completions", *b), bodies))
+            outs = list(ex.map(lambda b: post(ROUTER, *b), bodies))
         time.sleep(0.5)  # as above: counters and stats file catch up
         after, pulls = metrics(8200), stats_lines()[seen:]
-        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        d = diff_metrics(before, after)
         n = d.get(f"{key}_xfer_time_seconds_count", 0.0)
         row = {
             "connector": connector,

@@ -22,7 +22,8 @@ T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[$(el)s] $*" | tee -a "$OUT/run.txt"; }
 fatal() { say "FATAL: $*"; exit 1; }
-trap 'for f in "$PD"/hwv-*.log; do [ -f "$f" ] && tail -c 8000000 "$f" > "$OUT/${f##*/}"; done' EXIT
+save_logs() { local f; for f in "$PD"/hwv-*.log; do [ -f "$f" ] && tail -c 8000000 "$f" > "$OUT/${f##*/}"; done; }
+trap save_logs EXIT
 
 # --- the vLLM bundle: chunk 1 parked by stage1, chunk 2 carried now (the recipe's format) ---
 CHUNK=$(ls -d .gpu-vllm/*/ | sort | tail -1)
@@ -95,7 +96,7 @@ if [ "${HWV_MPS:-0}" = 1 ]; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   nvidia-cuda-mps-control -d || fatal "HWV_MPS=1 but the MPS control daemon did not start"
-  trap 'echo quit | nvidia-cuda-mps-control; for f in "$PD"/hwv-*.log; do [ -f "$f" ] && tail -c 8000000 "$f" > "$OUT/${f##*/}"; done' EXIT
+  trap 'echo quit | nvidia-cuda-mps-control; save_logs' EXIT
   say "CUDA MPS on"
 fi
 for model in $MODELS; do
