@@ -6,6 +6,9 @@
 # small pull (the tiny model's shape, as submit-profile.sh) after idling, without and with a
 # third process that runs a short kernel every 2 ms on the same GPU, then the same under CUDA MPS
 # (one shared GPU context for all processes) when the host has it.
+# CS_COPY (default "auto"): the copy methods to compare, e.g. "kernel memcpy" (does a copy on the
+# copy engines wait for the compute engine's context switch as a kernel does?); CS_TOKENS (default
+# "96"): the pull sizes in tokens; CS_MPS=0 skips the MPS half.
 # Runs on the GPU host from the repository root with hw-tests/bundle/kvbench.xz carried
 # (scripts/hw-test pack-kvbench).
 set -uo pipefail
@@ -36,20 +39,25 @@ measure() { # $1: label
   grep -q "kvbench serve:" /tmp/serve.log || { echo "serve did not start:"; cat /tmp/serve.log; kill $pid; return; }
   for with_noise in 0 1; do
     [ $with_noise = 1 ] && { noise || { kill $pid; return; }; }
-    echo "-- $1, noise $with_noise: p50/p99 of a 96-token pull after 200 ms idle (device timing off)"
-    TANDEM_KV_DEVICE_TIMING=0 timeout 60 "$K" run --peer 127.0.0.1:7731 "${L[@]}" --backend cuda-ipc \
-      --copy auto --op read --tokens 96 --plan coalesced --placement contiguous --gap-ms 200 \
-      --reps 12 --warmup 2 --png none 2>&1 | grep -E "^cuda-ipc" | tail -1
-    echo "-- $1, noise $with_noise: profile (when the copies landed after their submission)"
-    TANDEM_KV_PROFILE=1 timeout 60 "$K" run --peer 127.0.0.1:7731 "${L[@]}" --backend cuda-ipc \
-      --copy auto --op read --tokens 96 --plan coalesced --placement contiguous --gap-ms 200 \
-      --reps 8 --warmup 2 --png none 2>&1 | grep -E "^cuda-ipc|done at query|transfer profile" | tail -12
+    for copy in ${CS_COPY:-auto}; do
+      for tokens in ${CS_TOKENS:-96}; do
+        local run=(run --peer 127.0.0.1:7731 "${L[@]}" --backend cuda-ipc --copy "$copy" --op read
+          --tokens "$tokens" --plan coalesced --placement contiguous --gap-ms 200 --warmup 2 --png none)
+        echo "-- $1, noise $with_noise, copy $copy: p50/p99 of a $tokens-token pull after 200 ms idle (device timing off)"
+        TANDEM_KV_DEVICE_TIMING=0 timeout 60 "$K" "${run[@]}" --reps 12 2>&1 | grep -E "^cuda-ipc" | tail -1
+        echo "-- $1, noise $with_noise, copy $copy: profile (when the copies landed after their submission)"
+        TANDEM_KV_PROFILE=1 timeout 60 "$K" "${run[@]}" --reps 8 2>&1 \
+          | grep -E "^cuda-ipc|done at query|transfer profile" | tail -12
+      done
+    done
     [ -n "$noise_pid" ] && { kill $noise_pid 2>/dev/null; wait $noise_pid 2>/dev/null; noise_pid=; }
   done
   kill $pid 2>/dev/null; wait $pid 2>/dev/null
 }
 measure "time-sliced contexts"
-if command -v nvidia-cuda-mps-control > /dev/null; then
+if [ "${CS_MPS:-1}" = 0 ]; then
+  echo "CS_MPS=0: MPS not measured"
+elif command -v nvidia-cuda-mps-control > /dev/null; then
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d; then
