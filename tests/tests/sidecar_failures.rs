@@ -250,6 +250,48 @@ async fn sglang_prefill_outliving_the_decode_answer_is_not_cancelled() {
 }
 
 #[tokio::test]
+async fn sglang_streaming_request_keeps_its_decode_stream() {
+    // sglang sends the client's body to both engines, so a streaming request's prefill
+    // leg answers an event stream. It ends while the decode stream is still running.
+    let prefill = EngineSim::start(&["--ttft-ms", "100"]).await;
+    let decode = EngineSim::start(&["--itl-ms", "100"]).await;
+    let sidecar = start_sidecar(
+        decode.port(),
+        &["--kv-connector=sglang", "--prefill-max-retries=0"],
+    )
+    .await;
+    let body =
+        json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 6, "stream": true});
+    let stream = http_post_stream(
+        &sidecar.url("/v1/completions"),
+        &body,
+        &[("x-prefiller-host-port", &prefill.host_port())],
+    )
+    .await;
+    let events = stream.events().await;
+    assert!(events.last().is_some_and(|e| e.is_done()), "stream cut off");
+    assert_eq!(events.iter().filter(|e| !e.is_done()).count(), 6);
+    let p = poll_until(
+        Duration::from_secs(10),
+        "the prefill leg to end",
+        || async {
+            prefill
+                .inference_requests()
+                .await
+                .pop()
+                .filter(|r| r["completed"] == true)
+        },
+    )
+    .await;
+    assert_eq!(p["body"]["stream"], true);
+    // One decode request, with its bootstrap room: no local fallback.
+    let d = only_request(&decode).await;
+    assert_eq!(d["body"]["bootstrap_room"], p["body"]["bootstrap_room"]);
+    let metrics = metrics(&sidecar).await;
+    assert!(!metrics.contains("prefill_bad_response"), "{metrics}");
+}
+
+#[tokio::test]
 async fn sigterm_drains_in_flight_streams() {
     let decode = EngineSim::start(&["--itl-ms", "100"]).await;
     let sidecar = start_sidecar(decode.port(), &["--shutdown-grace-period=20s"]).await;

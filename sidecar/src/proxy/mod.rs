@@ -37,7 +37,7 @@ pub use prefill::PrefillWatch;
 pub use decode::DECODE_STREAM_BROKEN;
 use decode::{decode_error, stream_broken, DecodeLeg};
 use inbound::read_body;
-use prefill::prefill_with_retries;
+use prefill::{prefill_with_retries, Answer};
 
 use crate::allow::{Denied, PoolEndpoints, PrefillGuard};
 use crate::config::{split_host_port, Config, PrefillFailurePolicy};
@@ -490,7 +490,8 @@ impl Ctx<'_> {
         let mut headers = json_headers(self.headers.clone(), bytes.len());
         let span = self.leg_span(PREFILL_SPAN, PREFILL_TARGET, target);
         span.inject(&mut headers);
-        let result = prefill_with_retries(self.shared(), target, &uri, &headers, bytes).await;
+        let result =
+            prefill_with_retries(self.shared(), target, &uri, &headers, bytes, Answer::Json).await;
         end_prefill_span(&span, &result);
         result
     }
@@ -531,7 +532,15 @@ impl Ctx<'_> {
         let owned_target = target.to_string();
         let task = tokio::spawn(async move {
             let start = Instant::now();
-            let result = prefill_with_retries(&shared, &owned_target, &uri, &headers, bytes).await;
+            let result = prefill_with_retries(
+                &shared,
+                &owned_target,
+                &uri,
+                &headers,
+                bytes,
+                Answer::Status,
+            )
+            .await;
             end_prefill_span(&span, &result);
             shared
                 .metrics

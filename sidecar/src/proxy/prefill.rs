@@ -38,16 +38,28 @@ impl Drop for PrefillWatch {
     }
 }
 
+/// What the sidecar needs of a prefill engine's answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// Its JSON body (the `kv_transfer_params` the decode leg carries on).
+    Json,
+    /// Only its status: a concurrent leg's body is drained and dropped, as
+    /// llm-d does; it may be an event stream when the client asked for one
+    /// (sglang sends the client's body to both engines).
+    Status,
+}
+
 pub(super) async fn prefill_with_retries(
     shared: &Shared,
     target: &str,
     uri: &Uri,
     headers: &HeaderMap,
     bytes: Bytes,
+    answer: Answer,
 ) -> Result<Value, ProxyError> {
     let mut attempt = 0u32;
     loop {
-        let once = prefill_once(shared, target, uri, headers, bytes.clone());
+        let once = prefill_once(shared, target, uri, headers, bytes.clone(), answer);
         let result = match tokio::time::timeout(shared.cfg.prefill_timeout, once).await {
             Ok(result) => result,
             Err(_) => Err(ProxyError::PrefillTimeout {
@@ -78,6 +90,7 @@ async fn prefill_once(
     uri: &Uri,
     headers: &HeaderMap,
     body: Bytes,
+    answer: Answer,
 ) -> Result<Value, ProxyError> {
     let unreachable = |detail: String| ProxyError::PrefillUnreachable {
         target: target.to_string(),
@@ -98,6 +111,9 @@ async fn prefill_once(
             status: status.as_u16(),
             body,
         });
+    }
+    if answer == Answer::Status {
+        return Ok(Value::Null);
     }
     serde_json::from_slice(&body).map_err(|e| ProxyError::PrefillBadResponse {
         target: target.to_string(),
