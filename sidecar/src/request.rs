@@ -10,6 +10,8 @@ use serde_json::{Map, Value};
 pub enum ApiKind {
     Completions,
     ChatCompletions,
+    /// Anthropic's Messages API, which vLLM also serves; llm-d treats it as chat.
+    Messages,
     Responses,
     Generate,
 }
@@ -19,6 +21,7 @@ impl ApiKind {
         match path {
             "/v1/completions" => Some(ApiKind::Completions),
             "/v1/chat/completions" => Some(ApiKind::ChatCompletions),
+            "/v1/messages" => Some(ApiKind::Messages),
             "/v1/responses" => Some(ApiKind::Responses),
             "/inference/v1/generate" => Some(ApiKind::Generate),
             _ => None,
@@ -29,6 +32,7 @@ impl ApiKind {
         match self {
             ApiKind::Completions => "/v1/completions",
             ApiKind::ChatCompletions => "/v1/chat/completions",
+            ApiKind::Messages => "/v1/messages",
             ApiKind::Responses => "/v1/responses",
             ApiKind::Generate => "/inference/v1/generate",
         }
@@ -37,7 +41,7 @@ impl ApiKind {
     /// Top-level token limit fields that the prefill leg sets to 1.
     pub fn token_limit_fields(self) -> &'static [&'static str] {
         match self {
-            ApiKind::Completions | ApiKind::ChatCompletions => {
+            ApiKind::Completions | ApiKind::ChatCompletions | ApiKind::Messages => {
                 &["max_tokens", "max_completion_tokens", "min_tokens"]
             }
             ApiKind::Responses => &["max_output_tokens"],
@@ -85,7 +89,9 @@ impl TokenCounter {
         let mut total = 0u64;
         match api {
             ApiKind::Completions => total += self.count_prompt(body.get("prompt")),
-            ApiKind::ChatCompletions => {
+            ApiKind::ChatCompletions | ApiKind::Messages => {
+                // Messages: the system prompt is a top-level field (text or text blocks).
+                total += self.count_content(body.get("system"));
                 if let Some(messages) = body.get("messages").and_then(Value::as_array) {
                     for m in messages {
                         total += self.count_content(m.get("content"));
@@ -251,6 +257,22 @@ mod tests {
     }
 
     #[test]
+    fn messages_count_the_system_prompt_and_text_blocks() {
+        let body = json!({
+            "system": [{"type": "text", "text": "abcdefgh"}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "abcd"}]},
+                         {"role": "assistant", "content": "abcd"}],
+            "max_tokens": 5,
+        });
+        let c = TokenCounter::Estimate;
+        assert_eq!(c.count(ApiKind::Messages, body.as_object().unwrap()), 4);
+        assert_eq!(
+            ApiKind::Messages.token_limit_fields(),
+            ApiKind::ChatCompletions.token_limit_fields()
+        );
+    }
+
+    #[test]
     fn routes_map_to_kinds() {
         assert_eq!(
             ApiKind::from_path("/v1/chat/completions"),
@@ -259,6 +281,10 @@ mod tests {
         assert_eq!(
             ApiKind::from_path("/inference/v1/generate"),
             Some(ApiKind::Generate)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/messages").map(ApiKind::route),
+            Some("/v1/messages")
         );
         assert_eq!(ApiKind::from_path("/v1/models"), None);
     }

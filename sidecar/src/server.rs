@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(proxy::ready))
         .route("/v1/completions", post(proxy::pd_handler))
         .route("/v1/chat/completions", post(proxy::pd_handler))
+        .route("/v1/messages", post(proxy::pd_handler))
         .route("/v1/responses", post(proxy::pd_handler))
         .route("/inference/v1/generate", post(proxy::pd_handler))
         .fallback(proxy::passthrough)

@@ -38,7 +38,15 @@ pub fn check(api: ApiKind, body: &Map<String, Value>) -> Result<(), String> {
                     .into(),
             ),
         },
-        ApiKind::ChatCompletions => match body.get("messages") {
+        ApiKind::Messages
+            if !matches!(
+                present(body.get("system")),
+                None | Some(Value::String(_) | Value::Array(_))
+            ) =>
+        {
+            Err("'system' must be a string or a list of content blocks".into())
+        }
+        ApiKind::ChatCompletions | ApiKind::Messages => match body.get("messages") {
             Some(Value::Array(msgs)) if !msgs.is_empty() => {
                 if msgs.iter().all(Value::is_object) {
                     Ok(())
@@ -238,6 +246,17 @@ mod tests {
                 "messages",
             ),
             (ApiKind::ChatCompletions, json!({}), "messages"),
+            (ApiKind::Messages, json!({"max_tokens": 3}), "messages"),
+            (
+                ApiKind::Messages,
+                json!({"messages": [{"role": "user", "content": "hi"}], "system": 5}),
+                "system",
+            ),
+            (
+                ApiKind::Messages,
+                json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}),
+                "max_tokens",
+            ),
             (ApiKind::Responses, json!({"input": 5}), "input"),
             (
                 ApiKind::Responses,

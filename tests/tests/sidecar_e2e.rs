@@ -35,6 +35,11 @@ async fn nixlv2_prefill_and_decode_bodies_on_every_route() {
             "max_completion_tokens",
         ),
         (
+            "/v1/messages",
+            json!({"model": "sim-model", "system": "Be brief.", "messages": [{"role": "user", "content": [{"type": "text", "text": long_prompt()}]}], "max_tokens": 7}),
+            "max_tokens",
+        ),
+        (
             "/v1/responses",
             json!({"model": "sim-model", "input": long_prompt(), "max_output_tokens": 7}),
             "max_output_tokens",
@@ -69,6 +74,10 @@ async fn nixlv2_prefill_and_decode_bodies_on_every_route() {
         assert_eq!(pb["stream"], false, "{path}");
         assert!(pb.get("stream_options").is_none(), "{path}");
         match path {
+            "/v1/messages" => {
+                assert_eq!(pb["max_tokens"], 1);
+                assert_eq!(pb["system"], body["system"]);
+            }
             "/v1/completions" | "/v1/chat/completions" => {
                 for f in ["max_tokens", "max_completion_tokens", "min_tokens"] {
                     assert_eq!(pb[f], 1, "{path} {f}");
@@ -98,6 +107,11 @@ async fn nixlv2_prefill_and_decode_bodies_on_every_route() {
         }
         if path == "/inference/v1/generate" {
             assert_eq!(db["sampling_params"], body["sampling_params"]);
+        }
+        if path == "/v1/messages" {
+            let answer = json(&resp);
+            assert_eq!(answer["type"], "message", "{answer}");
+            assert_eq!(answer["usage"]["output_tokens"], 7, "{answer}");
         }
         for absent in ["min_tokens", "stream_options"] {
             assert!(db.get(absent).is_none(), "{path}: {absent} in {db}");

@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(proxy::ready))
         .route("/v1/completions", post(proxy::routed))
         .route("/v1/chat/completions", post(proxy::routed))
+        .route("/v1/messages", post(proxy::routed))
         .route("/v1/responses", post(proxy::routed))
         .route("/inference/v1/generate", post(proxy::routed))
         .fallback(proxy::passthrough)

@@ -144,6 +144,13 @@ pub fn prompt_with<T: PromptTokenizer + ?Sized>(
     };
     match api {
         ApiKind::Completions => p.push_prompt(body.get("prompt")),
+        // No chat template: vLLM renders Anthropic messages through its own conversion.
+        ApiKind::Messages => {
+            p.push_content(body.get("system"));
+            if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+                messages.iter().for_each(|m| p.push_message(m));
+            }
+        }
         ApiKind::ChatCompletions => match tokenizer.and_then(|t| chat::chat_ids(t, body)) {
             Some(ids) => {
                 ids.iter()

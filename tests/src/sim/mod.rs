@@ -5,7 +5,8 @@
 //! publishes vLLM's KV events over ZMQ (`events`).
 //!
 //! Endpoints: `POST /v1/completions`, `/v1/chat/completions` (streaming or not),
-//! `/v1/responses` and `/inference/v1/generate` (non-streaming only), `GET /v1/models`,
+//! `/v1/messages` (Anthropic's shape), `/v1/responses` and `/inference/v1/generate`
+//! (non-streaming only), `GET /v1/models`,
 //! `/health`, `/metrics`, `POST /reset_prefix_cache`; test controls under `/sim/`:
 //! `GET|POST /sim/faults`, `POST /sim/release`, `GET|DELETE /sim/requests`, `GET /sim/state`.
 

@@ -12,6 +12,8 @@ use super::tokens::{output_text, output_token_id, output_token_text, PromptIds, 
 pub enum Api {
     Completions,
     Chat,
+    /// Anthropic's Messages API (`/v1/messages`), as vLLM serves it.
+    Messages,
     Responses,
     Generate,
 }
@@ -76,11 +78,15 @@ pub fn parse_request(
             opt_limit(body, "max_tokens")?,
         ),
         Api::Chat => (
-            vec![chat_prompt(body.get("messages"), text)?],
+            vec![chat_prompt(None, body.get("messages"), text)?],
             match opt_limit(body, "max_completion_tokens")? {
                 Some(n) => Some(n),
                 None => opt_limit(body, "max_tokens")?,
             },
+        ),
+        Api::Messages => (
+            vec![chat_prompt(body.get("system"), body.get("messages"), text)?],
+            opt_limit(body, "max_tokens")?,
         ),
         Api::Responses => (
             vec![responses_prompt(body, text)?],
@@ -205,7 +211,12 @@ fn content_tokens(content: Option<&Value>, out: &mut PromptIds) {
 
 /// Hashed tokens count the messages' content only; byte tokens lay each message out as
 /// pd-router does without a tokenizer (role, newline, content), so their ids are its bytes.
-fn chat_prompt(messages: Option<&Value>, text: TextTokens) -> Result<Vec<u32>, SimError> {
+/// `system`: the Messages API's top-level system prompt, first.
+fn chat_prompt(
+    system: Option<&Value>,
+    messages: Option<&Value>,
+    text: TextTokens,
+) -> Result<Vec<u32>, SimError> {
     let messages = match messages {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => return Err(bad("`messages` must not be empty")),
@@ -213,6 +224,7 @@ fn chat_prompt(messages: Option<&Value>, text: TextTokens) -> Result<Vec<u32>, S
         Some(_) => return Err(bad("`messages` must be a list of messages")),
     };
     let mut ids = PromptIds::new(text);
+    content_tokens(system, &mut ids);
     for m in messages {
         if !m.is_object() {
             return Err(bad("each message must be an object"));
@@ -330,6 +342,20 @@ impl Reply {
                 }],
                 "usage": self.usage.to_json(),
                 "prompt_logprobs": null,
+            }),
+            Api::Messages => json!({
+                "id": self.id,
+                "type": "message",
+                "role": "assistant",
+                "model": self.model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": if self.finish_reason == "length" { "max_tokens" } else { "end_turn" },
+                "stop_sequence": null,
+                "usage": {
+                    "input_tokens": self.usage.prompt_tokens,
+                    "output_tokens": self.usage.completion_tokens,
+                    "cache_read_input_tokens": self.usage.cached_tokens,
+                },
             }),
             Api::Responses => json!({
                 "id": self.id,
@@ -530,9 +556,19 @@ mod tests {
         let completion = obj(
             json!({"prompt": "Answer in one short sentence. Question 6: What colour do you get by mixing blue and yellow?\nAnswer:"}),
         );
+        let messages = obj(json!({
+            "system": [{"type": "text", "text": "You are terse. Catalogue: item 1, item 2."}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Which item is lightest?"}]},
+                {"role": "assistant", "content": "Item 2 (héllo wörld)."},
+                {"role": "user", "content": "And the heaviest?"}
+            ],
+            "max_tokens": 8,
+        }));
         for (api, kind, body) in [
             (Api::Chat, ApiKind::ChatCompletions, &chat),
             (Api::Completions, ApiKind::Completions, &completion),
+            (Api::Messages, ApiKind::Messages, &messages),
         ] {
             let r = parse_request(api, body, TextTokens::Bytes).unwrap();
             let router = prompt_of(kind, body);

@@ -111,6 +111,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(messages))
         .route("/v1/responses", post(responses))
         .route("/inference/v1/generate", post(generate_tokens))
         .route("/v1/models", get(models))
@@ -134,6 +135,11 @@ async fn completions(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) 
 
 async fn chat(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     generation(st, Api::Chat, headers, body).await
+}
+
+/// `/v1/messages`: non-streaming only (`stream: true` is answered with 400).
+async fn messages(st: State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    generation(st, Api::Messages, headers, body).await
 }
 
 /// `/v1/responses`: non-streaming only (`stream: true` is answered with 400).
@@ -193,7 +199,7 @@ async fn generate(
             return Err(SimError::ModelNotFound(model.clone()));
         }
     }
-    if req.stream && matches!(api, Api::Responses | Api::Generate) {
+    if req.stream && matches!(api, Api::Messages | Api::Responses | Api::Generate) {
         return Err(SimError::BadRequest(
             "engine-sim does not stream this endpoint; send \"stream\": false".into(),
         ));
@@ -309,6 +315,7 @@ async fn generate(
     let id = match api {
         Api::Completions => format!("cmpl-{rid}"),
         Api::Chat => format!("chatcmpl-{rid}"),
+        Api::Messages => format!("msg_{rid}"),
         Api::Responses => format!("resp_{rid}"),
         Api::Generate => req
             .request_id
