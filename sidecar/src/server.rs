@@ -284,10 +284,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let mut tasks = Vec::new();
     for rank in 0..cfg.data_parallel_size {
-        let addr = format!("{}:{}", cfg.bind, cfg.port + rank);
-        let listener = TcpListener::bind(&addr)
+        let port = cfg.port + rank;
+        let listener = listen(&cfg.bind, port)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} port {port}: {e}", cfg.bind))?;
         let state = AppState {
             shared: shared.clone(),
             decode_authority: rank_authority(rank).into(),
@@ -309,23 +309,74 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )));
     }
     if cfg.metrics_port != 0 {
-        let addr = format!("{}:{}", cfg.bind, cfg.metrics_port);
-        tasks.push(spawn_metrics(&addr, metrics_router(metrics), stop_rx.clone(), grace).await?);
+        tasks.push(
+            spawn_metrics(
+                &cfg.bind,
+                cfg.metrics_port,
+                metrics_router(metrics),
+                stop_rx.clone(),
+                grace,
+            )
+            .await?,
+        );
     }
     drain_on_signal(stop_tx, tasks, grace).await;
     Ok(())
 }
 
-/// Binds the metrics listener at `addr` and serves `app` there (plain HTTP).
+/// Listens on `bind`:`port`. `::` (the default) is every interface, IPv6 and
+/// IPv4 alike, as Go's `net.Listen(":port")` in llm-d's sidecar; on a host
+/// without IPv6 it falls back to `0.0.0.0`. `0.0.0.0` is IPv4 only.
+pub async fn listen(bind: &str, port: u16) -> std::io::Result<TcpListener> {
+    match bind.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) if ip.is_unspecified() => match dual_stack(port) {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                tracing::debug!(error = %e, "no IPv6 listener; listening on IPv4 only");
+                TcpListener::bind(("0.0.0.0", port)).await
+            }
+        },
+        Ok(ip) => TcpListener::bind((ip, port)).await,
+        // A host name: whatever it resolves to first.
+        Err(_) => TcpListener::bind((bind, port)).await,
+    }
+}
+
+/// `[::]:port` with IPV6_V6ONLY off, whatever the host's default
+/// (`net.ipv6.bindv6only`), so IPv4 clients reach it too.
+fn dual_stack(port: u16) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsRawFd;
+    let socket = tokio::net::TcpSocket::new_v6()?;
+    let off: libc::c_int = 0;
+    // SAFETY: a valid socket descriptor and an int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&off as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.set_reuseaddr(true)?;
+    socket.bind((std::net::Ipv6Addr::UNSPECIFIED, port).into())?;
+    socket.listen(1024)
+}
+
+/// Binds the metrics listener at `bind`:`port` and serves `app` there (plain HTTP).
 pub async fn spawn_metrics(
-    addr: &str,
+    bind: &str,
+    port: u16,
     app: Router,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-port): {e}"))?;
+    let listener = listen(bind, port).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {bind} port {port} (--metrics-port): {e}")
+    })?;
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     Ok(tokio::spawn(serve(listener, app, None, shutdown, grace)))
 }
@@ -406,6 +457,29 @@ impl AcceptBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_default_address_takes_ipv4_and_ipv6_clients() {
+        let listener = listen("::", 0).await.unwrap();
+        let at = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                let _ = listener.accept().await;
+            }
+        });
+        tokio::net::TcpStream::connect(("127.0.0.1", at.port()))
+            .await
+            .expect("an IPv4 client");
+        // Only where the host has IPv6 (else the listener fell back to IPv4).
+        if at.is_ipv6() {
+            tokio::net::TcpStream::connect(("::1", at.port()))
+                .await
+                .expect("an IPv6 client");
+        }
+        accept.abort();
+        let v4 = listen("127.0.0.1", 0).await.unwrap();
+        assert!(v4.local_addr().unwrap().is_ipv4());
+    }
 
     #[test]
     fn accept_failures_back_off_and_log_rarely() {

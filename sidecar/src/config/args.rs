@@ -23,8 +23,9 @@ pub struct Args {
     #[arg(long, env = "PD_SIDECAR_PORT", default_value_t = 8000)]
     pub port: u16,
 
-    /// Address the sidecar binds.
-    #[arg(long, env = "PD_SIDECAR_BIND", default_value = "0.0.0.0")]
+    /// Address the sidecar binds: `::` is every interface, IPv6 and IPv4 (IPv4 only on a host
+    /// without IPv6); `0.0.0.0` is IPv4 only.
+    #[arg(long, env = "PD_SIDECAR_BIND", default_value = "::")]
     pub bind: String,
 
     /// Port of the local decode engine (vLLM).

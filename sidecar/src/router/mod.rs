@@ -33,12 +33,11 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::UpstreamTls;
 use crate::proxy::REQUEST_ID_HEADER;
-use crate::server::{drain_on_signal, serve, spawn_metrics};
+use crate::server::{drain_on_signal, listen, serve, spawn_metrics};
 use config::RouterConfig;
 use metrics::RouterMetrics;
 use proxy::{AppState, RouterState};
@@ -130,15 +129,13 @@ pub fn state(cfg: RouterConfig) -> AppState {
 /// Binds the listeners, then serves until a termination signal.
 pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
     let grace = cfg.shutdown_grace_period;
-    let addr = format!("{}:{}", cfg.bind, cfg.port);
-    let metrics_addr =
-        (cfg.metrics_port != 0).then(|| format!("{}:{}", cfg.bind, cfg.metrics_port));
+    let (bind, port, metrics_port) = (cfg.bind.clone(), cfg.port, cfg.metrics_port);
     let state = state(cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let listener = TcpListener::bind(&addr)
+    let listener = listen(&bind, port)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot listen on {bind} port {port}: {e}"))?;
     // Probes for the static endpoints, then a first lookup of the names before serving.
     let mut probes = discovery::Probes::default();
     probes.sync(&state, &state.view());
@@ -185,9 +182,9 @@ pub async fn run(cfg: RouterConfig) -> anyhow::Result<()> {
         stop_rx.clone(),
         grace,
     ))];
-    if let Some(addr) = metrics_addr {
+    if metrics_port != 0 {
         let app = metrics_router(state.clone());
-        tasks.push(spawn_metrics(&addr, app, stop_rx.clone(), grace).await?);
+        tasks.push(spawn_metrics(&bind, metrics_port, app, stop_rx.clone(), grace).await?);
     }
     drain_on_signal(stop_tx, tasks, grace).await;
     if let Some(d) = discovery {

@@ -20,8 +20,9 @@ pub struct Args {
     #[arg(long, env = "TANDEM_ROUTER_PORT", default_value_t = 8080)]
     pub port: u16,
 
-    /// Address the router binds.
-    #[arg(long, env = "TANDEM_ROUTER_BIND", default_value = "0.0.0.0")]
+    /// Address the router binds: `::` is every interface, IPv6 and IPv4 (IPv4 only on a host
+    /// without IPv6); `0.0.0.0` is IPv4 only.
+    #[arg(long, env = "TANDEM_ROUTER_BIND", default_value = "::")]
     pub bind: String,
 
     /// Port of the Prometheus /metrics listener; 0 = off.
