@@ -187,7 +187,10 @@ pub fn server_config_with(store: Arc<CertStore>) -> Result<Arc<rustls::ServerCon
 }
 
 /// Client config for one upstream stage; `insecure` skips certificate checks
-/// (in-cluster engines commonly serve self-signed certificates).
+/// (in-cluster engines commonly serve self-signed certificates). Verified
+/// certificates chain to the host's trust store (`SSL_CERT_FILE`,
+/// `SSL_CERT_DIR`, else the system's, as Go's client in llm-d's sidecar) or
+/// to the Mozilla roots built in.
 pub fn client_config(insecure: bool) -> rustls::ClientConfig {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -199,9 +202,15 @@ pub fn client_config(insecure: bool) -> rustls::ClientConfig {
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
             .with_no_client_auth()
     } else {
-        let roots = rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        let native = rustls_native_certs::load_native_certs();
+        for e in &native.errors {
+            tracing::warn!(error = %e, "reading the host's trusted certificates");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(native.certs);
+        tracing::debug!(added, ignored, "the host's trusted certificates");
         builder.with_root_certificates(roots).with_no_client_auth()
     }
 }

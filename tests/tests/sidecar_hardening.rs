@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use tandem_tests::harness::{free_port, poll_until, prom_sample, try_http, Proc};
+use tandem_tests::harness::{free_port, poll_until, prom_sample, try_http, EngineSim, Proc};
 
 /// Reads from `s` until EOF or `limit`; returns what arrived, or None if the
 /// connection was still open at the limit.
@@ -178,6 +178,91 @@ async fn running_out_of_descriptors_backs_off_instead_of_spinning() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&log_path);
+}
+
+#[tokio::test]
+async fn upstream_tls_trusts_the_hosts_certificate_authorities() {
+    // A cluster CA, as cert-manager or a service mesh issues: sidecar B serves a certificate
+    // it signed for 127.0.0.1; sidecar A verifies it through SSL_CERT_FILE, as Go does.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(vec!["tandem test CA".to_string()]).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca_cert, &ca_key)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("tandem-ca-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), leaf_key.serialize_pem()).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+
+    let prefill = EngineSim::start(&[]).await;
+    let decode = EngineSim::start(&[]).await;
+    let b_port = free_port();
+    let _b = sidecar_proc(
+        &[
+            format!("--port={b_port}"),
+            format!("--vllm-port={}", prefill.port()),
+            "--metrics-port=0".into(),
+            "--trust-client-kv-transfer-params".into(),
+            format!("--cert-path={}", dir.display()),
+        ],
+        &[],
+        b_port,
+    )
+    .await;
+    let a_port = free_port();
+    let a_args = |port: u16| {
+        vec![
+            format!("--port={port}"),
+            format!("--vllm-port={}", decode.port()),
+            "--metrics-port=0".into(),
+            "--secure-proxy=false".into(),
+            "--prefill-threshold-tokens=0".into(),
+            "--prefill-max-retries=0".into(),
+            "--enable-tls=prefiller".into(),
+        ]
+    };
+    let ca = ca_file.display().to_string();
+    let _a = sidecar_proc(&a_args(a_port), &[("SSL_CERT_FILE", ca.as_str())], a_port).await;
+    let body =
+        serde_json::json!({"model": "sim-model", "prompt": "x ".repeat(600), "max_tokens": 2});
+    let post = |port: u16| {
+        let body = body.clone();
+        let target = format!("127.0.0.1:{b_port}");
+        async move {
+            let (status, _, resp) = tandem_tests::harness::http_post_json(
+                &format!("http://127.0.0.1:{port}/v1/completions"),
+                &body,
+                &[("x-prefiller-host-port", target.as_str())],
+            )
+            .await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+        }
+    };
+    post(a_port).await;
+    let remote =
+        |d: &serde_json::Value| d["body"]["kv_transfer_params"]["do_remote_prefill"] == true;
+    let reqs = decode.inference_requests().await;
+    assert!(reqs.len() == 1 && remote(&reqs[0]), "{reqs:#?}");
+
+    // Without the CA the certificate is refused and the request is served by local prefill.
+    decode.clear_requests().await;
+    let c_port = free_port();
+    let _c = sidecar_proc(
+        &a_args(c_port),
+        &[("SSL_CERT_FILE", "/nonexistent")],
+        c_port,
+    )
+    .await;
+    post(c_port).await;
+    let reqs = decode.inference_requests().await;
+    assert!(reqs.len() == 1 && !remote(&reqs[0]), "{reqs:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A certificate and key as PEM, and the certificate's DER.
