@@ -16,7 +16,7 @@ const KEYS: [(&str, Kind); 28] = [
     ("mooncake-bootstrap-port", Kind::Int),
     ("p2p-connector-port", Kind::Int),
     ("enable-p2p-pull", Kind::Bool),
-    ("prefill-max-retries", Kind::Int),
+    ("prefill-max-retries", Kind::Count),
     ("prefill-retry-backoff", Kind::Str),
     ("tracing", Kind::Bool),
     ("metrics-port", Kind::Int),
@@ -42,7 +42,10 @@ const KEYS: [(&str, Kind); 28] = [
 
 #[derive(Clone, Copy)]
 enum Kind {
+    /// Zero means "not set", as llm-d's plain integer keys.
     Int,
+    /// Zero is a value (llm-d reads this key through a pointer): `prefill-max-retries: 0`.
+    Count,
     Str,
     Bool,
     List,
@@ -137,6 +140,10 @@ fn flags_of(yaml: &str, given: &[String]) -> Result<Vec<String>, String> {
                 Some(i) => vec![i.to_string()],
                 None => return Err(wrong("an integer")),
             },
+            (Kind::Count, Value::Number(n)) => match n.as_i64() {
+                Some(i) => vec![i.to_string()],
+                None => return Err(wrong("an integer")),
+            },
             (Kind::Str, Value::String(s)) if s.is_empty() => Vec::new(),
             (Kind::Str, Value::String(s)) => vec![s.clone()],
             (Kind::Bool, Value::Bool(b)) => vec![b.to_string()],
@@ -149,7 +156,7 @@ fn flags_of(yaml: &str, given: &[String]) -> Result<Vec<String>, String> {
                 })
                 .collect::<Result<_, _>>()?,
             (_, Value::Null) => Vec::new(),
-            (Kind::Int, _) => return Err(wrong("an integer")),
+            (Kind::Int | Kind::Count, _) => return Err(wrong("an integer")),
             (Kind::Str, _) => return Err(wrong("a string")),
             (Kind::Bool, _) => return Err(wrong("true or false")),
             (Kind::List, _) => return Err(wrong("a list of strings")),
@@ -218,14 +225,19 @@ mod tests {
         let path = std::env::temp_dir().join(format!("sidecar-cfg-{}.yaml", std::process::id()));
         std::fs::write(
             &path,
-            "kv-connector: sglang\ninference-pool: llm/pool\ndecode-chunk-size: 0\n",
+            "kv-connector: sglang\ninference-pool: llm/pool\ndecode-chunk-size: 0\nprefill-max-retries: 0\n",
         )
         .unwrap();
         let file = format!("--configuration-file={}", path.display());
         let out = expand_strs(&[&file]).unwrap();
+        // A zero is unset, except where llm-d reads the key as a pointer (retries).
         assert_eq!(
             out[1..],
-            ["--kv-connector=sglang", "--inference-pool=llm/pool"]
+            [
+                "--kv-connector=sglang",
+                "--inference-pool=llm/pool",
+                "--prefill-max-retries=0"
+            ]
         );
         let both = expand_strs(&[&file, "--configuration={port: 1}"]).unwrap_err();
         assert!(both.contains("mutually exclusive"), "{both}");
