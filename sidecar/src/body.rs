@@ -83,6 +83,35 @@ impl<B> Observed<B> {
     }
 }
 
+/// `head`, then the rest of `inner`: an answer whose start was read to be
+/// looked at before it is passed on.
+pub struct Prepend<B> {
+    pub head: Option<Bytes>,
+    pub inner: B,
+}
+
+impl<B> Body for Prepend<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if let Some(head) = self.head.take().filter(|h| !h.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.as_ref().is_none_or(Bytes::is_empty) && self.inner.is_end_stream()
+    }
+}
+
 impl<B> Body for Observed<B>
 where
     B: Body<Data = Bytes> + Unpin,

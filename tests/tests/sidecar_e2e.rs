@@ -606,3 +606,62 @@ async fn data_parallel_ranks_get_their_own_ports_and_header_routing() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(headers["x-pd-error-code"], "unknown_dp_rank");
 }
+
+#[tokio::test]
+async fn shared_storage_with_a_cache_hit_threshold_asks_the_decode_engine_first() {
+    let (prefill, decode, sidecar) = cluster(&[], &["--kv-connector=shared-storage"]).await;
+    let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 3, "cache_hit_threshold": 0.5});
+    let thresholds = |reqs: &[Value]| -> Vec<Value> {
+        reqs.iter()
+            .map(|r| r["body"]["cache_hit_threshold"].clone())
+            .collect()
+    };
+    // Nothing cached on the decode engine: it declines, the prefill runs, then the decode
+    // engine computes it with the threshold off.
+    let (status, _, resp) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp));
+    assert_eq!(json(&resp)["usage"]["completion_tokens"], 3);
+    assert_eq!(json(&resp)["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        thresholds(&decode.inference_requests().await),
+        [json!(0.5), json!(0)]
+    );
+    let p = only_request(&prefill).await;
+    assert_eq!(p["body"]["cache_hit_threshold"], 0);
+    assert_eq!(p["body"]["max_tokens"], 1);
+
+    // Now cached there: the decode engine serves it and no prefill runs.
+    prefill.clear_requests().await;
+    decode.clear_requests().await;
+    let (status, _, resp) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&resp)["usage"]["completion_tokens"], 3);
+    assert!(prefill.inference_requests().await.is_empty());
+    assert_eq!(thresholds(&decode.inference_requests().await), [json!(0.5)]);
+
+    // Streaming, another prompt: the declined first event never reaches the client.
+    decode.clear_requests().await;
+    let body = json!({"model": "sim-model", "prompt": "Another prompt here. ".repeat(80),
+        "max_tokens": 4, "stream": true, "cache_hit_threshold": 0.9});
+    let stream = http_post_stream(
+        &sidecar.url("/v1/completions"),
+        &body,
+        &[("x-prefiller-host-port", &prefill.host_port())],
+    )
+    .await;
+    let events = stream.events().await;
+    assert!(events.last().is_some_and(|e| e.is_done()));
+    let chunks: Vec<Value> = events
+        .iter()
+        .filter(|e| !e.is_done())
+        .map(|e| e.json())
+        .collect();
+    assert_eq!(chunks.len(), 4, "{chunks:#?}");
+    assert!(chunks
+        .iter()
+        .all(|c| c["choices"][0]["finish_reason"] != "cache_threshold"));
+    assert_eq!(
+        thresholds(&decode.inference_requests().await),
+        [json!(0.9), json!(0)]
+    );
+}

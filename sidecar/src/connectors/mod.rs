@@ -89,6 +89,13 @@ pub trait Connector: Send + Sync {
         Ok(req.body.clone())
     }
 
+    /// Whether the decode engine gets the client's body first, before any
+    /// prefill, and the prefill runs only if that answer asks for it
+    /// ([`CACHE_THRESHOLD`]): shared-storage with vLLM's `cache_hit_threshold`.
+    fn decode_first(&self, _req: &PdRequest<'_>) -> bool {
+        false
+    }
+
     /// Top-level body fields only the sidecar may set: removed from every
     /// client body before any leg is built (`sanitize`).
     fn reserved_fields(&self) -> &'static [&'static str] {
@@ -116,6 +123,21 @@ pub fn for_config(cfg: &Config) -> Box<dyn Connector> {
 
 /// The prefill leg computes the KV cache and nothing else: one output token,
 /// no streaming.
+/// vLLM's request field: the share of the prompt that must be cached for the
+/// engine to serve it; below it the engine answers at once with
+/// [`CACHE_THRESHOLD`] as the finish reason (vLLM RFC 24256).
+pub const CACHE_HIT_THRESHOLD: &str = "cache_hit_threshold";
+/// The finish reason of an answer refused under `cache_hit_threshold`.
+pub const CACHE_THRESHOLD: &str = "cache_threshold";
+
+/// The client's `cache_hit_threshold`, if it set one, turned off (0): for the
+/// legs that must compute whatever the cache holds.
+pub(crate) fn no_cache_threshold(body: &mut Map<String, Value>) {
+    if let Some(v) = body.get_mut(CACHE_HIT_THRESHOLD).filter(|v| !v.is_null()) {
+        *v = Value::from(0);
+    }
+}
+
 pub(crate) fn prefill_only(api: ApiKind, body: &mut Map<String, Value>) {
     body.insert("stream".into(), Value::Bool(false));
     body.remove("stream_options");

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::Method;
 use http_body_util::BodyExt;
@@ -16,7 +16,8 @@ use opentelemetry::trace::SpanKind;
 use serde_json::Value;
 
 use super::{client_response, json_headers, upstream_uri, Ctx, PrefillWatch};
-use crate::body::{rewrite_usage, Observed};
+use crate::body::{rewrite_usage, Observed, Prepend};
+use crate::connectors::CACHE_THRESHOLD;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::telemetry::Trace;
@@ -84,13 +85,17 @@ impl Ctx<'_> {
             .child_since("llm_d.pd_proxy.ttft", SpanKind::Internal, self.start)
     }
 
-    pub(super) fn stream_back(
+    pub(super) fn stream_back<B>(
         &self,
-        resp: http::Response<Incoming>,
+        resp: http::Response<B>,
         cached_tokens: Option<u64>,
         leg: DecodeLeg,
         prefill: Option<(tokio::sync::oneshot::Receiver<ProxyError>, PrefillWatch)>,
-    ) -> Response {
+    ) -> Response
+    where
+        B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let metrics = self.shared().metrics.clone();
         let start = self.start;
         let sent = leg.sent;
@@ -118,6 +123,56 @@ impl Ctx<'_> {
             observed = observed.abort_on(failed, watch);
         }
         client_response(parts, Body::new(observed))
+    }
+
+    /// The client's body to the decode engine before any prefill (shared-storage
+    /// with `cache_hit_threshold`). `None` when the engine declined it
+    /// (finish reason `cache_threshold`, in a JSON answer or the first event
+    /// of a stream): the prefill must run. Otherwise its answer, passed on
+    /// whole, errors included, as llm-d does.
+    pub(super) async fn decode_first(&self, body: Bytes) -> Result<Option<Response>, ProxyError> {
+        let (resp, leg) = self.send_decode(body).await?;
+        if !resp.status().is_success() {
+            return Ok(Some(self.stream_back(resp, None, leg, None)));
+        }
+        let stream = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let (parts, mut body) = resp.into_parts();
+        let mut head = BytesMut::new();
+        // A JSON answer whole; a stream up to its first event, within bounds.
+        let limit = self.shared().cfg.max_body_bytes;
+        while head.len() < limit && !(stream && first_event(&head).is_some()) {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        head.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(ProxyError::DecodeFailed(e.to_string())),
+            }
+        }
+        let declined = if stream {
+            first_event(&head).is_some_and(|e| finished_on_threshold(&e))
+        } else {
+            serde_json::from_slice(&head).is_ok_and(|v: Value| finished_on_threshold(&v))
+        };
+        if declined {
+            return Ok(None);
+        }
+        let body = Prepend {
+            head: Some(head.freeze()),
+            inner: body,
+        };
+        Ok(Some(self.stream_back(
+            http::Response::from_parts(parts, body),
+            None,
+            leg,
+            None,
+        )))
     }
 
     async fn rewrite_json(
@@ -155,6 +210,29 @@ impl Ctx<'_> {
         ttft.end();
         Ok(client_response(parts, Body::from(bytes)))
     }
+}
+
+/// The first `data:` event of an event stream read so far, once its line is whole.
+fn first_event(buf: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(buf).ok().or_else(|| {
+        // Cut at the last whole line: a multi-byte character may be split.
+        let end = buf.iter().rposition(|b| *b == b'\n')?;
+        std::str::from_utf8(&buf[..end]).ok()
+    })?;
+    let complete = &text[..text.rfind('\n')? + 1];
+    complete.lines().find_map(|line| {
+        let data = line.trim().strip_prefix("data:")?.trim();
+        (data != "[DONE]")
+            .then(|| serde_json::from_str(data).ok())
+            .flatten()
+    })
+}
+
+/// Whether an answer's (or a chunk's) first choice finished on `cache_threshold`.
+fn finished_on_threshold(v: &Value) -> bool {
+    v.pointer("/choices/0/finish_reason")
+        .and_then(Value::as_str)
+        == Some(CACHE_THRESHOLD)
 }
 
 /// Counts and logs an engine answer that broke off before its end: the client

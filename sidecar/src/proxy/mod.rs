@@ -354,6 +354,12 @@ async fn run(
             };
             match legs {
                 Legs::Sequential { prefill } => {
+                    let decode_first = shared.connector.decode_first(&pd);
+                    if decode_first {
+                        if let Some(resp) = ctx.decode_first(raw.clone()).await? {
+                            return Ok((Decision::local, resp));
+                        }
+                    }
                     let prefill_start = Instant::now();
                     let outcome = ctx.prefill(&target, prefill).await;
                     shared
@@ -374,6 +380,14 @@ async fn run(
                         Ok((decode, cached)) => {
                             let bytes = Bytes::from(Value::Object(decode).to_string());
                             Ok((Decision::remote, ctx.decode(bytes, cached).await?))
+                        }
+                        // The engine that declined the request must now compute it.
+                        Err(err) if decode_first => {
+                            let local = shared
+                                .connector
+                                .decode_body(&pd, &Value::Null)
+                                .map_or(raw, |b| Bytes::from(Value::Object(b).to_string()));
+                            ctx.prefill_failed(err, local).await
                         }
                         Err(err) => ctx.prefill_failed(err, raw).await,
                     }

@@ -6,7 +6,8 @@
 //!
 //! Endpoints: `POST /v1/completions`, `/v1/chat/completions` (streaming or not),
 //! `/v1/messages` (Anthropic's shape), `/v1/responses` and `/inference/v1/generate`
-//! (non-streaming only), `GET /v1/models`,
+//! (non-streaming only; vLLM's `cache_hit_threshold` declines a request whose prompt is too
+//! little cached with finish reason `cache_threshold` and no output), `GET /v1/models`,
 //! `/health`, `/metrics`, `POST /reset_prefix_cache`; test controls under `/sim/`:
 //! `GET|POST /sim/faults`, `POST /sim/release`, `GET|DELETE /sim/requests`, `GET /sim/state`.
 

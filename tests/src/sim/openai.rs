@@ -34,6 +34,9 @@ pub struct GenRequest {
     pub include_usage: bool,
     /// `request_id` from the body (token-in/token-out API).
     pub request_id: Option<String>,
+    /// vLLM's `cache_hit_threshold` (0 to 1): below this share of the prompt
+    /// found in the prefix cache the request is declined (`cache_threshold`).
+    pub cache_hit_threshold: Option<f64>,
 }
 
 impl GenRequest {
@@ -116,8 +119,16 @@ pub fn parse_request(
             .map(str::to_string),
         _ => None,
     };
+    let cache_hit_threshold = match body.get("cache_hit_threshold") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(t) if (0.0..=1.0).contains(&t) => Some(t),
+            _ => return Err(bad("`cache_hit_threshold` must be a number from 0 to 1")),
+        },
+    };
     let prompts = prompt_ids.iter().map(|p| p.len() as u64).collect();
     Ok(GenRequest {
+        cache_hit_threshold,
         api,
         model,
         prompts,
@@ -427,6 +438,22 @@ impl Reply {
             }
             push_event(&mut out, &Value::Object(chunk));
         }
+        out
+    }
+
+    /// The one event of an answer with no tokens (a request declined under
+    /// `cache_hit_threshold`): empty text, `finish_reason`.
+    pub fn finish_only_event(&self) -> String {
+        let choice = match self.api {
+            Api::Chat => json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": self.finish_reason}),
+            _ => json!({"index": 0, "text": "", "logprobs": null,
+                "finish_reason": self.finish_reason, "stop_reason": null}),
+        };
+        let mut chunk = self.chunk_head();
+        chunk.insert("choices".into(), json!([choice]));
+        let mut out = String::new();
+        push_event(&mut out, &Value::Object(chunk));
         out
     }
 

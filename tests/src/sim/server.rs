@@ -22,7 +22,7 @@ use super::faults::{FaultAction, FaultConfig, Faults};
 use super::generate::{plan, Generation, HoldSpec, SERVER_TIMING_REQUEST_HEADER};
 use super::kv::{block_hashes, Kv};
 use super::metrics::Metrics;
-use super::openai::{parse_request, Api, Reply, Usage};
+use super::openai::{parse_request, Api, Reply, Usage, DONE_EVENT};
 use super::pd::{self, detect_role, Role};
 use super::record::{self, RequestLog, MAX_BODY_BYTES};
 use super::sched::Scheduler;
@@ -236,6 +236,17 @@ async fn generate(
         }
     }
 
+    let rid = x_request_id.map_or_else(short_id, str::to_string);
+    let id = match api {
+        Api::Completions => format!("cmpl-{rid}"),
+        Api::Chat => format!("chatcmpl-{rid}"),
+        Api::Messages => format!("msg_{rid}"),
+        Api::Responses => format!("resp_{rid}"),
+        Api::Generate => req
+            .request_id
+            .clone()
+            .unwrap_or_else(|| format!("gen-{rid}")),
+    };
     // Prefix cache: the chain hashes of the prompt's blocks; only full blocks are cached, and at
     // least the last token is always computed (as vLLM does), so a prompt that is all cached
     // still recomputes its last block.
@@ -253,6 +264,36 @@ async fn generate(
     )?;
     let hit = blocks.cached_blocks();
     let mut cached_tokens = hit as u64 * bs;
+    // vLLM's cache_hit_threshold: too little of the prompt cached, and the request ends at
+    // once with no output (the blocks go back).
+    if let Some(t) = req.cache_hit_threshold.filter(|t| *t > 0.0) {
+        if (cached_tokens as f64) < t * prompt_tokens as f64 {
+            drop(blocks);
+            drop(step);
+            let reply = Reply {
+                api,
+                id,
+                created: unix_secs(),
+                model: cfg.model.clone(),
+                choices: 1,
+                output_tokens: 0,
+                finish_reason: "cache_threshold",
+                usage: Usage {
+                    prompt_tokens,
+                    completion_tokens: 0,
+                    cached_tokens,
+                },
+                kv_transfer_params: Value::Null,
+                top_level: None,
+            };
+            return Ok(if req.stream {
+                let events = format!("{}{DONE_EVENT}", reply.finish_only_event());
+                ([(header::CONTENT_TYPE, "text/event-stream")], events).into_response()
+            } else {
+                axum::Json(reply.full_body()).into_response()
+            });
+        }
+    }
     // Prompt tokens this engine must compute (none when the KV was pulled).
     let mut computed = prompt_tokens - (hit as u64 * bs).min(prompt_tokens);
     if let Role::Decode(p) = &role {
@@ -311,17 +352,6 @@ async fn generate(
     st.metrics.add_prompt(prompt_tokens, hit as u64 * bs);
     st.metrics.add_computed(computed);
 
-    let rid = x_request_id.map_or_else(short_id, str::to_string);
-    let id = match api {
-        Api::Completions => format!("cmpl-{rid}"),
-        Api::Chat => format!("chatcmpl-{rid}"),
-        Api::Messages => format!("msg_{rid}"),
-        Api::Responses => format!("resp_{rid}"),
-        Api::Generate => req
-            .request_id
-            .clone()
-            .unwrap_or_else(|| format!("gen-{rid}")),
-    };
     let hold = match role {
         Role::Prefill { legacy } => Some(HoldSpec {
             request_id: format!("{id}-{}", &short_id()[..8]),
