@@ -13,7 +13,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use http::HeaderValue;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -181,6 +181,17 @@ pub async fn serve(
                     match tokio::time::timeout(tls_handshake_timeout(), acceptor.accept(stream))
                         .await
                     {
+                        // HTTP/2 when the client chose it (ALPN), as Go's TLS server offers it.
+                        Ok(Ok(tls_stream))
+                            if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") =>
+                        {
+                            let mut h2 =
+                                hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                            h2.timer(TokioTimer::new());
+                            watcher
+                                .watch(h2.serve_connection(TokioIo::new(tls_stream), service))
+                                .await
+                        }
                         Ok(Ok(tls_stream)) => {
                             watcher
                                 .watch(builder.serve_connection(TokioIo::new(tls_stream), service))

@@ -175,14 +175,14 @@ pub fn cert_reload_interval() -> Duration {
     crate::server::env_duration_ms("TANDEM_CERT_RELOAD_INTERVAL_MS", 2_000)
 }
 
-/// Serving config over `store` (HTTP/1.1).
+/// Serving config over `store`: HTTP/2 or HTTP/1.1, as the client picks (ALPN).
 pub fn server_config_with(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, String> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(store);
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

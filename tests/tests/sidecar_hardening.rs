@@ -265,6 +265,53 @@ async fn upstream_tls_trusts_the_hosts_certificate_authorities() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test]
+async fn tls_clients_may_speak_http2() {
+    use http_body_util::BodyExt;
+    let decode = EngineSim::start(&[]).await;
+    let port = free_port();
+    let _sidecar = sidecar_proc(
+        &[
+            format!("--port={port}"),
+            format!("--vllm-port={}", decode.port()),
+            "--metrics-port=0".into(),
+            "--prefill-threshold-tokens=0".into(),
+        ],
+        &[],
+        port,
+    )
+    .await;
+    let mut config = sidecar::tls::client_config(true);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let body = serde_json::json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2});
+    let req = http::Request::post(format!("https://localhost:{port}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let answer = resp.into_body().collect().await.unwrap().to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["usage"]["completion_tokens"], 2, "{answer}");
+}
+
 /// A certificate and key as PEM, and the certificate's DER.
 fn cert_pem(name: &str) -> (String, String, Vec<u8>) {
     let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
