@@ -643,13 +643,7 @@ async fn shared_storage_with_a_cache_hit_threshold_asks_the_decode_engine_first(
     decode.clear_requests().await;
     let body = json!({"model": "sim-model", "prompt": "Another prompt here. ".repeat(80),
         "max_tokens": 4, "stream": true, "cache_hit_threshold": 0.9});
-    let stream = http_post_stream(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
-    let events = stream.events().await;
+    let events = pd_stream(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert!(events.last().is_some_and(|e| e.is_done()));
     let chunks: Vec<Value> = events
         .iter()

@@ -233,18 +233,7 @@ async fn sglang_prefill_outliving_the_decode_answer_is_not_cancelled() {
     let body = json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 2});
     let (status, _, _) = pd_post(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert_eq!(status, StatusCode::OK);
-    let p = poll_until(
-        Duration::from_secs(10),
-        "the prefill leg to end",
-        || async {
-            prefill
-                .inference_requests()
-                .await
-                .pop()
-                .filter(|r| r["completed"] == true || r["cancelled"] == true)
-        },
-    )
-    .await;
+    let p = last_ended(&prefill, true).await;
     assert_eq!(p["cancelled"], false, "{p:#}");
     assert_eq!(only_request(&decode).await["completed"], true);
 }
@@ -262,27 +251,10 @@ async fn sglang_streaming_request_keeps_its_decode_stream() {
     .await;
     let body =
         json!({"model": "sim-model", "prompt": long_prompt(), "max_tokens": 6, "stream": true});
-    let stream = http_post_stream(
-        &sidecar.url("/v1/completions"),
-        &body,
-        &[("x-prefiller-host-port", &prefill.host_port())],
-    )
-    .await;
-    let events = stream.events().await;
+    let events = pd_stream(&sidecar, "/v1/completions", &body, &prefill.host_port()).await;
     assert!(events.last().is_some_and(|e| e.is_done()), "stream cut off");
     assert_eq!(events.iter().filter(|e| !e.is_done()).count(), 6);
-    let p = poll_until(
-        Duration::from_secs(10),
-        "the prefill leg to end",
-        || async {
-            prefill
-                .inference_requests()
-                .await
-                .pop()
-                .filter(|r| r["completed"] == true)
-        },
-    )
-    .await;
+    let p = last_ended(&prefill, false).await;
     assert_eq!(p["body"]["stream"], true);
     // One decode request, with its bootstrap room: no local fallback.
     let d = only_request(&decode).await;

@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::Value;
 use tandem_tests::harness::{
-    free_port, http_post_json, poll_until, start_test_sidecar as start_sidecar, EngineSim, Sidecar,
+    free_port, http_post_json, http_post_stream, poll_until, start_test_sidecar as start_sidecar,
+    EngineSim, Sidecar, SseEvent,
 };
 
 pub async fn metrics(sidecar: &Sidecar) -> String {
@@ -26,6 +27,39 @@ pub async fn pd_post(
         &sidecar.url(path),
         body,
         &[("x-prefiller-host-port", prefiller)],
+    )
+    .await
+}
+
+/// POSTs a streaming `body` through the sidecar, naming `prefiller`; the events it got.
+pub async fn pd_stream(
+    sidecar: &Sidecar,
+    path: &str,
+    body: &Value,
+    prefiller: &str,
+) -> Vec<SseEvent> {
+    http_post_stream(
+        &sidecar.url(path),
+        body,
+        &[("x-prefiller-host-port", prefiller)],
+    )
+    .await
+    .events()
+    .await
+}
+
+/// Waits until the engine's last inference request has ended (completed, or cancelled too
+/// with `or_cancelled`).
+pub async fn last_ended(sim: &EngineSim, or_cancelled: bool) -> Value {
+    poll_until(
+        Duration::from_secs(10),
+        "the last request to end",
+        || async {
+            sim.inference_requests()
+                .await
+                .pop()
+                .filter(|r| r["completed"] == true || (or_cancelled && r["cancelled"] == true))
+        },
     )
     .await
 }
