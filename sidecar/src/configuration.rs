@@ -135,12 +135,8 @@ fn flags_of(yaml: &str, given: &[String]) -> Result<Vec<String>, String> {
         let wrong = |want: &str| bad(format!("{key}: expected {want}, got {v:?}"));
         let values: Vec<String> = match (kind, &v) {
             // Zero and empty mean "not set", as in llm-d.
-            (Kind::Int, Value::Number(n)) => match n.as_i64() {
-                Some(0) => Vec::new(),
-                Some(i) => vec![i.to_string()],
-                None => return Err(wrong("an integer")),
-            },
-            (Kind::Count, Value::Number(n)) => match n.as_i64() {
+            (Kind::Int | Kind::Count, Value::Number(n)) => match n.as_i64() {
+                Some(0) if matches!(kind, Kind::Int) => Vec::new(),
                 Some(i) => vec![i.to_string()],
                 None => return Err(wrong("an integer")),
             },

@@ -281,16 +281,7 @@ async fn tls_clients_may_speak_http2() {
         port,
     )
     .await;
-    let mut config = sidecar::tls::client_config(true);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let (tls, _) = tls_connect_offering(port, &[b"h2", b"http/1.1"]).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut send, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -345,8 +336,14 @@ type TlsConn = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 /// A TLS connection to `port` and the certificate the server presented.
 async fn tls_connect(port: u16) -> (TlsConn, Vec<u8>) {
-    let connector =
-        tokio_rustls::TlsConnector::from(std::sync::Arc::new(sidecar::tls::client_config(true)));
+    tls_connect_offering(port, &[]).await
+}
+
+/// The same, offering the application protocols `alpn` (none: the server's choice).
+async fn tls_connect_offering(port: u16, alpn: &[&[u8]]) -> (TlsConn, Vec<u8>) {
+    let mut config = sidecar::tls::client_config(true);
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();

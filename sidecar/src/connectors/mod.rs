@@ -121,8 +121,6 @@ pub fn for_config(cfg: &Config) -> Box<dyn Connector> {
     }
 }
 
-/// The prefill leg computes the KV cache and nothing else: one output token,
-/// no streaming.
 /// vLLM's request field: the share of the prompt that must be cached for the
 /// engine to serve it; below it the engine answers at once with
 /// [`CACHE_THRESHOLD`] as the finish reason (vLLM RFC 24256).
@@ -138,6 +136,8 @@ pub(crate) fn no_cache_threshold(body: &mut Map<String, Value>) {
     }
 }
 
+/// The prefill leg computes the KV cache and nothing else: one output token,
+/// no streaming.
 pub(crate) fn prefill_only(api: ApiKind, body: &mut Map<String, Value>) {
     body.insert("stream".into(), Value::Bool(false));
     body.remove("stream_options");

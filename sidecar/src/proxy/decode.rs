@@ -40,11 +40,7 @@ impl Ctx<'_> {
         cached_tokens: Option<u64>,
     ) -> Result<Response, ProxyError> {
         let (resp, leg) = self.send_decode(body).await?;
-        let is_json = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
+        let is_json = content_type_is(&resp, "application/json");
         if let (Some(cached), true, true) = (cached_tokens, is_json, resp.status().is_success()) {
             return self.rewrite_json(resp, cached, leg).await;
         }
@@ -135,28 +131,28 @@ impl Ctx<'_> {
         if !resp.status().is_success() {
             return Ok(Some(self.stream_back(resp, None, leg, None)));
         }
-        let stream = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let stream = content_type_is(&resp, "text/event-stream");
         let (parts, mut body) = resp.into_parts();
         let mut head = BytesMut::new();
+        let mut event = None;
         // A JSON answer whole; a stream up to its first event, within bounds.
         let limit = self.shared().cfg.max_body_bytes;
-        while head.len() < limit && !(stream && first_event(&head).is_some()) {
+        while head.len() < limit && event.is_none() {
             match body.frame().await {
                 None => break,
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         head.extend_from_slice(&data);
+                        if stream {
+                            event = first_event(&head);
+                        }
                     }
                 }
                 Some(Err(e)) => return Err(ProxyError::DecodeFailed(e.to_string())),
             }
         }
         let declined = if stream {
-            first_event(&head).is_some_and(|e| finished_on_threshold(&e))
+            event.is_some_and(|e| finished_on_threshold(&e))
         } else {
             serde_json::from_slice(&head).is_ok_and(|v: Value| finished_on_threshold(&v))
         };
@@ -210,6 +206,14 @@ impl Ctx<'_> {
         ttft.end();
         Ok(client_response(parts, Body::from(bytes)))
     }
+}
+
+/// Whether the answer's content type starts with `prefix`.
+fn content_type_is<B>(resp: &http::Response<B>, prefix: &str) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(prefix))
 }
 
 /// The first `data:` event of an event stream read so far, once its line is whole.
